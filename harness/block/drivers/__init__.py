@@ -1,0 +1,1 @@
+"""Block drivers, one module each; see harness/block/registry.py."""

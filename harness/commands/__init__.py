@@ -1,0 +1,1 @@
+"""One module per `powercut` subcommand (see harness/cli.py for the contract)."""
