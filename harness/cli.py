@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Crash-consistency test harness for virtual disks.",
     )
     parser.add_argument("--version", action="version", version=f"powercut {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _command_modules():
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)

@@ -129,7 +129,9 @@ class ManagedProcess:
         try:
             return self._popen.wait(timeout)
         except subprocess.TimeoutExpired as exc:
-            raise TimeoutExpired(f"{self.name} (pid {self.pid}) still running after {timeout}s") from exc
+            raise TimeoutExpired(
+                f"{self.name} (pid {self.pid}) still running after {timeout}s"
+            ) from exc
 
     def signal(self, sig: signal.Signals) -> None:
         """Send `sig` to the process group, if the process is still ours and alive."""
@@ -154,8 +156,9 @@ class ManagedProcess:
             try:
                 self._popen.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored %s; killing it", self.name, self.pid,
-                            self.stop_signal.name)
+                log.warning(
+                    "%s (pid %d) ignored %s; killing it", self.name, self.pid, self.stop_signal.name
+                )
                 self.signal(signal.SIGKILL)
                 self._popen.wait()
         # The group may hold children that outlived the leader.
@@ -179,8 +182,9 @@ class ManagedProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str,
-                 interval: float = 0.05) -> None:
+    def wait_for(
+        self, condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+    ) -> None:
         """Poll `condition` until true; fail at once, with the log, if the process dies first."""
         deadline = time.monotonic() + timeout
         while True:
@@ -192,8 +196,10 @@ class ManagedProcess:
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
-                raise TimeoutExpired(f"{what}: not after {timeout:.0f}s; {self.name} log "
-                                     f"{self.log_path}:\n{self.log_tail()}")
+                raise TimeoutExpired(
+                    f"{what}: not after {timeout:.0f}s; {self.name} log "
+                    f"{self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(interval)
 
     # -- context manager ---------------------------------------------------
@@ -203,8 +209,12 @@ class ManagedProcess:
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -213,8 +223,9 @@ class ManagedProcess:
 
 
 @contextlib.contextmanager
-def managed(argv: Sequence[str], *, name: str, log_path: Path | str,
-            **kwargs: object) -> Iterator[ManagedProcess]:
+def managed(
+    argv: Sequence[str], *, name: str, log_path: Path | str, **kwargs: object
+) -> Iterator[ManagedProcess]:
     """`with managed([...], name=..., log_path=...) as proc:` — started, and always stopped."""
     proc = ManagedProcess(argv, name=name, log_path=log_path, **kwargs)  # type: ignore[arg-type]
     proc.start()

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from harness.errors import ReadOnlyError, UnsupportedError
+from harness.errors import BlockError, ReadOnlyError, UnsupportedError
 
 IOVec = Sequence[memoryview]
 
@@ -157,7 +157,9 @@ class BlockNode:
 
     def pwritev(self, offset: int, iov: IOVec, flags: RequestFlags = RequestFlags.NONE) -> None:
         self._check_writable("write")
-        emulate_fua = RequestFlags.FUA in flags and RequestFlags.FUA not in self.supported_write_flags
+        emulate_fua = (
+            RequestFlags.FUA in flags and RequestFlags.FUA not in self.supported_write_flags
+        )
         self.driver_pwritev(offset, iov, flags & self.supported_write_flags)
         self._write_done()
         if emulate_fua:
@@ -171,8 +173,9 @@ class BlockNode:
         self.driver_pdiscard(offset, length)
         self._write_done()
 
-    def pwrite_zeroes(self, offset: int, length: int,
-                      flags: RequestFlags = RequestFlags.NONE) -> None:
+    def pwrite_zeroes(
+        self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE
+    ) -> None:
         self._check_writable("write-zeroes")
         if not self.can_write_zeroes:
             if RequestFlags.NO_FALLBACK in flags:
@@ -181,7 +184,9 @@ class BlockNode:
                 )
             self._write_zero_buffer(offset, length, flags & RequestFlags.FUA)
             return
-        emulate_fua = RequestFlags.FUA in flags and RequestFlags.FUA not in self.supported_zero_flags
+        emulate_fua = (
+            RequestFlags.FUA in flags and RequestFlags.FUA not in self.supported_zero_flags
+        )
         self.driver_pwrite_zeroes(offset, length, flags & self.supported_zero_flags)
         self._write_done()
         if emulate_fua:
@@ -214,7 +219,7 @@ class BlockNode:
                 for child in self.children:
                     try:
                         child.flush()
-                    except Exception as exc:  # every child is flushed; the first error wins
+                    except (BlockError, OSError) as exc:  # flush every child; first error wins
                         first_error = first_error or exc
                 if first_error is not None:
                     raise first_error
