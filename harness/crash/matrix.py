@@ -1,0 +1,207 @@
+"""Expanding scenarios into cells: one cell is one boot, one cut, one verdict.
+
+The matrix is modes x faults (x policies) x workloads x cuts x repetitions,
+in that order, so that results read mode by mode. Every cell has an id that
+names it (`writeback/host-power-cut.lose-all/ack-records/after-200-acked/r0`)
+and a seed derived from the scenario seed and that id alone: the same
+`--seed` selects the same workload data, cut time and policy choices, and
+adding a mode to a scenario does not reshuffle the other cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from harness.crash.scenario import (
+    CacheMode,
+    Checker,
+    CutPolicy,
+    CutSpec,
+    Expectation,
+    FaultModel,
+    Scenario,
+    WorkloadSpec,
+)
+from harness.errors import ConfigError
+
+SEED_BITS = 32  # fits fio's randseed, C's uint32 and JSON numbers everywhere
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Everything the runner needs to run one cell and the verdict needs to judge it."""
+
+    scenario: str  # scenario name
+    scenario_path: str
+    scenario_seed: int
+    mode: CacheMode
+    fault: FaultModel
+    policy: CutPolicy | None  # host power cut only
+    policy_seed: int | None  # host power cut only: the seed the policy draws from
+    workload: WorkloadSpec
+    cut: CutSpec
+    cut_at: float  # the resolved threshold: seconds, acked writes or flushes
+    checkers: tuple[Checker, ...]
+    repetition: int
+    seed: int  # the cell's own seed: workload data, cut time, policy
+    expect: Expectation
+    timeout: float
+
+    @property
+    def fault_label(self) -> str:
+        return f"{self.fault.value}.{self.policy.value}" if self.policy else self.fault.value
+
+    @property
+    def id(self) -> str:
+        return cell_id(
+            self.mode, self.fault_label, self.workload.name, self.cut.label, self.repetition
+        )
+
+    def reproduce_command(self, out: str = "results/repro", accel: str | None = None) -> str:
+        """The one line that runs exactly this cell again."""
+        argv = [
+            "powercut",
+            "run",
+            self.scenario_path,
+            "--out",
+            out,
+            "--seed",
+            str(self.scenario_seed),
+            "--cell",
+            self.id,
+        ]
+        if accel:
+            argv += ["--accel", accel]
+        return shlex.join(argv)
+
+
+def cell_id(mode: CacheMode, fault_label: str, workload: str, cut: str, repetition: int) -> str:
+    return f"{mode.value}/{fault_label}/{workload}/{cut}/r{repetition}"
+
+
+def derive_seed(scenario_seed: int, scenario: str, cell: str, purpose: str = "cell") -> int:
+    """A stable seed from the scenario seed and the cell's identity (not its position)."""
+    digest = hashlib.sha256(f"{scenario_seed}\0{scenario}\0{cell}\0{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (1 << SEED_BITS)
+
+
+def expand(
+    scenario: Scenario,
+    *,
+    seed: int | None = None,
+    modes: Sequence[CacheMode] | None = None,
+    repeat: int | None = None,
+) -> list[Cell]:
+    """All cells of one scenario. `seed`, `modes` and `repeat` are the CLI overrides."""
+    scenario_seed = scenario.seed if seed is None else seed
+    repetitions = scenario.repetitions if repeat is None else repeat
+    if repetitions < 1:
+        raise ConfigError(f"--repeat must be at least 1, not {repetitions}")
+    chosen_modes = [m for m in scenario.modes if modes is None or m in modes]
+    cells: list[Cell] = []
+    for mode in chosen_modes:
+        for fault in scenario.faults:
+            policies: Iterable[CutPolicy | None] = fault.policies or (None,)
+            for policy in policies:
+                for workload in scenario.workloads:
+                    for cut in workload.cuts or scenario.cuts:
+                        for rep in range(repetitions):
+                            label = (
+                                f"{fault.model.value}.{policy.value}"
+                                if policy
+                                else fault.model.value
+                            )
+                            ident = cell_id(mode, label, workload.name, cut.label, rep)
+                            cell_seed = derive_seed(scenario_seed, scenario.name, ident)
+                            policy_seed = None
+                            if policy is not None:
+                                policy_seed = (
+                                    fault.seed
+                                    if fault.seed is not None
+                                    else derive_seed(scenario_seed, scenario.name, ident, "policy")
+                                )
+                            cut_at = cut.resolve(
+                                derive_seed(scenario_seed, scenario.name, ident, "cut")
+                            )
+                            cells.append(
+                                Cell(
+                                    scenario=scenario.name,
+                                    scenario_path=scenario.path,
+                                    scenario_seed=scenario_seed,
+                                    mode=mode,
+                                    fault=fault.model,
+                                    policy=policy,
+                                    policy_seed=policy_seed,
+                                    workload=workload,
+                                    cut=cut,
+                                    cut_at=cut_at,
+                                    checkers=workload.checkers,
+                                    repetition=rep,
+                                    seed=cell_seed,
+                                    expect=scenario.expect,
+                                    timeout=scenario.timeout,
+                                )
+                            )
+    return cells
+
+
+_REP = re.compile(r"/r(\d+)$")
+
+
+def select(
+    scenario: Scenario,
+    cell: str,
+    *,
+    seed: int | None = None,
+    modes: Sequence[CacheMode] | None = None,
+    repeat: int | None = None,
+) -> list[Cell]:
+    """The cells whose id is `cell` or starts with `cell/` (`--cell writeback/` picks a mode).
+
+    A repetition index beyond the scenario's repetitions is honoured, so a
+    reproduce command for `r7` works without `--repeat`.
+    """
+    wanted = cell.rstrip("/")
+    match = _REP.search(wanted)
+    reps = scenario.repetitions if repeat is None else repeat
+    if match:
+        reps = max(reps, int(match.group(1)) + 1)
+    found = [
+        c
+        for c in expand(scenario, seed=seed, modes=modes, repeat=reps)
+        if c.id == wanted or c.id.startswith(wanted + "/")
+    ]
+    if not found:
+        known = ", ".join(c.id for c in expand(scenario, seed=seed, modes=modes)[:6])
+        raise ConfigError(
+            f"--cell {cell!r} matches no cell of {scenario.path}; cells look like: {known}, ..."
+        )
+    return found
+
+
+def expand_all(
+    scenarios: Sequence[Scenario],
+    *,
+    seed: int | None = None,
+    modes: Sequence[CacheMode] | None = None,
+    repeat: int | None = None,
+    cell: str | None = None,
+) -> list[Cell]:
+    """The cells of every scenario, in order; `cell` filters by id (see `select`)."""
+    cells: list[Cell] = []
+    for scenario in scenarios:
+        if cell is None:
+            cells += expand(scenario, seed=seed, modes=modes, repeat=repeat)
+        else:
+            try:
+                cells += select(scenario, cell, seed=seed, modes=modes, repeat=repeat)
+            except ConfigError:
+                if len(scenarios) == 1:
+                    raise
+    if cell is not None and not cells:
+        raise ConfigError(f"--cell {cell!r} matches no cell of the given scenarios")
+    return cells
