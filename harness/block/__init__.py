@@ -1,1 +1,25 @@
-"""harness.block"""
+"""The block stack: QEMU's block-layer semantics, in Python.
+
+`open_backend()` builds a node graph from `--blockdev` options and returns the
+`BlockBackend` every layer above (the vhost-user-blk device, `powercut io`,
+tests) talks to. See design.md, "The block stack".
+"""
+
+from harness.block.backend import BackendStats, BlockBackend, ErrorAction, OpStats, open_backend
+from harness.block.cache import CacheMode, CacheSettings, cache_settings, parse_cache_mode
+from harness.block.node import BlockNode, OpenFlags, RequestFlags
+
+__all__ = [
+    "BackendStats",
+    "BlockBackend",
+    "BlockNode",
+    "CacheMode",
+    "CacheSettings",
+    "ErrorAction",
+    "OpStats",
+    "OpenFlags",
+    "RequestFlags",
+    "cache_settings",
+    "open_backend",
+    "parse_cache_mode",
+]

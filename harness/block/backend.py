@@ -1,0 +1,538 @@
+"""`BlockBackend`: the device-facing end of a node graph, as QEMU's block-backend.c.
+
+It owns what belongs to the device rather than to the image: whether the
+device has a volatile write cache (without one every write is FUA, which
+the stack turns into a flush when no node can do FUA natively), the bounds
+and read-only checks, the `rerror`/`werror` policies, throttle group
+membership and statistics. A flush goes to the root node, whose generic
+layer elides it when nothing was written since the last one.
+
+Every method is synchronous and thread-safe: requests from several threads
+run concurrently down to the host (no lock is held across I/O), and
+`submit()` runs one on the backend's own I/O threads for callers that want
+many in flight from one thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as errno_mod
+import logging
+import mmap
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+from harness.block.cache import CacheMode, cache_settings, parse_cache_mode
+from harness.block.graph import Graph, open_graph
+from harness.block.node import BlockNode, IOVec, RequestFlags, iov_length
+from harness.block.options import parse_bool, to_flat
+from harness.block.throttle import (
+    LIMIT_KEYS,
+    ThrottleGroup,
+    ThrottleLimits,
+    join_group,
+    leave_group,
+)
+from harness.errors import (
+    BackendStoppedError,
+    BlockError,
+    BlockRangeError,
+    ConfigError,
+    ReadOnlyError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_perf_ns = time.perf_counter_ns
+_MAX_REQUEST = 1 << 31  # BDRV_REQUEST_MAX_BYTES, rounded
+
+
+class ErrorAction(enum.Enum):
+    """What an I/O error does (QEMU's BlockdevOnError)."""
+
+    REPORT = "report"  # the request fails with the error
+    IGNORE = "ignore"  # the request "succeeds"; the error is only counted
+    ENOSPC = "enospc"  # stop on ENOSPC, report anything else
+    STOP = "stop"  # stop the backend; requests fail until resume()
+
+
+class Op(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    DISCARD = "discard"
+    WRITE_ZEROES = "write-zeroes"
+
+
+@dataclass(frozen=True)
+class OpStats:
+    count: int
+    bytes: int
+    errors: int
+    total_ns: int
+    histogram: tuple[
+        tuple[int, int], ...
+    ]  # (latency upper bound in ns, requests), non-empty buckets
+
+    @property
+    def mean_ns(self) -> float:
+        return self.total_ns / self.count if self.count else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "bytes": self.bytes,
+            "errors": self.errors,
+            "total_ns": self.total_ns,
+            "mean_ns": round(self.mean_ns, 1),
+            "histogram": [{"le_ns": le, "count": n} for le, n in self.histogram],
+        }
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    ops: Mapping[str, OpStats]
+    flushes_issued: int  # flush requests that made the host sync something
+    flushes_elided: int  # flush requests that reached no host sync (nothing new written, or unsafe)
+    host_syncs: int  # fdatasync calls made by the graph, including FUA emulation
+    fua_writes: int  # writes (and write-zeroes) that carried FUA
+    errors_ignored: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ops": {name: s.to_dict() for name, s in self.ops.items()},
+            "flushes_issued": self.flushes_issued,
+            "flushes_elided": self.flushes_elided,
+            "host_syncs": self.host_syncs,
+            "fua_writes": self.fua_writes,
+            "errors_ignored": self.errors_ignored,
+        }
+
+
+class _Counter:
+    __slots__ = ("bytes", "count", "errors", "hist", "total_ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        self.errors = 0
+        self.total_ns = 0
+        self.hist = [0] * 65  # bucket b: latency < 2**b ns
+
+    def snapshot(self) -> OpStats:
+        hist = tuple((1 << b, n) for b, n in enumerate(self.hist) if n)
+        return OpStats(self.count, self.bytes, self.errors, self.total_ns, hist)
+
+
+class BlockBackend:
+    """The device's view of a node graph. Build one with `open_backend`."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        *,
+        name: str = "",
+        write_cache: bool = True,
+        rerror: ErrorAction = ErrorAction.REPORT,
+        werror: ErrorAction = ErrorAction.ENOSPC,
+        throttle_group: str | None = None,
+        throttle_limits: ThrottleLimits | None = None,
+        iothreads: int = 4,
+        cache_mode: CacheMode | None = None,
+    ) -> None:
+        self.graph = graph
+        self.root: BlockNode = graph.root
+        self.name = name or self.root.node_name
+        self.cache_mode = cache_mode
+        self.read_only = self.root.open_flags.read_only
+        self.rerror = rerror
+        self.werror = werror
+        self._write_cache = write_cache
+        self._length = self.root.length
+        self._unmap = bool(getattr(self.root, "unmap", True))
+        self._stats_lock = threading.Lock()
+        self._counters = {op: _Counter() for op in Op}
+        self._flushes_issued = 0
+        self._flushes_elided = 0
+        self._fua_writes = 0
+        self._errors_ignored = 0
+        self._stopped: str | None = None
+        self._closed = False
+        self._iothreads = iothreads
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._sync_nodes = [n for n in graph.nodes.values() if hasattr(n, "host_syncs")]
+        self._throttle: ThrottleGroup | None = None
+        if throttle_group is not None or (throttle_limits is not None and throttle_limits.enabled):
+            self._throttle = join_group(
+                throttle_group or f"#backend-{self.name}", self, throttle_limits
+            )
+        # Buffers for read() must suit O_DIRECT when any node below needs alignment.
+        self._aligned_reads = self.root.request_alignment > 1
+
+    # -- properties --------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def write_cache(self) -> bool:
+        """Whether the device has a volatile write cache (`enable_write_cache`)."""
+        return self._write_cache
+
+    def set_write_cache(self, enabled: bool) -> None:
+        """The guest toggled the write cache (virtio-blk `wce`): writes get FUA when off."""
+        self._write_cache = bool(enabled)
+        log.info("backend %s: write cache %s", self.name, "on" if enabled else "off")
+
+    @property
+    def stopped(self) -> str | None:
+        """Why a `stop` error policy stopped the backend, or None while it runs."""
+        return self._stopped
+
+    def resume(self) -> None:
+        """Like QEMU's `cont` after a policy stop: requests are accepted again."""
+        self._stopped = None
+
+    @property
+    def throttle_group(self) -> ThrottleGroup | None:
+        return self._throttle
+
+    def node(self, name: str) -> BlockNode:
+        try:
+            return self.graph.nodes[name]
+        except KeyError:
+            raise ConfigError(
+                f"no node named {name!r}; nodes: {', '.join(sorted(self.graph.nodes))}"
+            ) from None
+
+    # -- requests ----------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._aligned_reads:
+            buf: Any = mmap.mmap(-1, max(length, mmap.PAGESIZE))
+            try:
+                view = memoryview(buf)[:length]
+                self.readv(offset, [view])
+                data = bytes(view)
+                view.release()
+                return data
+            finally:
+                buf.close()
+        out = bytearray(length)
+        self.readv(offset, [memoryview(out)])
+        return bytes(out)
+
+    def readv(self, offset: int, iov: IOVec) -> None:
+        """Read into the caller's buffers (zero-copy for mapped guest memory)."""
+        length = len(iov[0]) if len(iov) == 1 else iov_length(iov)
+        self._check_request("read", offset, length)
+        if self._throttle is not None:
+            self._throttle.intercept(self, False, length)
+        t0 = _perf_ns()
+        try:
+            self.root.preadv(offset, iov)
+        except (OSError, BlockError) as exc:
+            self._failed(Op.READ, exc, t0, offset, length)
+            return
+        self._account(Op.READ, length, t0)
+
+    def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        self.writev(offset, [memoryview(data)], fua=fua)
+
+    def writev(self, offset: int, iov: IOVec, *, fua: bool = False) -> None:
+        length = len(iov[0]) if len(iov) == 1 else iov_length(iov)
+        self._check_request("write", offset, length, modifies=True)
+        if self._throttle is not None:
+            self._throttle.intercept(self, True, length)
+        flags = RequestFlags.NONE
+        if fua or not self._write_cache:
+            # blk_co_pwritev_part: without a write cache every write is FUA.
+            flags = RequestFlags.FUA
+            with self._stats_lock:
+                self._fua_writes += 1
+        t0 = _perf_ns()
+        try:
+            self.root.pwritev(offset, iov, flags)
+        except (OSError, BlockError) as exc:
+            self._failed(Op.WRITE, exc, t0, offset, length)
+            return
+        self._account(Op.WRITE, length, t0)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False
+    ) -> None:
+        self._check_request("write-zeroes", offset, length, modifies=True)
+        if self._throttle is not None:
+            self._throttle.intercept(self, True, length)
+        flags = RequestFlags.NONE
+        if may_unmap and self._unmap:
+            flags |= RequestFlags.MAY_UNMAP
+        if fua or not self._write_cache:
+            flags |= RequestFlags.FUA
+            with self._stats_lock:
+                self._fua_writes += 1
+        t0 = _perf_ns()
+        try:
+            self.root.pwrite_zeroes(offset, length, flags)
+        except (OSError, BlockError) as exc:
+            self._failed(Op.WRITE_ZEROES, exc, t0, offset, length)
+            return
+        self._account(Op.WRITE_ZEROES, length, t0)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Advisory, as in QEMU: with discard=ignore, or a host that cannot, it does nothing."""
+        self._check_request("discard", offset, length, modifies=True)
+        t0 = _perf_ns()
+        try:
+            self.root.pdiscard(offset, length)
+        except (OSError, BlockError) as exc:
+            self._failed(Op.DISCARD, exc, t0, offset, length)
+            return
+        self._account(Op.DISCARD, length, t0)
+
+    def flush(self) -> None:
+        if self._stopped is not None:
+            raise BackendStoppedError(self._stopped_message())
+        self._check_open()
+        before = self._host_syncs()
+        t0 = _perf_ns()
+        try:
+            self.root.flush()
+        except (OSError, BlockError) as exc:
+            self._failed(Op.FLUSH, exc, t0, 0, 0)
+            return
+        issued = self._host_syncs() != before
+        with self._stats_lock:
+            if issued:
+                self._flushes_issued += 1
+            else:
+                self._flushes_elided += 1
+        self._account(Op.FLUSH, 0, t0)
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Run a request (e.g. `backend.readv`) on the backend's I/O threads."""
+        self._check_open()
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self._iothreads, thread_name_prefix=f"blk-{self.name}"
+                )
+            return self._executor.submit(fn, *args, **kwargs)
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BlockError(f"backend {self.name!r} is closed", errno_mod.EIO)
+
+    def _check_request(self, what: str, offset: int, length: int, modifies: bool = False) -> None:
+        if self._stopped is not None:
+            raise BackendStoppedError(self._stopped_message())
+        if offset < 0 or length < 0 or length > _MAX_REQUEST or offset + length > self._length:
+            self._check_open()
+            raise BlockRangeError(
+                f"{what} of {length} bytes at offset {offset} is outside the device "
+                f"{self.name!r} (length {self._length}); requests must lie within [0, length)"
+            )
+        if modifies and self.read_only:
+            raise ReadOnlyError(f"{what} refused: backend {self.name!r} is read-only")
+        if self._closed:
+            self._check_open()
+
+    def _account(self, op: Op, nbytes: int, t0: int) -> None:
+        elapsed = _perf_ns() - t0
+        counter = self._counters[op]
+        with self._stats_lock:
+            counter.count += 1
+            counter.bytes += nbytes
+            counter.total_ns += elapsed
+            counter.hist[elapsed.bit_length()] += 1
+
+    def _failed(self, op: Op, exc: OSError | BlockError, t0: int, offset: int, length: int) -> None:
+        """Apply rerror/werror to an I/O error: raise it, swallow it or stop."""
+        code = exc.errno if isinstance(exc, BlockError) else (exc.errno or errno_mod.EIO)
+        reason = str(exc) if isinstance(exc, BlockError) else (exc.strerror or str(exc))
+        action = self.rerror if op is Op.READ else self.werror
+        if action is ErrorAction.ENOSPC:
+            action = ErrorAction.STOP if code == errno_mod.ENOSPC else ErrorAction.REPORT
+        elapsed = _perf_ns() - t0
+        counter = self._counters[op]
+        with self._stats_lock:
+            counter.errors += 1
+            counter.total_ns += elapsed
+            if action is ErrorAction.IGNORE:
+                self._errors_ignored += 1
+        where = f" of {length} bytes at offset {offset}" if op is not Op.FLUSH else ""
+        message = f"{op.value}{where} on {self.name!r} failed: {reason}"
+        if action is ErrorAction.IGNORE:
+            log.warning("%s (ignored: %s=ignore)", message, "rerror" if op is Op.READ else "werror")
+            return
+        if action is ErrorAction.STOP:
+            self._stopped = message
+            log.error("%s; backend stopped until resume()", message)
+            raise BackendStoppedError(f"{message}; the backend is stopped, resume() it") from exc
+        raise BlockError(message, code) from exc
+
+    def _stopped_message(self) -> str:
+        return f"backend {self.name!r} is stopped after an I/O error ({self._stopped}); resume() it"
+
+    def _host_syncs(self) -> int:
+        return sum(int(getattr(n, "host_syncs", 0)) for n in self._sync_nodes)
+
+    def stats(self) -> BackendStats:
+        with self._stats_lock:
+            ops = {op.value: c.snapshot() for op, c in self._counters.items()}
+            return BackendStats(
+                ops,
+                self._flushes_issued,
+                self._flushes_elided,
+                self._host_syncs(),
+                self._fua_writes,
+                self._errors_ignored,
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "length": self._length,
+            "cache-mode": self.cache_mode.value if self.cache_mode else None,
+            "write-cache": self._write_cache,
+            "read-only": self.read_only,
+            "cache.direct": self.root.open_flags.direct,
+            "cache.no-flush": self.root.open_flags.no_flush,
+            "rerror": self.rerror.value,
+            "werror": self.werror.value,
+            "throttle-group": self._throttle.name if self._throttle else None,
+            "nodes": [n.describe() for n in _walk(self.root)],
+        }
+
+    def close(self) -> None:
+        """Flush (as bdrv_close does), then close every node. Safe to call twice."""
+        if self._closed:
+            return
+        with self._executor_lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+        try:
+            if not self.read_only:
+                self.root.flush()
+        except (OSError, BlockError) as exc:
+            log.warning("backend %s: flush on close failed: %s", self.name, exc)
+        finally:
+            self._closed = True
+            if self._throttle is not None:
+                leave_group(self._throttle, self)
+            self.graph.close()
+
+    def __enter__(self) -> BlockBackend:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BlockBackend {self.name!r} length={self._length}>"
+
+
+def _walk(node: BlockNode) -> list[BlockNode]:
+    out = [node]
+    for child in node.children:
+        out.extend(_walk(child))
+    return out
+
+
+# -- opening -------------------------------------------------------------------
+
+_BACKEND_KEYS = ("write-cache", "rerror", "werror", "iothreads", "throttling.group")
+
+
+def _parse_action(value: Any, what: str) -> ErrorAction:
+    try:
+        return ErrorAction(str(value))
+    except ValueError:
+        raise ConfigError(
+            f"{what}: invalid error policy {value!r}; valid policies: "
+            + ", ".join(a.value for a in ErrorAction)
+        ) from None
+
+
+def open_backend(
+    options: str | Mapping[str, Any],
+    *,
+    cache: str | CacheMode = "writeback",
+    read_only: bool = False,
+    name: str | None = None,
+) -> BlockBackend:
+    """Open a node graph and put a BlockBackend on it.
+
+    `options` is a `--blockdev` description: a nested dict, the dotted string
+    form, or a plain file name (a `raw` node over a `file` node). Besides the
+    node options it takes the device's: `write-cache` (on/off/auto),
+    `rerror`, `werror`, `iothreads`, `throttling.*` and `throttling.group`.
+    `cache` sets the defaults for `write-cache`, `cache.direct` and
+    `cache.no-flush`; explicit options win, as with QEMU's `-drive`.
+    """
+    if isinstance(options, str) and "=" not in options:
+        options = {"driver": "raw", "file": {"driver": "file", "filename": options}}
+    mode = parse_cache_mode(cache)
+    settings = cache_settings(mode)
+    flat = to_flat(options)
+    backend_opts = {k: flat.pop(k) for k in list(flat) if k in _BACKEND_KEYS}
+    limit_opts = {
+        k: flat.pop(k)
+        for k in list(flat)
+        if k.startswith("throttling.") and k[len("throttling.") :] in LIMIT_KEYS
+    }
+    bad = [k for k in flat if k.startswith("throttling.")]
+    if bad:
+        raise ConfigError(
+            f"unknown throttling option {bad[0]!r}; valid options: "
+            + ", ".join(f"throttling.{k}" for k in (*LIMIT_KEYS, "group"))
+        )
+    write_cache = settings.write_cache
+    wc = backend_opts.get("write-cache")
+    if wc is not None and str(wc) != "auto":
+        write_cache = parse_bool(wc, "option 'write-cache'")
+    limits = ThrottleLimits.parse(limit_opts) if limit_opts else None
+    iothreads = int(backend_opts.get("iothreads", 4))
+    if iothreads < 1:
+        raise ConfigError(f"iothreads must be at least 1, got {iothreads}")
+    graph = open_graph(
+        flat, read_only=read_only, direct=settings.direct, no_flush=settings.no_flush
+    )
+    try:
+        return BlockBackend(
+            graph,
+            name=name or "",
+            write_cache=write_cache,
+            rerror=_parse_action(backend_opts.get("rerror", "report"), "rerror"),
+            werror=_parse_action(backend_opts.get("werror", "enospc"), "werror"),
+            throttle_group=(
+                str(backend_opts["throttling.group"])
+                if "throttling.group" in backend_opts
+                else None
+            ),
+            throttle_limits=limits,
+            iothreads=iothreads,
+            cache_mode=mode,
+        )
+    except BaseException:
+        graph.close()
+        raise
