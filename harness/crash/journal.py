@@ -1,0 +1,347 @@
+"""The powerfail undo journal: what the host's volatile storage still owes the disk.
+
+The `powerfail` driver writes through to the image and keeps, in this
+journal, the *pre-image* of every write since the last durable flush. A power
+cut is then applied offline (`harness.crash.cut`) by putting pre-images back.
+
+Why every write and not only the first write to a block per flush epoch: if
+write A and then write B hit the same block and neither is durable, a cut
+that loses B but keeps A must restore A's data, not the epoch's base. With a
+pre-image per write, every version of a block is recoverable: the data of
+write k is the pre-image of the next write to that block (or the image
+itself for the last one). This is CrashMonkey's and LazyFS's insight, kept
+as an undo log so the image stays a normal, usable image at all times.
+
+Crash safety of the journal itself: every record is one `write(2)` on an
+`O_APPEND` descriptor, made before the image is touched, so a SIGKILLed
+backend leaves at most one torn record at the tail — the host page cache
+keeps both files, exactly as a real host does. The reader detects a torn tail
+by length and CRC and ignores it; a bad record followed by good ones is
+corruption and is refused.
+
+Format, version 1, little-endian:
+
+    file header  JOURNAL_HEADER (40 bytes)
+        magic       8s   b"PCJRNL\\0\\1"
+        version     u16  1
+        header_size u16  40
+        sector_size u32  the undo granularity in bytes (power of two, >= 512)
+        image_size  u64  length of the node below powerfail when created
+        created_ns  u64  CLOCK_REALTIME when created
+        reserved    u32  0
+        crc32       u32  of the 36 bytes before it
+
+    records, back to back, each  JOURNAL_RECORD header (36 bytes) + payload
+        crc32       u32  of the rest of the header and the payload
+        type        u8   RecordType
+        flags       u8   RecordType-specific (PREIMAGE: the OpKind)
+        reserved    u16  0
+        payload_len u32
+        seq         u64  the write's sequence number (PREIMAGE, COMPLETE)
+        a           u64  PREIMAGE: byte offset; COMPLETE: completion index;
+                         DURABLE: completion index up to which writes are durable;
+                         OPEN: process id
+        b           u64  PREIMAGE: byte length; COMPLETE/DURABLE/OPEN: CLOCK_MONOTONIC ns
+
+    PREIMAGE  payload = the `b` bytes found at offset `a` before write `seq`
+              (aligned to sector_size, clamped to the image end)
+    COMPLETE  write `seq` returned (flags bit 0: it failed); completion
+              indexes count 1, 2, 3 ... in completion order
+    DURABLE   every write with completion index <= a is durable (flags:
+              DurableReason)
+    OPEN      a backend opened the journal (the first one, or after a crash)
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import JournalError
+
+# File header; see the module docstring for each field.
+JOURNAL_HEADER = struct.Struct("<8sHHIQQII")
+# Record header; see the module docstring for each field.
+JOURNAL_RECORD = struct.Struct("<IBBHIQQQ")
+
+JOURNAL_MAGIC = b"PCJRNL\x00\x01"
+JOURNAL_VERSION = 1
+COMPLETE_FAILED = 0x01
+
+
+class RecordType(enum.IntEnum):
+    PREIMAGE = 1
+    COMPLETE = 2
+    DURABLE = 3
+    OPEN = 4
+
+
+class OpKind(enum.IntEnum):
+    """What changed the block after its pre-image was taken."""
+
+    WRITE = 0
+    WRITE_ZEROES = 1
+    DISCARD = 2
+
+
+class DurableReason(enum.IntEnum):
+    FLUSH = 0
+    HORIZON = 1  # the writeback horizon passed (host kernel writeback)
+
+
+@dataclass(frozen=True)
+class JournalHeader:
+    sector_size: int
+    image_size: int
+    created_ns: int
+
+    def pack(self) -> bytes:
+        body = JOURNAL_HEADER.pack(
+            JOURNAL_MAGIC,
+            JOURNAL_VERSION,
+            JOURNAL_HEADER.size,
+            self.sector_size,
+            self.image_size,
+            self.created_ns,
+            0,
+            0,
+        )[:-4]
+        return body + struct.pack("<I", zlib.crc32(body))
+
+
+@dataclass(frozen=True)
+class Preimage:
+    seq: int
+    kind: OpKind
+    offset: int
+    length: int
+    payload_offset: int  # where the pre-image bytes start in the journal file
+
+
+@dataclass(frozen=True)
+class JournalState:
+    """Everything a journal says, in record order."""
+
+    header: JournalHeader
+    preimages: list[Preimage]  # in journal order == order applied to the image per block
+    completion: dict[int, int]  # seq -> completion index
+    failed: frozenset[int]
+    durable_index: int  # writes with completion index <= this are durable
+    opens: int
+    valid_length: int  # bytes up to the end of the last good record
+    torn_bytes: int  # bytes after it (a torn tail), ignored
+    durable_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def next_seq(self) -> int:
+        return max((p.seq for p in self.preimages), default=0) + 1
+
+    @property
+    def last_completion(self) -> int:
+        return max(self.completion.values(), default=0)
+
+    def is_durable(self, seq: int) -> bool:
+        index = self.completion.get(seq)
+        return index is not None and index <= self.durable_index
+
+
+def _parse_header(data: bytes | mmap.mmap, path: Path) -> JournalHeader:
+    if len(data) < JOURNAL_HEADER.size:
+        raise JournalError(
+            f"journal {path} is {len(data)} bytes, shorter than its header; "
+            "it is not a powerfail journal (remove it to start a new one)"
+        )
+    magic, version, header_size, sector_size, image_size, created, _r, crc = (
+        JOURNAL_HEADER.unpack_from(data, 0)
+    )
+    if magic != JOURNAL_MAGIC:
+        raise JournalError(f"{path} is not a powerfail journal (bad magic {magic!r})")
+    if version != JOURNAL_VERSION or header_size != JOURNAL_HEADER.size:
+        raise JournalError(
+            f"journal {path} has version {version}; this powercut reads version "
+            f"{JOURNAL_VERSION} — cut it with the powercut that wrote it"
+        )
+    if zlib.crc32(bytes(data[: JOURNAL_HEADER.size - 4])) != crc:
+        raise JournalError(f"journal {path}: header checksum mismatch; the file is damaged")
+    return JournalHeader(sector_size, image_size, created)
+
+
+def _records(data: bytes | mmap.mmap, path: Path) -> Iterator[tuple[int, tuple[int, ...], int]]:
+    """(record offset, header fields, payload offset) for every good record.
+
+    Stops quietly at a torn tail; raises if a bad record is followed by more data
+    that parses as a good record (that is corruption, not a crash).
+    """
+    pos = JOURNAL_HEADER.size
+    end = len(data)
+    while pos + JOURNAL_RECORD.size <= end:
+        fields = JOURNAL_RECORD.unpack_from(data, pos)
+        payload_len = fields[4]
+        stop = pos + JOURNAL_RECORD.size + payload_len
+        if stop > end or zlib.crc32(data[pos + 4 : stop]) != fields[0]:
+            _refuse_mid_file_damage(data, pos, path)
+            return
+        yield pos, fields, pos + JOURNAL_RECORD.size
+        pos = stop
+
+
+def _refuse_mid_file_damage(data: bytes | mmap.mmap, bad: int, path: Path) -> None:
+    # A torn tail is one partial record. A good record further on means damage inside.
+    probe = bad + 1
+    end = len(data)
+    limit = min(end, bad + (16 << 20))
+    while probe + JOURNAL_RECORD.size <= limit:
+        fields = JOURNAL_RECORD.unpack_from(data, probe)
+        stop = probe + JOURNAL_RECORD.size + fields[4]
+        if (
+            fields[1] in RecordType._value2member_map_
+            and stop <= end
+            and zlib.crc32(data[probe + 4 : stop]) == fields[0]
+        ):
+            raise JournalError(
+                f"journal {path}: record at byte {bad} is damaged but good records follow "
+                f"(at byte {probe}); the journal was modified — it cannot be trusted for a cut"
+            )
+        probe += 1
+
+
+def read_journal(path: Path | str) -> tuple[JournalState, mmap.mmap | bytes]:
+    """Parse a journal; returns its state and the mapped bytes (pre-images point into them)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data: mmap.mmap | bytes = (
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            )
+    except FileNotFoundError:
+        raise JournalError(
+            f"journal {path} does not exist; pass the journal= of the powerfail node"
+        ) from None
+    header = _parse_header(data, path)
+    preimages: list[Preimage] = []
+    completion: dict[int, int] = {}
+    failed: set[int] = set()
+    durable = 0
+    opens = 0
+    reasons: dict[str, int] = {}
+    valid = JOURNAL_HEADER.size
+    for pos, fields, payload in _records(data, path):
+        _crc, rtype, flags, _r, payload_len, seq, a, b = fields
+        if rtype == RecordType.PREIMAGE:
+            if payload_len != b:
+                raise JournalError(f"journal {path}: pre-image at byte {pos} has a bad length")
+            preimages.append(Preimage(seq, OpKind(flags & 0x3), a, b, payload))
+        elif rtype == RecordType.COMPLETE:
+            completion[seq] = a
+            if flags & COMPLETE_FAILED:
+                failed.add(seq)
+        elif rtype == RecordType.DURABLE:
+            durable = max(durable, a)
+            name = DurableReason(flags).name.lower()
+            reasons[name] = reasons.get(name, 0) + 1
+        elif rtype == RecordType.OPEN:
+            opens += 1
+        else:
+            raise JournalError(f"journal {path}: unknown record type {rtype} at byte {pos}")
+        valid = payload + payload_len
+    state = JournalState(
+        header,
+        preimages,
+        completion,
+        frozenset(failed),
+        durable,
+        opens,
+        valid,
+        len(data) - valid,
+        reasons,
+    )
+    return state, data
+
+
+class JournalWriter:
+    """Appends records; one `write(2)` per record, so a killed process tears at most the last."""
+
+    def __init__(self, path: Path | str, fd: int) -> None:
+        self.path = Path(path)
+        self._fd = fd
+
+    @classmethod
+    def create(cls, path: Path | str, sector_size: int, image_size: int) -> JournalWriter:
+        path = Path(path)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644
+        )
+        os.write(fd, JournalHeader(sector_size, image_size, time.time_ns()).pack())
+        return cls(path, fd)
+
+    @classmethod
+    def reopen(cls, path: Path | str, valid_length: int) -> JournalWriter:
+        """Continue an existing journal, cutting off a torn tail first."""
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.ftruncate(fd, valid_length)
+        return cls(path, fd)
+
+    def _append(
+        self,
+        rtype: RecordType,
+        flags: int,
+        seq: int,
+        a: int,
+        b: int,
+        payload: bytes | bytearray | memoryview = b"",
+    ) -> None:
+        head = JOURNAL_RECORD.pack(0, rtype, flags, 0, len(payload), seq, a, b)
+        crc = zlib.crc32(payload, zlib.crc32(head[4:]))
+        record = struct.pack("<I", crc) + head[4:]
+        written = os.writev(self._fd, [record, payload]) if payload else os.write(self._fd, record)
+        if written != len(record) + len(payload):
+            raise JournalError(
+                f"short write to journal {self.path} ({written} bytes); is the disk full?"
+            )
+
+    def preimage(
+        self, seq: int, kind: OpKind, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        self._append(RecordType.PREIMAGE, int(kind), seq, offset, len(data), data)
+
+    def complete(self, seq: int, index: int, failed: bool) -> None:
+        self._append(
+            RecordType.COMPLETE, COMPLETE_FAILED if failed else 0, seq, index, time.monotonic_ns()
+        )
+
+    def durable(self, index: int, reason: DurableReason) -> None:
+        self._append(RecordType.DURABLE, int(reason), 0, index, time.monotonic_ns())
+
+    def opened(self) -> None:
+        self._append(RecordType.OPEN, 0, 0, os.getpid(), time.monotonic_ns())
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def reset(self, sector_size: int, image_size: int) -> None:
+        """Drop every record: nothing is owed to the disk any more."""
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, JournalHeader(sector_size, image_size, time.time_ns()).pack())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def reset_journal(path: Path | str, header: JournalHeader) -> None:
+    """Rewrite a journal as empty (after a cut has been applied to its image)."""
+    fd = os.open(Path(path), os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        os.write(fd, JournalHeader(header.sector_size, header.image_size, time.time_ns()).pack())
+    finally:
+        os.close(fd)
