@@ -1,0 +1,216 @@
+"""`log-writes`: record every request that passes, for the durability oracle.
+
+A filter node: data passes through unchanged, and each write, FUA write,
+write-zeroes, discard and flush leaves a SUBMIT record before it goes down
+and a COMPLETE record after it returns (format: `harness.crash.writelog`).
+Put it at the top of the graph so it sees exactly what the guest was told.
+
+Options: `log` (path, required), `log-data` (also record the written bytes,
+needed for `powercut log export`; default off), `preimage` (record the CRCs of
+each sector before its first write, so the oracle can tell the initial content
+from garbage; default on), `sector-size` (checksum granularity, default 512).
+
+Whoever owns the device's write-cache state (the BlockBackend) reports changes
+with `note_write_cache()`; every SUBMIT carries the state at that time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from harness.block.node import BlockNode, IOVec, OpenFlags, Option, RequestFlags
+from harness.block.registry import register_driver
+from harness.crash.writelog import (
+    LogFlags,
+    LogHeader,
+    LogWriter,
+    Op,
+    RecordType,
+    ReqFlags,
+    _crc_bytes,
+    sector_crcs,
+    whole_sectors,
+)
+from harness.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@register_driver
+class LogWritesNode(BlockNode):
+    driver: ClassVar[str] = "log-writes"
+    is_filter: ClassVar[bool] = True
+    has_child: ClassVar[bool] = True
+    options: ClassVar[Mapping[str, Option]] = {
+        "log": Option(str, required=True, help="write log path"),
+        "log-data": Option(bool, False, help="record the data of every write too"),
+        "preimage": Option(bool, True, help="record sector CRCs before their first write"),
+        "sector-size": Option(int, 512, size=True, help="checksum granularity in bytes"),
+    }
+
+    def __init__(
+        self, node_name: str, opts: Mapping[str, Any], file: BlockNode | None, flags: OpenFlags
+    ) -> None:
+        super().__init__(node_name, opts, file, flags)
+        if file is None:
+            raise ConfigError(f"log-writes node {node_name!r} needs a file child")
+        self.child: BlockNode = file
+        self.log_path = Path(str(self._opt("log")))
+        self.log_data = bool(self._opt("log-data"))
+        self.preimage = bool(self._opt("preimage"))
+        self.sector_size = int(self._opt("sector-size"))
+        if self.sector_size < 512 or self.sector_size & (self.sector_size - 1):
+            raise ConfigError(f"log-writes node {node_name!r}: sector-size must be a power of two")
+        self.supported_write_flags = RequestFlags.FUA  # recorded, then passed down
+        self.supported_zero_flags = (
+            RequestFlags.FUA | RequestFlags.MAY_UNMAP | RequestFlags.NO_FALLBACK
+        )
+        self.can_discard = True
+        self.can_write_zeroes = True
+        self.request_alignment = file.request_alignment
+        lflags = LogFlags.NONE
+        if self.log_data:
+            lflags |= LogFlags.DATA
+        if self.preimage:
+            lflags |= LogFlags.PREIMAGE
+        if flags.no_flush:
+            lflags |= LogFlags.NO_FLUSH
+        if flags.direct:
+            lflags |= LogFlags.DIRECT
+        self._lock = threading.Lock()
+        self.writer = LogWriter(self.log_path, LogHeader(self.sector_size, lflags, 0))
+        self._seq = self.writer.next_seq
+        self.write_cache: bool = True
+        nsect = -(-self.child.length // self.sector_size)
+        self._seen = bytearray(-(-nsect // 8))  # sectors already written through this log
+        self.writer.append(RecordType.OPEN, Op.NONE, 0, 0, 0, 0)
+
+    def _opt(self, name: str) -> Any:
+        value = self.opts.get(name)
+        return self.options[name].default if value is None else value
+
+    # -- recording ---------------------------------------------------------------
+
+    def note_write_cache(self, enabled: bool) -> None:
+        """The device's write cache was switched (virtio-blk `wce`)."""
+        with self._lock:
+            self.write_cache = bool(enabled)
+            self.writer.append(RecordType.WRITE_CACHE, Op.NONE, int(enabled), 0, 0, 0)
+
+    def mark(self, label: str) -> None:
+        """A named point in the log (like `dmsetup message ... mark`)."""
+        with self._lock:
+            self.writer.append(RecordType.MARK, Op.NONE, 0, 0, 0, 0, [label.encode()])
+
+    def _submit(
+        self,
+        op: Op,
+        flags: ReqFlags,
+        offset: int,
+        length: int,
+        payload: list[bytes | bytearray | memoryview] | None = None,
+    ) -> int:
+        # Caller holds self._lock.
+        seq = self._seq
+        self._seq += 1
+        if self.write_cache:
+            flags |= ReqFlags.WCE
+        self.writer.append(RecordType.SUBMIT, op, int(flags), seq, offset, length, payload)
+        return seq
+
+    def _complete(self, seq: int, status: int) -> None:
+        with self._lock:
+            self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, status)
+
+    def _unseen(self, first: int, count: int) -> bool:
+        seen = self._seen
+        return any(not seen[s >> 3] & 1 << (s & 7) for s in range(first, first + count))
+
+    def _mark_seen(self, first: int, count: int) -> None:
+        seen = self._seen
+        for s in range(first, first + count):
+            seen[s >> 3] |= 1 << (s & 7)
+
+    def _run(self, seq: int, call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except BaseException as exc:
+            self._complete(seq, int(getattr(exc, "errno", None) or errno.EIO))
+            raise
+        self._complete(seq, 0)
+
+    # -- requests ----------------------------------------------------------------
+
+    def driver_preadv(self, offset: int, iov: IOVec) -> None:
+        self.child.preadv(offset, iov)
+
+    def driver_pwritev(self, offset: int, iov: IOVec, flags: RequestFlags) -> None:
+        buf: bytes | memoryview = iov[0] if len(iov) == 1 else b"".join(iov)
+        length = len(buf)
+        ss = self.sector_size
+        rflags = ReqFlags.FUA if RequestFlags.FUA in flags else ReqFlags.NONE
+        payload: list[bytes | bytearray | memoryview] = [_crc_bytes(sector_crcs(buf, offset, ss))]
+        first, count = whole_sectors(offset, length, ss)
+        with self._lock:
+            if self.preimage and count and self._unseen(first, count):
+                pre = bytearray(count * ss)
+                self.child.preadv(first * ss, [memoryview(pre)])
+                payload.append(_crc_bytes(sector_crcs(pre, first * ss, ss)))
+                rflags |= ReqFlags.HAS_PRE
+                self._mark_seen(first, count)
+            if self.log_data:
+                payload.append(buf)
+                rflags |= ReqFlags.HAS_DATA
+            seq = self._submit(Op.WRITE, rflags, offset, length, payload)
+        self._run(seq, self.child.pwritev, offset, iov, flags)
+
+    def driver_pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+        rflags = ReqFlags.NONE
+        if RequestFlags.FUA in flags:
+            rflags |= ReqFlags.FUA
+        if RequestFlags.MAY_UNMAP in flags:
+            rflags |= ReqFlags.MAY_UNMAP
+        with self._lock:
+            self._record_preimage(offset, length)
+            seq = self._submit(Op.WRITE_ZEROES, rflags, offset, length)
+        self._run(seq, self.child.pwrite_zeroes, offset, length, flags)
+
+    def driver_pdiscard(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._record_preimage(offset, length)
+            seq = self._submit(Op.DISCARD, ReqFlags.NONE, offset, length)
+        self._run(seq, self.child.pdiscard, offset, length)
+
+    def _record_preimage(self, offset: int, length: int) -> None:
+        # Zeroes and discards carry no CRCs, but a sector first touched by one still has an
+        # initial content the oracle must know: a PREIMAGE record says what it was.
+        ss = self.sector_size
+        first, count = whole_sectors(offset, length, ss)
+        if not (self.preimage and count and self._unseen(first, count)):
+            return
+        pre = bytearray(count * ss)
+        self.child.preadv(first * ss, [memoryview(pre)])
+        crcs = _crc_bytes(sector_crcs(pre, first * ss, ss))
+        self.writer.append(RecordType.PREIMAGE, Op.NONE, 0, 0, first * ss, count * ss, [crcs])
+        self._mark_seen(first, count)
+
+    def driver_flush(self) -> None:
+        with self._lock:
+            seq = self._submit(Op.FLUSH, ReqFlags.NONE, 0, 0)
+        self._run(seq, self.child.flush)
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(
+            {"log": str(self.log_path), "log-data": self.log_data, "requests": self._seq - 1}
+        )
+        return info
+
+    def driver_close(self) -> None:
+        with self._lock:
+            self.writer.close()
