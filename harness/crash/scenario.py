@@ -6,9 +6,9 @@ unknown field, a wrong type or value gives a `ScenarioError` that names the
 file, the line, the field and what is allowed. `harness.crash.matrix` then
 expands a `Scenario` into cells.
 
-Only the vocabulary lives here (cache modes as QEMU names them, fault models,
-cut policies, triggers, workloads, checkers); what each combination promises
-is `harness.crash.verdict`'s business.
+Only the vocabulary lives here (fault models, cut policies, triggers,
+workloads, checkers; cache modes are `harness.block.cache.CacheMode`); what
+each combination promises is `harness.crash.verdict`'s business.
 """
 
 from __future__ import annotations
@@ -22,24 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from harness.block.cache import CacheMode
 from harness.crash.tomlines import LineIndex, PathElem
 from harness.errors import ScenarioError
 
 E = TypeVar("E", bound=enum.Enum)
 
 
-class CacheMode(enum.Enum):
-    """QEMU's cache modes (`bdrv_parse_cache_mode`); `off` is an alias of `none`."""
-
-    WRITEBACK = "writeback"
-    NONE = "none"
-    WRITETHROUGH = "writethrough"
-    DIRECTSYNC = "directsync"
-    UNSAFE = "unsafe"
-
-    @classmethod
-    def parse(cls, name: str) -> CacheMode:
-        return cls.NONE if name == "off" else cls(name)
+def _parse_mode(name: str) -> CacheMode:
+    """QEMU's mode names; `off` is an alias of `none` (ValueError otherwise)."""
+    return CacheMode.NONE if name == "off" else CacheMode(name)
 
 
 class FaultModel(enum.Enum):
@@ -497,7 +489,7 @@ def _parse_workload(t: _Table, scenario_checkers: tuple[Checker, ...] | None) ->
             max_size=t.size("max-size", 16384, minimum=1),
         )
     applicable = APPLICABLE_CHECKERS[kind]
-    own = t.choices("checkers", Checker, ()) if t.has("checkers") else None
+    own = t.choices("checkers", Checker, ()) if t.has("checkers") else t.raw("checkers")
     chosen = own if own is not None else scenario_checkers
     if chosen is None:
         checkers = applicable
@@ -550,7 +542,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     description = top.string("description", "")
     image = top.string("image", "default")
     disk_size = top.size("disk-size", 256 << 20, minimum=1 << 20)
-    modes = top.choices("modes", CacheMode, (CacheMode.WRITEBACK,), CacheMode.parse)
+    modes = top.choices("modes", CacheMode, (CacheMode.WRITEBACK,), _parse_mode)
     if top.has("mode"):
         raise top.error("mode", "is spelled 'modes' (one mode or a list)")
     repetitions = top.integer("repetitions", 1, minimum=1)
@@ -562,7 +554,9 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error(
             "filesystem", f'must be "ext4" (the only one the guest image has), not {filesystem!r}'
         )
-    scenario_checkers = top.choices("checkers", Checker, ()) if top.has("checkers") else None
+    scenario_checkers = (
+        top.choices("checkers", Checker, ()) if top.has("checkers") else top.raw("checkers")
+    )
 
     fault_tables = top.tables("fault")
     if not fault_tables:
