@@ -341,10 +341,12 @@ class BlockBackend:
             raise BackendStoppedError(self._stopped_message())
         if offset < 0 or length < 0 or length > _MAX_REQUEST or offset + length > self._length:
             self._check_open()
-            raise BlockRangeError(
+            error = BlockRangeError(
                 f"{what} of {length} bytes at offset {offset} is outside the device "
                 f"{self.name!r} (length {self._length}); requests must lie within [0, length)"
             )
+            error.errno = errno_mod.EIO  # what blk_check_byte_request returns
+            raise error
         if modifies and self.read_only:
             raise ReadOnlyError(f"{what} refused: backend {self.name!r} is read-only")
         if self._closed:

@@ -84,8 +84,6 @@ def _open_node(
     if name is None:
         name = f"#block{next(_auto_names):03d}"
     name = str(name)
-    if name in nodes:
-        raise ConfigError(f"duplicate node-name {name!r}; every node needs its own name")
 
     valid = {**COMMON_OPTIONS, **cls.options}
     values: dict[str, Any] = {}
@@ -121,6 +119,10 @@ def _open_node(
             f"driver {cls.driver!r} ({where}) needs a 'file' child, "
             "e.g. file.driver=file,file.filename=IMAGE"
         )
+    if name in nodes:
+        if child is not None:
+            child.close()
+        raise ConfigError(f"duplicate node-name {name!r}; every node needs its own name")
     driver_opts = {k: v for k, v in values.items() if k in cls.options}
     flags = OpenFlags(
         read_only=inherited.read_only, direct=inherited.direct, no_flush=inherited.no_flush
