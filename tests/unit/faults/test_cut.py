@@ -1,0 +1,168 @@
+"""`powercut cut`: the five policies, the version chain, determinism, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.crash.cut import CutPolicy, apply_cut
+from harness.crash.journal import read_journal
+
+from .conftest import crash
+from .stack import Paths, open_stack
+
+S = 512
+
+
+def _workload(paths: Paths) -> None:
+    """Sector 0: A durable, then B and C volatile; sectors 8..15: one volatile 4 KiB write."""
+    be = open_stack(paths)
+    be.write(0, b"A" * S)
+    be.flush()
+    be.write(0, b"B" * S)
+    be.write(0, b"C" * S)
+    be.write(8 * S, bytes(range(256)) * 16)
+    crash(be)
+
+
+def _copy(paths: Paths, tmp: Path, name: str) -> tuple[Path, Path]:
+    image, journal = tmp / f"{name}.img", tmp / f"{name}.journal"
+    shutil.copy(paths.image, image)
+    shutil.copy(paths.journal, journal)
+    return image, journal
+
+
+def test_lose_all_reverts_to_the_durable_state(paths: Paths) -> None:
+    _workload(paths)
+    result = apply_cut(paths.image, paths.journal, "lose-all", 0)
+    data = paths.image.read_bytes()
+    assert data[:S] == b"A" * S
+    assert data[8 * S : 16 * S] == b"\x5a" * (8 * S)
+    assert result.writes_durable == 1 and result.writes_reverted == 3
+
+
+def test_keep_all_changes_nothing(paths: Paths) -> None:
+    _workload(paths)
+    before = paths.image.read_bytes()
+    result = apply_cut(paths.image, paths.journal, "keep-all", 0)
+    assert paths.image.read_bytes() == before
+    assert result.blocks_restored == 0 and result.writes_kept == 3
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_losing_a_later_write_restores_the_earlier_one_not_the_base(
+    paths: Paths, tmp_path: Path, seed: int
+) -> None:
+    _workload(paths)
+    image, journal = _copy(paths, tmp_path, "r")
+    result = apply_cut(image, journal, "random", seed)
+    lost = {w.seq for w in result.reverted}
+    sector0 = image.read_bytes()[:S]
+    if 3 not in lost:
+        assert sector0 == b"C" * S
+    elif 2 not in lost:
+        assert sector0 == b"B" * S  # C lost, B kept: B's data, never A or the base
+    else:
+        assert sector0 == b"A" * S
+
+
+@pytest.mark.parametrize("policy", [p.value for p in CutPolicy])
+def test_same_seed_gives_the_same_image(paths: Paths, tmp_path: Path, policy: str) -> None:
+    _workload(paths)
+    a_img, a_j = _copy(paths, tmp_path, "a")
+    b_img, b_j = _copy(paths, tmp_path, "b")
+    ra = apply_cut(a_img, a_j, policy, 42)
+    rb = apply_cut(b_img, b_j, policy, 42)
+    assert a_img.read_bytes() == b_img.read_bytes()
+    assert ra.reverted == rb.reverted
+
+
+def test_seeds_explore_different_crash_states(paths: Paths, tmp_path: Path) -> None:
+    _workload(paths)
+    images = set()
+    for seed in range(16):
+        img, j = _copy(paths, tmp_path, f"s{seed}")
+        apply_cut(img, j, "torn", seed)
+        images.add(img.read_bytes())
+    assert len(images) > 4
+
+
+def test_prefix_keeps_writes_in_completion_order(paths: Paths, tmp_path: Path) -> None:
+    _workload(paths)
+    for seed in range(10):
+        img, j = _copy(paths, tmp_path, f"p{seed}")
+        result = apply_cut(img, j, "prefix", seed)
+        lost = sorted(w.seq for w in result.reverted)
+        # The lost writes are a suffix of the volatile ones (seqs 2, 3, 4 in completion order).
+        assert lost == list(range(5 - len(lost), 5))
+
+
+def test_torn_write_persists_some_sectors_only(paths: Paths, tmp_path: Path) -> None:
+    _workload(paths)
+    seen_torn = False
+    for seed in range(20):
+        img, j = _copy(paths, tmp_path, f"t{seed}")
+        result = apply_cut(img, j, "torn", seed)
+        block = img.read_bytes()[8 * S : 16 * S]
+        new = bytes(range(256)) * 16
+        for k in range(8):
+            assert block[k * S : (k + 1) * S] in (new[k * S : (k + 1) * S], b"\x5a" * S)
+        seen_torn |= result.writes_torn > 0
+    assert seen_torn
+
+
+def test_cut_empties_the_journal_unless_asked_not_to(paths: Paths, tmp_path: Path) -> None:
+    _workload(paths)
+    img, j = _copy(paths, tmp_path, "k")
+    apply_cut(img, j, "lose-all", 0, reset=False)
+    assert len(read_journal(j)[0].preimages) == 4
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    assert read_journal(paths.journal)[0].preimages == []
+
+
+def test_dry_run_changes_nothing(paths: Paths) -> None:
+    _workload(paths)
+    before = paths.image.read_bytes(), paths.journal.read_bytes()
+    result = apply_cut(paths.image, paths.journal, "lose-all", 0, dry_run=True)
+    assert result.blocks_restored == 9  # sector 0 once, sectors 8..15
+    assert (paths.image.read_bytes(), paths.journal.read_bytes()) == before
+
+
+def test_cut_command_prints_and_writes_json(
+    paths: Paths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _workload(paths)
+    out = tmp_path / "cut.json"
+    status = main(
+        [
+            "cut",
+            str(paths.image),
+            "--journal",
+            str(paths.journal),
+            "--policy",
+            "lose-all",
+            "--seed",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert status == 0
+    assert "reverted 3" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["policy"] == "lose-all" and len(report["reverted"]) == 3
+    assert paths.image.read_bytes()[:S] == b"A" * S
+
+
+def test_cut_command_reports_a_missing_journal(
+    paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        ["cut", str(paths.image), "--journal", str(paths.journal) + ".nope", "--policy", "lose-all"]
+    )
+    assert status == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,188 @@
+"""The powerfail driver and its journal, through the real block stack."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.block import open_backend
+from harness.crash.cut import apply_cut
+from harness.crash.journal import JOURNAL_HEADER, read_journal
+from harness.errors import JournalError
+
+from .conftest import crash
+from .stack import Paths, open_stack
+
+
+def _journal(paths: Paths):  # type: ignore[no-untyped-def]
+    state, data = read_journal(paths.journal)
+    return state, bytes(data)
+
+
+def test_preimage_of_every_write_is_journaled_before_the_image_changes(paths: Paths) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * 4096)
+    be.write(1024, b"B" * 512)
+    crash(be)
+    state, data = _journal(paths)
+    assert [(p.offset, p.length) for p in state.preimages] == [(0, 4096), (1024, 512)]
+    first, second = state.preimages
+    assert data[first.payload_offset : first.payload_offset + 4096] == b"\x5a" * 4096
+    # The second pre-image is the first write's data: that is what makes a partial cut exact.
+    assert data[second.payload_offset : second.payload_offset + 512] == b"A" * 512
+    assert state.completion == {1: 1, 2: 2}
+    assert state.durable_index == 0
+
+
+def test_flush_makes_durable_exactly_the_writes_completed_before_it(tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    image.write_bytes(b"\0" * 65536)
+    journal = tmp_path / "d.journal"
+    # blkdebug below powerfail holds one write in flight while a flush runs.
+    be = open_backend(
+        {
+            "driver": "powerfail",
+            "node-name": "pf",
+            "journal": str(journal),
+            "file": {
+                "driver": "blkdebug",
+                "node-name": "dbg",
+                "rules": "write:delay=400:sector=8",
+                "file": {"driver": "file", "filename": str(image)},
+            },
+        },
+        cache="writeback",
+    )
+    pf = be.node("pf")
+    try:
+        be.write(0, b"a" * 512)
+        slow = threading.Thread(target=be.write, args=(4096, b"s" * 512))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while not pf._inflight and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.005)
+        assert pf._inflight  # type: ignore[attr-defined]
+        be.flush()
+        slow.join()
+    finally:
+        crash(be)
+    state, _ = read_journal(journal)
+    assert state.is_durable(1)
+    assert not state.is_durable(2), "a write in flight when the flush started stays volatile"
+    apply_cut(image, journal, "lose-all", 0)
+    data = image.read_bytes()
+    assert data[:512] == b"a" * 512
+    assert data[4096:4608] == b"\0" * 512
+
+
+def test_unsafe_flushes_never_make_anything_durable(paths: Paths) -> None:
+    be = open_stack(paths, "unsafe")
+    be.write(0, b"A" * 512)
+    be.flush()
+    be.write(512, b"B" * 512, fua=True)
+    crash(be)
+    state, _ = read_journal(paths.journal)
+    assert state.durable_index == 0
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    assert paths.image.read_bytes()[:1024] == b"\x5a" * 1024
+
+
+def test_fua_write_is_durable_when_it_completes(paths: Paths) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * 512)
+    be.write(512, b"F" * 512, fua=True)
+    be.write(1024, b"C" * 512)
+    crash(be)
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    data = paths.image.read_bytes()
+    # FUA is emulated by a flush, which also covers the write completed before it.
+    assert data[:1536] == b"A" * 512 + b"F" * 512 + b"\x5a" * 512
+
+
+def test_writeback_horizon_makes_old_writes_durable_on_its_own(paths: Paths) -> None:
+    be = open_stack(paths, powerfail={"writeback-horizon": 0.05})
+    pf = be.node("pf")
+    try:
+        be.write(0, b"A" * 512)
+        deadline = time.monotonic() + 10
+        while pf.durable_index < 1 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+    finally:
+        crash(be)
+    state, _ = read_journal(paths.journal)
+    assert state.is_durable(1)
+    assert state.durable_reasons == {"horizon": 1}
+
+
+def test_journal_is_emptied_when_a_durable_flush_leaves_nothing_owed(paths: Paths) -> None:
+    be = open_stack(paths, powerfail={"journal-compact": 0})
+    be.write(0, b"A" * 4096)
+    be.flush()
+    crash(be)
+    state, _ = read_journal(paths.journal)
+    assert state.preimages == []
+    assert state.valid_length < JOURNAL_HEADER.size + 100
+
+
+def test_torn_tail_is_ignored_and_cut_off_when_reopened(paths: Paths) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * 512)
+    be.write(512, b"B" * 512)
+    crash(be)
+    full = paths.journal.stat().st_size
+    with open(paths.journal, "r+b") as f:
+        f.truncate(full - 10)  # the last record (the second COMPLETE) torn
+    state, _ = read_journal(paths.journal)
+    assert state.torn_bytes > 0
+    assert len(state.preimages) == 2 and 2 not in state.completion
+    be = open_stack(paths)  # a restarted backend continues the journal
+    be.write(1024, b"C" * 512)
+    crash(be)
+    state, _ = read_journal(paths.journal)
+    assert state.torn_bytes == 0
+    assert [p.seq for p in state.preimages] == [1, 2, 3]
+    assert set(state.completion) == {1, 2, 3} and 2 in state.failed
+    assert state.opens == 2
+
+
+def test_damage_inside_the_journal_is_refused(paths: Paths) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * 512)
+    be.write(512, b"B" * 512)
+    crash(be)
+    data = bytearray(paths.journal.read_bytes())
+    data[JOURNAL_HEADER.size + 40] ^= 0xFF  # inside the first pre-image
+    paths.journal.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match="damaged but good records follow"):
+        read_journal(paths.journal)
+
+
+def test_journal_of_another_image_is_refused(paths: Paths, tmp_path: Path) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * 512)
+    crash(be)
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\0" * 4096)
+    with pytest.raises(JournalError, match="belongs to an image of"):
+        apply_cut(other, paths.journal, "lose-all", 0)
+
+
+def test_powerfail_is_configured_by_the_dotted_blockdev_form(paths: Paths) -> None:
+    spec = (
+        f"driver=log-writes,log={paths.log},file.driver=powerfail,"
+        f"file.journal={paths.journal},file.sector-size=4k,"
+        f"file.file.driver=file,file.file.filename={paths.image}"
+    )
+    be = open_backend(spec, cache="none")
+    try:
+        be.write(0, b"Q" * 4096)
+        pf = next(n for n in be.graph.nodes.values() if n.driver == "powerfail")
+        assert pf.granularity == 4096  # type: ignore[attr-defined]
+        assert be.read(0, 4096) == b"Q" * 4096
+    finally:
+        crash(be)
+    state, _ = read_journal(paths.journal)
+    assert state.header.sector_size == 4096
