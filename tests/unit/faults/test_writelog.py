@@ -1,0 +1,163 @@
+"""The log-writes driver, its reader, `powercut log`, and the dm-log-writes export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.crash.writelog import (
+    DM_LOG_DISCARD,
+    DM_LOG_FLUSH,
+    DM_LOG_FUA,
+    LOG_HEADER,
+    Op,
+    export_dm_log_writes,
+    read_dm_log_writes,
+    read_log,
+)
+from harness.errors import JournalError
+
+from .conftest import crash
+from .stack import Paths, open_stack
+
+S = 512
+
+
+def test_every_request_is_recorded_with_submit_and_completion(paths: Paths) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * 4096)
+    be.write(4096, b"F" * S, fua=True)
+    be.write_zeroes(8192, 4096)
+    be.discard(16384, 4096)
+    be.flush()
+    be.set_write_cache(False)
+    crash(be)
+    wlog = read_log(paths.log)
+    ops = [(r.op, r.offset, r.length, r.fua) for r in wlog.requests]
+    assert ops == [
+        (Op.WRITE, 0, 4096, False),
+        (Op.WRITE, 4096, S, True),
+        (Op.WRITE_ZEROES, 8192, 4096, False),
+        (Op.DISCARD, 16384, 4096, False),
+        (Op.FLUSH, 0, 0, False),
+    ]
+    for r in wlog.requests:
+        assert r.status == 0 and r.complete_index is not None
+        assert r.submit_index < r.complete_index
+        assert r.complete_ns is not None and r.complete_ns >= r.submit_ns
+    first = wlog.requests[0]
+    assert first.crcs is not None and list(first.crcs) == [zlib.crc32(b"A" * S)] * 8
+    assert first.pre is not None and list(first.pre) == [zlib.crc32(b"\x5a" * S)] * 8
+    # Sectors first touched by zeroes/discard still get their initial content recorded.
+    assert {first for _i, first, _c in wlog.preimages} == {16, 32}
+
+
+def test_data_is_recorded_only_when_asked(paths: Paths) -> None:
+    be = open_stack(paths, log_data=True)
+    be.write(S, b"xyz" * S)
+    crash(be)
+    wlog = read_log(paths.log)
+    assert wlog.data(wlog.requests[0]) == b"xyz" * S
+    paths.log.unlink()
+    be = open_stack(paths)
+    be.write(S, b"xyz" * S)
+    crash(be)
+    wlog = read_log(paths.log)
+    with pytest.raises(JournalError, match="log-data=on"):
+        wlog.data(wlog.requests[0])
+
+
+def test_failed_request_is_recorded_with_its_errno(paths: Paths) -> None:
+    be = open_stack(paths, blkdebug="write:errno=ENOSPC:once")
+    with pytest.raises(Exception, match="ENOSPC|stopped"):
+        be.write(0, b"A" * S)
+    crash(be)
+    (req,) = read_log(paths.log).requests
+    assert req.status == 28  # ENOSPC
+
+
+def test_torn_tail_is_ignored_and_the_log_continues(paths: Paths) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * S)
+    be.write(S, b"B" * S)
+    crash(be)
+    size = paths.log.stat().st_size
+    os.truncate(paths.log, size - 7)
+    wlog = read_log(paths.log)
+    assert wlog.torn_bytes > 0
+    assert wlog.requests[-1].status is None  # its completion was the torn record
+    be = open_stack(paths)
+    be.write(2 * S, b"C" * S)
+    crash(be)
+    wlog = read_log(paths.log)
+    assert wlog.torn_bytes == 0 and wlog.opens == 2
+    assert [r.seq for r in wlog.requests] == [1, 2, 3]
+
+
+def test_log_with_bad_magic_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.log"
+    bad.write_bytes(b"\0" * LOG_HEADER.size)
+    with pytest.raises(JournalError, match="not a powercut write log"):
+        read_log(bad)
+
+
+def test_dm_log_writes_export_replays_to_the_same_image(paths: Paths, tmp_path: Path) -> None:
+    initial = tmp_path / "initial.img"
+    shutil.copy(paths.image, initial)
+    be = open_stack(paths, log_data=True)
+    be.write(0, b"A" * 4096)
+    be.flush()
+    be.write(4096, b"F" * S, fua=True)
+    be.write(S, b"B" * S)
+    be.write_zeroes(8192, 4096)
+    be.flush()
+    crash(be)
+    out = tmp_path / "dm.log"
+    n = export_dm_log_writes(read_log(paths.log), out)
+    entries = read_dm_log_writes(out)
+    assert len(entries) == n == 6
+    assert [e.flags for e in entries] == [0, DM_LOG_FLUSH, DM_LOG_FUA, 0, 0, DM_LOG_FLUSH]
+    # Replay as replay-log does: entry.sector * sectorsize, data follows the entry sector.
+    replay = bytearray(initial.read_bytes())
+    for e in entries:
+        if e.flags & DM_LOG_DISCARD:
+            replay[e.sector * S : (e.sector + e.nr_sectors) * S] = bytes(e.nr_sectors * S)
+        elif e.nr_sectors:
+            replay[e.sector * S : e.sector * S + len(e.data)] = e.data
+    assert bytes(replay) == paths.image.read_bytes()
+    raw = out.read_bytes()
+    magic, version, nr, sectorsize = struct.unpack_from("<QQQI", raw)
+    assert (magic, version, nr, sectorsize) == (0x6A736677736872, 1, 6, 512)
+
+
+def test_export_without_data_says_how_to_record_it(paths: Paths, tmp_path: Path) -> None:
+    be = open_stack(paths)
+    be.write(0, b"A" * S)
+    crash(be)
+    with pytest.raises(JournalError, match="log-data=on"):
+        export_dm_log_writes(read_log(paths.log), tmp_path / "dm.log")
+
+
+def test_log_show_and_export_commands(
+    paths: Paths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    be = open_stack(paths, log_data=True)
+    be.write(0, b"A" * 4096)
+    be.flush()
+    crash(be)
+    assert main(["log", "show", str(paths.log), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["by_op"] == {"write": 1, "flush": 1}
+    assert [e["op"] for e in doc["entries"]] == ["write", "flush"]
+    assert main(["log", "show", str(paths.log)]) == 0
+    assert "write" in capsys.readouterr().out
+    out = tmp_path / "dm.log"
+    assert main(["log", "export", str(paths.log), "--format", "dm-log-writes", "-o", str(out)]) == 0
+    assert len(read_dm_log_writes(out)) == 2
