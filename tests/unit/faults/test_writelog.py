@@ -22,7 +22,7 @@ from harness.crash.writelog import (
     read_dm_log_writes,
     read_log,
 )
-from harness.errors import JournalError
+from harness.errors import BackendStoppedError, JournalError
 
 from .conftest import crash
 from .stack import Paths, open_stack
@@ -76,7 +76,7 @@ def test_data_is_recorded_only_when_asked(paths: Paths) -> None:
 
 def test_failed_request_is_recorded_with_its_errno(paths: Paths) -> None:
     be = open_stack(paths, blkdebug="write:errno=ENOSPC:once")
-    with pytest.raises(Exception, match="ENOSPC|stopped"):
+    with pytest.raises(BackendStoppedError, match="stopped"):  # werror=enospc stops
         be.write(0, b"A" * S)
     crash(be)
     (req,) = read_log(paths.log).requests
