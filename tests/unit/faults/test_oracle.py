@@ -1,0 +1,154 @@
+"""The durability oracle: contracts that hold, and the negative controls it must catch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.crash.cut import apply_cut
+from harness.crash.journal import JOURNAL_RECORD, read_journal
+from harness.crash.oracle import check
+
+from .conftest import crash
+from .stack import Paths, open_stack
+
+S = 512
+
+
+def _flushed_then_volatile(paths: Paths, mode: str = "writeback", **kw: object) -> None:
+    be = open_stack(paths, mode, **kw)  # type: ignore[arg-type]
+    be.write(0, b"A" * 4096)
+    be.flush()
+    be.write(0, b"B" * S)
+    be.flush()
+    be.write(8192, b"C" * 4096)  # volatile
+    crash(be)
+
+
+@pytest.mark.parametrize("policy", ["lose-all", "keep-all", "random", "prefix", "torn"])
+def test_writeback_cut_is_inside_the_contract(paths: Paths, policy: str) -> None:
+    _flushed_then_volatile(paths)
+    apply_cut(paths.image, paths.journal, policy, 5)
+    report = check(paths.image, paths.log, "writeback")
+    assert report.ok, report.violations
+    assert report.must >= 8  # sectors 0..7 are pinned by the flushes
+    assert report.writes_durable == 2
+
+
+def test_negative_control_unsafe_loses_flushed_writes(paths: Paths) -> None:
+    _flushed_then_volatile(paths, "unsafe")
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    assert check(paths.image, paths.log, "unsafe").ok  # unsafe promises nothing
+    report = check(paths.image, paths.log, "writeback")  # what the guest believed
+    assert not report.ok
+    assert report.lost == 8
+    first = report.violations[0]
+    assert (first.sector, first.kind, first.expected_seq, first.found_seq) == (0, "lost", 3, 0)
+
+
+def test_negative_control_lying_flush_is_caught_under_writeback(paths: Paths) -> None:
+    _flushed_then_volatile(paths, blkdebug="flush:lying-flush")
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    report = check(paths.image, paths.log, "writeback")
+    assert not report.ok and report.lost == 8
+
+
+def test_negative_control_truncated_journal_is_caught(paths: Paths) -> None:
+    _flushed_then_volatile(paths)
+    state, _ = read_journal(paths.journal)
+    second = state.preimages[1]  # the write of B, made durable by the second flush
+    # Keep its pre-image and completion, drop the DURABLE record and everything after.
+    os.truncate(paths.journal, second.payload_offset + second.length + JOURNAL_RECORD.size)
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    report = check(paths.image, paths.log, "writeback")
+    assert not report.ok
+    v = report.violations[0]
+    assert (v.sector, v.kind, v.expected_seq, v.found_seq) == (0, "lost", 3, 1)
+
+
+def test_negative_control_image_edited_behind_the_stacks_back(paths: Paths) -> None:
+    _flushed_then_volatile(paths)
+    apply_cut(paths.image, paths.journal, "keep-all", 0)
+    assert check(paths.image, paths.log, "writeback").ok
+    with open(paths.image, "r+b") as f:
+        f.seek(3 * S)
+        f.write(random.Random(1).randbytes(S))
+        f.seek(0)
+        f.write(b"A" * S)  # an older version of sector 0
+    report = check(paths.image, paths.log, "writeback")
+    assert (report.lost, report.corrupt) == (1, 1)
+    kinds = {(v.sector, v.kind) for v in report.violations}
+    assert kinds == {(0, "lost"), (3, "corrupt")}
+
+
+def test_writethrough_requires_every_completed_write(paths: Paths) -> None:
+    be = open_stack(paths, "writethrough")
+    be.write(0, b"A" * S)
+    be.write(S, b"B" * S)
+    crash(be)
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    assert check(paths.image, paths.log, "writethrough").ok
+    # The same log judged against an image where the last write vanished:
+    with open(paths.image, "r+b") as f:
+        f.seek(S)
+        f.write(b"\x5a" * S)
+    report = check(paths.image, paths.log, "writethrough")
+    assert report.lost == 1 and report.violations[0].expected_seq == 2
+
+
+def test_fio_style_random_data_is_identified_by_checksum(paths: Paths) -> None:
+    rng = random.Random(9)
+    be = open_stack(paths)
+    blocks = {}
+    for _ in range(40):
+        off = rng.randrange(0, 64) * 4096
+        data = rng.randbytes(4096)
+        be.write(off, data)
+        blocks[off] = data
+    be.flush()
+    for _ in range(20):
+        be.write(rng.randrange(0, 64) * 4096, rng.randbytes(4096))
+    crash(be)
+    apply_cut(paths.image, paths.journal, "random", 3)
+    report = check(paths.image, paths.log, "writeback")
+    assert report.ok and report.must > 0 and report.unknown == 0
+    # Losing a flushed block is named with the write that should be there.
+    off = next(iter(blocks))
+    with open(paths.image, "r+b") as f:
+        f.seek(off)
+        f.write(b"\x5a" * 4096)
+    assert check(paths.image, paths.log, "writeback").lost >= 1
+
+
+def test_check_command_exit_status_and_json(
+    paths: Paths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _flushed_then_volatile(paths, "unsafe")
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    assert main(["check", str(paths.image), "--log", str(paths.log), "--mode", "unsafe"]) == 0
+    assert "inside the contract" in capsys.readouterr().out
+    out = tmp_path / "check.json"
+    assert (
+        main(
+            [
+                "check",
+                str(paths.image),
+                "--log",
+                str(paths.log),
+                "--mode",
+                "writeback",
+                "--json",
+                str(out),
+            ]
+        )
+        == 1
+    )
+    assert "sector 0: lost" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is False and doc["lost"] == 8
+    assert doc["violations"][0] == {"sector": 0, "kind": "lost", "expected_seq": 3, "found_seq": 0}
