@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class GuestMemory:
             gpa += size + gap
             uva += size + gap
         self._free: list[tuple[int, int]] = [(r.guest_addr, r.size) for r in self.regions]
+        self._lock = threading.Lock()  # one thread per queue may allocate
 
     def close(self) -> None:
         for region in self.regions:
@@ -128,6 +130,10 @@ class GuestMemory:
         self.regions.clear()
 
     def alloc(self, size: int, align: int = 64) -> int:
+        with self._lock:
+            return self._alloc(size, align)
+
+    def _alloc(self, size: int, align: int) -> int:
         size = max(size, 1)
         for i, (start, length) in enumerate(self._free):
             aligned = (start + align - 1) // align * align
@@ -141,6 +147,10 @@ class GuestMemory:
         raise ProtocolError(f"test guest memory exhausted (wanted {size} bytes)")
 
     def free(self, addr: int, size: int) -> None:
+        with self._lock:
+            self._free_locked(addr, size)
+
+    def _free_locked(self, addr: int, size: int) -> None:
         self._free.append((addr, max(size, 1)))
         self._free.sort()
         merged: list[tuple[int, int]] = []

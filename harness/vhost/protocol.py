@@ -38,7 +38,7 @@ VhostUserMemRegMsg = struct.Struct("<QQQQQ")
 VhostUserConfigHeader = struct.Struct("<III")
 # vhost-user.rst "Inflight description":
 # u64 mmap size, u64 mmap offset, u16 num queues, u16 queue size.
-VhostUserInflight = struct.Struct("<QQHH")
+VhostUserInflight = struct.Struct("<QQHH4x")  # padded to 8 as the C struct is
 # vhost-user.rst "Log description": u64 log size, u64 log offset.
 VhostUserLog = struct.Struct("<QQ")
 
