@@ -419,6 +419,21 @@ class VhostUserFrontend:
             # QEMU could not ask the dead backend, so it restarts from the used index.
             self.start_queue(q, base=q.used_idx())
 
+    def reset_device(self) -> None:
+        """VHOST_USER_RESET_DEVICE, then fresh rings, as after a guest driver reset."""
+        self.request(VhostUserRequest.RESET_DEVICE)
+        event_idx = bool(self.features & (1 << VirtioFeature.RING_EVENT_IDX))
+        old = self.queues
+        self.queues = [DriverQueue(self.mem, q.index, q.num, event_idx) for q in old]
+        for q in old:
+            q.close()
+        if self.inflight_fd >= 0:
+            self.get_inflight(len(self.queues), self.inflight_queue_size)
+            self.set_inflight()
+        self.request(VhostUserRequest.SET_FEATURES, VhostUserU64.pack(self.features))
+        for q in self.queues:
+            self.start_queue(q)
+
     def start_queue(self, q: DriverQueue, base: int | None = None) -> None:
         self.request(VhostUserRequest.SET_VRING_NUM, VhostVringState.pack(q.index, q.num))
         self.request(

@@ -276,13 +276,14 @@ class Session:
                         os.close(fd)
         self.vqs = [SplitVirtqueue(i) for i in range(self.num_queues)]
         self.status = 0
+        # The rings the inflight entries refer to are gone; QEMU brings a fresh region.
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
 
     def close(self) -> None:
         self.reset()
         self.memory.clear()
-        if self.inflight is not None:
-            self.inflight.close()
-            self.inflight = None
         with contextlib.suppress(OSError):
             self.conn.close()
 
