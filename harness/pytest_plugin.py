@@ -1,18 +1,52 @@
 """pytest fixtures for powercut: guest images, machines and guests.
 
 Registered through the `pytest11` entry point, so any project that installs
-powercut gets these fixtures. (First stub: fixtures follow.)
+powercut gets `guest_image`, `vm_factory`, `vm` and `guest`. A failing test
+that booted machines gets their console logs (and any backend log registered
+with `vm_factory.add_log`) attached to its report; at the end of the session
+every process, socket and temporary directory the fixtures created must be
+gone, or the session fails.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+from harness.proc import live_processes
+
+log = logging.getLogger(__name__)
+
+_LOG_TAIL_LINES = 200
+# Work dirs created through the fixtures; each must be gone at session end unless kept.
+_created_dirs: set[Path] = set()
+_kept_dirs: set[Path] = set()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("powercut")
-    group.addoption("--soak", action="store_true", default=False,
-                    help="also run tests marked soak (long runs)")
+    group.addoption(
+        "--soak", action="store_true", default=False, help="also run tests marked soak (long runs)"
+    )
+    group.addoption(
+        "--accel",
+        default=None,
+        choices=("auto", "kvm", "tcg"),
+        help="accelerator for test VMs (default: $POWERCUT_ACCEL, else probe)",
+    )
+    group.addoption(
+        "--keep-failed",
+        action="store_true",
+        default=False,
+        help="keep the work dirs (console logs, disks) of failed VM tests",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -22,3 +56,206 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome: Any = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed:
+        return
+    logs: dict[str, Path] = {}
+    # The item and its module/session: module-scoped factories report into each test.
+    for node in item.listchain():
+        node._powercut_failed = True  # type: ignore[attr-defined]
+        for factory in getattr(node, "_powercut_factories", []):
+            logs.update(factory.all_logs())
+    for name, path in logs.items():
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        tail = "\n".join(text.splitlines()[-_LOG_TAIL_LINES:])
+        report.sections.append((f"powercut {name} ({path})", tail))
+
+
+def track_dir(path: Path) -> Path:
+    """Register a temporary dir that the session-end hygiene check must see removed."""
+    _created_dirs.add(path)
+    return path
+
+
+def keep_dir(path: Path) -> None:
+    _kept_dirs.add(path)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaked = [p for p in live_processes()]
+    dirs = sorted(str(d) for d in _created_dirs - _kept_dirs if d.exists())
+    if not leaked and not dirs:
+        return
+    lines = ["powercut hygiene check FAILED: the tests left things behind"]
+    lines += [f"  process {p!r}: {' '.join(p.argv)[:200]}" for p in leaked]
+    lines += [f"  directory {d}" for d in dirs]
+    for p in leaked:
+        p.stop()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("\n".join(lines), red=True, bold=True)
+    else:
+        log.error("%s", "\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Any:
+    """The guest image for the repository's recipe, built once (and cached across runs)."""
+    from harness.vm.image import ensure_image
+
+    return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def powercut_accel(request: pytest.FixtureRequest, guest_image: Any) -> Any:
+    from harness.vm.accel import choose_accel
+
+    return choose_accel(request.config.getoption("--accel"), guest_image.kernel)
+
+
+class VMFactory:
+    """Creates machines for one test (or module) and always cleans them up."""
+
+    def __init__(self, image: Any, accel: Any, keep_failed: bool, name: str) -> None:
+        self.image = image
+        self.accel = accel
+        self.keep_failed = keep_failed
+        self.tmpdir = track_dir(Path(tempfile.mkdtemp(prefix=f"powercut-test-{name[:40]}-")))
+        self.machines: list[Any] = []
+        self._logs: dict[str, Path] = {}
+        self._cleanups: list[Any] = []
+
+    def spec(self, *disks: Any, cpus: int = 1, memory_mib: int = 512, name: str = "vm") -> Any:
+        from harness.vm.spec import MachineSpec
+
+        return MachineSpec.from_image(
+            self.image, disks=tuple(disks), cpus=cpus, memory_mib=memory_mib, name=name
+        )
+
+    def disk_file(self, size_mib: int = 256, name: str | None = None) -> Path:
+        """A sparse raw image file in this factory's temp dir."""
+        path = self.tmpdir / (name or f"disk{len(list(self.tmpdir.glob('*.img')))}.img")
+        with open(path, "wb") as f:
+            f.truncate(size_mib * 1024 * 1024)
+        return path
+
+    def __call__(
+        self,
+        *disks: Any,
+        cpus: int = 1,
+        memory_mib: int = 512,
+        libvirt: str | None = None,
+        boot: bool = True,
+        name: str | None = None,
+    ) -> Any:
+        """A machine with `disks`; booted and SSH-ready unless boot=False."""
+        name = name or f"vm{len(self.machines)}"
+        spec = self.spec(*disks, cpus=cpus, memory_mib=memory_mib, name=name)
+        workdir = self.tmpdir / name
+        machine: Any
+        if libvirt is not None:
+            from harness.vm.libvirt import LibvirtMachine
+
+            machine = LibvirtMachine(spec, uri=libvirt, workdir=workdir, accel=self.accel)
+        else:
+            from harness.vm.qemu import QemuMachine
+
+            machine = QemuMachine(spec, workdir=workdir, accel=self.accel)
+        self.machines.append(machine)
+        if boot:
+            machine.boot()
+        return machine
+
+    def add_log(self, name: str, path: Path) -> None:
+        """Attach `path` (a backend's log, say) to the report if the test fails."""
+        self._logs[name] = Path(path)
+
+    def add_cleanup(self, fn: Any) -> None:
+        """Call `fn()` at teardown, before machines are closed (LIFO)."""
+        self._cleanups.append(fn)
+
+    def all_logs(self) -> dict[str, Path]:
+        logs = dict(self._logs)
+        for m in self.machines:
+            for kind, path in m.logs().items():
+                logs[f"{m.spec.name} {kind}"] = path
+        return logs
+
+    def close(self, failed: bool) -> None:
+        errors: list[BaseException] = []
+        for m in reversed(self.machines):
+            try:
+                m.close()
+            except Exception as exc:  # noqa: BLE001 - clean up everything, then report
+                errors.append(exc)
+        for fn in reversed(self._cleanups):
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - clean up everything, then report
+                errors.append(exc)
+        if failed and self.keep_failed:
+            keep_dir(self.tmpdir)
+            log.warning("kept the work dir of a failed test: %s", self.tmpdir)
+        else:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+
+def _factory(request: pytest.FixtureRequest, image: Any, accel: Any) -> Iterator[VMFactory]:
+    factory = VMFactory(image, accel, request.config.getoption("--keep-failed"), request.node.name)
+    node: Any = request.node
+    node._powercut_factories = [*getattr(node, "_powercut_factories", []), factory]
+    try:
+        yield factory
+    finally:
+        factory.close(getattr(node, "_powercut_failed", False))
+
+
+@pytest.fixture
+def vm_factory(
+    request: pytest.FixtureRequest, guest_image: Any, powercut_accel: Any
+) -> Iterator[VMFactory]:
+    """`vm_factory(*disks, libvirt=None, boot=True)` → a Machine, closed after the test."""
+    yield from _factory(request, guest_image, powercut_accel)
+
+
+@pytest.fixture(scope="module")
+def module_vm_factory(
+    request: pytest.FixtureRequest, guest_image: Any, powercut_accel: Any
+) -> Iterator[VMFactory]:
+    """Like vm_factory, but machines live for the whole module (boots are costly under TCG)."""
+    yield from _factory(request, guest_image, powercut_accel)
+
+
+@pytest.fixture
+def vm(vm_factory: VMFactory) -> Any:
+    """A booted QEMU machine with one scratch 256 MiB disk (/dev/vda, built-in virtio-blk)."""
+    from harness.vm.spec import FileDisk
+
+    return vm_factory(FileDisk(vm_factory.disk_file(256)))
+
+
+@pytest.fixture
+def guest(vm: Any) -> Any:
+    """The SSH session of `vm`: `guest.run(...)`, `guest.check_output(...)`."""
+    return vm.ssh
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("POWERCUT_ACCEL") is None and config.getoption("--accel"):
+        os.environ["POWERCUT_ACCEL"] = config.getoption("--accel")

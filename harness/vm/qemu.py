@@ -1,0 +1,213 @@
+"""QemuMachine: QEMU started directly, QMP through qemu.qmp."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from harness.errors import MachineError, PowercutError, ProcessError
+from harness.proc import ManagedProcess
+from harness.vm.accel import QEMU, choose_accel
+from harness.vm.machine import HOST, Machine, free_port
+from harness.vm.spec import Accel, FileDisk, MachineSpec, VhostUserDisk
+
+log = logging.getLogger(__name__)
+
+# PCI slots: fixed, so /dev/vda is always the first disk of the spec.
+_NET_SLOT = 3
+_RNG_SLOT = 4
+_FIRST_DISK_SLOT = 8
+_PORT_ATTEMPTS = 5
+
+
+def qemu_argv(
+    spec: MachineSpec, accel: Accel, ports: dict[int, int], workdir: Path, qemu: str = QEMU
+) -> list[str]:
+    """The QEMU command line for `spec`; also what `powercut vm --print` would show."""
+    mem = f"{spec.memory_mib}M"
+    argv = [
+        qemu,
+        "-name",
+        f"{spec.name},debug-threads=on",
+        "-accel",
+        accel.value,
+        # memfd + share=on: a vhost-user backend maps guest memory through the fds.
+        "-object",
+        f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-M",
+        "pc,memory-backend=mem",
+        "-cpu",
+        "host" if accel is Accel.KVM else "max",
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        mem,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(spec.kernel),
+        "-initrd",
+        str(spec.initramfs),
+        "-append",
+        spec.cmdline,
+        "-chardev",
+        f"file,id=con,path={workdir / 'console.log'},append=on",
+        "-serial",
+        "chardev:con",
+        "-qmp",
+        f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
+        # A hardware RNG lets the guest's crng start without waiting for jitter entropy.
+        "-device",
+        f"virtio-rng-pci,addr={_RNG_SLOT:#x}",
+    ]
+    if spec.firmware is not None:
+        argv += ["-bios", str(spec.firmware)]
+    fwd = "".join(f",hostfwd=tcp:{HOST}:{host}-:{guest}" for guest, host in ports.items())
+    argv += [
+        "-netdev",
+        f"user,id=net0{fwd}",
+        "-device",
+        f"virtio-net-pci,netdev=net0,romfile=,addr={_NET_SLOT:#x}",
+    ]
+    for i, disk in enumerate(spec.disks):
+        slot = f"addr={_FIRST_DISK_SLOT + i:#x}"
+        if isinstance(disk, VhostUserDisk):
+            argv += [
+                "-chardev",
+                f"socket,id=vu{i},path={disk.socket},reconnect={disk.reconnect}",
+                "-device",
+                f"vhost-user-blk-pci,chardev=vu{i},num-queues={disk.num_queues},{slot}",
+            ]
+        elif isinstance(disk, FileDisk):
+            ro = "on" if disk.read_only else "off"
+            argv += [
+                "-drive",
+                f"file={disk.path},if=none,id=disk{i},format={disk.format},"
+                f"cache={disk.cache.value},readonly={ro},discard=unmap",
+                "-device",
+                f"virtio-blk-pci,drive=disk{i},{slot}",
+            ]
+    return argv
+
+
+class QemuMachine(Machine):
+    """A guest in a QEMU process this harness owns (PDEATHSIG, killed by PID)."""
+
+    def __init__(
+        self,
+        spec: MachineSpec,
+        *,
+        workdir: Path | None = None,
+        accel: Accel | str | None = None,
+        keep: bool = False,
+        qemu: str = QEMU,
+    ) -> None:
+        super().__init__(spec, workdir=workdir, accel=accel, keep=keep)
+        self.qemu = qemu
+        self._accel: Accel | None = None
+        self._proc: ManagedProcess | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+
+    @property
+    def accel(self) -> Accel:
+        if self._accel is None:
+            self._accel = choose_accel(self.requested_accel, self.spec.kernel)
+        return self._accel
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running
+
+    @property
+    def process(self) -> ManagedProcess | None:
+        return self._proc
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.workdir / "qemu.log"
+
+    def logs(self) -> dict[str, Path]:
+        return {**super().logs(), "qemu": self.qemu_log}
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        if self._qmp is None or not self.running:
+            raise MachineError(f"machine {self.spec.name} is not running; no QMP")
+        return self._qmp
+
+    def _launch(self) -> None:
+        accel = self.accel
+        sock = self.workdir / "qmp.sock"
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            ports = {g: free_port() for g in self.spec.forwards}
+            sock.unlink(missing_ok=True)
+            proc = ManagedProcess(
+                qemu_argv(self.spec, accel, ports, self.workdir, self.qemu),
+                name=f"qemu-{self.spec.name}",
+                log_path=self.qemu_log,
+                stop_signal=signal.SIGTERM,
+                stop_timeout=5.0,
+            )
+            proc.start()
+            qmp: QEMUMonitorProtocol | None = None
+            try:
+                proc.wait_for(sock.exists, 30, "QEMU's QMP socket")
+                qmp = QEMUMonitorProtocol(str(sock), nickname=self.spec.name)
+                qmp.settimeout(30)
+                qmp.connect()
+                # Answered only after every backend (netdev, chardevs, disks) is up.
+                qmp.cmd("query-status")
+            except (PowercutError, QMPError, OSError, EOFError) as exc:
+                tail = proc.log_tail(10)
+                if qmp is not None:
+                    with contextlib.suppress(QMPError, OSError, EOFError):
+                        qmp.close()
+                proc.stop()
+                if "host forwarding" in tail and attempt < _PORT_ATTEMPTS:
+                    log.info("a forwarded port was taken before QEMU bound it; retrying")
+                    continue
+                raise MachineError(
+                    f"QEMU did not start ({exc}); log {self.qemu_log}:\n{tail}"
+                ) from exc
+            self._proc, self._qmp, self.ports = proc, qmp, ports
+            log.info(
+                "started %s (pid %d, %s), ssh on %s:%d",
+                self.spec.name,
+                proc.pid,
+                accel.value,
+                HOST,
+                ports.get(self.spec.ssh_port, 0),
+            )
+            return
+
+    def _kill(self) -> None:
+        if self._qmp is not None:
+            with contextlib.suppress(QMPError, OSError, EOFError, RuntimeError):
+                self._qmp.close()
+            self._qmp = None
+        if self._proc is not None:
+            self._proc.kill()
+
+    def _wait_stopped(self, timeout: float) -> bool:
+        if self._proc is None:
+            return True
+        try:
+            self._proc.wait(timeout)
+        except PowercutError:
+            return False
+        return True
+
+    def quit(self) -> None:
+        """Ask QEMU to exit through QMP (the guest is not told)."""
+        if self.running:
+            with contextlib.suppress(QMPError, OSError, EOFError, ProcessError):
+                self.qmp.cmd("quit")
+        self._kill()

@@ -1,0 +1,94 @@
+"""The one machine description that QEMU and libvirt machines both boot."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from harness.block.cache import CacheMode, parse_cache_mode
+from harness.vm.image import GuestImage
+
+
+class Accel(enum.Enum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+@dataclass(frozen=True)
+class VhostUserDisk:
+    """A vhost-user-blk-pci disk whose backend listens on a unix socket."""
+
+    socket: Path
+    # QEMU redials a restarted backend after this many seconds (0: never).
+    reconnect: int = 1
+    num_queues: int = 1
+
+
+@dataclass(frozen=True)
+class FileDisk:
+    """QEMU's built-in virtio-blk on an image file, with a QEMU cache mode."""
+
+    path: Path
+    cache: CacheMode = CacheMode.WRITEBACK
+    read_only: bool = False
+    format: str = "raw"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", parse_cache_mode(self.cache))
+
+
+Disk = VhostUserDisk | FileDisk
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """What to boot; host ports and paths of a running machine are not part of it."""
+
+    kernel: Path
+    initramfs: Path
+    append: str
+    ssh_key: Path
+    host_public_key: str | None  # "ssh-ed25519 AAAA...", verified on connect
+    cpus: int = 1
+    memory_mib: int = 512
+    disks: tuple[Disk, ...] = ()
+    # Guest TCP ports reachable from the host; each gets a free 127.0.0.1 port at start.
+    forwards: tuple[int, ...] = (22,)
+    ssh_port: int = 22
+    fio_server_port: int | None = None
+    extra_append: str = ""
+    name: str = "powercut"
+    firmware: Path | None = field(default=Path("/usr/share/qemu/qboot.rom"))
+
+    @classmethod
+    def from_image(
+        cls,
+        image: GuestImage,
+        *,
+        disks: tuple[Disk, ...] = (),
+        cpus: int = 1,
+        memory_mib: int = 512,
+        name: str = "powercut",
+    ) -> MachineSpec:
+        return cls(
+            kernel=image.kernel,
+            initramfs=image.initramfs,
+            append=image.cmdline,
+            ssh_key=image.ssh_key,
+            host_public_key=image.host_public_key.read_text().strip(),
+            cpus=cpus,
+            memory_mib=memory_mib,
+            disks=disks,
+            forwards=(image.ssh_port, image.fio_server_port),
+            ssh_port=image.ssh_port,
+            fio_server_port=image.fio_server_port,
+            name=name,
+        )
+
+    def with_disks(self, *disks: Disk) -> MachineSpec:
+        return replace(self, disks=tuple(disks))
+
+    @property
+    def cmdline(self) -> str:
+        return f"{self.append} {self.extra_append}".strip()
