@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _perf_ns = time.perf_counter_ns
-_MAX_REQUEST = 1 << 31  # BDRV_REQUEST_MAX_BYTES, rounded
+_NO_FLAGS = RequestFlags.NONE
 
 
 class ErrorAction(enum.Enum):
@@ -126,9 +126,28 @@ class _Counter:
         self.total_ns = 0
         self.hist = [0] * 65  # bucket b: latency < 2**b ns
 
+    def add_to(self, total: _Counter) -> None:
+        total.count += self.count
+        total.bytes += self.bytes
+        total.errors += self.errors
+        total.total_ns += self.total_ns
+        for b, n in enumerate(self.hist):
+            total.hist[b] += n
+
     def snapshot(self) -> OpStats:
         hist = tuple((1 << b, n) for b, n in enumerate(self.hist) if n)
         return OpStats(self.count, self.bytes, self.errors, self.total_ns, hist)
+
+
+class _ThreadCounters:
+    """One thread's counters: each thread only adds to its own, so the hot path takes no lock."""
+
+    __slots__ = ("by_op", "read", "write")
+
+    def __init__(self) -> None:
+        self.by_op = {op: _Counter() for op in Op}
+        self.read = self.by_op[Op.READ]
+        self.write = self.by_op[Op.WRITE]
 
 
 class BlockBackend:
@@ -158,7 +177,8 @@ class BlockBackend:
         self._length = self.root.length
         self._unmap = bool(getattr(self.root, "unmap", True))
         self._stats_lock = threading.Lock()
-        self._counters = {op: _Counter() for op in Op}
+        self._tls = threading.local()
+        self._thread_counters: list[_ThreadCounters] = []
         self._flushes_issued = 0
         self._flushes_elided = 0
         self._fua_writes = 0
@@ -176,6 +196,13 @@ class BlockBackend:
             )
         # Buffers for read() must suit O_DIRECT when any node below needs alignment.
         self._aligned_reads = self.root.request_alignment > 1
+        # The hot path checks one bound per request: the end of the device for reads and
+        # writes while all is well, -1 (every request takes the slow path, which says why)
+        # when stopped, closed, or for writes to a read-only backend.
+        self._read_limit = self._length
+        self._write_limit = -1 if self.read_only else self._length
+        self._preadv = self.root.preadv
+        self._pwritev = self.root.pwritev
 
     # -- properties --------------------------------------------------------------
 
@@ -201,6 +228,12 @@ class BlockBackend:
     def resume(self) -> None:
         """Like QEMU's `cont` after a policy stop: requests are accepted again."""
         self._stopped = None
+        self._set_limits()
+
+    def _set_limits(self) -> None:
+        running = self._stopped is None and not self._closed
+        self._read_limit = self._length if running else -1
+        self._write_limit = self._length if running and not self.read_only else -1
 
     @property
     def throttle_group(self) -> ThrottleGroup | None:
@@ -234,16 +267,25 @@ class BlockBackend:
     def readv(self, offset: int, iov: IOVec) -> None:
         """Read into the caller's buffers (zero-copy for mapped guest memory)."""
         length = len(iov[0]) if len(iov) == 1 else iov_length(iov)
-        self._check_request("read", offset, length)
+        if offset < 0 or length < 0 or offset + length > self._read_limit:
+            self._check_request("read", offset, length)
         if self._throttle is not None:
             self._throttle.intercept(self, False, length)
         t0 = _perf_ns()
         try:
-            self.root.preadv(offset, iov)
+            self._preadv(offset, iov)
         except (OSError, BlockError) as exc:
             self._failed(Op.READ, exc, t0, offset, length)
             return
-        self._account(Op.READ, length, t0)
+        elapsed = _perf_ns() - t0
+        try:
+            counter = self._tls.counters.read
+        except AttributeError:
+            counter = self._my_counters().read
+        counter.count += 1
+        counter.bytes += length
+        counter.total_ns += elapsed
+        counter.hist[elapsed.bit_length()] += 1
 
     def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
@@ -252,10 +294,11 @@ class BlockBackend:
 
     def writev(self, offset: int, iov: IOVec, *, fua: bool = False) -> None:
         length = len(iov[0]) if len(iov) == 1 else iov_length(iov)
-        self._check_request("write", offset, length, modifies=True)
+        if offset < 0 or length < 0 or offset + length > self._write_limit:
+            self._check_request("write", offset, length, modifies=True)
         if self._throttle is not None:
             self._throttle.intercept(self, True, length)
-        flags = RequestFlags.NONE
+        flags = _NO_FLAGS
         if fua or not self._write_cache:
             # blk_co_pwritev_part: without a write cache every write is FUA.
             flags = RequestFlags.FUA
@@ -263,11 +306,19 @@ class BlockBackend:
                 self._fua_writes += 1
         t0 = _perf_ns()
         try:
-            self.root.pwritev(offset, iov, flags)
+            self._pwritev(offset, iov, flags)
         except (OSError, BlockError) as exc:
             self._failed(Op.WRITE, exc, t0, offset, length)
             return
-        self._account(Op.WRITE, length, t0)
+        elapsed = _perf_ns() - t0
+        try:
+            counter = self._tls.counters.write
+        except AttributeError:
+            counter = self._my_counters().write
+        counter.count += 1
+        counter.bytes += length
+        counter.total_ns += elapsed
+        counter.hist[elapsed.bit_length()] += 1
 
     def write_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False
@@ -339,7 +390,7 @@ class BlockBackend:
     def _check_request(self, what: str, offset: int, length: int, modifies: bool = False) -> None:
         if self._stopped is not None:
             raise BackendStoppedError(self._stopped_message())
-        if offset < 0 or length < 0 or length > _MAX_REQUEST or offset + length > self._length:
+        if offset < 0 or length < 0 or offset + length > self._length:
             self._check_open()
             error = BlockRangeError(
                 f"{what} of {length} bytes at offset {offset} is outside the device "
@@ -354,12 +405,11 @@ class BlockBackend:
 
     def _account(self, op: Op, nbytes: int, t0: int) -> None:
         elapsed = _perf_ns() - t0
-        counter = self._counters[op]
-        with self._stats_lock:
-            counter.count += 1
-            counter.bytes += nbytes
-            counter.total_ns += elapsed
-            counter.hist[elapsed.bit_length()] += 1
+        counter = self._my_counters().by_op[op]
+        counter.count += 1
+        counter.bytes += nbytes
+        counter.total_ns += elapsed
+        counter.hist[elapsed.bit_length()] += 1
 
     def _failed(self, op: Op, exc: OSError | BlockError, t0: int, offset: int, length: int) -> None:
         """Apply rerror/werror to an I/O error: raise it, swallow it or stop."""
@@ -369,10 +419,10 @@ class BlockBackend:
         if action is ErrorAction.ENOSPC:
             action = ErrorAction.STOP if code == errno_mod.ENOSPC else ErrorAction.REPORT
         elapsed = _perf_ns() - t0
-        counter = self._counters[op]
+        counter = self._my_counters().by_op[op]
+        counter.errors += 1
+        counter.total_ns += elapsed
         with self._stats_lock:
-            counter.errors += 1
-            counter.total_ns += elapsed
             if action is ErrorAction.IGNORE:
                 self._errors_ignored += 1
         where = f" of {length} bytes at offset {offset}" if op is not Op.FLUSH else ""
@@ -382,6 +432,7 @@ class BlockBackend:
             return
         if action is ErrorAction.STOP:
             self._stopped = message
+            self._set_limits()
             log.error("%s; backend stopped until resume()", message)
             raise BackendStoppedError(f"{message}; the backend is stopped, resume() it") from exc
         raise BlockError(message, code) from exc
@@ -389,12 +440,25 @@ class BlockBackend:
     def _stopped_message(self) -> str:
         return f"backend {self.name!r} is stopped after an I/O error ({self._stopped}); resume() it"
 
+    def _my_counters(self) -> _ThreadCounters:
+        try:
+            counters: _ThreadCounters = self._tls.counters
+        except AttributeError:
+            counters = self._tls.counters = _ThreadCounters()
+            with self._stats_lock:
+                self._thread_counters.append(counters)
+        return counters
+
     def _host_syncs(self) -> int:
         return sum(int(getattr(n, "host_syncs", 0)) for n in self._sync_nodes)
 
     def stats(self) -> BackendStats:
         with self._stats_lock:
-            ops = {op.value: c.snapshot() for op, c in self._counters.items()}
+            totals = {op: _Counter() for op in Op}
+            for per_thread in self._thread_counters:
+                for op, counter in per_thread.by_op.items():
+                    counter.add_to(totals[op])
+            ops = {op.value: c.snapshot() for op, c in totals.items()}
             return BackendStats(
                 ops,
                 self._flushes_issued,
@@ -434,6 +498,7 @@ class BlockBackend:
             log.warning("backend %s: flush on close failed: %s", self.name, exc)
         finally:
             self._closed = True
+            self._set_limits()
             if self._throttle is not None:
                 leave_group(self._throttle, self)
             self.graph.close()

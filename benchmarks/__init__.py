@@ -1,0 +1,1 @@
+"""Benchmark definitions; `python -m benchmarks [NAME...]` runs them (see __main__)."""
