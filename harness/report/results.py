@@ -1,0 +1,395 @@
+"""The results of a run: one `CellResult` per cell, and `results.json`, their on-disk form.
+
+Everything else under `harness.report` (JUnit, Markdown, HTML, plots) is
+rendered from a `RunResults` alone, so `powercut report DIR` can render them
+again from `DIR/results.json`.
+
+results.json, schema "powercut-results" version 1
+-------------------------------------------------
+
+A JSON object:
+
+``schema``            "powercut-results"
+``version``           1 (a reader accepts the same major version; fields may be added)
+``powercut_version``  the harness version that ran
+``started``/``finished``  ISO 8601 UTC timestamps
+``command``           the command line that ran
+``host``              object: ``hostname``, ``cores``, ``accel`` (kvm/tcg), free-form extras
+``cells``             array of cell objects, in run order:
+
+  ``id``              cell id, ``mode/fault[.policy]/workload/cut/rN``
+  ``scenario``, ``scenario_path``
+  ``mode``            writeback | none | writethrough | directsync | unsafe
+  ``fault``           guest-power-cut | host-power-cut | backend-crash
+  ``policy``          lose-all | keep-all | random | prefix | torn | null
+  ``policy_seed``     integer or null
+  ``workload``, ``workload_kind``  name and fio-verify | ack-records | ext4-metadata
+  ``cut``, ``cut_at`` trigger label and its resolved threshold
+  ``repetition``, ``seed``  repetition index and the cell's own seed
+  ``expected``        "contract" or "loss detected" (negative controls)
+  ``promise``         what the mode promises across this fault, in words
+  ``verdict``         pass | fail | error | skipped
+  ``reason``          one line saying why
+  ``writes_acknowledged``  completed writes the guest was told about (block level)
+  ``writes_durable``  of those, durable by the contract
+  ``lost``, ``corrupt``  what was missing / never written; ``loss_unit`` says in
+                      what: "sectors" (the oracle) or "records"/"files" (workload)
+  ``checkers``        array: ``name``, ``expected`` (intact | loss-allowed |
+                      loss-expected), ``verdict``, ``loss_detected``, ``reason``,
+                      ``details`` (the checker's raw counts)
+  ``timings``         object: phase name → seconds (boot, workload, cut, recover,
+                      check, total, ...)
+  ``artifacts``       object: name → path relative to the results directory
+                      (console_log, backend_log, write_log, journal, ...)
+  ``reproduce``       the one command line that runs this cell again
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import __version__
+from harness.crash.matrix import Cell
+from harness.crash.scenario import Checker
+from harness.crash.verdict import CellVerdict, Observed, Outcome, Verdict, expected_for_cell
+from harness.errors import ConfigError
+
+SCHEMA = "powercut-results"
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class CheckerResult:
+    name: str
+    expected: str
+    verdict: str
+    loss_detected: bool
+    reason: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CellResult:
+    id: str
+    scenario: str
+    scenario_path: str
+    mode: str
+    fault: str
+    policy: str | None
+    policy_seed: int | None
+    workload: str
+    workload_kind: str
+    cut: str
+    cut_at: float
+    repetition: int
+    seed: int
+    expected: str
+    promise: str
+    verdict: str
+    reason: str
+    writes_acknowledged: int = 0
+    writes_durable: int = 0
+    lost: int = 0
+    corrupt: int = 0
+    loss_unit: str = "sectors"
+    checkers: tuple[CheckerResult, ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)
+    artifacts: Mapping[str, str] = field(default_factory=dict)
+    reproduce: str = ""
+
+    @property
+    def fault_label(self) -> str:
+        return f"{self.fault} {self.policy}" if self.policy else self.fault
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == Verdict.PASS.value
+
+    @property
+    def negative_control(self) -> bool:
+        return self.expected == "loss detected"
+
+    @property
+    def total_seconds(self) -> float:
+        if "total" in self.timings:
+            return float(self.timings["total"])
+        return float(sum(self.timings.values()))
+
+
+@dataclass(frozen=True)
+class RunResults:
+    cells: tuple[CellResult, ...]
+    started: str = ""
+    finished: str = ""
+    command: str = ""
+    host: Mapping[str, Any] = field(default_factory=dict)
+    powercut_version: str = __version__
+
+    def count(self, verdict: Verdict) -> int:
+        return sum(1 for c in self.cells if c.verdict == verdict.value)
+
+    @property
+    def ok(self) -> bool:
+        """True when every cell passed (or was skipped): the exit status of `powercut run`."""
+        return all(c.verdict in (Verdict.PASS.value, Verdict.SKIPPED.value) for c in self.cells)
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{len(self.cells)} cells", f"{self.count(Verdict.PASS)} passed"]
+        for v in (Verdict.FAIL, Verdict.ERROR, Verdict.SKIPPED):
+            if self.count(v):
+                parts.append(f"{self.count(v)} {'failed' if v is Verdict.FAIL else v.value}")
+        return ", ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "powercut_version": self.powercut_version,
+            "started": self.started,
+            "finished": self.finished,
+            "command": self.command,
+            "host": dict(self.host),
+            "cells": [_cell_json(c) for c in self.cells],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "results.json") -> RunResults:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ConfigError(f'{source} is not a powercut results file (no "schema": "{SCHEMA}")')
+        version = data.get("version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{source} has results schema version {version!r}; this powercut reads version "
+                f"{SCHEMA_VERSION} (re-run, or use the powercut that wrote it)"
+            )
+        cells_data = data.get("cells")
+        if not isinstance(cells_data, list):
+            raise ConfigError(f"{source}: field 'cells' must be an array")
+        cells = tuple(_cell_from_json(c, f"{source}: cells[{i}]") for i, c in enumerate(cells_data))
+        return cls(
+            cells=cells,
+            started=str(data.get("started", "")),
+            finished=str(data.get("finished", "")),
+            command=str(data.get("command", "")),
+            host=dict(data.get("host") or {}),
+            powercut_version=str(data.get("powercut_version", "")),
+        )
+
+
+def _cell_json(cell: CellResult) -> dict[str, Any]:
+    out = dataclasses.asdict(cell)
+    out["checkers"] = [dataclasses.asdict(c) | {"details": dict(c.details)} for c in cell.checkers]
+    out["timings"] = dict(cell.timings)
+    out["artifacts"] = dict(cell.artifacts)
+    return out
+
+
+_CELL_FIELDS = {f.name: f for f in dataclasses.fields(CellResult)}
+_REQUIRED = [
+    n
+    for n, f in _CELL_FIELDS.items()
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+]
+
+
+def _cell_from_json(data: Any, where: str) -> CellResult:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object")
+    missing = [n for n in _REQUIRED if n not in data]
+    if missing:
+        raise ConfigError(f"{where} lacks {', '.join(missing)}")
+    known = {k: v for k, v in data.items() if k in _CELL_FIELDS}  # newer minor fields are ignored
+    try:
+        checkers = tuple(
+            CheckerResult(
+                name=str(c["name"]),
+                expected=str(c["expected"]),
+                verdict=str(c["verdict"]),
+                loss_detected=bool(c["loss_detected"]),
+                reason=str(c["reason"]),
+                details=dict(c.get("details") or {}),
+            )
+            for c in known.get("checkers", [])
+        )
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}: a checker entry lacks {exc}") from exc
+    known["checkers"] = checkers
+    known["timings"] = {str(k): float(v) for k, v in dict(known.get("timings") or {}).items()}
+    known["artifacts"] = {str(k): str(v) for k, v in dict(known.get("artifacts") or {}).items()}
+    return CellResult(**known)
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def host_info(accel: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"hostname": socket.gethostname(), "cores": os.cpu_count() or 0, "accel": accel, **extra}
+
+
+def write_results(results: RunResults, directory: Path | str) -> Path:
+    """Write DIR/results.json atomically (a reader never sees half a file)."""
+    path = Path(directory) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(
+        json.dumps(results.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8"
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(directory_or_file: Path | str) -> RunResults:
+    path = Path(directory_or_file)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror}; is it a `powercut run --out` directory?"
+        ) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    return RunResults.from_json(data, str(path))
+
+
+# ------------------------------------------------------------ building results
+
+
+def _details(observation: Any) -> dict[str, Any]:
+    if observation is None:
+        return {}
+    raw = dataclasses.asdict(observation)
+    return json.loads(json.dumps(raw, default=str))
+
+
+_OBSERVATION_OF = {
+    "oracle": "oracle",
+    "fio-verify": "fio_verify",
+    "fsck": "fsck",
+    "ack-records": "ack_records",
+    "fsmeta": "fsmeta",
+}
+
+
+def cell_result(
+    cell: Cell,
+    verdict: CellVerdict,
+    observed: Observed,
+    *,
+    timings: Mapping[str, float] | None = None,
+    artifacts: Mapping[str, str] | None = None,
+    reproduce: str | None = None,
+) -> CellResult:
+    """The result of a cell that ran to a verdict: what the runner records."""
+    expected = verdict.expected
+    acknowledged = durable = lost = corrupt = 0
+    unit = "sectors"
+    if observed.oracle is not None:
+        acknowledged, durable = observed.oracle.writes, observed.oracle.writes_durable
+        lost, corrupt = observed.oracle.lost, observed.oracle.corrupt
+    elif observed.ack_records is not None:
+        unit = "records"
+        acknowledged = observed.ack_records.acked
+        intact = expected.checkers.get(Checker.ACK_RECORDS) is Outcome.INTACT
+        durable = acknowledged if intact else 0
+        lost = observed.ack_records.missing
+    elif observed.fsmeta is not None:
+        unit = "files"
+        acknowledged = durable = observed.fsmeta.acked
+        lost = observed.fsmeta.check.failure_count
+    checkers = tuple(
+        CheckerResult(
+            name=r.checker.value,
+            expected=r.expected.value,
+            verdict=r.verdict.value,
+            loss_detected=r.loss_detected,
+            reason=r.reason,
+            details=_details(getattr(observed, _OBSERVATION_OF[r.checker.value])),
+        )
+        for r in verdict.checkers
+    )
+    return CellResult(
+        **_identity(
+            cell,
+            expected.summary if expected.loss_must_be_detected else "contract",
+            expected.promise.value,
+        ),
+        verdict=verdict.verdict.value,
+        reason=verdict.reason,
+        writes_acknowledged=acknowledged,
+        writes_durable=durable,
+        lost=lost,
+        corrupt=corrupt,
+        loss_unit=unit,
+        checkers=checkers,
+        timings=dict(timings or {}),
+        artifacts=dict(artifacts or {}),
+        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
+    )
+
+
+def error_result(
+    cell: Cell,
+    reason: str,
+    *,
+    verdict: Verdict = Verdict.ERROR,
+    timings: Mapping[str, float] | None = None,
+    artifacts: Mapping[str, str] | None = None,
+    reproduce: str | None = None,
+) -> CellResult:
+    """The result of a cell that did not reach a verdict (harness error, Ctrl-C: skipped)."""
+    expected = expected_for_cell(cell)
+    return CellResult(
+        **_identity(
+            cell,
+            "loss detected" if expected.loss_must_be_detected else "contract",
+            expected.promise.value,
+        ),
+        verdict=verdict.value,
+        reason=reason,
+        timings=dict(timings or {}),
+        artifacts=dict(artifacts or {}),
+        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
+    )
+
+
+def _identity(cell: Cell, expected: str, promise: str) -> dict[str, Any]:
+    return {
+        "id": cell.id,
+        "scenario": cell.scenario,
+        "scenario_path": cell.scenario_path,
+        "mode": cell.mode.value,
+        "fault": cell.fault.value,
+        "policy": cell.policy.value if cell.policy else None,
+        "policy_seed": cell.policy_seed,
+        "workload": cell.workload.name,
+        "workload_kind": cell.workload.kind.value,
+        "cut": cell.cut.label,
+        "cut_at": cell.cut_at,
+        "repetition": cell.repetition,
+        "seed": cell.seed,
+        "expected": expected,
+        "promise": promise,
+    }
+
+
+def run_results(
+    cells: Sequence[CellResult], *, started: str, command: str, host: Mapping[str, Any]
+) -> RunResults:
+    return RunResults(
+        cells=tuple(cells), started=started, finished=utc_now(), command=command, host=dict(host)
+    )
