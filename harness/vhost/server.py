@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import stat
+import struct
 import threading
 import time
 from pathlib import Path
@@ -163,6 +164,9 @@ class Session:
                 except OSError as exc:
                     log.info("frontend connection lost: %s", exc)
                     return
+                except ProtocolError as exc:
+                    log.warning("dropping the frontend connection: %s", exc)
+                    return
                 self.messages += 1
                 self._dispatch(msg)
         finally:
@@ -177,7 +181,7 @@ class Session:
                 raise ProtocolError(f"unsupported vhost-user message {msg.name}")
             log.debug("<- %s %s", msg.name, msg.payload.hex())
             reply = handler(self, msg)
-        except (ProtocolError, GuestError, ValueError) as exc:
+        except (ProtocolError, GuestError, ValueError, struct.error) as exc:
             ok = False
             log.warning("vhost-user %s failed: %s", msg.name, exc)
         finally:
@@ -614,6 +618,9 @@ class VhostUserBlkServer:
             self.session = Session(self, conn)
             try:
                 self.session.run()
+            except Exception:
+                # Whatever one frontend did, the next one must still be served.
+                log.exception("%s: the connection ended with an internal error", self.name)
             finally:
                 self.session = None
 
