@@ -1,0 +1,92 @@
+"""A backend process SIGKILLed mid-workload: nothing it completed is lost, and the
+journal and log it leaves are readable and still describe a later power cut."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from harness.crash.cut import apply_cut
+from harness.crash.journal import read_journal
+from harness.crash.oracle import check
+from harness.crash.writelog import read_log
+from harness.proc import ManagedProcess
+
+from .stack import make_paths
+
+S = 512
+
+
+def _completed(log: Path) -> int:
+    try:
+        return sum(1 for r in read_log(log).requests if r.status == 0)
+    except Exception:  # noqa: BLE001 - not created yet / header not written yet
+        return 0
+
+
+def test_sigkilled_backend_leaves_readable_journal_and_log(tmp_path: Path) -> None:
+    paths = make_paths(tmp_path, 4 << 20, fill=0x5A)
+    spec = (
+        f"driver=log-writes,log={paths.log},file.driver=powerfail,"
+        f"file.journal={paths.journal},file.file.driver=file,"
+        f"file.file.filename={paths.image}"
+    )
+    rng = random.Random(2026)
+    commands = []
+    for i in range(3000):
+        size = rng.choice(["512", "4k", "64k"])
+        commands.append(f"write -q -P {i % 250 + 1} {rng.randrange(0, 60) * 64 * 1024} {size}")
+        if i % 7 == 6:
+            commands.append("flush")
+    read_fd, write_fd = os.pipe()
+    proc = ManagedProcess(
+        [sys.executable, "-m", "harness.cli", "io", "--image-opts", spec],
+        name="powercut-io",
+        log_path=tmp_path / "io.log",
+        stdin=read_fd,
+    )
+    try:
+        with proc:
+            os.close(read_fd)
+            with os.fdopen(write_fd, "w") as pipe:
+                pipe.write("\n".join(commands[:300]) + "\n")
+                pipe.flush()
+                proc.wait_for(lambda: _completed(paths.log) >= 200, 60, "200 requests done")
+                pipe.write("\n".join(commands[300:]) + "\n")
+                pipe.flush()
+                time.sleep(0.2)  # well inside the remaining thousands of requests
+                assert proc.running, proc.log_tail()
+                proc.kill()
+    except BrokenPipeError:
+        pass
+    wlog = read_log(paths.log)
+    state, data = read_journal(paths.journal)
+    del data
+    done = [r for r in wlog.requests if r.status == 0]
+    assert len(done) >= 200
+    assert len(state.preimages) > 0
+
+    # A process crash reverts nothing: every completed write is on the image.
+    after_kill = paths.image.read_bytes()
+    report = check(paths.image, wlog, "writethrough")
+    assert report.ok, report.violations
+
+    # keep-all is the image as it was.
+    keep_img, keep_j = tmp_path / "keep.img", tmp_path / "keep.journal"
+    shutil.copy(paths.image, keep_img)
+    shutil.copy(paths.journal, keep_j)
+    apply_cut(keep_img, keep_j, "keep-all", 0)
+    assert keep_img.read_bytes() == after_kill
+
+    # A host power cut afterwards still honours the writeback contract.
+    for policy in ("lose-all", "random", "torn"):
+        img, j = tmp_path / f"{policy}.img", tmp_path / f"{policy}.journal"
+        shutil.copy(paths.image, img)
+        shutil.copy(paths.journal, j)
+        apply_cut(img, j, policy, 7)
+        report = check(img, wlog, "writeback")
+        assert report.ok, (policy, report.violations)
