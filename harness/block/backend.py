@@ -215,6 +215,11 @@ class BlockBackend:
         """Whether the device has a volatile write cache (`enable_write_cache`)."""
         return self._write_cache
 
+    @property
+    def enable_write_cache(self) -> bool:
+        """QEMU's name for `write_cache`."""
+        return self._write_cache
+
     def set_write_cache(self, enabled: bool) -> None:
         """The guest toggled the write cache (virtio-blk `wce`): writes get FUA when off."""
         self._write_cache = bool(enabled)

@@ -320,3 +320,19 @@ _COMMANDS: dict[str, Callable[[BlockBackend, list[str]], bool]] = {
     "stats": _stats,
     "write-cache": _write_cache,
 }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.commands.io ...`: the command alone, without loading every other one."""
+    parser = argparse.ArgumentParser(prog="powercut io", description=HELP)
+    register(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except PowercutError as exc:
+        print(f"powercut io: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -87,7 +87,7 @@ def trace(argv: list[str], image: Path, tmp_path: Path) -> HostEffect:
 
 
 def powercut_io(mode: str, commands: list[str], image: Path) -> list[str]:
-    argv = [sys.executable, "-m", "harness.cli", "io", "-f", "raw", "-t", mode]
+    argv = [sys.executable, "-m", "harness.commands.io", "-f", "raw", "-t", mode]
     for c in commands:
         argv += ["-c", c]
     return [*argv, str(image)]

@@ -139,7 +139,7 @@ def test_stats_prints_json(image: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_commands_from_standard_input(image: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "io", str(image)],
+        [sys.executable, "-m", "harness.commands.io", str(image)],
         input="write -P 5 0 1k\nread -P 5 0 1k\n",
         capture_output=True,
         text=True,
@@ -169,7 +169,7 @@ def test_output_matches_qemu_io_line_for_line(image: Path) -> None:
         kept = [ln for ln in proc.stdout.splitlines() if " ops; " not in ln]
         return proc.returncode, [ln.split(" (")[0] for ln in kept]
 
-    ours = lines([sys.executable, "-m", "harness.cli", "io", "-f", "raw"])
+    ours = lines([sys.executable, "-m", "harness.commands.io", "-f", "raw"])
     theirs = lines(["qemu-io", "-f", "raw"])
     assert ours[0] == theirs[0]
     assert [ln.rstrip() for ln in ours[1]] == [ln.rstrip() for ln in theirs[1]]
