@@ -14,6 +14,11 @@ from harness.report.results import CellResult
 
 MODE_ORDER = ("writethrough", "directsync", "writeback", "none", "unsafe")
 VERDICT_ORDER = ("error", "fail", "skipped", "pass")  # the worst verdict wins a square
+SHORT_PROMISE = {  # harness.crash.verdict.Promise values, as a square has room for them
+    "every completed write": "keeps every completed write",
+    "every write completed before a completed flush, and every FUA write": "keeps flushed writes",
+    "nothing": "may lose anything",
+}
 
 
 @dataclass(frozen=True)
@@ -31,19 +36,20 @@ class Square:
 
     @property
     def expected(self) -> str:
-        labels = sorted(
-            {
-                "loss detected" if c.negative_control else "no loss beyond contract"
-                for c in self.cells
-            }
-        )
-        return " / ".join(labels)
+        labels = {
+            "loss detected" if c.negative_control else SHORT_PROMISE.get(c.promise, c.promise)
+            for c in self.cells
+        }
+        return " / ".join(sorted(labels))
 
     @property
     def observed(self) -> str:
-        lost = sum(c.lost for c in self.cells)
-        corrupt = sum(c.corrupt for c in self.cells)
-        units = {c.loss_unit for c in self.cells}
+        judged = [c for c in self.cells if c.verdict in ("pass", "fail")]
+        if not judged:
+            return "no result"
+        lost = sum(c.lost for c in judged)
+        corrupt = sum(c.corrupt for c in judged)
+        units = {c.loss_unit for c in judged}
         unit = units.pop() if len(units) == 1 else "units"
         if not lost and not corrupt:
             return "nothing lost"

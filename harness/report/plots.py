@@ -1,13 +1,15 @@
 """PNG plots of a run (matplotlib's Agg canvas: no display, no pyplot state).
 
-* `loss-by-mode.png` — per cache mode: writes acknowledged, durable by the
-  contract, and lost / corrupt, summed over the mode's cells.
+* `loss-by-mode.png` — per cache mode, summed over its judged cells: writes
+  acknowledged and durable by the contract; and what was lost (allowed or
+  expected vs a violation) and corrupt, in the oracle's sectors.
 * `cell-timings.png` — per cell: the time of each phase, stacked.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -15,44 +17,60 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.report.grid import MODE_ORDER
-from harness.report.results import RunResults
+from harness.report.results import CellResult, RunResults
 
 log = logging.getLogger(__name__)
 
 PHASE_ORDER = ("boot", "workload", "cut", "recover", "reboot", "check")
 _COLOURS = {
     "acknowledged": "#9bb7d4",
-    "durable": "#2e7d32",
-    "lost": "#c62828",
+    "durable by contract": "#2e7d32",
+    "lost, allowed or expected": "#f0a202",
+    "lost, violation": "#c62828",
     "corrupt": "#6a1b9a",
 }
 
 
 def plot_loss_by_mode(results: RunResults, path: Path) -> Path | None:
-    cells = [c for c in results.cells if c.verdict != "skipped"]
+    """Left: writes acknowledged and durable by contract. Right: loss, allowed or not."""
+    cells = [c for c in results.cells if c.verdict in ("pass", "fail")]
     if not cells:
         return None
     modes = sorted(
         {c.mode for c in cells}, key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 9
     )
-    series = {
-        "acknowledged": [sum(c.writes_acknowledged for c in cells if c.mode == m) for m in modes],
-        "durable": [sum(c.writes_durable for c in cells if c.mode == m) for m in modes],
-        "lost": [sum(c.lost for c in cells if c.mode == m) for m in modes],
-        "corrupt": [sum(c.corrupt for c in cells if c.mode == m) for m in modes],
+
+    def total(attr: str, keep: Callable[[CellResult], bool] = lambda c: True) -> list[int]:
+        return [sum(getattr(c, attr) for c in cells if c.mode == m and keep(c)) for m in modes]
+
+    kept = {
+        "acknowledged": total("writes_acknowledged"),
+        "durable by contract": total("writes_durable"),
     }
-    fig = Figure(figsize=(max(5.0, 1.4 * len(modes) + 2), 3.6), dpi=100)
+    lost = {
+        "lost, allowed or expected": total("lost", lambda c: c.passed),
+        "lost, violation": total("lost", lambda c: not c.passed),
+        "corrupt": total("corrupt"),
+    }
+    units = sorted({c.loss_unit for c in cells})
+    fig = Figure(figsize=(max(7.0, 2.2 * len(modes) + 2), 3.8), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.2
-    for i, (name, values) in enumerate(series.items()):
-        xs = [x + (i - 1.5) * width for x in range(len(modes))]
-        bars = ax.bar(xs, values, width, label=name, color=_COLOURS[name])
-        ax.bar_label(bars, fontsize=7, padding=1)
-    ax.set_xticks(range(len(modes)), modes)
-    ax.set_ylabel("writes (lost/corrupt: see loss_unit)")
-    ax.set_title("Kept and lost, per cache mode")
-    ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    left, right = fig.subplots(1, 2)
+    for ax, series, title, ylabel in (
+        (left, kept, "Writes per cache mode", "writes"),
+        (right, lost, "Loss per cache mode", "/".join(units)),
+    ):
+        width = 0.8 / len(series)
+        for i, (name, values) in enumerate(series.items()):
+            xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(modes))]
+            bars = ax.bar(xs, values, width, label=name, color=_COLOURS[name])
+            ax.bar_label(bars, fontsize=7, padding=1)
+        ax.set_xticks(range(len(modes)), modes, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=3, frameon=False
+        )
     fig.tight_layout()
     fig.savefig(path)
     return path
