@@ -307,3 +307,31 @@ def test_statistics_count_bytes_latency_and_elided_flushes(image: Path) -> None:
     assert stats.ops["write-zeroes"].bytes == 8192
     assert (stats.flushes_issued, stats.flushes_elided) == (1, 1)
     assert stats.to_dict()["ops"]["flush"]["count"] == 2
+
+
+def test_write_zeroes_falls_back_to_writing_zeroes(image: Path) -> None:
+    with open_backend(str(image)) as backend:
+        backend.write(0, b"\xee" * 16384)
+        file_node = backend.root.file
+        assert file_node is not None
+        # As if the filesystem had none of file-posix's fallocate modes.
+        file_node._has_zero_range = False  # type: ignore[attr-defined]
+        file_node._has_punch = False  # type: ignore[attr-defined]
+        backend.write_zeroes(4096, 8192, may_unmap=True)
+        assert backend.read(0, 16384) == b"\xee" * 4096 + bytes(8192) + b"\xee" * 4096
+
+
+def test_write_zeroes_on_tmpfs_punches_and_reallocates(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    path = shm / f"powercut-test-{os.getpid()}.img"
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\x99" * 65536)
+        with open_backend(str(path)) as backend:
+            backend.write_zeroes(8192, 8192)  # tmpfs has no ZERO_RANGE: punch, then allocate
+            assert backend.read(0, 65536) == b"\x99" * 8192 + bytes(8192) + b"\x99" * 49152
+        assert os.path.getsize(path) == 65536
+    finally:
+        path.unlink(missing_ok=True)
