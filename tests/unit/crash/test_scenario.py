@@ -242,3 +242,21 @@ def test_unknown_key_is_reported_at_the_line_it_was_inserted(position: int, key:
 def test_arbitrary_text_gives_a_scenario_or_a_scenario_error(text: str) -> None:
     with contextlib.suppress(ScenarioError):
         parse_scenario(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        MINIMAL.replace('name = "t"', 'name = "t"\nzzz = 1'),
+        MINIMAL.replace("records = 10", "records = 10\nzzz = 1"),
+        MINIMAL.replace('policy = "lose-all"', 'policy = "lose-all"\nzzz = 1'),
+        MINIMAL.replace('kind = "ack-records"\nrecords = 10', 'kind = "ext4-metadata"\nzzz = 1'),
+        MINIMAL.replace("after-acked-writes = 5", "after-acked-writes = 5\nzzz = 1"),
+    ],
+)
+def test_every_valid_field_is_documented(text: str) -> None:
+    readme = (Path(__file__).parents[3] / "scenarios" / "README.md").read_text()
+    fields = error_of(text).split("valid fields: ")[1].split(", ")
+    forms = ("`{}", "[{}]", "[[{}]]", ".{}]")
+    undocumented = [f for f in fields if not any(form.format(f) in readme for form in forms)]
+    assert not undocumented
