@@ -63,6 +63,7 @@ from harness.vhost.virtio import (
     vring_need_event,
 )
 
+CONFIG_SIZE_QEMU72 = 60
 GUEST_BASE = 0x100000  # guest-physical address of the first region
 USER_BASE = 0x7F0000000000  # "frontend virtual" address of the first region
 _EVENT = struct.Struct("<Q")
@@ -359,7 +360,8 @@ class VhostUserFrontend:
         if want_pf & (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS):
             self.max_mem_slots = self.get_u64(VhostUserRequest.GET_MAX_MEM_SLOTS)
         self.request(VhostUserRequest.SET_OWNER)
-        self.config = self.get_config(0, VirtioBlkConfig.size)
+        # QEMU 7.2 asks for at most the 60 bytes before the secure-erase fields.
+        self.config = self.get_config(0, CONFIG_SIZE_QEMU72)
         if inflight and want_pf & (1 << ProtocolFeature.INFLIGHT_SHMFD):
             self.get_inflight(num_queues, queue_size)
             self.set_inflight()
