@@ -47,6 +47,7 @@ from harness.crash.scenario import (
 )
 from harness.crash.workloads.ackrecords import AckRecordsObservation
 from harness.crash.workloads.fio import DEFAULTS as FIO_DEFAULTS
+from harness.crash.workloads.fio import FioVerifyObservation
 from harness.crash.workloads.fsmeta import FsMetaObservation
 
 
@@ -218,13 +219,6 @@ class OracleObservation:
 
 
 @dataclass(frozen=True)
-class FioVerifyObservation:
-    verify_errors: int  # blocks fio found with bad content (fio's verify failures)
-    blocks_verified: int = 0
-    io_errors: int = 0
-
-
-@dataclass(frozen=True)
 class FsckObservation:
     mounted: bool  # the filesystem mounted (journal replay succeeded)
     exit_code: int  # e2fsck -fn: 0 clean, 1 fixed (not with -n), >= 2 damage left
@@ -311,6 +305,8 @@ def _fio(outcome: Outcome, o: FioVerifyObservation) -> CheckerVerdict:
     what = f"fio verify found {o.verify_errors} bad blocks"
     if o.blocks_verified:
         what += f" of {o.blocks_verified}"
+    if o.bad_offsets:
+        what += f" (first at offset {min(o.bad_offsets)})"
     verdict, reason = _judge(outcome, loss, False, what, "fio verify found every completed block")
     return CheckerVerdict(Checker.FIO_VERIFY, outcome, verdict, loss, reason)
 

@@ -10,7 +10,22 @@ not be overridden.
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
 from harness.crash.scenario import FioVerifySpec, OptionValue
+from harness.errors import GuestError
+
+
+@dataclass(frozen=True)
+class FioVerifyObservation:
+    verify_errors: int  # blocks fio found with bad content (fio's verify failures)
+    blocks_verified: int = 0
+    io_errors: int = 0
+    bad_offsets: tuple[int, ...] = ()  # byte offsets of the first bad blocks fio named
+
 
 DEFAULTS: dict[str, OptionValue] = {
     "rw": "randwrite",
@@ -50,6 +65,9 @@ def verify_options(spec: FioVerifySpec, filename: str, seed: int) -> dict[str, O
             "verify_state_load": 1,
             "verify_fatal": 0,
             "verify_dump": 0,
+            # A verify failure is an EILSEQ I/O error that would end the job at the
+            # first bad block; go on, so the count says how much was lost.
+            "continue_on_error": "verify",
         }
     )
     return options
@@ -63,3 +81,43 @@ def job_file(name: str, options: dict[str, OptionValue]) -> str:
             value = int(value)
         lines.append(f"{key}={value}")
     return "\n".join(lines) + "\n"
+
+
+# fio's verify failure lines (verify.c), possibly prefixed by a client's hostname:
+#   verify: bad magic header 0, wanted acca at file /dev/vda offset 8192, length 4096 ...
+#   crc32c: verify failed at file /dev/vda offset 4096, length 4096 ...
+_VERIFY_FAILURE = re.compile(
+    r"(?:^|\s)(?:verify: bad \w+|\w+: verify failed)\b.*?\bat file \S+ offset (\d+)", re.MULTILINE
+)
+
+
+def _jobs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    jobs = data.get("jobs") or data.get("client_stats") or []
+    return [j for j in jobs if isinstance(j, dict) and j.get("jobname") != "All clients"]
+
+
+def parse_verify(json_text: str, stderr_text: str = "") -> FioVerifyObservation:
+    """The verify phase's outcome from fio's JSON output and its stderr (or combined output).
+
+    With `continue_on_error=verify` fio counts every bad block in `total_err`;
+    the failure lines give the offsets. Either alone is enough.
+    """
+    offsets = tuple(int(m.group(1)) for m in _VERIFY_FAILURE.finditer(stderr_text))
+    start = json_text.find("{")
+    if start < 0:
+        if offsets:
+            return FioVerifyObservation(len(offsets), 0, 0, offsets)
+        raise GuestError(f"fio printed no JSON result: {json_text[:200]!r} {stderr_text[-200:]!r}")
+    try:
+        data = json.JSONDecoder().raw_decode(json_text[start:])[0]
+    except json.JSONDecodeError as exc:
+        raise GuestError(f"fio's JSON result does not parse ({exc})") from exc
+    total_err = bytes_read = 0
+    for job in _jobs(data):
+        total_err += int(job.get("total_err") or 0)
+        bytes_read += int((job.get("read") or {}).get("io_bytes") or 0)
+        if not job.get("total_err") and job.get("error") not in (0, None):
+            total_err += 1  # a job that died at its first error still lost something
+    bs = 4096
+    errors = max(total_err, len(offsets))
+    return FioVerifyObservation(errors, bytes_read // bs, 0, offsets)

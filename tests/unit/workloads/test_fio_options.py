@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
 from harness.crash.scenario import FioVerifySpec
 from harness.crash.workloads import fio
+from harness.errors import GuestError
 
 
 def test_write_phase_saves_verify_state_and_seeds_the_layout() -> None:
@@ -24,3 +31,49 @@ def test_verify_phase_loads_state_and_only_verifies() -> None:
 def test_job_file_renders_one_section() -> None:
     text = fio.job_file("crash", {"rw": "randwrite", "direct": True})
     assert text == "[crash]\nrw=randwrite\ndirect=1\n"
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_verify_phase_counts_every_bad_block_after_a_real_fio_run(tmp_path: Path) -> None:
+    """Write with saved verify state, damage blocks as a lost cache would, verify, parse."""
+    spec = FioVerifySpec((("size", "2M"), ("ioengine", "psync"), ("direct", 0), ("iodepth", 1)))
+    disk = tmp_path / "disk"
+    (tmp_path / "w.fio").write_text(fio.job_file("crash", fio.write_options(spec, str(disk), 3)))
+    (tmp_path / "v.fio").write_text(fio.job_file("crash", fio.verify_options(spec, str(disk), 3)))
+
+    def run(job: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["fio", "--output-format=json", job],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    written = run("w.fio")
+    assert written.returncode == 0, written.stderr
+    assert list(tmp_path.glob("*verify.state"))
+    clean = run("v.fio")
+    assert fio.parse_verify(clean.stdout, clean.stderr) == fio.FioVerifyObservation(0, 512, 0, ())
+
+    with disk.open("r+b") as f:
+        f.seek(8192 + 100)
+        f.write(b"garbage!")  # a torn block
+        f.seek(1 << 20)
+        f.write(bytes(8192))  # two blocks that never reached the disk
+    damaged = run("v.fio")
+    obs = fio.parse_verify(damaged.stdout, damaged.stderr)
+    assert obs.verify_errors == 3
+    assert sorted(obs.bad_offsets) == [8192, 1 << 20, (1 << 20) + 4096]
+
+
+def test_parse_verify_reads_client_output_and_rejects_garbage() -> None:
+    out = (
+        "<guest> crc32c: verify failed at file /dev/vda offset 4096, length 4096 (requested ...)\n"
+        '{"client_stats": [{"jobname": "crash", "total_err": 1, "error": 84, '
+        '"read": {"io_bytes": 40960}}, {"jobname": "All clients", "total_err": 1}]}'
+    )
+    obs = fio.parse_verify(out, out)
+    assert (obs.verify_errors, obs.blocks_verified, obs.bad_offsets) == (1, 10, (4096,))
+    with pytest.raises(GuestError):
+        fio.parse_verify("fio: failed to connect", "")
