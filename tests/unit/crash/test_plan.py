@@ -1,0 +1,75 @@
+"""`powercut run`'s arguments become a plan: validated scenarios and the selected cells."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pytest
+
+from harness.block.cache import CacheMode
+from harness.crash.plan import add_run_arguments, plan_from_args
+from harness.errors import ConfigError, ScenarioError
+
+ROOT = Path(__file__).parents[3]
+MATRIX = str(ROOT / "scenarios" / "matrix.toml")
+GUEST = str(ROOT / "scenarios" / "guest-crash.toml")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="powercut run")
+    add_run_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_all_cells_of_all_scenarios_by_default() -> None:
+    plan = plan_from_args(parse([MATRIX, GUEST, "--out", "r"]))
+    assert len(plan.cells) == 10 + 10 and plan.accel == "auto"
+    assert plan.cells[0].scenario == "matrix" and plan.cells[-1].scenario == "guest-crash"
+
+
+def test_mode_seed_and_repeat_select_and_override() -> None:
+    plan = plan_from_args(
+        parse(
+            [
+                MATRIX,
+                "--out",
+                "r",
+                "--mode",
+                "off",
+                "--mode",
+                "unsafe",
+                "--seed",
+                "9",
+                "--repeat",
+                "2",
+            ]
+        )
+    )
+    assert {c.mode for c in plan.cells} == {CacheMode.NONE, CacheMode.UNSAFE}
+    assert len(plan.cells) == 2 * 2 * 2
+    assert {c.scenario_seed for c in plan.cells} == {9}
+
+
+def test_reproduce_command_runs_the_same_cell() -> None:
+    plan = plan_from_args(parse([MATRIX, "--out", "r", "--seed", "4", "--accel", "tcg"]))
+    cell = plan.cells[3]
+    argv = shlex.split(plan.reproduce(cell))
+    assert argv[:2] == ["powercut", "run"] and argv[argv.index("--accel") + 1] == "tcg"
+    again = plan_from_args(parse(argv[2:]))
+    assert again.cells == (cell,)
+
+
+def test_bad_mode_and_unknown_cell_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="--mode 'fast' is not a cache mode"):
+        plan_from_args(parse([MATRIX, "--out", "r", "--mode", "fast"]))
+    with pytest.raises(ConfigError, match="matches no cell"):
+        plan_from_args(parse([MATRIX, "--out", "r", "--cell", "nope/"]))
+
+
+def test_a_bad_scenario_stops_the_plan(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('modes = "fast"\n')
+    with pytest.raises(ScenarioError, match=r"bad\.toml:1"):
+        plan_from_args(parse([str(bad), "--out", "r"]))
