@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from rich.console import Console
+
+from harness.report.console import print_results
 from harness.report.render import rerender
 
 NAME = "report"
@@ -22,9 +24,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results, rendered = rerender(args.directory)
-    print(f"{results.summary}", file=sys.stdout)
+    console = Console()
+    print_results(results, console)
     for path in (rendered.junit, rendered.markdown, rendered.html, *rendered.plots):
-        print(f"  {path}")
+        console.print(f"  {path}", markup=False, highlight=False)
     if args.strict and not results.ok:
         return 1
     return 0
