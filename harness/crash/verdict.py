@@ -91,6 +91,19 @@ def promise(mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None)
     return Promise.NOTHING
 
 
+def reference_promise(
+    mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None
+) -> Promise:
+    """What loss is measured against: the promise, or for unsafe what its flushes told the guest."""
+    p = promise(mode, fault, policy)
+    return Promise.FLUSHED if p is Promise.NOTHING else p
+
+
+def oracle_mode_for(mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None) -> str:
+    """The `mode` to give `harness.crash.oracle.check` for a cell (or a user's own crash test)."""
+    return _ORACLE_MODE[reference_promise(mode, fault, policy)]
+
+
 @dataclass(frozen=True)
 class Expected:
     mode: CacheMode
@@ -136,7 +149,7 @@ def expected_for(
 ) -> Expected:
     """The expectation for one cell (see the module docstring for the table)."""
     p = promise(mode, fault, policy)
-    reference = Promise.FLUSHED if p is Promise.NOTHING else p
+    reference = reference_promise(mode, fault, policy)
     must_detect = expect is Expectation.VIOLATION or (
         p is Promise.NOTHING and policy is CutPolicy.LOSE_ALL
     )
@@ -297,6 +310,8 @@ def _oracle(expected: Expected, outcome: Outcome, o: OracleObservation) -> Check
             f"lose-all left {o.may} sectors with data newer than the last durable flush: "
             "the power cut did not revert the volatile cache"
         )
+    elif verdict is Verdict.PASS and expected.model_must_revert and o.writes > o.writes_durable:
+        reason += f"; lose-all reverted all {o.writes - o.writes_durable} unflushed writes"
     return CheckerVerdict(Checker.ORACLE, outcome, verdict, loss, reason)
 
 

@@ -35,6 +35,7 @@ from harness.crash.verdict import (
     expected_for,
     expected_for_cell,
     judge,
+    oracle_mode_for,
     promise,
 )
 from harness.crash.workloads.ackrecords import AckRecordsCheck, AckRecordsObservation, InvalidRecord
@@ -334,6 +335,20 @@ def test_writeback_allows_fio_to_lose_unflushed_writes() -> None:
     obs = Observed(oracle=oracle(), fio_verify=FioVerifyObservation(5, 900))
     v = judge(expected_for(W, HOST, CutPolicy.LOSE_ALL, FIO), obs)
     assert v.verdict is Verdict.PASS and "allowed loss: fio-verify" in v.reason
+
+
+def test_lose_all_reports_the_unflushed_writes_it_reverted() -> None:
+    obs = Observed(oracle=oracle(), fio_verify=FioVerifyObservation(0))
+    v = judge(expected_for(N, HOST, CutPolicy.LOSE_ALL, FIO), obs)
+    assert v.verdict is Verdict.PASS
+    assert v.checkers[0].reason.endswith("lose-all reverted all 40 unflushed writes")
+
+
+def test_oracle_mode_for_a_users_own_crash_test() -> None:
+    assert oracle_mode_for(U, HOST, CutPolicy.LOSE_ALL) == "writeback"
+    assert oracle_mode_for(N, HOST, CutPolicy.TORN) == "writeback"
+    assert oracle_mode_for(DS, HOST, CutPolicy.LOSE_ALL) == "writethrough"
+    assert oracle_mode_for(W, GUEST) == "writethrough"
 
 
 def test_lose_all_must_revert_unflushed_data_in_writeback() -> None:
