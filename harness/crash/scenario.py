@@ -13,6 +13,7 @@ each combination promises is `harness.crash.verdict`'s business.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 import re
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.block.cache import CacheMode
+from harness.block.drivers.blkdebug import BlkOp, Rule
 from harness.crash.tomlines import LineIndex, PathElem
-from harness.errors import ScenarioError
+from harness.errors import ConfigError, ScenarioError
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -177,12 +179,15 @@ class WorkloadSpec:
 
 @dataclass(frozen=True)
 class BlkdebugRule:
-    """One blkdebug rule, passed through to the blkdebug driver as its options."""
+    """One blkdebug rule: the fields of `harness.block.drivers.blkdebug.Rule` (its JSON form)."""
 
     options: tuple[tuple[str, OptionValue], ...]
 
     def as_dict(self) -> dict[str, OptionValue]:
         return dict(self.options)
+
+    def to_rule(self) -> Rule:
+        return Rule.from_json(self.as_dict())
 
 
 @dataclass(frozen=True)
@@ -520,11 +525,21 @@ def _parse_blkdebug(t: _Table) -> BlkdebugRule:
         if not isinstance(value, str | int | float | bool):
             raise t.error(key, f"must be a string, number or boolean, not {_describe(value)}")
         options.append((key, value))
-    if not t.has("event"):
+    if not t.has("op"):
         raise ScenarioError(
-            f"{t.where()}: a blkdebug rule needs an 'event' field (e.g. \"flush_to_disk\")"
+            f"{t.where()}: table {t.fieldname()!r} needs an 'op' field "
+            f"(one of: {', '.join(o.value for o in BlkOp)})"
         )
-    return BlkdebugRule(tuple(options))
+    known = {f.name for f in dataclasses.fields(Rule)}
+    for key in t.data:
+        if key not in known:
+            raise t.error(key, f"is unknown here; valid fields: {', '.join(sorted(known))}")
+    rule = BlkdebugRule(tuple(options))
+    try:
+        rule.to_rule()
+    except ConfigError as exc:
+        raise ScenarioError(f"{t.where()}: table {t.fieldname()!r}: {exc}") from None
+    return rule
 
 
 def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:

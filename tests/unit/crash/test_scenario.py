@@ -84,7 +84,20 @@ def test_negative_controls_expect_a_violation() -> None:
     lying = load_scenario(root / "lying-flush.toml")
     assert unsafe.expect is Expectation.VIOLATION and unsafe.modes == (CacheMode.UNSAFE,)
     assert lying.expect is Expectation.VIOLATION and lying.modes == (CacheMode.WRITEBACK,)
-    assert lying.blkdebug and lying.blkdebug[0].as_dict()["event"] == "flush_to_disk"
+    rule = lying.blkdebug[0].to_rule()
+    assert (rule.op.value, rule.action.value) == ("flush", "lying-flush")
+
+
+def test_blkdebug_rules_are_validated_by_the_driver() -> None:
+    ok = parse_scenario(MINIMAL + '\n[[blkdebug]]\nop = "write"\nerrno = "ENOSPC"\nonce = true\n')
+    assert ok.blkdebug[0].to_rule().errno == 28
+    msg = error_of(MINIMAL + '\n[[blkdebug]]\nop = "write"\naction = "lying-flush"\n')
+    assert (
+        msg.startswith("s.toml:15: table 'blkdebug[0]'") and "lying-flush applies to flushes" in msg
+    )
+    msg = error_of(MINIMAL + '\n[[blkdebug]]\nop = "flush"\nevent = "x"\n')
+    assert "s.toml:17: field 'blkdebug[0].event' is unknown here" in msg and "sector_start" in msg
+    assert "needs an 'op' field" in error_of(MINIMAL + '\n[[blkdebug]]\naction = "error"\n')
 
 
 def test_minimal_scenario_parses_with_defaults() -> None:
