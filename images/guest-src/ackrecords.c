@@ -156,10 +156,23 @@ static int run_writer(const char *path, size_t size, uint64_t records, uint64_t 
         fprintf(stderr, "ackrecords: out of memory\n");
         return 1;
     }
-    /* Make the (empty) file's directory entry durable before the first ack. */
-    if (sync_mode != SYNC_NONE && fsync(fd) < 0) {
-        fprintf(stderr, "ackrecords: fsync %s: %s\n", path, strerror(errno));
-        return 1;
+    /* Make the (empty) file and its directory entry durable before the first ack. */
+    if (sync_mode != SYNC_NONE) {
+        char dir[4096];
+        snprintf(dir, sizeof(dir), "%s", path);
+        char *slash = strrchr(dir, '/');
+        if (!slash)
+            snprintf(dir, sizeof(dir), ".");
+        else if (slash == dir)
+            dir[1] = '\0';
+        else
+            *slash = '\0';
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fsync(fd) < 0 || dfd < 0 || fsync(dfd) < 0) {
+            fprintf(stderr, "ackrecords: fsync %s: %s\n", path, strerror(errno));
+            return 1;
+        }
+        close(dfd);
     }
     for (uint64_t seq = 1; records == 0 || seq <= records; seq++) {
         fill_record(rec, size, seq, seed);
