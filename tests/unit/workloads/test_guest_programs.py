@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harness.crash.scenario import AckRecordsSpec, FsMetaSpec, SyncMode
 from harness.crash.workloads import ackrecords, fsmeta
@@ -200,3 +203,43 @@ def test_check_parsers_reject_garbage() -> None:
         ackrecords.parse_check('{"exists": true}')
     with pytest.raises(GuestError):
         fsmeta.parse_check("[]")
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.integers(1, 40),
+    st.lists(st.tuples(st.integers(0, 39), st.sampled_from(["zero", "flip"])), max_size=5),
+)
+def test_ackrecords_check_agrees_with_a_model_of_the_damage(
+    bindir: Path, records: int, damage: list[tuple[int, str]]
+) -> None:
+    spec = AckRecordsSpec(records=records, record_size=128, sync=SyncMode.NONE)
+    prog = str(bindir / "ackrecords")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r"
+        run(["sh", "-c", ackrecords.write_command(spec, str(path), seed=11, program=prog)])
+        bad: dict[int, str] = {}
+        with path.open("r+b") as f:
+            for index, kind in damage:
+                if index >= records:
+                    continue
+                f.seek(index * 128)
+                if kind == "zero":
+                    f.write(bytes(128))
+                    bad[index] = "zero"
+                else:
+                    f.seek(index * 128 + 50)
+                    f.write(b"\xa5\x5a")
+                    # Inside a zeroed record the magic is still gone.
+                    bad[index] = (
+                        "bad-magic" if bad.get(index) in ("zero", "bad-magic") else "bad-checksum"
+                    )
+        check = ackrecords.parse_check(
+            run(["sh", "-c", ackrecords.check_command(spec, str(path), 11, prog)])
+        )
+    first_bad = min(bad, default=records)
+    assert check.highest_contiguous == first_bad
+    assert check.valid == records - len(bad)
+    assert {r.seq - 1: r.reason for r in check.invalid} == bad
