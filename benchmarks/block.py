@@ -1,13 +1,13 @@
 """The block stack against a bare `os.preadv`/`os.pwritev` loop, in one run.
 
-    python -m benchmarks.block [--seconds 1.5] [--rounds 3] [--out benchmarks/results]
+    python -m benchmarks.block [--seconds 4] [--out benchmarks/results]
 
 4 KiB and 1 MiB random reads and writes on a page-cached 256 MiB file, with
 cache=writeback (so neither side waits for the disk): the bare loop reuses
 one memoryview and a precomputed list of offsets; the stack does the same
-through `BlockBackend.readv`/`writev` (raw over file). Rounds alternate
-bare/stack so drift on a shared machine hits both alike; the best round of
-each is kept and compared as a ratio. Goal: the stack keeps at least half
+through `BlockBackend.readv`/`writev` (raw over file). Short slices of
+bare and stack alternate so drift on a shared machine hits both alike; the
+figure is the median over slices of the stack/bare rate ratio. Goal: the stack keeps at least half
 the bare 4 KiB rate and 90% of the bare 1 MiB rate. A `null` driver run
 gives the stack's own floor.
 """
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -49,19 +50,34 @@ def _offsets(block: int, count: int, seed: int) -> list[int]:
     return [rng.randrange(slots) * block for _ in range(count)]
 
 
-def _timed(op: Callable[[int], object], offsets: list[int], seconds: float) -> float:
-    """Operations per second running `op` over `offsets` (cycled) for about `seconds`."""
-    done = 0
-    n = len(offsets)
+def _slice(op: Callable[[int], object], offsets: list[int]) -> float:
+    """Seconds to run `op` once per offset."""
     start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for off in offsets[: min(n, 1024)] if done == 0 else offsets:
-            op(off)
-        done += min(n, 1024) if done == 0 else n
-        now = time.perf_counter()
-        if now >= deadline:
-            return done / (now - start)
+    for off in offsets:
+        op(off)
+    return time.perf_counter() - start
+
+
+def _paired(
+    a: Callable[[int], object], b: Callable[[int], object], offsets: list[int], seconds: float
+) -> tuple[list[float], list[float]]:
+    """Alternate short slices of `a` and `b` for about `seconds`: their rates, slice by slice.
+
+    On a shared, noisy machine, two runs minutes apart measure the neighbours as much
+    as the code; slices a few milliseconds apart see the same conditions, so the ratio
+    of each pair is fair even when the absolute rates swing.
+    """
+    rates_a: list[float] = []
+    rates_b: list[float] = []
+    deadline = time.perf_counter() + seconds
+    first = True
+    while first or time.perf_counter() < deadline:
+        first = False
+        ta = _slice(a, offsets)
+        tb = _slice(b, offsets)
+        rates_a.append(len(offsets) / ta)
+        rates_b.append(len(offsets) / tb)
+    return rates_a, rates_b
 
 
 def _bare(fd: int, block: int, write: bool) -> Callable[[int], object]:
@@ -82,7 +98,7 @@ def _stack(backend: BlockBackend, block: int, write: bool) -> Callable[[int], ob
     return lambda off: readv(off, iov)
 
 
-def run(seconds: float, rounds: int, workdir: Path) -> dict[str, object]:
+def run(seconds: float, workdir: Path) -> dict[str, object]:
     path = workdir / "bench.img"
     _prepare(path)
     results: list[dict[str, object]] = []
@@ -91,30 +107,35 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict[str, object]:
     floor = open_backend(f"driver=null,size={FILE_SIZE}", name="null")
     try:
         for block in (4096, 1 << 20):
-            count = 4096 if block == 4096 else 256
+            per_slice = 1024 if block == 4096 else 16
             for write in (False, True):
-                offsets = _offsets(block, count, seed=block + write)
-                bare_rates, stack_rates, null_rates = [], [], []
-                for _ in range(rounds):
-                    bare_rates.append(_timed(_bare(fd, block, write), offsets, seconds))
-                    stack_rates.append(_timed(_stack(backend, block, write), offsets, seconds))
-                    null_rates.append(_timed(_stack(floor, block, write), offsets, seconds / 2))
-                bare, stack = max(bare_rates), max(stack_rates)
-                ratio = stack / bare
+                offsets = _offsets(block, per_slice, seed=block + write)
+                bare_rates, stack_rates = _paired(
+                    _bare(fd, block, write), _stack(backend, block, write), offsets, seconds
+                )
+                _, null_rates = _paired(
+                    _bare(fd, block, write), _stack(floor, block, write), offsets, seconds / 4
+                )
+                ratios = sorted(s / b for s, b in zip(stack_rates, bare_rates, strict=True))
+                ratio = statistics.median(ratios)
                 results.append(
                     {
                         "workload": f"rand{'write' if write else 'read'}",
                         "block_size": block,
-                        "bare_ops_per_s": round(bare),
-                        "stack_ops_per_s": round(stack),
-                        "null_stack_ops_per_s": round(max(null_rates)),
-                        "bare_MB_per_s": round(bare * block / 1e6, 1),
-                        "stack_MB_per_s": round(stack * block / 1e6, 1),
+                        "slices": len(ratios),
+                        "ops_per_slice": per_slice,
+                        "bare_ops_per_s": round(statistics.median(bare_rates)),
+                        "stack_ops_per_s": round(statistics.median(stack_rates)),
+                        "null_stack_ops_per_s": round(statistics.median(null_rates)),
+                        "bare_best_ops_per_s": round(max(bare_rates)),
+                        "stack_best_ops_per_s": round(max(stack_rates)),
+                        "bare_MB_per_s": round(statistics.median(bare_rates) * block / 1e6, 1),
+                        "stack_MB_per_s": round(statistics.median(stack_rates) * block / 1e6, 1),
                         "ratio": round(ratio, 3),
+                        "ratio_p25": round(ratios[len(ratios) // 4], 3),
+                        "ratio_p75": round(ratios[3 * len(ratios) // 4], 3),
                         "goal_ratio": GOALS[block],
                         "goal_met": ratio >= GOALS[block],
-                        "rounds_bare": [round(r) for r in bare_rates],
-                        "rounds_stack": [round(r) for r in stack_rates],
                     }
                 )
     finally:
@@ -133,13 +154,11 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict[str, object]:
             "cpu": _cpu_model(),
             "kernel": platform.release(),
             "python": platform.python_version(),
+            "loadavg": os.getloadavg(),
         },
-        "settings": {
-            "seconds_per_round": seconds,
-            "rounds": rounds,
-            "file_size": FILE_SIZE,
-            "cache": "writeback",
-        },
+        "method": "alternating slices (bare, stack) of the same random offsets; "
+        "ratio = median over slices of stack rate / bare rate",
+        "settings": {"seconds_per_workload": seconds, "file_size": FILE_SIZE, "cache": "writeback"},
         "results": results,
     }
 
@@ -160,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seconds", type=float, default=1.5, help="per round and side")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per workload")
     parser.add_argument(
         "--out",
         type=Path,
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        report = run(args.seconds, args.rounds, Path(tmp))
+        report = run(args.seconds, Path(tmp))
     print(
         f"{'workload':<11} {'block':>7} {'bare ops/s':>11} {'stack ops/s':>12} "
         f"{'null ops/s':>11} {'ratio':>6}  goal"

@@ -144,22 +144,24 @@ class FileNode(BlockNode):
         return self._length
 
     def driver_preadv(self, offset: int, iov: IOVec) -> None:
-        length = len(iov[0]) if len(iov) == 1 else iov_length(iov)
         if self.direct:
-            self._direct_io(offset, iov, length, write=False)
+            self._direct_io(offset, iov, iov_length(iov), write=False)
             return
         n = os.preadv(self.fd, iov, offset)
-        if n != length:
-            self._finish_read(offset, iov, length, n)
+        if len(iov) != 1 or n != len(iov[0]):
+            length = iov_length(iov)
+            if n != length:
+                self._finish_read(offset, iov, length, n)
 
     def driver_pwritev(self, offset: int, iov: IOVec, flags: RequestFlags) -> None:
-        length = len(iov[0]) if len(iov) == 1 else iov_length(iov)
         if self.direct:
-            self._direct_io(offset, iov, length, write=True)
+            self._direct_io(offset, iov, iov_length(iov), write=True)
             return
         n = os.pwritev(self.fd, iov, offset)
-        if n != length:
-            self._finish_write(offset, iov, length, n)
+        if len(iov) != 1 or n != len(iov[0]):
+            length = iov_length(iov)
+            if n != length:
+                self._finish_write(offset, iov, length, n)
 
     def _finish_read(self, offset: int, iov: IOVec, length: int, done: int) -> None:
         """Short reads: keep reading; beyond the end of the file reads as zeroes."""
