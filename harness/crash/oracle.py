@@ -25,9 +25,9 @@ from __future__ import annotations
 import enum
 import os
 import zlib
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,8 @@ class OracleReport:
 
 # Version kinds in a sector's history.
 _WRITE, _ZEROES, _DISCARD, _ANY = 0, 1, 2, 3
+# (crc, (submit index, completion index, durable, seq, kind))
+Version = tuple[int, tuple[int, int, bool, int, int]]
 
 
 def _durable_flags(requests: Iterable[Request], contract: Contract) -> dict[int, bool]:
@@ -147,49 +149,88 @@ def check(
     zero_crc = zlib.crc32(bytes(ss))
     durable = _durable_flags(wlog.requests, contract)
 
-    # Per sector: the versions written to it, in submit order.
-    # Each: (crc, submit_index, complete_index, durable, seq, kind)
-    history: dict[int, list[tuple[int, int, int, bool, int, int]]] = defaultdict(list)
+    # Per sector, its versions in submit order: (crc, meta), meta = (submit index,
+    # completion index, durable, seq, kind). Almost every sector has one version, kept in
+    # `single` (filled by C-level dict updates); sectors with more also have all in `multi`.
+    single: dict[int, Version] = {}
+    multi: dict[int, list[Version]] = {}
     initial: dict[int, int] = {}
-    pre_events: list[tuple[int, int, Any]] = [(i, f, c) for i, f, c in wlog.preimages]
+    pre_events: list[tuple[int, int, Any]] = list(wlog.preimages)
+    spans: list[tuple[int, int, list[int], bool]] = []  # (first, count, crcs, durable)
     writes = 0
     for r in wlog.requests:
         if r.op == Op.FLUSH or r.length == 0:
             continue
         writes += 1
         done = r.complete_index if r.complete_index is not None else INFINITY
-        dur = durable[r.seq]
         first, count = whole_sectors(r.offset, r.length, ss)
+        dur = durable[r.seq]
         if r.op == Op.WRITE:
-            crcs = r.crcs if r.crcs is not None else ()
-            for i, c in enumerate(crcs):
-                history[first + i].append((c, r.submit_index, done, dur, r.seq, _WRITE))
+            meta = (r.submit_index, done, dur, r.seq, _WRITE)
+            crcs: list[int] = r.crcs.tolist() if r.crcs is not None else []
             if r.pre is not None:
                 pre_events.append((r.submit_index, first, r.pre))
         else:
             kind = _ZEROES if r.op == Op.WRITE_ZEROES else _DISCARD
-            for s in range(first, first + count):
-                history[s].append((zero_crc, r.submit_index, done, dur, r.seq, kind))
-        # Sectors the request covers only in part: their content cannot be predicted.
-        start_sector = r.offset // ss
-        end_sector = -(-(r.offset + r.length) // ss)
-        for s in {start_sector, end_sector - 1}:
-            if not first <= s < first + count:
-                history[s].append((0, r.submit_index, done, dur, r.seq, _ANY))
-    pre_events.sort(key=lambda e: e[0])
-    for _index, first, crcs in pre_events:
-        for i, c in enumerate(crcs):
-            initial.setdefault(first + i, c)
+            meta = (r.submit_index, done, dur, r.seq, kind)
+            crcs = [zero_crc] * count
+        span = range(first, first + len(crcs))
+        versions = list(zip(crcs, repeat(meta), strict=False))
+        for s in single.keys() & span:
+            multi.setdefault(s, [single[s]]).append(versions[s - first])
+        single.update(zip(span, versions, strict=False))
+        spans.append((first, len(crcs), crcs, dur))
+        if r.offset % ss or r.length % ss:
+            # Sectors the request covers only in part: their content cannot be predicted.
+            partial = (r.submit_index, done, dur, r.seq, _ANY)
+            for s in {r.offset // ss, (r.offset + r.length - 1) // ss} - set(span):
+                if s in single:
+                    multi.setdefault(s, [single[s]]).append((0, partial))
+                single[s] = (0, partial)
+                spans.append((s, 1, [-1], dur))  # never matches: classified one by one
+    pre_events.sort(key=lambda e: e[0], reverse=True)  # the earliest record wins
+    for _index, first, pre in pre_events:
+        initial.update(zip(range(first, first + len(pre)), pre, strict=False))
 
     counts = dict.fromkeys(Verdict, 0)
     violations: list[Violation] = []
-    sectors = sorted(history)
-    found = _image_crcs(image, sectors, ss)
-    for s, c in zip(sectors, found, strict=True):
-        verdict, expected, seen = _classify(history[s], initial.get(s), c, zero_crc)
+
+    def classify(s: int, history: list[Version], c: int) -> None:
+        verdict, expected, seen = _classify(history, initial.get(s), c, zero_crc)
         counts[verdict] += 1
         if verdict in (Verdict.LOST, Verdict.CORRUPT) and len(violations) < max_violations:
             violations.append(Violation(s, verdict.value, expected, seen))
+
+    multi_keys = multi.keys()
+    with _Image(image, ss) as img:
+        # Sectors with one version, a request at a time: one read, one list comparison.
+        for first, count, crcs, dur in spans:
+            found = img.crcs(first, count)
+            span = range(first, first + count)
+            shared = multi_keys & span
+            if not shared and found == crcs:
+                counts[Verdict.MUST if dur else Verdict.MAY] += count
+                continue
+            verdict = Verdict.MUST if dur else Verdict.MAY
+            for i, c in enumerate(found):
+                s = first + i
+                if s in shared:
+                    continue
+                if c == crcs[i]:
+                    counts[verdict] += 1
+                else:
+                    classify(s, [single[s]], c)
+        # Sectors written more than once, read in contiguous runs.
+        keys = sorted(multi)
+        i = 0
+        while i < len(keys):
+            j = i + 1
+            while j < len(keys) and keys[j] == keys[j - 1] + 1 and j - i < 8192:
+                j += 1
+            for s, c in zip(keys[i:j], img.crcs(keys[i], j - i), strict=True):
+                classify(s, multi[s], c)
+            i = j
+    violations.sort(key=lambda v: v.sector)
 
     return OracleReport(
         image=str(image),
@@ -201,7 +242,7 @@ def check(
         writes=writes,
         writes_durable=sum(1 for r in wlog.requests if r.op != Op.FLUSH and durable[r.seq]),
         flushes_completed=sum(1 for r in wlog.requests if r.op == Op.FLUSH and r.completed_ok),
-        sectors_checked=len(sectors),
+        sectors_checked=len(single),
         must=counts[Verdict.MUST],
         may=counts[Verdict.MAY],
         unknown=counts[Verdict.UNKNOWN],
@@ -212,67 +253,64 @@ def check(
 
 
 def _classify(
-    versions: list[tuple[int, int, int, bool, int, int]],
-    initial: int | None,
-    found: int,
-    zero_crc: int,
+    versions: list[Version], initial: int | None, found: int, zero_crc: int
 ) -> tuple[Verdict, int | None, int | None]:
-    newest_durable = None
-    for v in versions:
-        if v[3] and (newest_durable is None or v[1] > newest_durable[1]):
-            newest_durable = v
-    horizon = newest_durable[1] if newest_durable is not None else -1
-    expected = newest_durable[4] if newest_durable is not None else None
+    newest: tuple[int, int, bool, int, int] | None = None
+    for _crc, meta in versions:
+        if meta[2] and (newest is None or meta[0] > newest[0]):
+            newest = meta
+    horizon = newest[0] if newest is not None else -1
+    expected = newest[3] if newest is not None else None
     # A version is acceptable unless it finished before the newest durable write started.
-    acceptable = [v for v in versions if v[2] > horizon]
-    if any(v[5] == _ANY for v in acceptable):
+    acceptable = [(crc, meta) for crc, meta in versions if meta[1] > horizon]
+    if any(meta[4] == _ANY for _crc, meta in acceptable):
         return Verdict.MAY, expected, None
-    for v in acceptable:
-        if v[0] == found:
-            return (Verdict.MUST if v[3] else Verdict.MAY), expected, v[4]
-    if newest_durable is None:
+    for crc, meta in acceptable:
+        if crc == found:
+            return (Verdict.MUST if meta[2] else Verdict.MAY), expected, meta[3]
+    if newest is None:
         if initial is None:
             return Verdict.UNKNOWN, None, None
         if initial == found:
             return Verdict.MUST, None, 0
     # A discard's content is unspecified: zeroes or whatever was there before it.
-    discards = [v[1] for v in acceptable if v[5] == _DISCARD]
+    discards = [meta[0] for _crc, meta in acceptable if meta[4] == _DISCARD]
     if discards:
         latest = max(discards)
         if found in (zero_crc, initial):
             return Verdict.MAY, expected, 0
-        for v in versions:
-            if v[1] < latest and v[0] == found:
-                return Verdict.MAY, expected, v[4]
-    for v in reversed(versions):
-        if v[0] == found and v[5] != _ANY:
-            return Verdict.LOST, expected, v[4]
+        for crc, meta in versions:
+            if meta[0] < latest and crc == found:
+                return Verdict.MAY, expected, meta[3]
+    for crc, meta in reversed(versions):
+        if crc == found and meta[4] != _ANY:
+            return Verdict.LOST, expected, meta[3]
     if initial is not None and initial == found:
         return Verdict.LOST, expected, 0
     return Verdict.CORRUPT, expected, None
 
 
-def _image_crcs(image: Path, sectors: list[int], ss: int) -> list[int]:
-    """CRC-32 of each listed sector (sorted) of the image, read in contiguous runs."""
-    out: list[int] = []
-    crc32 = zlib.crc32
-    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        i = 0
-        n = len(sectors)
-        max_run = (4 << 20) // ss
-        while i < n:
-            j = i + 1
-            while j < n and sectors[j] == sectors[j - 1] + 1 and j - i < max_run:
-                j += 1
-            start = sectors[i] * ss
-            data = os.pread(fd, (j - i) * ss, start)
-            if len(data) < (j - i) * ss:
-                data = data.ljust((j - i) * ss, b"\0") if start < size else bytes((j - i) * ss)
-            mv = memoryview(data)
-            out.extend(crc32(mv[k : k + ss]) for k in range(0, (j - i) * ss, ss))
-            i = j
-    finally:
-        os.close(fd)
-    return out
+class _Image:
+    """Reads CRC-32s of image sectors; what lies beyond the end reads as zeroes."""
+
+    def __init__(self, path: Path, sector_size: int) -> None:
+        self.path = path
+        self.ss = sector_size
+        self.fd = -1
+
+    def __enter__(self) -> _Image:
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def crcs(self, first: int, count: int) -> list[int]:
+        ss = self.ss
+        size = count * ss
+        data = os.pread(self.fd, size, first * ss)
+        if len(data) < size:
+            data = data.ljust(size, b"\0")
+        mv = memoryview(data)
+        crc32 = zlib.crc32
+        return [crc32(mv[k : k + ss]) for k in range(0, size, ss)]

@@ -113,6 +113,12 @@ class ReqFlags(enum.IntFlag):
     HAS_PRE = 16
 
 
+_FUA = int(ReqFlags.FUA)
+_HAS_PRE = int(ReqFlags.HAS_PRE)
+_HAS_DATA = int(ReqFlags.HAS_DATA)
+_OPS = {int(o): o for o in Op}
+
+
 def sector_crcs(buf: bytes | bytearray | memoryview, offset: int, sector_size: int) -> array[int]:
     """CRC-32 of each whole sector of `buf`, which starts at byte `offset` of the device."""
     mv = memoryview(buf)
@@ -227,7 +233,7 @@ class Request:
 
     seq: int
     op: Op
-    flags: ReqFlags
+    flags: int  # ReqFlags bits, kept as a plain int: enum arithmetic is slow in bulk
     offset: int
     length: int
     submit_index: int  # record number of SUBMIT (the log's total order)
@@ -245,7 +251,7 @@ class Request:
 
     @property
     def fua(self) -> bool:
-        return bool(self.flags & ReqFlags.FUA)
+        return bool(self.flags & _FUA)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -254,7 +260,7 @@ class Request:
             "offset": self.offset,
             "length": self.length,
             "fua": self.fua,
-            "write_cache": bool(self.flags & ReqFlags.WCE),
+            "write_cache": bool(self.flags & int(ReqFlags.WCE)),
             "submit_ns": self.submit_ns,
             "complete_ns": self.complete_ns,
             "status": self.status,
@@ -347,15 +353,15 @@ def read_log(path: Path | str) -> WriteLog:
         _crc, rtype, op, flags, _r, plen, seq, offset, length, t = fields
         payload = pos + rsize
         if rtype == RecordType.SUBMIT:
-            req = Request(seq, Op(op), ReqFlags(flags), offset, length, index, t)
+            req = Request(seq, _OPS[op], flags, offset, length, index, t)
             if op == Op.WRITE:
                 _first, n = whole_sectors(offset, length, ss)
                 req.crcs = _crc_array(data[payload : payload + 4 * n])
                 cur = payload + 4 * n
-                if flags & ReqFlags.HAS_PRE:
+                if flags & _HAS_PRE:
                     req.pre = _crc_array(data[cur : cur + 4 * n])
                     cur += 4 * n
-                if flags & ReqFlags.HAS_DATA:
+                if flags & _HAS_DATA:
                     req.data_offset = cur
             requests.append(req)
             by_seq[seq] = req
