@@ -311,6 +311,26 @@ def _write_cache(backend: BlockBackend, argv: list[str]) -> bool:
     return True
 
 
+_USAGE = {
+    "read": "read [-P pattern] [-v] [-q] OFF LEN -- read, optionally verify a byte pattern, dump",
+    "write": "write [-P pattern | -z [-u]] [-f] [-q] OFF LEN -- write a pattern or zeroes; "
+    "-u may unmap, -f FUA",
+    "discard": "discard [-q] OFF LEN -- discard (punch a hole)",
+    "flush": "flush -- flush the write cache to the disk",
+    "info": "info -- the node graph and the cache settings",
+    "stats": "stats -- the backend's statistics, as JSON",
+    "write-cache": "write-cache on|off -- switch the device's write cache (as a guest can)",
+    "help": "help -- this list",
+}
+
+
+def _help(backend: BlockBackend, argv: list[str]) -> bool:
+    for line in _USAGE.values():
+        print(line)
+    print("OFF and LEN take the suffixes k, M, G, T (powers of 1024)")
+    return True
+
+
 _COMMANDS: dict[str, Callable[[BlockBackend, list[str]], bool]] = {
     "read": _read,
     "write": _write,
@@ -319,6 +339,7 @@ _COMMANDS: dict[str, Callable[[BlockBackend, list[str]], bool]] = {
     "info": _info,
     "stats": _stats,
     "write-cache": _write_cache,
+    "help": _help,
 }
 
 

@@ -335,3 +335,20 @@ def test_write_zeroes_on_tmpfs_punches_and_reallocates(tmp_path: Path) -> None:
         assert os.path.getsize(path) == 65536
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_alignment_probe_finds_what_o_direct_accepts(image: Path) -> None:
+    from harness.block.drivers.file import _probe_align
+
+    with open(image, "r+b") as f:
+        f.write(os.urandom(8192))
+    fd = os.open(image, os.O_RDONLY | os.O_DIRECT)
+    try:
+        align = _probe_align(fd)
+    finally:
+        os.close(fd)
+    assert align in (512, 1024, 2048, 4096)
+    with open_backend(str(image), cache="none") as backend:
+        # The alignment in use (statx's, when the kernel reports one) is one reads accept.
+        assert backend.root.request_alignment >= align
+        assert backend.read(0, 8192)[:16] == image.read_bytes()[:16]

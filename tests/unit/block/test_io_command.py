@@ -173,3 +173,10 @@ def test_output_matches_qemu_io_line_for_line(image: Path) -> None:
     theirs = lines(["qemu-io", "-f", "raw"])
     assert ours[0] == theirs[0]
     assert [ln.rstrip() for ln in ours[1]] == [ln.rstrip() for ln in theirs[1]]
+
+
+def test_help_lists_every_command(image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = io(capsys, "-c", "help", str(image))
+    assert status == 0
+    for name in ("read", "write", "discard", "flush", "info", "stats", "write-cache"):
+        assert f"\n{name} " in f"\n{out}"
