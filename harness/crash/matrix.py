@@ -16,8 +16,9 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from harness.block.cache import CacheMode
 from harness.crash.scenario import (
-    CacheMode,
+    BlkdebugRule,
     Checker,
     CutPolicy,
     CutSpec,
@@ -50,6 +51,10 @@ class Cell:
     seed: int  # the cell's own seed: workload data, cut time, policy
     expect: Expectation
     timeout: float
+    image: str = "default"  # guest image recipe
+    disk_size: int = 256 << 20
+    filesystem: str = "ext4"
+    blkdebug: tuple[BlkdebugRule, ...] = ()  # rules for a blkdebug filter in the backend
 
     @property
     def fault_label(self) -> str:
@@ -144,6 +149,10 @@ def expand(
                                     seed=cell_seed,
                                     expect=scenario.expect,
                                     timeout=scenario.timeout,
+                                    image=scenario.image,
+                                    disk_size=scenario.disk_size,
+                                    filesystem=scenario.filesystem,
+                                    blkdebug=scenario.blkdebug,
                                 )
                             )
     return cells

@@ -21,6 +21,7 @@ def _testcase(cell: CellResult, base: Path | None) -> ET.Element:
         {
             "classname": f"powercut.{cell.scenario}.{cell.mode}",
             "name": cell.id,
+            "file": cell.scenario_path,
             "time": f"{cell.total_seconds:.3f}",
         },
     )

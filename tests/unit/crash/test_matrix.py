@@ -53,6 +53,13 @@ def test_cells_are_the_product_of_every_dimension() -> None:
     assert [c.mode for c in cells[:12]] == [CacheMode.WRITEBACK] * 12
 
 
+def test_cells_carry_what_the_backend_and_guest_need() -> None:
+    lying = load_scenario(ROOT / "scenarios" / "lying-flush.toml")
+    cell = expand(lying)[0]
+    assert cell.image == "default" and cell.disk_size == 256 << 20 and cell.filesystem == "ext4"
+    assert cell.blkdebug == lying.blkdebug and cell.timeout == 120
+
+
 def test_policy_only_on_host_power_cut() -> None:
     for cell in expand(scenario()):
         if cell.fault is FaultModel.HOST_POWER_CUT:
