@@ -194,3 +194,36 @@ def test_explicit_options_override_the_cache_mode(image: Path, tmp_path: Path) -
     effect = trace(argv, image, tmp_path)
     assert effect.direct
     assert effect.syncs == 1  # the close flush
+
+
+def test_ignored_discards_neither_punch_nor_count_as_writes(image: Path, tmp_path: Path) -> None:
+    commands = ["write 0 4k", "flush", "discard 0 4k", "flush"]
+    argv = powercut_io("writeback", commands, image)
+    argv[3:3] = ["-d", "ignore"]
+    ours = trace(argv, image, tmp_path)
+    assert (ours.syncs, ours.fallocates) == (1, ())
+    if shutil.which("qemu-io"):
+        theirs_argv = qemu_io("writeback", commands, image)
+        theirs_argv[1:1] = ["-d", "ignore"]
+        theirs = trace(theirs_argv, image, tmp_path)
+        assert (ours.syncs, ours.fallocates) == (theirs.syncs, theirs.fallocates)
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io not installed")
+def test_raw_window_writes_land_where_qemus_do(tmp_path: Path) -> None:
+    images = []
+    for tool in ("ours", "qemu"):
+        path = tmp_path / f"{tool}.img"
+        path.write_bytes(bytes(4 << 20))
+        spec = f"driver=raw,offset=1M,size=2M,file.driver=file,file.filename={path}"
+        commands = ["write -P 0x5a 0 4k", "write -P 0x6b 2044k 4k", "write -z 8k 4k", "read 2M 512"]
+        argv = [sys.executable, "-m", "harness.commands.io"] if tool == "ours" else ["qemu-io"]
+        for c in commands:
+            argv += ["-c", c]
+        proc = subprocess.run(
+            [*argv, "--image-opts", spec], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 1  # the last read is past the window's end
+        assert "read failed: Input/output error" in proc.stdout
+        images.append(path.read_bytes())
+    assert images[0] == images[1]
