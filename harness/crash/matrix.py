@@ -17,10 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from harness.block.cache import CacheMode
+from harness.crash.cut import CutPolicy
 from harness.crash.scenario import (
     BlkdebugRule,
     Checker,
-    CutPolicy,
     CutSpec,
     Expectation,
     FaultModel,

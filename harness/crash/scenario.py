@@ -7,7 +7,8 @@ file, the line, the field and what is allowed. `harness.crash.matrix` then
 expands a `Scenario` into cells.
 
 Only the vocabulary lives here (fault models, cut policies, triggers,
-workloads, checkers; cache modes are `harness.block.cache.CacheMode`); what
+workloads, checkers; cache modes are `harness.block.cache.CacheMode` and cut
+policies `harness.crash.cut.CutPolicy`); what
 each combination promises is `harness.crash.verdict`'s business.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from harness.block.cache import CacheMode
 from harness.block.drivers.blkdebug import BlkOp, Rule
+from harness.crash.cut import CutPolicy
 from harness.crash.tomlines import LineIndex, PathElem
 from harness.errors import ConfigError, ScenarioError
 
@@ -40,16 +42,6 @@ class FaultModel(enum.Enum):
     GUEST_POWER_CUT = "guest-power-cut"  # QEMU killed; the host keeps its page cache
     HOST_POWER_CUT = "host-power-cut"  # QEMU killed and the volatile cache lost by a policy
     BACKEND_CRASH = "backend-crash"  # backend killed and restarted under a running guest
-
-
-class CutPolicy(enum.Enum):
-    """Which part of the powerfail journal a host power cut reverts."""
-
-    LOSE_ALL = "lose-all"
-    KEEP_ALL = "keep-all"
-    RANDOM = "random"
-    PREFIX = "prefix"
-    TORN = "torn"
 
 
 class WorkloadKind(enum.Enum):

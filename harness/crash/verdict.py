@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from harness.block.cache import CacheMode
+from harness.crash.cut import CutPolicy
 from harness.crash.matrix import Cell
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
-    CutPolicy,
     Expectation,
     FaultModel,
     FioVerifySpec,

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
+from harness.crash.cut import CutPolicy
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
-    CutPolicy,
     Expectation,
     FaultModel,
     FioVerifySpec,

@@ -9,11 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
+from harness.crash.cut import CutPolicy
 from harness.crash.matrix import expand
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
-    CutPolicy,
     Expectation,
     FaultModel,
     FioVerifySpec,
