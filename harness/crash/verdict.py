@@ -427,6 +427,9 @@ def judge(expected: Expected, observed: Observed) -> CellVerdict:
         )
     lost = [r for r in results if r.loss_detected]
     note = f"; allowed loss: {lost[0].checker.value}: {lost[0].reason}" if lost else ""
+    o = observed.oracle
+    if expected.model_must_revert and o is not None and o.writes > o.writes_durable:
+        note += f"; lose-all reverted all {o.writes - o.writes_durable} unflushed writes"
     return CellVerdict(
         Verdict.PASS, f"inside the contract ({expected.promise.value}){note}", expected, results
     )
