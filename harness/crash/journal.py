@@ -71,6 +71,7 @@ JOURNAL_HEADER = struct.Struct("<8sHHIQQII")
 # Record header; see the module docstring for each field.
 JOURNAL_RECORD = struct.Struct("<IBBHIQQQ")
 
+_CRC = struct.Struct("<I")
 JOURNAL_MAGIC = b"PCJRNL\x00\x01"
 JOURNAL_VERSION = 1
 COMPLETE_FAILED = 0x01
@@ -267,11 +268,22 @@ def read_journal(path: Path | str) -> tuple[JournalState, mmap.mmap | bytes]:
 
 
 class JournalWriter:
-    """Appends records; one `write(2)` per record, so a killed process tears at most the last."""
+    """Appends records with one `write(2)` per call, so a killed process tears at most the last.
 
-    def __init__(self, path: Path | str, fd: int) -> None:
+    COMPLETE records are cheap to lose (a write without one is treated as still in
+    flight: not durable, and marked complete when the journal is reopened), so they
+    wait in memory and go out in the same `write(2)` as the next record — always
+    before a DURABLE record, whose meaning depends on them — halving the system
+    calls per write.
+    """
+
+    MAX_PENDING = 64
+
+    def __init__(self, path: Path | str, fd: int, size: int) -> None:
         self.path = Path(path)
         self._fd = fd
+        self._size = size
+        self._pending: list[bytes] = []
 
     @classmethod
     def create(cls, path: Path | str, sector_size: int, image_size: int) -> JournalWriter:
@@ -279,8 +291,9 @@ class JournalWriter:
         fd = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644
         )
-        os.write(fd, JournalHeader(sector_size, image_size, time.time_ns()).pack())
-        return cls(path, fd)
+        header = JournalHeader(sector_size, image_size, time.time_ns()).pack()
+        os.write(fd, header)
+        return cls(path, fd, len(header))
 
     @classmethod
     def reopen(cls, path: Path | str, valid_length: int) -> JournalWriter:
@@ -288,52 +301,78 @@ class JournalWriter:
         path = Path(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         os.ftruncate(fd, valid_length)
-        return cls(path, fd)
+        return cls(path, fd, valid_length)
 
-    def _append(
-        self,
-        rtype: RecordType,
+    @staticmethod
+    def _encode(
+        rtype: int,
         flags: int,
         seq: int,
         a: int,
         b: int,
         payload: bytes | bytearray | memoryview = b"",
-    ) -> None:
-        head = JOURNAL_RECORD.pack(0, rtype, flags, 0, len(payload), seq, a, b)
-        crc = zlib.crc32(payload, zlib.crc32(head[4:]))
-        record = struct.pack("<I", crc) + head[4:]
-        written = os.writev(self._fd, [record, payload]) if payload else os.write(self._fd, record)
-        if written != len(record) + len(payload):
+    ) -> bytes:
+        head = JOURNAL_RECORD.pack(0, rtype, flags, 0, len(payload), seq, a, b)[4:]
+        return _CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + head
+
+    def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        if self._pending:
+            parts = [*self._pending, *parts]
+            self._pending = []
+        expected = sum(len(p) for p in parts)
+        written = os.writev(self._fd, parts)
+        self._size += written
+        if written != expected:
             raise JournalError(
-                f"short write to journal {self.path} ({written} bytes); is the disk full?"
+                f"short write to journal {self.path} ({written} of {expected} bytes); "
+                "is the disk full?"
             )
 
     def preimage(
         self, seq: int, kind: OpKind, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
-        self._append(RecordType.PREIMAGE, int(kind), seq, offset, len(data), data)
-
-    def complete(self, seq: int, index: int, failed: bool) -> None:
-        self._append(
-            RecordType.COMPLETE, COMPLETE_FAILED if failed else 0, seq, index, time.monotonic_ns()
+        self._write(
+            [self._encode(RecordType.PREIMAGE, int(kind), seq, offset, len(data), data), data]
         )
 
+    def complete(self, seq: int, index: int, failed: bool) -> None:
+        self._pending.append(
+            self._encode(
+                RecordType.COMPLETE,
+                COMPLETE_FAILED if failed else 0,
+                seq,
+                index,
+                time.monotonic_ns(),
+            )
+        )
+        if len(self._pending) >= self.MAX_PENDING:
+            self.sync()
+
     def durable(self, index: int, reason: DurableReason) -> None:
-        self._append(RecordType.DURABLE, int(reason), 0, index, time.monotonic_ns())
+        self._write([self._encode(RecordType.DURABLE, int(reason), 0, index, time.monotonic_ns())])
 
     def opened(self) -> None:
-        self._append(RecordType.OPEN, 0, 0, os.getpid(), time.monotonic_ns())
+        self._write([self._encode(RecordType.OPEN, 0, 0, os.getpid(), time.monotonic_ns())])
+
+    def sync(self) -> None:
+        """Write out the COMPLETE records waiting in memory."""
+        if self._pending:
+            self._write([])
 
     def size(self) -> int:
-        return os.fstat(self._fd).st_size
+        return self._size + sum(len(p) for p in self._pending)
 
     def reset(self, sector_size: int, image_size: int) -> None:
         """Drop every record: nothing is owed to the disk any more."""
+        self._pending = []
         os.ftruncate(self._fd, 0)
-        os.write(self._fd, JournalHeader(sector_size, image_size, time.time_ns()).pack())
+        header = JournalHeader(sector_size, image_size, time.time_ns()).pack()
+        os.write(self._fd, header)
+        self._size = len(header)
 
     def close(self) -> None:
         if self._fd >= 0:
+            self.sync()
             os.close(self._fd)
             self._fd = -1
 

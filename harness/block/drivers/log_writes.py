@@ -40,6 +40,12 @@ from harness.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+_FUA = int(ReqFlags.FUA)
+_WCE = int(ReqFlags.WCE)
+_HAS_PRE = int(ReqFlags.HAS_PRE)
+_HAS_DATA = int(ReqFlags.HAS_DATA)
+_FULL = b"\xff" * 4096  # a run of fully seen bitmap bytes
+
 
 @register_driver
 class LogWritesNode(BlockNode):
@@ -110,7 +116,7 @@ class LogWritesNode(BlockNode):
     def _submit(
         self,
         op: Op,
-        flags: ReqFlags,
+        flags: int,
         offset: int,
         length: int,
         payload: list[bytes | bytearray | memoryview] | None = None,
@@ -119,30 +125,41 @@ class LogWritesNode(BlockNode):
         seq = self._seq
         self._seq += 1
         if self.write_cache:
-            flags |= ReqFlags.WCE
-        self.writer.append(RecordType.SUBMIT, op, int(flags), seq, offset, length, payload)
+            flags |= _WCE
+        self.writer.append(RecordType.SUBMIT, op, flags, seq, offset, length, payload)
         return seq
-
-    def _complete(self, seq: int, status: int) -> None:
-        with self._lock:
-            self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, status)
 
     def _unseen(self, first: int, count: int) -> bool:
         seen = self._seen
+        if not first & 7 and not count & 7:
+            # Whole bytes of the bitmap (4 KiB-aligned requests): compare them at once.
+            n = count >> 3
+            return seen[first >> 3 : (first >> 3) + n] != (_FULL[:n] if n <= 4096 else b"\xff" * n)
         return any(not seen[s >> 3] & 1 << (s & 7) for s in range(first, first + count))
 
     def _mark_seen(self, first: int, count: int) -> None:
         seen = self._seen
+        if not first & 7 and not count & 7:
+            n = count >> 3
+            seen[first >> 3 : (first >> 3) + n] = _FULL[:n] if n <= 4096 else b"\xff" * n
+            return
         for s in range(first, first + count):
             seen[s >> 3] |= 1 << (s & 7)
 
-    def _run(self, seq: int, call: Any, *args: Any) -> None:
+    def _run(self, seq: int, urgent: bool, call: Any, *args: Any) -> None:
         try:
             call(*args)
         except BaseException as exc:
-            self._complete(seq, int(getattr(exc, "errno", None) or errno.EIO))
+            status = int(getattr(exc, "errno", None) or errno.EIO)
+            with self._lock:
+                self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, status)
             raise
-        self._complete(seq, 0)
+        with self._lock:
+            if urgent:
+                # FUA writes and flushes: their completion is a promise the oracle checks.
+                self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, 0)
+            else:
+                self.writer.defer(RecordType.COMPLETE, Op.NONE, 0, seq, 0, 0)
 
     # -- requests ----------------------------------------------------------------
 
@@ -153,7 +170,8 @@ class LogWritesNode(BlockNode):
         buf: bytes | memoryview = iov[0] if len(iov) == 1 else b"".join(iov)
         length = len(buf)
         ss = self.sector_size
-        rflags = ReqFlags.FUA if RequestFlags.FUA in flags else ReqFlags.NONE
+        fua = flags is not RequestFlags.NONE and RequestFlags.FUA in flags
+        rflags = _FUA if fua else 0
         payload: list[bytes | bytearray | memoryview] = [_crc_bytes(sector_crcs(buf, offset, ss))]
         first, count = whole_sectors(offset, length, ss)
         with self._lock:
@@ -161,30 +179,31 @@ class LogWritesNode(BlockNode):
                 pre = bytearray(count * ss)
                 self.child.preadv(first * ss, [memoryview(pre)])
                 payload.append(_crc_bytes(sector_crcs(pre, first * ss, ss)))
-                rflags |= ReqFlags.HAS_PRE
+                rflags |= _HAS_PRE
                 self._mark_seen(first, count)
             if self.log_data:
                 payload.append(buf)
-                rflags |= ReqFlags.HAS_DATA
+                rflags |= _HAS_DATA
             seq = self._submit(Op.WRITE, rflags, offset, length, payload)
-        self._run(seq, self.child.pwritev, offset, iov, flags)
+        self._run(seq, fua, self.child.pwritev, offset, iov, flags)
 
     def driver_pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
-        rflags = ReqFlags.NONE
-        if RequestFlags.FUA in flags:
-            rflags |= ReqFlags.FUA
+        rflags = 0
+        fua = RequestFlags.FUA in flags
+        if fua:
+            rflags |= _FUA
         if RequestFlags.MAY_UNMAP in flags:
-            rflags |= ReqFlags.MAY_UNMAP
+            rflags |= int(ReqFlags.MAY_UNMAP)
         with self._lock:
             self._record_preimage(offset, length)
             seq = self._submit(Op.WRITE_ZEROES, rflags, offset, length)
-        self._run(seq, self.child.pwrite_zeroes, offset, length, flags)
+        self._run(seq, fua, self.child.pwrite_zeroes, offset, length, flags)
 
     def driver_pdiscard(self, offset: int, length: int) -> None:
         with self._lock:
             self._record_preimage(offset, length)
-            seq = self._submit(Op.DISCARD, ReqFlags.NONE, offset, length)
-        self._run(seq, self.child.pdiscard, offset, length)
+            seq = self._submit(Op.DISCARD, 0, offset, length)
+        self._run(seq, False, self.child.pdiscard, offset, length)
 
     def _record_preimage(self, offset: int, length: int) -> None:
         # Zeroes and discards carry no CRCs, but a sector first touched by one still has an
@@ -201,8 +220,8 @@ class LogWritesNode(BlockNode):
 
     def driver_flush(self) -> None:
         with self._lock:
-            seq = self._submit(Op.FLUSH, ReqFlags.NONE, 0, 0)
-        self._run(seq, self.child.flush)
+            seq = self._submit(Op.FLUSH, 0, 0, 0)
+        self._run(seq, True, self.child.flush)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -60,21 +60,26 @@ class RangeLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._held: list[tuple[int, int]] = []
+        self._waiting = 0
 
     def acquire(self, start: int, end: int) -> tuple[int, int]:
         key = (start, end)
         with self._cond:
-            while any(s < end and start < e for s, e in self._held):
+            held = self._held
+            while held and any(s < end and start < e for s, e in held):
+                self._waiting += 1
                 self._cond.wait()
-            self._held.append(key)
+                self._waiting -= 1
+            held.append(key)
         return key
 
     def release(self, key: tuple[int, int]) -> None:
         with self._cond:
             self._held.remove(key)
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
 
 
 @register_driver
@@ -190,24 +195,22 @@ class PowerfailNode(BlockNode):
         self.child.preadv(offset, iov)
 
     def driver_pwritev(self, offset: int, iov: IOVec, flags: RequestFlags) -> None:
-        self._journaled(
-            offset, iov_length(iov), OpKind.WRITE, lambda: self.child.pwritev(offset, iov, flags)
-        )
+        length = len(iov[0]) if len(iov) == 1 else iov_length(iov)
+        self._journaled(offset, length, OpKind.WRITE, self.child.pwritev, offset, iov, flags)
 
     def driver_pdiscard(self, offset: int, length: int) -> None:
-        self._journaled(offset, length, OpKind.DISCARD, lambda: self.child.pdiscard(offset, length))
+        self._journaled(offset, length, OpKind.DISCARD, self.child.pdiscard, offset, length)
 
     def driver_pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         self._journaled(
-            offset,
-            length,
-            OpKind.WRITE_ZEROES,
-            lambda: self.child.pwrite_zeroes(offset, length, flags),
+            offset, length, OpKind.WRITE_ZEROES, self.child.pwrite_zeroes, offset, length, flags
         )
 
-    def _journaled(self, offset: int, length: int, kind: OpKind, apply: Callable[[], None]) -> None:
+    def _journaled(
+        self, offset: int, length: int, kind: OpKind, apply: Callable[..., None], *args: Any
+    ) -> None:
         if length <= 0:
-            apply()
+            apply(*args)
             return
         g = self.granularity
         start = offset - offset % g
@@ -225,7 +228,7 @@ class PowerfailNode(BlockNode):
                 self._inflight.add(seq)
             failed = True
             try:
-                apply()
+                apply(*args)
                 failed = False
             finally:
                 with self._state:
@@ -304,6 +307,8 @@ class PowerfailNode(BlockNode):
 
     def driver_close(self) -> None:
         self._stop.set()
+        with self._state:
+            self.journal.sync()
         if self._horizon_thread is not None:
             self._horizon_thread.join(timeout=5)
         self.journal.close()

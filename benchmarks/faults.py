@@ -1,0 +1,223 @@
+"""The fault-model stack against the plain stack, and the oracle's speed, in one run.
+
+    python -m benchmarks.faults [--seconds 1.5] [--rounds 3] [--writes 100000] [--out DIR]
+
+1. Throughput: 4 KiB random writes on a page-cached 256 MiB file, cache=writeback,
+   through `log-writes -> powerfail -> file` against `file` alone, rounds
+   alternating so drift on a shared machine hits both alike; best round of each,
+   compared as a ratio. Goal: at least 0.5x. Every fault-stack write reads and
+   journals a pre-image and appends two log records, so this is the price of
+   the model. Run twice: without flushes (the pure per-write cost; the journal
+   grows all run), and with a flush every 256 writes on both sides, as a guest
+   would (the journal is emptied when a durable flush leaves nothing owed).
+2. Oracle: a 1 GiB sparse image with `--writes` 4 KiB random writes logged
+   through `log-writes` (a flush every 100), cut by `lose-all`; then the time
+   `harness.crash.oracle.check` takes on it, log parsing included. Goal: < 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.block import BlockBackend, open_backend
+from harness.crash.cut import apply_cut
+from harness.crash.oracle import check
+
+FILE_SIZE = 256 << 20
+ORACLE_IMAGE = 1 << 30
+
+
+def _fault_spec(image: Path, tmp: Path) -> dict[str, Any]:
+    return {
+        "driver": "log-writes",
+        "log": str(tmp / "w.log"),
+        "file": {
+            "driver": "powerfail",
+            "journal": str(tmp / "d.journal"),
+            "file": {"driver": "file", "filename": str(image)},
+        },
+    }
+
+
+def _timed_writes(
+    backend: BlockBackend, offsets: list[int], seconds: float, flush_every: int
+) -> float:
+    buf = memoryview(bytearray(os.urandom(4096)))
+    iov = [buf]
+    writev = backend.writev
+    flush = backend.flush
+    done = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for i, off in enumerate(offsets):
+            writev(off, iov)
+            if flush_every and i % flush_every == flush_every - 1:
+                flush()
+        done += len(offsets)
+        now = time.perf_counter()
+        if now >= deadline:
+            return done / (now - start)
+
+
+def throughput(seconds: float, rounds: int, tmp: Path, flush_every: int) -> dict[str, Any]:
+    image = tmp / "bench.img"
+    if not image.exists():
+        with open(image, "wb") as f:
+            chunk = os.urandom(1 << 20)
+            for _ in range(FILE_SIZE >> 20):
+                f.write(chunk)
+    rng = random.Random(4096)
+    offsets = [rng.randrange(FILE_SIZE // 4096) * 4096 for _ in range(2048)]
+    for stale in ("w.log", "d.journal"):
+        (tmp / stale).unlink(missing_ok=True)
+    plain = open_backend(str(image), cache="writeback")  # raw over file, the default graph
+    fault = open_backend(_fault_spec(image, tmp), cache="writeback")
+    plain_rates: list[float] = []
+    fault_rates: list[float] = []
+    try:
+        for _ in range(rounds):
+            plain_rates.append(_timed_writes(plain, offsets, seconds, flush_every))
+            fault_rates.append(_timed_writes(fault, offsets, seconds, flush_every))
+    finally:
+        plain.close()
+        fault.close()
+    best_plain, best_fault = max(plain_rates), max(fault_rates)
+    ratio = best_fault / best_plain
+    return {
+        "workload": "randwrite 4k, cache=writeback, "
+        + (f"flush every {flush_every}" if flush_every else "no flushes"),
+        "plain_graph": "raw -> file",
+        "fault_graph": "log-writes -> powerfail -> file",
+        "plain_ops_per_s": round(best_plain),
+        "fault_ops_per_s": round(best_fault),
+        "ratio": round(ratio, 3),
+        "goal_ratio": 0.5,
+        "goal_met": ratio >= 0.5,
+        "rounds_plain": [round(r) for r in plain_rates],
+        "rounds_fault": [round(r) for r in fault_rates],
+        "journal_bytes_at_end": (tmp / "d.journal").stat().st_size,
+        "log_bytes_at_end": (tmp / "w.log").stat().st_size,
+    }
+
+
+def oracle(writes: int, tmp: Path) -> dict[str, Any]:
+    image = tmp / "oracle.img"
+    with open(image, "wb") as f:
+        f.truncate(ORACLE_IMAGE)
+    spec = _fault_spec(image, tmp)
+    spec["log"] = str(tmp / "oracle.log")
+    spec["file"]["journal"] = str(tmp / "oracle.journal")
+    rng = random.Random(100_000)
+    be = open_backend(spec, cache="writeback")
+    t0 = time.perf_counter()
+    try:
+        for i in range(writes):
+            be.write(rng.randrange(ORACLE_IMAGE // 4096) * 4096, rng.randbytes(4096))
+            if i % 100 == 99:
+                be.flush()
+        for _ in range(50):  # some volatile ones at the end
+            be.write(rng.randrange(ORACLE_IMAGE // 4096) * 4096, rng.randbytes(4096))
+    finally:
+        be.graph.close()  # no final flush: a power cut
+    record_s = time.perf_counter() - t0
+    apply_cut(image, tmp / "oracle.journal", "lose-all", 0)
+    t1 = time.perf_counter()
+    report = check(image, tmp / "oracle.log", "writeback")
+    check_s = time.perf_counter() - t1
+    return {
+        "image_bytes": ORACLE_IMAGE,
+        "logged_writes": report.writes,
+        "log_bytes": (tmp / "oracle.log").stat().st_size,
+        "sectors_checked": report.sectors_checked,
+        "verdict_ok": report.ok,
+        "check_seconds": round(check_s, 2),
+        "goal_seconds": 10,
+        "goal_met": check_s < 10 and report.ok,
+        "recording_seconds": round(record_s, 1),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.faults",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seconds", type=float, default=1.5, help="per round and side")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--writes", type=int, default=100_000, help="logged writes for the oracle")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tputs = [throughput(args.seconds, args.rounds, Path(tmp), every) for every in (0, 256)]
+        for tput in tputs:
+            print(
+                f"{tput['workload']}: plain {tput['plain_ops_per_s']}/s, "
+                f"powerfail+log-writes {tput['fault_ops_per_s']}/s, ratio {tput['ratio']:.2f} "
+                f"({'met' if tput['goal_met'] else 'MISSED'} >= 0.5)",
+                flush=True,
+            )
+        orc = oracle(args.writes, Path(tmp))
+        print(
+            f"oracle: {orc['logged_writes']} writes, {orc['sectors_checked']} sectors of a "
+            f"1 GiB image checked in {orc['check_seconds']} s "
+            f"({'met' if orc['goal_met'] else 'MISSED'} < 10 s)"
+        )
+    report = {
+        "benchmark": "faults",
+        "command": " ".join(
+            [
+                os.path.basename(sys.executable),
+                "-m",
+                "benchmarks.faults",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cores": os.cpu_count(),
+            "cpu": _cpu_model(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "seconds_per_round": args.seconds,
+            "rounds": args.rounds,
+            "file_size": FILE_SIZE,
+            "oracle_writes": args.writes,
+        },
+        "throughput": tputs,
+        "oracle": orc,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out / f"faults-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"recorded {out}")
+    return 0 if all(t["goal_met"] for t in tputs) and orc["goal_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
