@@ -5,7 +5,14 @@
 tests) talks to. See design.md, "The block stack".
 """
 
-from harness.block.backend import BackendStats, BlockBackend, ErrorAction, OpStats, open_backend
+from harness.block.backend import (
+    BackendStats,
+    BlockBackend,
+    ErrorAction,
+    OpStats,
+    open_backend,
+    open_blockdevs,
+)
 from harness.block.cache import CacheMode, CacheSettings, cache_settings, parse_cache_mode
 from harness.block.node import BlockNode, OpenFlags, RequestFlags
 
@@ -21,5 +28,6 @@ __all__ = [
     "RequestFlags",
     "cache_settings",
     "open_backend",
+    "open_blockdevs",
     "parse_cache_mode",
 ]

@@ -21,14 +21,14 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
 from harness.block.cache import CacheMode, cache_settings, parse_cache_mode
-from harness.block.graph import Graph, open_graph
+from harness.block.graph import Graph, open_blockdev_graph, open_graph
 from harness.block.node import BlockNode, IOVec, RequestFlags, iov_length
 from harness.block.options import parse_bool, to_flat
 from harness.block.throttle import (
@@ -540,6 +540,73 @@ def _parse_action(value: Any, what: str) -> ErrorAction:
         ) from None
 
 
+@dataclass(frozen=True)
+class _DeviceOptions:
+    """The options that belong to the device (the BlockBackend), not to a node."""
+
+    write_cache: bool
+    rerror: ErrorAction
+    werror: ErrorAction
+    iothreads: int
+    throttle_group: str | None
+    throttle_limits: ThrottleLimits | None
+
+
+def _device_options(flat: dict[str, Any], default_write_cache: bool) -> _DeviceOptions:
+    """Take the device's options out of `flat` (what is left are node options)."""
+    backend_opts = {k: flat.pop(k) for k in list(flat) if k in _BACKEND_KEYS}
+    limit_opts = {
+        k: flat.pop(k)
+        for k in list(flat)
+        if k.startswith("throttling.") and k[len("throttling.") :] in LIMIT_KEYS
+    }
+    bad = [k for k in flat if k.startswith("throttling.")]
+    if bad:
+        raise ConfigError(
+            f"unknown throttling option {bad[0]!r}; valid options: "
+            + ", ".join(f"throttling.{k}" for k in (*LIMIT_KEYS, "group"))
+        )
+    write_cache = default_write_cache
+    wc = backend_opts.get("write-cache")
+    if wc is not None and str(wc) != "auto":
+        write_cache = parse_bool(wc, "option 'write-cache'")
+    try:
+        iothreads = int(backend_opts.get("iothreads", 4))
+    except ValueError:
+        raise ConfigError(f"iothreads: {backend_opts['iothreads']!r} is not a number") from None
+    if iothreads < 1:
+        raise ConfigError(f"iothreads must be at least 1, got {iothreads}")
+    group = backend_opts.get("throttling.group")
+    return _DeviceOptions(
+        write_cache=write_cache,
+        rerror=_parse_action(backend_opts.get("rerror", "report"), "rerror"),
+        werror=_parse_action(backend_opts.get("werror", "enospc"), "werror"),
+        iothreads=iothreads,
+        throttle_group=str(group) if group is not None else None,
+        throttle_limits=ThrottleLimits.parse(limit_opts) if limit_opts else None,
+    )
+
+
+def _backend_on(
+    graph: Graph, device: _DeviceOptions, mode: CacheMode, name: str | None
+) -> BlockBackend:
+    try:
+        return BlockBackend(
+            graph,
+            name=name or "",
+            write_cache=device.write_cache,
+            rerror=device.rerror,
+            werror=device.werror,
+            throttle_group=device.throttle_group,
+            throttle_limits=device.throttle_limits,
+            iothreads=device.iothreads,
+            cache_mode=mode,
+        )
+    except BaseException:
+        graph.close()
+        raise
+
+
 def open_backend(
     options: str | Mapping[str, Any],
     *,
@@ -561,45 +628,43 @@ def open_backend(
     mode = parse_cache_mode(cache)
     settings = cache_settings(mode)
     flat = to_flat(options)
-    backend_opts = {k: flat.pop(k) for k in list(flat) if k in _BACKEND_KEYS}
-    limit_opts = {
-        k: flat.pop(k)
-        for k in list(flat)
-        if k.startswith("throttling.") and k[len("throttling.") :] in LIMIT_KEYS
-    }
-    bad = [k for k in flat if k.startswith("throttling.")]
-    if bad:
-        raise ConfigError(
-            f"unknown throttling option {bad[0]!r}; valid options: "
-            + ", ".join(f"throttling.{k}" for k in (*LIMIT_KEYS, "group"))
-        )
-    write_cache = settings.write_cache
-    wc = backend_opts.get("write-cache")
-    if wc is not None and str(wc) != "auto":
-        write_cache = parse_bool(wc, "option 'write-cache'")
-    limits = ThrottleLimits.parse(limit_opts) if limit_opts else None
-    iothreads = int(backend_opts.get("iothreads", 4))
-    if iothreads < 1:
-        raise ConfigError(f"iothreads must be at least 1, got {iothreads}")
+    device = _device_options(flat, settings.write_cache)
     graph = open_graph(
         flat, read_only=read_only, direct=settings.direct, no_flush=settings.no_flush
     )
-    try:
-        return BlockBackend(
-            graph,
-            name=name or "",
-            write_cache=write_cache,
-            rerror=_parse_action(backend_opts.get("rerror", "report"), "rerror"),
-            werror=_parse_action(backend_opts.get("werror", "enospc"), "werror"),
-            throttle_group=(
-                str(backend_opts["throttling.group"])
-                if "throttling.group" in backend_opts
-                else None
-            ),
-            throttle_limits=limits,
-            iothreads=iothreads,
-            cache_mode=mode,
+    return _backend_on(graph, device, mode, name)
+
+
+def open_blockdevs(
+    blockdevs: Sequence[str | Mapping[str, Any]],
+    node_name: str,
+    *,
+    device: str | Mapping[str, Any] | None = None,
+    cache: str | CacheMode = "writeback",
+    read_only: bool = False,
+    name: str | None = None,
+) -> BlockBackend:
+    """A BlockBackend on node `node_name` of several `--blockdev` definitions.
+
+    This is qemu-storage-daemon's shape: each definition has a node-name and
+    may use an earlier one as its child (`file=NODE`). `device` holds the
+    device's options (`write-cache`, `rerror`, `werror`, `throttling.*`, ...),
+    which `--blockdev` does not take.
+    """
+    mode = parse_cache_mode(cache)
+    settings = cache_settings(mode)
+    device_flat = to_flat(device or {})
+    opts = _device_options(device_flat, settings.write_cache)
+    if device_flat:
+        raise ConfigError(
+            f"unknown device option {next(iter(device_flat))!r}; valid options: "
+            + ", ".join((*_BACKEND_KEYS, "throttling.*"))
         )
-    except BaseException:
-        graph.close()
-        raise
+    graph = open_blockdev_graph(
+        blockdevs,
+        node_name,
+        read_only=read_only,
+        direct=settings.direct,
+        no_flush=settings.no_flush,
+    )
+    return _backend_on(graph, opts, mode, name)

@@ -11,7 +11,7 @@ what is valid, before a file is opened.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,12 @@ _auto_names = itertools.count(1)
 class Graph:
     root: BlockNode
     nodes: dict[str, BlockNode] = field(default_factory=dict)
+    others: list[BlockNode] = field(default_factory=list)  # top-level nodes besides the root
 
     def close(self) -> None:
         self.root.close()
+        for node in self.others:
+            node.close()
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,63 @@ def open_graph(
     """Open the graph described by `options`; the keyword defaults apply where not explicit."""
     flat = to_flat(options)
     nodes: dict[str, BlockNode] = {}
-    root = _open_node(flat, _Inherited(read_only, direct, no_flush, unmap), nodes, "")
+    root = _open_node(flat, _Inherited(read_only, direct, no_flush, unmap), nodes, "", {})
     return Graph(root, nodes)
 
 
+def open_blockdev_graph(
+    blockdevs: Sequence[str | Mapping[str, Any]],
+    root: str,
+    *,
+    read_only: bool = False,
+    direct: bool = False,
+    no_flush: bool = False,
+    unmap: bool = True,
+) -> Graph:
+    """Several `--blockdev` definitions, as qemu-storage-daemon takes them.
+
+    A later definition may name an earlier node as its child (`file=NODE`), as
+    in `--blockdev driver=file,node-name=f0,filename=d.img --blockdev
+    driver=raw,node-name=d0,file=f0`; `root` names the node the backend sits on.
+    """
+    nodes: dict[str, BlockNode] = {}
+    top: dict[str, BlockNode] = {}  # opened and not (yet) anyone's child
+    defaults = _Inherited(read_only, direct, no_flush, unmap)
+    try:
+        for spec in blockdevs:
+            flat = to_flat(spec)
+            if "node-name" not in flat:
+                raise ConfigError(
+                    f"--blockdev {spec!r} needs a node-name, so that it can be referred to"
+                )
+            node = _open_node(flat, defaults, nodes, "", top)
+            top[node.node_name] = node
+        if root not in top:
+            where = "is the child of another node" if root in nodes else "is not defined"
+            raise ConfigError(
+                f"node {root!r} {where}; top-level nodes: {', '.join(sorted(top)) or 'none'}"
+            )
+    except BaseException:
+        for node in top.values():
+            node.close()
+        raise
+    root_node = top.pop(root)
+    return Graph(root_node, nodes, list(top.values()))
+
+
 def _open_node(
-    flat: dict[str, Any], parent: _Inherited, nodes: dict[str, BlockNode], path: str
+    flat: dict[str, Any],
+    parent: _Inherited,
+    nodes: dict[str, BlockNode],
+    path: str,
+    free: dict[str, BlockNode],
 ) -> BlockNode:
     where = f"node at {path.rstrip('.')!r}" if path else "the root node"
+    ref = flat.get("file")
+    ref_name = ref if isinstance(ref, str) and ref in free else None
+    if ref_name is not None:
+        # `file=NODE` names a node defined by an earlier --blockdev: it becomes the child.
+        flat = {k: v for k, v in flat.items() if k != "file"}
     own, child_opts = split_child(flat, "file")
     driver = own.get("driver")
     if driver is None:
@@ -110,10 +162,14 @@ def _open_node(
     )
 
     child: BlockNode | None = None
-    if child_opts is not None:
+    if ref_name is not None:
         if not cls.has_child:
             raise ConfigError(f"driver {cls.driver!r} ({where}) takes no 'file' child")
-        child = _open_node(child_opts, inherited, nodes, path + "file.")
+        child = free.pop(ref_name)
+    elif child_opts is not None:
+        if not cls.has_child:
+            raise ConfigError(f"driver {cls.driver!r} ({where}) takes no 'file' child")
+        child = _open_node(child_opts, inherited, nodes, path + "file.", free)
     elif cls.has_child:
         raise ConfigError(
             f"driver {cls.driver!r} ({where}) needs a 'file' child, "

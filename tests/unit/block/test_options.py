@@ -163,3 +163,32 @@ def test_children_inherit_cache_options(image: Path) -> None:
 def test_invalid_throttle_limits_are_refused(limits: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ThrottleLimits.parse(limits)
+
+
+def test_blockdevs_refer_to_earlier_nodes_as_qemu_storage_daemon_does(image: Path) -> None:
+    from harness.block import open_blockdevs
+
+    blockdevs = [
+        f"driver=file,node-name=file0,filename={image}",
+        "driver=raw,node-name=disk0,file=file0,offset=4k",
+    ]
+    with open_blockdevs(blockdevs, "disk0", device={"werror": "report"}) as backend:
+        assert backend.root.node_name == "disk0"
+        assert backend.node("file0").driver == "file"
+        assert backend.werror.value == "report"
+        backend.write(0, b"qsd")
+    assert image.read_bytes()[4096:4099] == b"qsd"
+
+
+def test_blockdevs_name_what_is_wrong(image: Path) -> None:
+    from harness.block import open_blockdevs
+
+    base = f"driver=file,node-name=file0,filename={image}"
+    with pytest.raises(ConfigError, match="needs a node-name"):
+        open_blockdevs([f"driver=file,filename={image}"], "x")
+    with pytest.raises(ConfigError, match="'disk9' is not defined; top-level nodes: file0"):
+        open_blockdevs([base], "disk9")
+    with pytest.raises(ConfigError, match="'file0' is the child of another node"):
+        open_blockdevs([base, "driver=raw,node-name=d0,file=file0"], "file0")
+    with pytest.raises(ConfigError, match="unknown device option 'cache'"):
+        open_blockdevs([base], "file0", device={"cache": "none"})
