@@ -23,6 +23,7 @@ below, which know nothing of VMs:
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,15 @@ class RunPlan:
         """The cell's reproduce command; names the accelerator when one was forced."""
         accel = None if self.accel == "auto" else self.accel
         return cell.reproduce_command(out=str(self.out / "repro"), accel=accel)
+
+    def cell_directory(self, index: int, cell: Cell) -> Path:
+        """Where cell number `index` keeps its artifacts (logs, write log, journal).
+
+        Artifact paths in results.json are relative to `out`, so a results
+        directory can be moved or archived whole.
+        """
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cell.scenario}_{cell.id}")
+        return self.out / "cells" / f"{index:03d}-{slug}"
 
     def listing(self) -> list[str]:
         return [f"{c.scenario}: {c.id}  seed={c.seed}" for c in self.cells]

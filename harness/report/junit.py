@@ -2,8 +2,8 @@
 
 Failures carry the verdict's reason as the message and every checker's
 reason plus the reproduce command as the text; `system-out` lists the
-artifact paths (console log, backend log, write log, journal), which CI
-systems attach to the failed test.
+artifact paths (console log, backend log, write log, journal), also as
+`[[ATTACHMENT|path]]` lines, which Jenkins and GitLab attach to the test.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def _testcase(cell: CellResult, base: Path | None) -> ET.Element:
         ET.SubElement(case, "skipped", {"message": cell.reason})
     out = [f"verdict: {cell.verdict}: {cell.reason}", f"reproduce: {cell.reproduce}"]
     out += [f"{name}: {_path(path, base)}" for name, path in _sorted(cell.artifacts)]
+    # Jenkins and GitLab attach files named this way to the test case.
+    out += [f"[[ATTACHMENT|{_path(path, base)}]]" for _, path in _sorted(cell.artifacts)]
     ET.SubElement(case, "system-out").text = "\n".join(out) + "\n"
     return case
 

@@ -73,3 +73,11 @@ def test_a_bad_scenario_stops_the_plan(tmp_path: Path) -> None:
     bad.write_text('modes = "fast"\n')
     with pytest.raises(ScenarioError, match=r"bad\.toml:1"):
         plan_from_args(parse([str(bad), "--out", "r"]))
+
+
+def test_cell_directories_are_unique_and_filesystem_safe() -> None:
+    plan = plan_from_args(parse([MATRIX, GUEST, "--out", "r"]))
+    dirs = [plan.cell_directory(i, c) for i, c in enumerate(plan.cells)]
+    assert len(set(dirs)) == len(dirs)
+    assert all(d.parent == Path("r") / "cells" and "/" not in d.name for d in dirs)
+    assert dirs[0].name == "000-matrix_writeback_host-power-cut.lose-all_fio-verify_after-4s_r0"

@@ -33,6 +33,7 @@ def test_junit_has_one_testcase_per_cell_with_reason_and_artifacts(synthetic: Sy
     assert broken.reproduce in (failure.text or "")
     out = by_name[broken.id].findtext("system-out") or ""
     assert f"console_log: /out/{broken.artifacts['console_log']}" in out
+    assert f"[[ATTACHMENT|/out/{broken.artifacts['backend_log']}]]" in out
     assert by_name[results.cells[-2].id].find("error") is not None
     assert by_name[results.cells[-1].id].find("skipped") is not None
     passing = next(c for c in results.cells if c.passed)
