@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.crash.scenario import FioVerifySpec, OptionValue
 from harness.errors import GuestError
+from harness.guest.fio import RW, FioJob
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,59 @@ def verify_options(spec: FioVerifySpec, filename: str, seed: int) -> dict[str, O
     return options
 
 
-def job_file(name: str, options: dict[str, OptionValue]) -> str:
-    """Render one fio job section."""
-    lines = [f"[{name}]"]
+_BOOL_FIELDS = (
+    "direct",
+    "time_based",
+    "do_verify",
+    "verify_only",
+    "verify_state_save",
+    "verify_state_load",
+    "verify_fatal",
+    "randrepeat",
+    "end_fsync",
+)
+_INT_FIELDS = ("iodepth", "numjobs", "fsync")
+_STR_FIELDS = ("bs", "size", "offset", "ioengine", "verify")
+
+
+def _flag(value: OptionValue) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def to_job(name: str, options: dict[str, OptionValue]) -> FioJob:
+    """The options as a `harness.guest.fio.FioJob` (for `FioClient`, `run_fio`).
+
+    Options the typed job does not name go to its `extra`.
+    """
+    fields: dict[str, Any] = {"name": name, "filename": str(options["filename"])}
+    extra: list[tuple[str, str]] = []
     for key, value in options.items():
-        if isinstance(value, bool):
-            value = int(value)
-        lines.append(f"{key}={value}")
-    return "\n".join(lines) + "\n"
+        if key == "filename":
+            continue
+        if key == "rw":
+            fields["rw"] = RW(str(value))
+        elif key == "runtime":
+            fields["runtime"] = float(value)
+        elif key in _BOOL_FIELDS:
+            fields[key] = _flag(value)
+        elif key in _INT_FIELDS:
+            fields[key] = int(value)
+        elif key in _STR_FIELDS:
+            fields[key] = str(value)
+        else:
+            extra.append((key, str(int(value) if isinstance(value, bool) else value)))
+    if "verify" in fields and "verify_fatal" not in fields:
+        fields["verify_fatal"] = False
+    return FioJob(**fields, extra=tuple(extra))
+
+
+def write_job(spec: FioVerifySpec, filename: str, seed: int, name: str = "crash") -> FioJob:
+    return to_job(name, write_options(spec, filename, seed))
+
+
+def verify_job(spec: FioVerifySpec, filename: str, seed: int, name: str = "crash") -> FioJob:
+    """Same job name as the write phase: fio finds the saved state by job name."""
+    return to_job(name, verify_options(spec, filename, seed))
 
 
 # fio's verify failure lines (verify.c), possibly prefixed by a client's hostname:

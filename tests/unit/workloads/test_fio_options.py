@@ -11,6 +11,7 @@ import pytest
 from harness.crash.scenario import FioVerifySpec
 from harness.crash.workloads import fio
 from harness.errors import GuestError
+from harness.guest.fio import RW, job_file
 
 
 def test_write_phase_saves_verify_state_and_seeds_the_layout() -> None:
@@ -28,9 +29,20 @@ def test_verify_phase_loads_state_and_only_verifies() -> None:
     assert opts["randseed"] == 42 and opts["bs"] == "8k"
 
 
-def test_job_file_renders_one_section() -> None:
-    text = fio.job_file("crash", {"rw": "randwrite", "direct": True})
-    assert text == "[crash]\nrw=randwrite\ndirect=1\n"
+def test_typed_jobs_carry_every_option() -> None:
+    spec = FioVerifySpec((("rw", "randrw"), ("fsync", 16), ("runtime", 30), ("zonemode", "none")))
+    job = fio.write_job(spec, "/dev/vda", 5)
+    assert (job.rw, job.fsync, job.runtime, job.direct, job.verify) == (
+        RW.RANDRW,
+        16,
+        30.0,
+        True,
+        "crc32c",
+    )
+    assert dict(job.extra) == {"zonemode": "none", "randseed": "5"}
+    opts = fio.verify_job(spec, "/dev/vda", 5).options()
+    assert opts["verify_state_load"] == "1" and opts["continue_on_error"] == "verify"
+    assert "verify_fatal" not in opts and "runtime" not in opts
 
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
@@ -38,8 +50,8 @@ def test_verify_phase_counts_every_bad_block_after_a_real_fio_run(tmp_path: Path
     """Write with saved verify state, damage blocks as a lost cache would, verify, parse."""
     spec = FioVerifySpec((("size", "2M"), ("ioengine", "psync"), ("direct", 0), ("iodepth", 1)))
     disk = tmp_path / "disk"
-    (tmp_path / "w.fio").write_text(fio.job_file("crash", fio.write_options(spec, str(disk), 3)))
-    (tmp_path / "v.fio").write_text(fio.job_file("crash", fio.verify_options(spec, str(disk), 3)))
+    (tmp_path / "w.fio").write_text(job_file([fio.write_job(spec, str(disk), 3)]))
+    (tmp_path / "v.fio").write_text(job_file([fio.verify_job(spec, str(disk), 3)]))
 
     def run(job: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
