@@ -145,6 +145,8 @@ def _jobs(data: dict[str, Any]) -> list[dict[str, Any]]:
 def parse_verify(json_text: str, stderr_text: str = "") -> FioVerifyObservation:
     """The verify phase's outcome from fio's JSON output and its stderr (or combined output).
 
+    For a `harness.guest.fio.ClientRun`: `parse_verify(run.output, run.log)`.
+
     With `continue_on_error=verify` fio counts every bad block in `total_err`;
     the failure lines give the offsets. Either alone is enough.
     """
