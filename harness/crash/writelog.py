@@ -112,6 +112,7 @@ class ReqFlags(enum.IntFlag):
     MAY_UNMAP = 4
     HAS_DATA = 8
     HAS_PRE = 16
+    WCE_KNOWN = 32  # WCE is meaningful (the device's owner reported its write cache)
 
 
 _FUA = int(ReqFlags.FUA)
@@ -305,7 +306,11 @@ class Request:
             "offset": self.offset,
             "length": self.length,
             "fua": self.fua,
-            "write_cache": bool(self.flags & int(ReqFlags.WCE)),
+            "write_cache": (
+                bool(self.flags & int(ReqFlags.WCE))
+                if self.flags & int(ReqFlags.WCE_KNOWN)
+                else None
+            ),
             "submit_ns": self.submit_ns,
             "complete_ns": self.complete_ns,
             "status": self.status,

@@ -10,8 +10,11 @@ needed for `powercut log export`; default off), `preimage` (record the CRCs of
 each sector before its first write, so the oracle can tell the initial content
 from garbage; default on), `sector-size` (checksum granularity, default 512).
 
-Whoever owns the device's write-cache state (the BlockBackend) reports changes
-with `note_write_cache()`; every SUBMIT carries the state at that time.
+Whoever owns the device's write-cache state (the BlockBackend) reports it and
+its changes with `note_write_cache()`; every SUBMIT carries the state at that
+time (or "unknown" until it is reported). The FUA flag is recorded either way,
+and it is what the durability contract reads: without a write cache every
+write arrives as FUA.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _FUA = int(ReqFlags.FUA)
 _WCE = int(ReqFlags.WCE)
+_WCE_KNOWN = int(ReqFlags.WCE_KNOWN)
 _HAS_PRE = int(ReqFlags.HAS_PRE)
 _HAS_DATA = int(ReqFlags.HAS_DATA)
 _FULL = b"\xff" * 4096  # a run of fully seen bitmap bytes
@@ -91,7 +95,9 @@ class LogWritesNode(BlockNode):
         self._lock = threading.Lock()
         self.writer = LogWriter(self.log_path, LogHeader(self.sector_size, lflags, 0))
         self._seq = self.writer.next_seq
-        self.write_cache: bool = True
+        # Unknown until the device's owner reports it (BlockBackend.set_write_cache);
+        # FUA flags are recorded either way, and they are what the contract reads.
+        self.write_cache: bool | None = None
         nsect = -(-self.child.length // self.sector_size)
         self._seen = bytearray(-(-nsect // 8))  # sectors already written through this log
         self.writer.append(RecordType.OPEN, Op.NONE, 0, 0, 0, 0)
@@ -124,8 +130,8 @@ class LogWritesNode(BlockNode):
         # Caller holds self._lock.
         seq = self._seq
         self._seq += 1
-        if self.write_cache:
-            flags |= _WCE
+        if self.write_cache is not None:
+            flags |= _WCE_KNOWN | (_WCE if self.write_cache else 0)
         self.writer.append(RecordType.SUBMIT, op, flags, seq, offset, length, payload)
         return seq
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,22 +28,25 @@ op = st.one_of(
     st.tuples(st.just("zeroes"), st.integers(0, SECTORS - 1), st.integers(1, 8), st.booleans()),
     st.tuples(st.just("discard"), st.integers(0, SECTORS - 1), st.integers(1, 8), st.just(False)),
 )
-# Batches of requests submitted together (concurrently, on the backend's I/O threads).
+# Batches of requests submitted together (concurrently, on 4 threads).
 workload = st.lists(st.lists(op, min_size=1, max_size=4), min_size=1, max_size=8)
 
 
 def _submit(
-    be: BlockBackend, rng: random.Random, request: tuple[str, int, int, bool]
+    pool: ThreadPoolExecutor,
+    be: BlockBackend,
+    rng: random.Random,
+    request: tuple[str, int, int, bool],
 ) -> Future[None]:
     kind, sector, count, fua = request
     count = min(count, SECTORS - sector)
     if kind == "write":
-        return be.submit(be.write, sector * S, rng.randbytes(count * S), fua=fua)
+        return pool.submit(be.write, sector * S, rng.randbytes(count * S), fua=fua)
     if kind == "zeroes":
-        return be.submit(be.write_zeroes, sector * S, count * S, fua=fua)
+        return pool.submit(be.write_zeroes, sector * S, count * S, fua=fua)
     if kind == "discard":
-        return be.submit(be.discard, sector * S, count * S)
-    return be.submit(be.flush)
+        return pool.submit(be.discard, sector * S, count * S)
+    return pool.submit(be.flush)
 
 
 @pytest.mark.parametrize("policy", [p.value for p in CutPolicy])
@@ -60,9 +63,10 @@ def test_random_concurrent_workload_cut_stays_inside_the_contract(
         paths = make_paths(Path(tmp), SECTORS * S, fill=0x5A)
         be = open_stack(paths, mode)
         try:
-            for batch in batches:
-                for future in [_submit(be, rng, r) for r in batch]:
-                    future.result()
+            with ThreadPoolExecutor(4) as pool:
+                for batch in batches:
+                    for future in [_submit(pool, be, rng, r) for r in batch]:
+                        future.result()
         finally:
             crash(be)
         apply_cut(paths.image, paths.journal, policy, seed)

@@ -161,3 +161,18 @@ def test_log_show_and_export_commands(
     out = tmp_path / "dm.log"
     assert main(["log", "export", str(paths.log), "--format", "dm-log-writes", "-o", str(out)]) == 0
     assert len(read_dm_log_writes(out)) == 2
+
+
+def test_write_cache_state_is_recorded_once_reported(paths: Paths) -> None:
+    be = open_stack(paths)
+    lw = be.node("lw")
+    be.write(0, b"A" * S)
+    lw.note_write_cache(False)  # type: ignore[attr-defined]
+    be.set_write_cache(False)
+    be.write(S, b"B" * S)
+    crash(be)
+    wlog = read_log(paths.log)
+    first, second = (r.to_json() for r in wlog.requests)
+    assert first["write_cache"] is None  # not reported yet
+    assert (second["write_cache"], second["fua"]) == (False, True)
+    assert [state for _i, state in wlog.write_cache_changes] == [False]
