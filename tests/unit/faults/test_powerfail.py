@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from harness.crash.journal import JOURNAL_HEADER, read_journal
 from harness.errors import JournalError
 
 from .conftest import crash
-from .stack import Paths, open_stack
+from .stack import Paths, open_stack, stack_options
 
 
 def _journal(paths: Paths):  # type: ignore[no-untyped-def]
@@ -186,3 +189,27 @@ def test_powerfail_is_configured_by_the_dotted_blockdev_form(paths: Paths) -> No
         crash(be)
     state, _ = read_journal(paths.journal)
     assert state.header.sector_size == 4096
+
+
+def test_writes_of_a_killed_backend_become_durable_at_the_next_flush(paths: Paths) -> None:
+    script = (
+        "import json, os, sys\n"
+        "from harness.block import open_backend\n"
+        "be = open_backend(json.loads(sys.argv[1]), cache='writeback')\n"
+        "be.write(0, b'A' * 512)\n"
+        "be.write(512, b'B' * 512)\n"
+        "os._exit(0)  # dies without closing: deferred COMPLETE records are lost\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, json.dumps(stack_options(paths))], check=True, timeout=60
+    )
+    state, _ = read_journal(paths.journal)
+    assert len(state.preimages) == 2
+    assert state.durable_index == 0
+    be = open_stack(paths)  # the restarted backend
+    be.flush()
+    crash(be)
+    state, _ = read_journal(paths.journal)
+    assert state.is_durable(1) and state.is_durable(2)
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    assert paths.image.read_bytes()[:1024] == b"A" * 512 + b"B" * 512
