@@ -13,6 +13,10 @@ Two steps, kept apart so each can be tested as a table:
    | host power cut, writeback / none | writes completed before a completed flush started; FUA |
    | host power cut, unsafe | nothing |
 
+   A backend crash kills no guest: every checker must find everything (also
+   unsynced records and buffered fio writes), so the runner checks in the
+   same boot or after a clean shutdown, never after killing QEMU.
+
    Checkers measure loss against a *reference* promise: the promise itself,
    or for unsafe the one the guest was given by its completed flushes, so a
    loss is visible even where it is allowed. A cell whose loss must be
