@@ -389,11 +389,16 @@ def _one(
 
 
 def judge(expected: Expected, observed: Observed) -> CellVerdict:
-    """Compare what the checkers observed with what the cell expected."""
+    """Compare what the checkers observed with what the cell expected.
+
+    Evidence beats silence: a checker that saw a violation (or, in a negative
+    control, the loss) decides the cell even when another checker produced
+    nothing — after a filesystem is lost, the workload's own check cannot run.
+    A cell is ERROR only when the missing results could have changed it.
+    """
     results = tuple(_one(expected, c, o, observed) for c, o in expected.checkers.items())
     errors = [r for r in results if r.verdict is Verdict.ERROR]
-    if errors:
-        return CellVerdict(Verdict.ERROR, errors[0].reason, expected, results)
+    unavailable = f" ({'; '.join(r.reason for r in errors)})" if errors else ""
 
     if expected.loss_must_be_detected:
         detectors = [r for r in results if r.loss_detected]
@@ -401,10 +406,12 @@ def judge(expected: Expected, observed: Observed) -> CellVerdict:
             names = ", ".join(r.checker.value for r in detectors)
             return CellVerdict(
                 Verdict.PASS,
-                f"loss detected as expected by {names}: {detectors[0].reason}",
+                f"loss detected as expected by {names}: {detectors[0].reason}{unavailable}",
                 expected,
                 results,
             )
+        if errors:
+            return CellVerdict(Verdict.ERROR, errors[0].reason, expected, results)
         return CellVerdict(
             Verdict.FAIL,
             f"expected the loss to be detected, but no checker saw any "
@@ -425,10 +432,13 @@ def judge(expected: Expected, observed: Observed) -> CellVerdict:
         first = failures[0]
         return CellVerdict(
             Verdict.FAIL,
-            f"{first.checker.value}: {first.reason} (the contract keeps {expected.promise.value})",
+            f"{first.checker.value}: {first.reason} (the contract keeps {expected.promise.value})"
+            f"{unavailable}",
             expected,
             results,
         )
+    if errors:
+        return CellVerdict(Verdict.ERROR, errors[0].reason, expected, results)
     lost = [r for r in results if r.loss_detected]
     note = f"; allowed loss: {lost[0].checker.value}: {lost[0].reason}" if lost else ""
     o = observed.oracle

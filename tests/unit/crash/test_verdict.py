@@ -422,6 +422,24 @@ def test_missing_checker_result_is_an_error() -> None:
     assert v.verdict is Verdict.ERROR and "produced no result" in v.reason
 
 
+def test_a_violation_decides_the_cell_even_when_another_checker_could_not_run() -> None:
+    # The filesystem did not mount, so ackrecords --check never ran.
+    obs = Observed(oracle=oracle(), fsck=FsckObservation(False, 8))
+    v = judge(expected_for(WT, HOST, CutPolicy.LOSE_ALL, ACK), obs)
+    assert v.verdict is Verdict.FAIL and "did not mount" in v.reason
+    assert "ack-records produced no result" in v.reason
+
+
+def test_a_negative_control_passes_on_the_loss_it_could_see() -> None:
+    obs = Observed(oracle=oracle(lost=100), fsck=FsckObservation(False, 8))
+    v = judge(expected_for(U, HOST, CutPolicy.LOSE_ALL, ACK), obs)
+    assert v.verdict is Verdict.PASS and v.reason.startswith(
+        "loss detected as expected by oracle, fsck"
+    )
+    silent = judge(expected_for(U, HOST, CutPolicy.LOSE_ALL, ACK), Observed(oracle=oracle()))
+    assert silent.verdict is Verdict.ERROR
+
+
 def test_shipped_matrix_expectations_match_what_the_matrix_must_show() -> None:
     cells = expand(load_scenario(ROOT / "scenarios" / "matrix.toml"))
     for cell in cells:
