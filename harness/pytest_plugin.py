@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,7 +91,11 @@ def keep_dir(path: Path) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leaked = [p for p in live_processes()]
+    # Daemons we started on purpose (libvirtd when none ran) end with the session.
+    libvirtd = sys.modules.get("harness.vm.libvirtd")
+    if libvirtd is not None:
+        libvirtd.stop_started_daemons()
+    leaked = list(live_processes())
     dirs = sorted(str(d) for d in _created_dirs - _kept_dirs if d.exists())
     if not leaked and not dirs:
         return
