@@ -94,6 +94,11 @@ class FileNode(BlockNode):
     driver = "file"
     options = {
         "filename": Option(str, required=True, help="host file or block device"),
+        # Accepted so command lines written for QEMU work unchanged: requests always go
+        # through threads here (the submission path changes no durability semantics),
+        # and no image locks are taken.
+        "aio": Option(str, default="threads", choices=("threads", "native", "io_uring")),
+        "locking": Option(str, default="auto", choices=("auto", "on", "off")),
     }
 
     def __init__(
