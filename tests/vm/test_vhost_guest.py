@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,3 +113,40 @@ def test_guest_cache_type_toggle_changes_fua(served: tuple[PowercutDisk, Any]) -
     g.check_output("echo 'write back' > /sys/block/vda/cache_type")
     assert disk.stats()["write_cache"] is True
     assert fua_after_write() == wt
+
+
+def test_read_only_disk(vm_factory: Any, powercut_disk: Any) -> None:  # noqa: F811
+    disk = powercut_disk(vm_factory, size_mib=32, read_only=True)
+    machine = vm_factory(disk.start())
+    g = machine.ssh
+    assert g.check_output("cat /sys/block/vda/ro").strip() == "1"
+    g.check_output("dd if=/dev/vda of=/dev/null bs=64k count=16 iflag=direct 2>/dev/null")
+    result = g.run("dd if=/dev/zero of=/dev/vda bs=4k count=1 oflag=direct")
+    assert not result.ok
+    assert disk.stats()["requests"].get("OUT", 0) == 0
+
+
+def test_guest_power_cut_then_a_new_qemu_on_the_same_backend(
+    vm_factory: Any,
+    powercut_disk: Any,  # noqa: F811 - the imported fixture
+) -> None:
+    """QEMU killed mid-I/O: the backend drops that connection and serves the next QEMU."""
+    disk = powercut_disk(vm_factory, size_mib=64)
+    spec_disk = disk.start()
+    first = vm_factory(spec_disk, name="first")
+    first.ssh.check_output(
+        "dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null && "
+        "dd if=/tmp/blob of=/dev/vda bs=1M oflag=direct 2>/dev/null && "
+        "md5sum < /tmp/blob"
+    )
+    want = first.ssh.check_output("md5sum < /tmp/blob").split()[0]
+    first.ssh.start("dd if=/dev/urandom of=/dev/vda bs=64k seek=256 count=100000 oflag=direct")
+    time.sleep(1.0)  # let the background writer get going before the cut
+    first.power_cut()
+    second = vm_factory(spec_disk, name="second")
+    got = second.ssh.check_output(
+        "dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | md5sum"
+    ).split()[0]
+    assert got == want
+    stats = disk.stats()
+    assert stats["connections"] == 2 and stats["connected"]
