@@ -23,6 +23,7 @@ also fio's, or a filesystem's — without the data in the log.
 from __future__ import annotations
 
 import enum
+import mmap
 import os
 import zlib
 from collections.abc import Iterable
@@ -31,10 +32,11 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from harness.crash.writelog import Op, Request, WriteLog, read_log, whole_sectors
+from harness.crash.writelog import Op, Request, WriteLog, read_log
 from harness.errors import ConfigError
 
 INFINITY = 1 << 62
+_NONE: frozenset[int] = frozenset()
 
 
 class Contract(enum.Enum):
@@ -116,8 +118,10 @@ class OracleReport:
 
 # Version kinds in a sector's history.
 _WRITE, _ZEROES, _DISCARD, _ANY = 0, 1, 2, 3
-# (crc, (submit index, completion index, durable, seq, kind))
-Version = tuple[int, tuple[int, int, bool, int, int]]
+# (submit index, completion index, durable, seq, kind)
+Meta = tuple[int, int, bool, int, int]
+# (crc, meta)
+Version = tuple[int, Meta]
 
 
 def _durable_flags(requests: Iterable[Request], contract: Contract) -> dict[int, bool]:
@@ -149,45 +153,55 @@ def check(
     zero_crc = zlib.crc32(bytes(ss))
     durable = _durable_flags(wlog.requests, contract)
 
-    # Per sector, its versions in submit order: (crc, meta), meta = (submit index,
-    # completion index, durable, seq, kind). Almost every sector has one version, kept in
-    # `single` (filled by C-level dict updates); sectors with more also have all in `multi`.
-    single: dict[int, Version] = {}
-    multi: dict[int, list[Version]] = {}
-    initial: dict[int, int] = {}
+    # Every write, zeroes or discard becomes a span: (first sector, sector CRCs, meta,
+    # CRC of the whole span or None), meta = (submit index, completion index, durable,
+    # seq, kind). `owner` maps each sector to the span that wrote it (C-level dict
+    # updates); sectors written more than once also list all their spans in `multi`.
+    spans: list[tuple[int, list[int], Meta, int | None]] = []
+    owner: dict[int, int] = {}
+    multi: dict[int, list[int]] = {}
     pre_events: list[tuple[int, int, Any]] = list(wlog.preimages)
-    spans: list[tuple[int, int, list[int], bool]] = []  # (first, count, crcs, durable)
+    zero_spans: dict[int, int] = {}
     writes = 0
+    flush_op, write_op, zeroes_op = Op.FLUSH, Op.WRITE, Op.WRITE_ZEROES
     for r in wlog.requests:
-        if r.op == Op.FLUSH or r.length == 0:
+        op = r.op
+        if op is flush_op or r.length == 0:
             continue
         writes += 1
         done = r.complete_index if r.complete_index is not None else INFINITY
-        first, count = whole_sectors(r.offset, r.length, ss)
+        offset, length = r.offset, r.length
+        first = -(-offset // ss)
+        count = max(0, (offset + length) // ss - first)
         dur = durable[r.seq]
-        if r.op == Op.WRITE:
+        if op is write_op:
             meta = (r.submit_index, done, dur, r.seq, _WRITE)
             crcs: list[int] = r.crcs.tolist() if r.crcs is not None else []
+            span_crc = r.span_crc
             if r.pre is not None:
                 pre_events.append((r.submit_index, first, r.pre))
         else:
-            kind = _ZEROES if r.op == Op.WRITE_ZEROES else _DISCARD
-            meta = (r.submit_index, done, dur, r.seq, kind)
+            meta = (r.submit_index, done, dur, r.seq, _ZEROES if op is zeroes_op else _DISCARD)
             crcs = [zero_crc] * count
+            if count not in zero_spans:
+                zero_spans[count] = zlib.crc32(bytes(count * ss))
+            span_crc = zero_spans[count]
+        index = len(spans)
+        spans.append((first, crcs, meta, span_crc))
         span = range(first, first + len(crcs))
-        versions = list(zip(crcs, repeat(meta), strict=False))
-        for s in single.keys() & span:
-            multi.setdefault(s, [single[s]]).append(versions[s - first])
-        single.update(zip(span, versions, strict=False))
-        spans.append((first, len(crcs), crcs, dur))
-        if r.offset % ss or r.length % ss:
+        for s in owner.keys() & span:
+            multi.setdefault(s, [owner[s]]).append(index)
+        owner.update(zip(span, repeat(index)))
+        if offset % ss or length % ss:
             # Sectors the request covers only in part: their content cannot be predicted.
             partial = (r.submit_index, done, dur, r.seq, _ANY)
-            for s in {r.offset // ss, (r.offset + r.length - 1) // ss} - set(span):
-                if s in single:
-                    multi.setdefault(s, [single[s]]).append((0, partial))
-                single[s] = (0, partial)
-                spans.append((s, 1, [-1], dur))  # never matches: classified one by one
+            for s in {offset // ss, (offset + length - 1) // ss} - set(span):
+                index = len(spans)
+                spans.append((s, [-1], partial, None))  # -1 matches no CRC
+                if s in owner:
+                    multi.setdefault(s, [owner[s]]).append(index)
+                owner[s] = index
+    initial: dict[int, int] = {}
     pre_events.sort(key=lambda e: e[0], reverse=True)  # the earliest record wins
     for _index, first, pre in pre_events:
         initial.update(zip(range(first, first + len(pre)), pre, strict=False))
@@ -195,31 +209,55 @@ def check(
     counts = dict.fromkeys(Verdict, 0)
     violations: list[Violation] = []
 
-    def classify(s: int, history: list[Version], c: int) -> None:
-        verdict, expected, seen = _classify(history, initial.get(s), c, zero_crc)
+    def history(s: int, indexes: list[int]) -> list[Version]:
+        out = []
+        for i in indexes:
+            first, crcs, meta, _span_crc = spans[i]
+            out.append((crcs[s - first], meta))
+        return out
+
+    def classify(s: int, versions: list[Version], c: int) -> None:
+        verdict, expected, seen = _classify(versions, initial.get(s), c, zero_crc)
         counts[verdict] += 1
         if verdict in (Verdict.LOST, Verdict.CORRUPT) and len(violations) < max_violations:
             violations.append(Violation(s, verdict.value, expected, seen))
 
     multi_keys = multi.keys()
+    must = may = 0
     with _Image(image, ss) as img:
-        # Sectors with one version, a request at a time: one read, one list comparison.
-        for first, count, crcs, dur in spans:
-            found = img.crcs(first, count)
-            span = range(first, first + count)
-            shared = multi_keys & span
-            if not shared and found == crcs:
-                counts[Verdict.MUST if dur else Verdict.MAY] += count
-                continue
-            verdict = Verdict.MUST if dur else Verdict.MAY
+        # Sectors with one version, a span at a time: one CRC over the whole span when it
+        # can be compared at once, else one per sector.
+        for index, (first, crcs, meta, span_crc) in enumerate(spans):
+            count = len(crcs)
+            shared = multi_keys & range(first, first + count) if multi else _NONE
+            dur = meta[2]
+            if not shared:
+                if span_crc is not None and img.span_crc(first, count) == span_crc:
+                    if dur:
+                        must += count
+                    else:
+                        may += count
+                    continue
+                found = img.crcs(first, count)
+                if found == crcs:
+                    if dur:
+                        must += count
+                    else:
+                        may += count
+                    continue
+            else:
+                found = img.crcs(first, count)
             for i, c in enumerate(found):
                 s = first + i
-                if s in shared:
+                if s in shared or owner[s] != index:
                     continue
-                if c == crcs[i]:
-                    counts[verdict] += 1
+                if c == crcs[i] and meta[4] != _ANY:
+                    if dur:
+                        must += 1
+                    else:
+                        may += 1
                 else:
-                    classify(s, [single[s]], c)
+                    classify(s, [(crcs[i], meta)], c)
         # Sectors written more than once, read in contiguous runs.
         keys = sorted(multi)
         i = 0
@@ -228,8 +266,10 @@ def check(
             while j < len(keys) and keys[j] == keys[j - 1] + 1 and j - i < 8192:
                 j += 1
             for s, c in zip(keys[i:j], img.crcs(keys[i], j - i), strict=True):
-                classify(s, multi[s], c)
+                classify(s, history(s, multi[s]), c)
             i = j
+    counts[Verdict.MUST] += must
+    counts[Verdict.MAY] += may
     violations.sort(key=lambda v: v.sector)
 
     return OracleReport(
@@ -242,7 +282,7 @@ def check(
         writes=writes,
         writes_durable=sum(1 for r in wlog.requests if r.op != Op.FLUSH and durable[r.seq]),
         flushes_completed=sum(1 for r in wlog.requests if r.op == Op.FLUSH and r.completed_ok),
-        sectors_checked=len(single),
+        sectors_checked=len(owner),
         must=counts[Verdict.MUST],
         may=counts[Verdict.MAY],
         unknown=counts[Verdict.UNKNOWN],
@@ -291,26 +331,41 @@ def _classify(
 
 
 class _Image:
-    """Reads CRC-32s of image sectors; what lies beyond the end reads as zeroes."""
+    """CRC-32s of image sectors, from a read-only mapping; beyond the end reads as zeroes."""
 
     def __init__(self, path: Path, sector_size: int) -> None:
         self.path = path
         self.ss = sector_size
-        self.fd = -1
+        self.size = 0
+        self._mm: mmap.mmap | None = None
+        self._view = memoryview(b"")
 
     def __enter__(self) -> _Image:
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        with open(self.path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            if self.size:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._view = memoryview(self._mm)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+        self._view.release()
+        if self._mm is not None:
+            self._mm.close()
+
+    def _bytes(self, first: int, count: int) -> memoryview:
+        start = first * self.ss
+        end = start + count * self.ss
+        if end <= self.size:
+            return self._view[start:end]
+        head = bytes(self._view[start : self.size]) if start < self.size else b""
+        return memoryview(head.ljust(end - start, b"\0"))
+
+    def span_crc(self, first: int, count: int) -> int:
+        return zlib.crc32(self._bytes(first, count))
 
     def crcs(self, first: int, count: int) -> list[int]:
         ss = self.ss
-        size = count * ss
-        data = os.pread(self.fd, size, first * ss)
-        if len(data) < size:
-            data = data.ljust(size, b"\0")
-        mv = memoryview(data)
+        mv = self._bytes(first, count)
         crc32 = zlib.crc32
-        return [crc32(mv[k : k + ss]) for k in range(0, size, ss)]
+        return [crc32(mv[k : k + ss]) for k in range(0, count * ss, ss)]

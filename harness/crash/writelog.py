@@ -37,6 +37,7 @@ Format, version 1, little-endian:
 
     SUBMIT payload for WRITE: n u32 CRC-32s, one per whole sector inside
         [offset, offset + length) (partial sectors have none); then, with
+        HAS_SPAN_CRC, one u32 CRC-32 over those n sectors at once; then, with
         HAS_PRE, n u32 CRC-32s of those sectors before the write (recorded
         for the first write to a sector in this log: the initial content);
         then, with HAS_DATA, the `length` bytes written.
@@ -113,10 +114,12 @@ class ReqFlags(enum.IntFlag):
     HAS_DATA = 8
     HAS_PRE = 16
     WCE_KNOWN = 32  # WCE is meaningful (the device's owner reported its write cache)
+    HAS_SPAN_CRC = 64  # one CRC-32 over all the whole sectors follows the per-sector ones
 
 
 _FUA = int(ReqFlags.FUA)
 _HAS_PRE = int(ReqFlags.HAS_PRE)
+_HAS_SPAN_CRC = int(ReqFlags.HAS_SPAN_CRC)
 _HAS_DATA = int(ReqFlags.HAS_DATA)
 _OPS = {int(o): o for o in Op}
 
@@ -288,6 +291,7 @@ class Request:
     complete_ns: int | None = None
     status: int | None = None  # errno; 0 = success; None = never completed
     crcs: array[int] | None = None
+    span_crc: int | None = None  # CRC-32 of all the whole sectors at once (a fast path)
     pre: array[int] | None = None
     data_offset: int | None = None  # file offset of the data in the log
 
@@ -408,6 +412,9 @@ def read_log(path: Path | str) -> WriteLog:
                 _first, n = whole_sectors(offset, length, ss)
                 req.crcs = _crc_array(data[payload : payload + 4 * n])
                 cur = payload + 4 * n
+                if flags & _HAS_SPAN_CRC:
+                    req.span_crc = _CRC.unpack_from(data, cur)[0]
+                    cur += 4
                 if flags & _HAS_PRE:
                     req.pre = _crc_array(data[cur : cur + 4 * n])
                     cur += 4 * n

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 import threading
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,6 +50,8 @@ _WCE = int(ReqFlags.WCE)
 _WCE_KNOWN = int(ReqFlags.WCE_KNOWN)
 _HAS_PRE = int(ReqFlags.HAS_PRE)
 _HAS_DATA = int(ReqFlags.HAS_DATA)
+_HAS_SPAN_CRC = int(ReqFlags.HAS_SPAN_CRC)
+_SPAN_CRC = struct.Struct("<I")  # the HAS_SPAN_CRC field (harness.crash.writelog)
 _FULL = b"\xff" * 4096  # a run of fully seen bitmap bytes
 
 
@@ -177,9 +181,14 @@ class LogWritesNode(BlockNode):
         length = len(buf)
         ss = self.sector_size
         fua = flags is not RequestFlags.NONE and RequestFlags.FUA in flags
-        rflags = _FUA if fua else 0
-        payload: list[bytes | bytearray | memoryview] = [_crc_bytes(sector_crcs(buf, offset, ss))]
+        rflags = _HAS_SPAN_CRC | (_FUA if fua else 0)
         first, count = whole_sectors(offset, length, ss)
+        skip = first * ss - offset
+        span_crc = zlib.crc32(memoryview(buf)[skip : skip + count * ss])
+        payload: list[bytes | bytearray | memoryview] = [
+            _crc_bytes(sector_crcs(buf, offset, ss)),
+            _SPAN_CRC.pack(span_crc),
+        ]
         with self._lock:
             if self.preimage and count and self._unseen(first, count):
                 pre = bytearray(count * ss)
