@@ -12,6 +12,7 @@ zeroes when the filesystem has none of them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -20,7 +21,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from harness.block.node import BlockNode, IOVec, OpenFlags, Option, RequestFlags, iov_length
@@ -135,7 +136,10 @@ class FileNode(BlockNode):
         self._has_zero_range = True
         self._has_punch = True
         self._has_fallocate = True
-        self._rmw_lock = threading.Lock()
+        # Under O_DIRECT a misaligned write is a read-modify-write of whole aligned
+        # blocks; no other modification of those blocks may land in between, or the
+        # write-back would undo it (QEMU serializes such requests the same way).
+        self._ranges = _RangeLock()
         self._count_lock = threading.Lock()
         # Observability: what reached the host.
         self.host_syncs = 0
@@ -191,7 +195,12 @@ class FileNode(BlockNode):
         with self._count_lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        held: tuple[int, int] | None = None
         try:
+            if write:
+                held = self._ranges.acquire(
+                    offset - offset % align, -(-(offset + length) // align) * align
+                )
             if (offset | length) & (align - 1):
                 self._bounce(offset, iov, length, write=write)
                 return
@@ -210,6 +219,8 @@ class FileNode(BlockNode):
                     raise
                 self._bounce(offset, iov, length, write=write)
         finally:
+            if held is not None:
+                self._ranges.release(held)
             with self._count_lock:
                 self.in_flight -= 1
 
@@ -224,20 +235,19 @@ class FileNode(BlockNode):
             window = memoryview(buf)[: end - start]
             head = offset - start
             if write:
-                partial = head or end != offset + length
-                with self._rmw_lock if partial else _NULL_LOCK:
-                    if partial:
-                        self._read_window(start, window)
-                    pos = head
-                    for view in iov:
-                        window[pos : pos + len(view)] = view
-                        pos += len(view)
-                    n = os.pwritev(self.fd, [window], start)
-                    if n != len(window):
-                        self._finish_write(start, [window], len(window), n)
-                    if end > self._length and not self.is_block_device:
-                        # The aligned window ran past the end of an unaligned file.
-                        os.ftruncate(self.fd, self._length)
+                # The caller holds the range lock over [start, end).
+                if head or end != offset + length:
+                    self._read_window(start, window)
+                pos = head
+                for view in iov:
+                    window[pos : pos + len(view)] = view
+                    pos += len(view)
+                n = os.pwritev(self.fd, [window], start)
+                if n != len(window):
+                    self._finish_write(start, [window], len(window), n)
+                if end > self._length and not self.is_block_device:
+                    # The aligned window ran past the end of an unaligned file.
+                    os.ftruncate(self.fd, self._length)
             else:
                 self._read_window(start, window)
                 pos = head
@@ -260,9 +270,20 @@ class FileNode(BlockNode):
         os.fdatasync(self.fd)
         self.host_syncs += 1
 
+    def _aligned_range(self, offset: int, length: int) -> tuple[int, int]:
+        align = self.request_alignment
+        return offset - offset % align, -(-(offset + length) // align) * align
+
     def driver_pdiscard(self, offset: int, length: int) -> None:
         if not self._has_punch:
             return
+        if self.direct:
+            with self._ranges.held(*self._aligned_range(offset, length)):
+                self._punch(offset, length)
+        else:
+            self._punch(offset, length)
+
+    def _punch(self, offset: int, length: int) -> None:
         try:
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
@@ -272,16 +293,12 @@ class FileNode(BlockNode):
             self._has_punch = False
 
     def driver_pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
-        if RequestFlags.MAY_UNMAP in flags and self._has_punch and getattr(self, "unmap", True):
-            # handle_aiocb_write_zeroes_unmap: a hole reads as zeroes.
-            try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self._has_punch = False
-        if self._try_fallocate_zeroes(offset, length):
+        if self.direct:
+            with self._ranges.held(*self._aligned_range(offset, length)):
+                done = self._fallocate_zeroes(offset, length, flags)
+        else:
+            done = self._fallocate_zeroes(offset, length, flags)
+        if done:
             return
         if RequestFlags.NO_FALLBACK in flags:
             raise BlockError(
@@ -290,8 +307,17 @@ class FileNode(BlockNode):
             )
         self._write_zero_buffer(offset, length, RequestFlags.NONE)
 
-    def _try_fallocate_zeroes(self, offset: int, length: int) -> bool:
-        """handle_aiocb_write_zeroes: the fallocate calls file-posix tries, in its order."""
+    def _fallocate_zeroes(self, offset: int, length: int, flags: RequestFlags) -> bool:
+        """handle_aiocb_write_zeroes(_unmap): the fallocate calls file-posix tries, in order."""
+        if RequestFlags.MAY_UNMAP in flags and self._has_punch and getattr(self, "unmap", True):
+            # A hole reads as zeroes.
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._has_punch = False
         if self._has_fallocate and not self.is_block_device and offset >= self._length:
             try:
                 fallocate(self.fd, 0, offset, length)
@@ -336,15 +362,33 @@ class FileNode(BlockNode):
         return info
 
 
-class _NullLock:
-    def __enter__(self) -> None:
-        return None
+class _RangeLock:
+    """Holds byte ranges; a range waits while any overlapping one is held."""
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: list[tuple[int, int]] = []
 
+    def acquire(self, start: int, end: int) -> tuple[int, int]:
+        key = (start, end)
+        with self._cond:
+            while any(s < end and start < e for s, e in self._held):
+                self._cond.wait()
+            self._held.append(key)
+        return key
 
-_NULL_LOCK = _NullLock()
+    def release(self, key: tuple[int, int]) -> None:
+        with self._cond:
+            self._held.remove(key)
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def held(self, start: int, end: int) -> Iterator[None]:
+        key = self.acquire(start, end)
+        try:
+            yield
+        finally:
+            self.release(key)
 
 
 def _iov_tail(iov: IOVec, skip: int) -> list[memoryview]:

@@ -352,3 +352,27 @@ def test_alignment_probe_finds_what_o_direct_accepts(image: Path) -> None:
         # The alignment in use (statx's, when the kernel reports one) is one reads accept.
         assert backend.root.request_alignment >= align
         assert backend.read(0, 8192)[:16] == image.read_bytes()[:16]
+
+
+def test_read_modify_write_under_o_direct_never_undoes_an_overlapping_write(image: Path) -> None:
+    """A misaligned write (read-modify-write of its block) racing an aligned write of that block
+    must end as one order or the other, never with the block's older contents."""
+    with open_backend(str(image), cache="none") as backend:
+        align = backend.root.request_alignment
+        barrier = threading.Barrier(2)
+        for i in range(150):
+            base = (i % 64) * align
+            backend.write(base, b"o" * align)
+            new = bytes([65 + i % 26]) * align
+
+            def small(base: int = base) -> None:
+                barrier.wait()
+                backend.write(base + 1, b"s" * 7)
+
+            t = threading.Thread(target=small)
+            t.start()
+            barrier.wait()
+            backend.write(base, new)
+            t.join()
+            block = backend.read(base, align)
+            assert block in (new, new[:1] + b"s" * 7 + new[8:]), f"iteration {i}: {block[:16]!r}"
