@@ -201,10 +201,13 @@ class SSHSession:
                 # Done once the exit status and EOF are in and nothing is left to read.
                 if (
                     chan.exit_status_ready()
-                    and chan.eof_received
+                    and (chan.eof_received or chan.closed)
                     and not chan.recv_ready()
                     and not chan.recv_stderr_ready()
                 ):
+                    # chan.closed without EOF: the connection died (the guest lost
+                    # power); the channel's pipe then stays readable, so waiting on
+                    # it would spin until the timeout.
                     break
                 if got:
                     continue
@@ -254,7 +257,7 @@ class SSHSession:
                         yield buf[:nl].decode(errors="replace")
                         del buf[: nl + 1]
                     continue
-                if chan.exit_status_ready() and chan.eof_received:
+                if chan.exit_status_ready() and (chan.eof_received or chan.closed):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
