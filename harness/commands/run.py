@@ -1,0 +1,97 @@
+"""`powercut run SCENARIO... --out DIR`: the durability matrix, cell by cell.
+
+    powercut run scenarios/matrix.toml --out out/demo
+    powercut run scenarios/*.toml --out out/all --mode writeback --seed 7
+    powercut run scenarios/matrix.toml --out r --seed 1 \
+        --cell writeback/host-power-cut.lose-all/ack-records/after-200-acked/r0
+
+Exit status: 0 when every cell passed, 1 when any failed or errored, 130
+after Ctrl-C (the reports are still written, unrun cells marked skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from harness.crash.matrix import Cell
+from harness.crash.plan import add_run_arguments, command_line, plan_from_args
+from harness.crash.runner import RunObserver, run_plan
+from harness.report.console import STYLE, print_results
+from harness.report.results import CellResult
+from harness.vm.image import ensure_image
+
+NAME = "run"
+HELP = "run power-cut scenarios and judge every cell against its cache mode's contract"
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+
+
+class _Display(RunObserver):
+    def __init__(self, progress: Progress, total: int, console: Console) -> None:
+        self.progress = progress
+        self.console = console
+        self.overall = progress.add_task("cells", total=total)
+        self.current = progress.add_task("", total=None)
+
+    def cell_started(self, index: int, cell: Cell) -> None:
+        self.progress.update(self.current, description=f"{cell.scenario}: {cell.id}: prepare")
+
+    def phase(self, index: int, cell: Cell, phase: str) -> None:
+        self.progress.update(self.current, description=f"{cell.scenario}: {cell.id}: {phase}")
+
+    def cell_finished(self, index: int, cell: Cell, result: CellResult) -> None:
+        seconds = result.timings.get("total", 0.0)
+        style = STYLE.get(result.verdict, "default")
+        self.console.print(
+            f"[{style}]{result.verdict.upper():5}[/] {cell.scenario}: {cell.id} ({seconds:.1f}s)",
+            highlight=False,
+        )
+        self.progress.advance(self.overall)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    console = Console()
+    if args.list:
+        for line in plan.listing():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return 0
+    argv = [a for a in sys.argv[1:]] if sys.argv[1:2] == ["run"] else ["run", *sys.argv[1:]]
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        build = progress.add_task("guest image", total=None)
+        image = ensure_image()
+        progress.remove_task(build)
+        outcome = run_plan(
+            plan,
+            command=command_line(argv),
+            image=image,
+            observer=_Display(progress, len(plan.cells), console),
+        )
+    print_results(outcome.results, console)
+    console.print(
+        f"reports: {plan.out}/report.html, report.md, junit.xml, results.json", markup=False
+    )
+    if outcome.interrupted:
+        return 130
+    return 0 if outcome.results.ok else 1

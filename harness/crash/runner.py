@@ -1,0 +1,123 @@
+"""The power-cut runner: every cell of a plan, one after another, into one results directory.
+
+`run_plan` boots one guest at a time (the machine has two cores shared with
+everyone), gives each cell its own artifact directory
+(`RunPlan.cell_directory`), records a `CellResult` per cell and renders every
+report at the end — also when the run is interrupted: Ctrl-C stops the cell
+that runs (its machine and backend are killed by their owners on the way
+out), marks the rest skipped, and still writes results.json and the reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.crash.cell_run import CellRunner
+from harness.crash.matrix import Cell
+from harness.crash.plan import RunPlan
+from harness.crash.verdict import Verdict
+from harness.report.render import Rendered, render_all
+from harness.report.results import (
+    CellResult,
+    RunResults,
+    error_result,
+    host_info,
+    run_results,
+    utc_now,
+)
+from harness.vm.accel import choose_accel
+from harness.vm.image import GuestImage, ensure_image
+
+log = logging.getLogger(__name__)
+
+
+class RunObserver:
+    """What a display wants to hear about (the CLI's rich progress; tests listen too)."""
+
+    def cell_started(self, index: int, cell: Cell) -> None:
+        """A cell begins."""
+
+    def phase(self, index: int, cell: Cell, phase: str) -> None:
+        """A cell enters a phase: boot, workload, cut, reboot, check, crash."""
+
+    def cell_finished(self, index: int, cell: Cell, result: CellResult) -> None:
+        """A cell has its verdict."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    results: RunResults
+    rendered: Rendered
+    interrupted: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.results.ok and not self.interrupted
+
+
+def run_plan(
+    plan: RunPlan,
+    *,
+    command: str,
+    image: GuestImage | None = None,
+    observer: RunObserver | None = None,
+) -> RunOutcome:
+    """Run every cell of `plan`; write DIR/results.json, junit.xml, report.md/html, plots."""
+    observer = observer or RunObserver()
+    image = image or ensure_image()
+    accel = choose_accel(None if plan.accel == "auto" else plan.accel, image.kernel)
+    started = utc_now()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    results: list[CellResult] = []
+    interrupted = False
+    for index, cell in enumerate(plan.cells):
+        if interrupted:
+            results.append(
+                error_result(
+                    cell,
+                    "not run: the run was interrupted",
+                    verdict=Verdict.SKIPPED,
+                    reproduce=plan.reproduce(cell),
+                )
+            )
+            continue
+        observer.cell_started(index, cell)
+        runner = CellRunner(
+            cell,
+            plan.cell_directory(index, cell),
+            image,
+            accel=accel,
+            out=plan.out,
+            reproduce=plan.reproduce(cell),
+            on_phase=_phase_callback(observer, index, cell),
+        )
+        try:
+            result = runner.run()
+        except KeyboardInterrupt:
+            interrupted = True
+            result = error_result(
+                cell,
+                "interrupted (Ctrl-C) while running",
+                verdict=Verdict.SKIPPED,
+                timings=runner.timer.total(),
+                reproduce=plan.reproduce(cell),
+            )
+        log.info("cell %s: %s — %s", cell.id, result.verdict, result.reason)
+        results.append(result)
+        observer.cell_finished(index, cell, result)
+    run = run_results(
+        results, started=started, command=command, host=host_info(accel.value, cells=len(results))
+    )
+    rendered = render_all(run, plan.out)
+    return RunOutcome(run, rendered, interrupted)
+
+
+def _phase_callback(observer: RunObserver, index: int, cell: Cell) -> Callable[[str], None]:
+    return lambda phase: observer.phase(index, cell, phase)
+
+
+def results_path(plan: RunPlan) -> Path:
+    return plan.out / "results.json"

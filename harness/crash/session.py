@@ -1,0 +1,389 @@
+"""One guest on one crash-test disk: boot, power cut, reboot — shared by the runner and pytest.
+
+A `CrashSession` owns a disk image in a directory, the `powercut serve`
+backend that serves it (log-writes over [blkdebug over] powerfail over the
+file, so the write log sees what the guest was told and the journal models
+what the host may lose) and the QEMU machine that boots on it. The pieces
+are the other parts' own: `PowercutBackend` (harness.vm.backends) starts the
+backend, `QemuMachine` boots, `apply_cut` (harness.crash.cut) applies a host
+power cut offline, `oracle.check` judges the image.
+
+The three faults (design.md, "The durability contract"):
+
+* guest power cut — QEMU is SIGKILLed; the backend stops cleanly, nothing reverts;
+* host power cut — QEMU and the backend are SIGKILLed, then the journal is
+  reverted by a policy and seed (what a real host loses with its page cache);
+* backend crash — the backend is SIGKILLed and restarted while the guest runs.
+
+After a power cut `reboot()` serves the image again with a plain backend
+(no fault drivers: the cut is over) and boots the same machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.block.cache import CacheMode, parse_cache_mode
+from harness.crash import oracle
+from harness.crash.cut import CutPolicy, CutResult, apply_cut, parse_policy
+from harness.crash.scenario import BlkdebugRule, FaultModel
+from harness.crash.verdict import oracle_mode_for
+from harness.errors import ConfigError, MachineError, PowercutError
+from harness.guest.ssh import SSHSession
+from harness.vhost.control import control_request
+from harness.vm.backends import PowercutBackend
+from harness.vm.image import GuestImage
+from harness.vm.qemu import QemuMachine
+from harness.vm.spec import Accel, MachineSpec, VhostUserDisk
+
+log = logging.getLogger(__name__)
+
+DISK_NAME = "disk"
+
+
+def _escape(value: str) -> str:
+    """A value inside a dotted `--blockdev` string: QEMU writes ',' as ',,'."""
+    return value.replace(",", ",,")
+
+
+def fault_blockdev(
+    image: Path, journal: Path, write_log: Path, blkdebug_config: Path | None = None
+) -> str:
+    """The graph the crash runs use: log-writes → [blkdebug →] powerfail → file."""
+    leaf = f"driver=powerfail,journal={_escape(str(journal))},file.driver=file,file.filename=" + (
+        _escape(str(image))
+    )
+    if blkdebug_config is not None:
+        inner = ",".join(f"file.{kv}" for kv in _split(leaf))
+        leaf = f"driver=blkdebug,config={_escape(str(blkdebug_config))},{inner}"
+    return f"driver=log-writes,log={_escape(str(write_log))}," + ",".join(
+        f"file.{kv}" for kv in _split(leaf)
+    )
+
+
+def _split(spec: str) -> list[str]:
+    """Split a dotted spec at single commas (',,' is an escaped comma and stays)."""
+    parts: list[str] = []
+    current = ""
+    i = 0
+    while i < len(spec):
+        if spec[i] == ",":
+            if spec[i + 1 : i + 2] == ",":
+                current += ",,"
+                i += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += spec[i]
+        i += 1
+    parts.append(current)
+    return parts
+
+
+class CrashBackend(PowercutBackend):
+    """`powercut serve` on a `--blockdev` graph (the fault drivers), with info logging."""
+
+    def __init__(
+        self,
+        image: Path,
+        workdir: Path,
+        *,
+        blockdev: str | None,
+        socket: Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(image, workdir, **kwargs)
+        self.blockdev = blockdev
+        if socket is not None:  # unix socket paths are short (108 bytes); logs stay in workdir
+            self.socket = socket
+
+    @property
+    def control_path(self) -> Path:
+        return Path(f"{self.socket}.ctl")
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        argv.insert(argv.index("serve"), "-v")  # connections and resubmissions in the log
+        if self.blockdev is not None:
+            at = argv.index(str(self.image))
+            argv[at : at + 1] = ["--blockdev", self.blockdev]
+        return argv
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.running
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = control_request(self.control_path, {"cmd": "stats"}, timeout=5)
+        return result
+
+
+@dataclass(frozen=True)
+class PowerCut:
+    """What a power cut did and what the oracle found afterwards."""
+
+    fault: FaultModel
+    policy: CutPolicy | None
+    seed: int | None
+    oracle_mode: str  # the contract the oracle checked (verdict.oracle_mode_for)
+    cut: CutResult | None  # host power cut only
+    oracle: oracle.OracleReport | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """The oracle found the image inside the contract (True when it did not run)."""
+        return self.oracle is None or self.oracle.ok
+
+
+def parse_fault(fault: FaultModel | str) -> FaultModel:
+    if isinstance(fault, FaultModel):
+        return fault
+    aliases = {"guest": "guest-power-cut", "host": "host-power-cut", "backend": "backend-crash"}
+    try:
+        return FaultModel(aliases.get(fault, fault))
+    except ValueError:
+        valid = ", ".join([*aliases, *(f.value for f in FaultModel)])
+        raise ConfigError(f"unknown fault {fault!r}; valid: {valid}") from None
+
+
+def make_disk(
+    path: Path, size: int, *, ext4: bool = False, directories: Sequence[str] = ()
+) -> None:
+    """A fresh sparse image; with `ext4`, the filesystem is made here on the host.
+
+    mkfs runs offline, before the powerfail session starts, so a lose-all cut
+    cannot revert the mkfs itself (only what the guest did). Inode tables and
+    the journal are initialised now, so the guest's lazy-init thread adds no
+    writes of its own. `directories` are created in the new filesystem.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    if not ext4:
+        return
+    argv = ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard"]
+    root: Path | None = None
+    try:
+        if directories:
+            root = Path(tempfile.mkdtemp(prefix="powercut-mkfs-"))
+            for d in directories:
+                (root / d).mkdir(parents=True, exist_ok=True)
+            argv += ["-d", str(root)]
+        proc = subprocess.run(
+            [*argv, str(path)], capture_output=True, text=True, timeout=120, check=False
+        )
+    except FileNotFoundError:
+        raise ConfigError("mkfs.ext4 is not installed on the host; run ci/bootstrap") from None
+    finally:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+    if proc.returncode != 0:
+        raise PowercutError(f"mkfs.ext4 {path} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+class CrashSession:
+    """A guest on a crash-test disk; a context manager that leaves nothing running."""
+
+    def __init__(
+        self,
+        directory: Path,
+        image: GuestImage,
+        mode: CacheMode | str,
+        *,
+        disk_size: int = 256 << 20,
+        accel: Accel | str | None = None,
+        ext4: bool = False,
+        directories: Sequence[str] = (),
+        blkdebug: Sequence[BlkdebugRule] = (),
+        memory_mib: int = 512,
+        name: str = "cell",
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.guest_image = image
+        self.mode = parse_cache_mode(mode)
+        self.disk = self.directory / "disk.img"
+        self.journal = self.directory / "disk.journal"
+        self.write_log = self.directory / "writes.log"
+        self.blkdebug_config: Path | None = None
+        make_disk(self.disk, disk_size, ext4=ext4, directories=directories)
+        if blkdebug:
+            self.blkdebug_config = self.directory / "blkdebug.json"
+            self.blkdebug_config.write_text(
+                json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
+            )
+        # Sockets (vhost-user, control, QMP) live in a short private dir: unix socket
+        # paths must fit 108 bytes, and a results directory can be deep.
+        self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
+        self.socket = self.rundir / f"{DISK_NAME}.sock"
+        self.backend = CrashBackend(
+            self.disk,
+            self.directory,
+            blockdev=fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config),
+            cache=self.mode,
+            name=DISK_NAME,
+            socket=self.socket,
+        )
+        disk = VhostUserDisk(self.socket, reconnect=1)
+        spec = MachineSpec.from_image(image, disks=(disk,), memory_mib=memory_mib, name=name)
+        self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
+        self.cuts: list[PowerCut] = []
+
+    # -- paths worth keeping ---------------------------------------------------
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def backend_log(self) -> Path:
+        return self.backend.log_path
+
+    def artifacts(self) -> dict[str, Path]:
+        out = {
+            "console_log": self.console_log,
+            "qemu_log": self.directory / "qemu.log",
+            "backend_log": self.backend_log,
+            "write_log": self.write_log,
+            "journal": self.journal,
+        }
+        for name in ("cut.json", "oracle.json", "blkdebug.json"):
+            path = self.directory / name
+            out[name.replace(".", "_")] = path
+        return {k: v for k, v in out.items() if v.exists()}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def boot(self, timeout: float = 120.0) -> SSHSession:
+        """Start the backend (if it is not serving) and boot the guest on it."""
+        if not self.backend.running:
+            self.backend.start()
+        return self.machine.boot(timeout)
+
+    @property
+    def ssh(self) -> SSHSession:
+        return self.machine.ssh
+
+    def crash_backend(self, timeout: float = 60.0) -> float:
+        """SIGKILL the backend and start it again while the guest runs; seconds until back.
+
+        The powerfail journal and the write log are continued by the new
+        process; QEMU redials the socket and resubmits what was in flight.
+        """
+        t0 = time.monotonic()
+        self.backend.kill()
+        self.backend.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError, PowercutError):
+                if self.backend.stats().get("connected"):
+                    break
+            if time.monotonic() > deadline:
+                raise MachineError(
+                    f"QEMU did not reconnect to the restarted backend in {timeout:.0f}s; "
+                    f"backend log {self.backend_log}"
+                )
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    def power_cut(
+        self,
+        fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
+        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        seed: int = 0,
+        *,
+        check: bool = True,
+    ) -> PowerCut:
+        """Cut the power; then (with `check`) run the oracle on the image as the cut left it.
+
+        The oracle runs before any reboot: the guest's recovery (journal
+        replay) would change the image the contract is about.
+        """
+        model = parse_fault(fault)
+        if model is FaultModel.BACKEND_CRASH:
+            raise ConfigError("a backend crash is not a power cut: use crash_backend()")
+        t0 = time.monotonic()
+        self.machine.power_cut()
+        cut: CutResult | None = None
+        chosen: CutPolicy | None = None
+        if model is FaultModel.HOST_POWER_CUT:
+            chosen = parse_policy(policy)
+            self.backend.kill()
+            cut = apply_cut(self.disk, self.journal, chosen, seed)
+            (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
+        else:
+            self.backend.stop()  # the host stays up: a clean stop, nothing reverted
+        mode = oracle_mode_for(self.mode, model, chosen)
+        report = self.check_oracle(mode) if check else None
+        result = PowerCut(
+            model,
+            chosen,
+            seed if chosen else None,
+            mode,
+            cut,
+            report,
+            time.monotonic() - t0,
+        )
+        self.cuts.append(result)
+        return result
+
+    def check_oracle(self, mode: str) -> oracle.OracleReport:
+        report = oracle.check(self.disk, self.write_log, mode)
+        (self.directory / "oracle.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        log.info("oracle: %s", report.summary())
+        return report
+
+    def stop_backend(self) -> None:
+        self.backend.stop()
+
+    def reboot(self, timeout: float = 120.0) -> SSHSession:
+        """Serve the image with a plain backend (the cut is over) and boot the guest again."""
+        if self.machine.running:
+            raise MachineError("the guest is still running: power_cut() or shutdown() first")
+        self.backend.stop()
+        self.backend = CrashBackend(
+            self.disk,
+            self.directory,
+            blockdev=None,
+            cache=self.mode,
+            name=DISK_NAME,
+            socket=self.socket,
+        )
+        return self.boot(timeout)
+
+    def shutdown(self) -> None:
+        """A clean end: sync and power off the guest, then stop the backend."""
+        self.machine.shutdown()
+        self.backend.stop()
+
+    def close(self) -> None:
+        try:
+            self.machine.close()
+        finally:
+            self.backend.stop()
+            # The machine's logs join the other artifacts; its run dir goes.
+            for src, dst in (
+                (self.machine.console_log.path, self.console_log),
+                (self.machine.qemu_log, self.directory / "qemu.log"),
+            ):
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(src, dst)
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> CrashSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
