@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from harness.block import BlockBackend, open_backend
-from harness.block.options import parse_bool, parse_size
+from harness.block.options import parse_bool, parse_dotted, parse_size
+from harness.block.throttle import ThrottleLimits, create_group, delete_group
 from harness.errors import BlockError, ConfigError, PowercutError
 
 NAME = "io"
@@ -71,6 +72,14 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="IMAGE is a --blockdev option string, e.g. "
         "driver=raw,file.driver=file,file.filename=d.img",
     )
+    parser.add_argument(
+        "--object",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="create an object first, as qemu-io: throttle-group,id=ID,limits.iops-total=N,... "
+        "(or x-iops-total=N)",
+    )
     parser.add_argument("image", metavar="IMAGE", help="image file (or options with --image-opts)")
 
 
@@ -90,10 +99,20 @@ def run(args: argparse.Namespace) -> int:
             options = {"driver": "raw", "file": file_node, "discard": args.discard}
         else:
             options = {**file_node, "discard": args.discard}
+    groups: list[str] = []
+    try:
+        for spec in args.object:
+            groups.append(_create_object(spec))
+    except PowercutError:
+        for group in groups:
+            delete_group(group)
+        raise
     try:
         backend = open_backend(options, cache=cache, read_only=args.read_only)
     except PowercutError as exc:
         print(f"powercut io: can't open device {args.image}: {exc}", file=sys.stderr)
+        for group in groups:
+            delete_group(group)
         return 1
     failed = False
     try:
@@ -108,7 +127,33 @@ def run(args: argparse.Namespace) -> int:
                 failed = True
     finally:
         backend.close()
+        for group in groups:
+            delete_group(group)
     return 1 if failed else 0
+
+
+def _create_object(spec: str) -> str:
+    """`--object throttle-group,id=tg0,limits.iops-total=100`, the one object this needs."""
+    kind, _, rest = spec.partition(",")
+    if kind != "throttle-group":
+        raise ConfigError(f"--object {kind!r} is not supported; the only object is throttle-group")
+    props = parse_dotted(rest) if rest else {}
+    group_id = props.pop("id", None)
+    if not group_id:
+        raise ConfigError("--object throttle-group needs id=NAME")
+    limits: dict[str, str] = {}
+    for key, value in props.items():
+        for prefix in ("limits.", "x-"):
+            if key.startswith(prefix):
+                limits[key[len(prefix) :]] = value
+                break
+        else:
+            raise ConfigError(
+                f"--object throttle-group: unknown property {key!r}; use limits.<limit> "
+                "(e.g. limits.iops-total=100) or x-<limit>"
+            )
+    create_group(group_id, ThrottleLimits.parse(limits, ""))
+    return group_id
 
 
 def run_command(backend: BlockBackend, line: str) -> bool:

@@ -180,3 +180,31 @@ def test_help_lists_every_command(image: Path, capsys: pytest.CaptureFixture[str
     assert status == 0
     for name in ("read", "write", "discard", "flush", "info", "stats", "write-cache"):
         assert f"\n{name} " in f"\n{out}"
+
+
+def test_object_creates_a_throttle_group_a_filter_can_name(
+    image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    spec = f"driver=throttle,throttle-group=tgio,file.driver=file,file.filename={image}"
+    reads = [arg for _ in range(12) for arg in ("-c", "read -q 0 512")]
+    start = time.monotonic()
+    status, out, err = io(
+        capsys,
+        "--object",
+        "throttle-group,id=tgio,limits.iops-total=20",
+        "--image-opts",
+        *reads,
+        spec,
+    )
+    elapsed = time.monotonic() - start
+    assert status == 0, out + err
+    # 20 IOPS with a bucket of 2: ten of the twelve reads wait 50 ms each.
+    assert 0.4 <= elapsed <= 1.5, elapsed
+    status, _, err = io(
+        capsys, "--object", "throttle-group,id=tgio,limits.iops-totl=1", "-c", "flush", str(image)
+    )
+    assert status == 1 and "throttling option" in err
+    status, _, err = io(capsys, "--object", "memory-backend-ram,id=m", "-c", "flush", str(image))
+    assert status == 1 and "only object is throttle-group" in err
