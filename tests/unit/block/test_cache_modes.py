@@ -227,3 +227,13 @@ def test_raw_window_writes_land_where_qemus_do(tmp_path: Path) -> None:
         assert "read failed: Input/output error" in proc.stdout
         images.append(path.read_bytes())
     assert images[0] == images[1]
+
+
+def test_fua_writes_in_writeback_are_followed_by_a_sync(image: Path, tmp_path: Path) -> None:
+    # A FUA write (qemu-io's -f) in writeback: emulated by a flush, so later flushes with
+    # nothing new are elided; write-zeroes with FUA likewise.
+    commands = ["write -f 0 4k", "flush", "write 4k 4k", "write -f 8k 4k", "write -z -f 16k 4k"]
+    ours = trace(powercut_io("writeback", commands, image), image, tmp_path)
+    assert ours.syncs == 3
+    if shutil.which("qemu-io"):
+        assert trace(qemu_io("writeback", commands, image), image, tmp_path).syncs == ours.syncs
