@@ -237,3 +237,31 @@ def test_fua_writes_in_writeback_are_followed_by_a_sync(image: Path, tmp_path: P
     assert ours.syncs == 3
     if shutil.which("qemu-io"):
         assert trace(qemu_io("writeback", commands, image), image, tmp_path).syncs == ours.syncs
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io not installed")
+@pytest.mark.parametrize("mode", ["none", "directsync"])
+def test_misaligned_o_direct_requests_leave_the_image_as_qemus_do(
+    mode: str, tmp_path: Path
+) -> None:
+    commands = [
+        "write -P 1 0 8k",
+        "write -P 2 100 3",
+        "write -P 3 511 2",
+        "write -P 4 4000 200",
+        "write -z 1000 24",
+        "discard 3000 100",
+        "write -z -u 6000 10",
+        "read -P 2 100 3",
+    ]
+    images = []
+    for tool in ("ours", "qemu"):
+        path = tmp_path / f"{tool}.img"
+        path.write_bytes(bytes(64 << 10))
+        argv = (
+            powercut_io(mode, commands, path) if tool == "ours" else qemu_io(mode, commands, path)
+        )
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        images.append(path.read_bytes())
+    assert images[0] == images[1]
