@@ -85,6 +85,18 @@ class OpStats:
     def mean_ns(self) -> float:
         return self.total_ns / self.count if self.count else 0.0
 
+    def percentile_ns(self, q: float) -> int:
+        """An upper bound on the q-th percentile latency (0 < q <= 100), from the histogram."""
+        if not self.count:
+            return 0
+        rank = q / 100 * self.count
+        seen = 0
+        for le, n in self.histogram:
+            seen += n
+            if seen >= rank:
+                return le
+        return self.histogram[-1][0]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "count": self.count,
@@ -92,6 +104,8 @@ class OpStats:
             "errors": self.errors,
             "total_ns": self.total_ns,
             "mean_ns": round(self.mean_ns, 1),
+            "p50_ns_at_most": self.percentile_ns(50),
+            "p99_ns_at_most": self.percentile_ns(99),
             "histogram": [{"le_ns": le, "count": n} for le, n in self.histogram],
         }
 

@@ -376,3 +376,14 @@ def test_read_modify_write_under_o_direct_never_undoes_an_overlapping_write(imag
             t.join()
             block = backend.read(base, align)
             assert block in (new, new[:1] + b"s" * 7 + new[8:]), f"iteration {i}: {block[:16]!r}"
+
+
+def test_latency_percentiles_come_from_the_histogram() -> None:
+    with open_backend("driver=null,size=1M,latency-ns=2000000") as backend:
+        for _ in range(5):
+            backend.read(0, 512)
+        read = backend.stats().ops["read"]
+    assert read.count == 5
+    assert 2_000_000 <= read.percentile_ns(50) <= read.percentile_ns(99)
+    assert read.percentile_ns(99) <= 2 * max(le for le, _ in read.histogram)
+    assert read.to_dict()["p99_ns_at_most"] == read.percentile_ns(99)
