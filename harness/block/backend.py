@@ -7,6 +7,15 @@ and read-only checks, the `rerror`/`werror` policies, throttle group
 membership and statistics. A flush goes to the root node, whose generic
 layer elides it when nothing was written since the last one.
 
+Errors (all from harness.errors): a request outside the device raises
+`BlockRangeError` with errno EIO (what `blk_check_byte_request` returns, and
+what qemu-io prints); a modification of a read-only backend `ReadOnlyError`
+(EPERM); a host error, after the `rerror`/`werror` policy, `BlockError` with
+the host's errno (report, or enospc for anything but ENOSPC), nothing
+(ignore), or `BackendStoppedError` (stop, or enospc on ENOSPC: every request
+then fails the same way until `resume()`). Nothing is written by a request
+that was refused.
+
 Every method is synchronous and thread-safe: requests from several threads
 run concurrently down to the host (no lock is held across I/O), and
 `submit()` runs one on the backend's own I/O threads for callers that want
