@@ -90,10 +90,30 @@ class CutResult:
         )
 
 
+@dataclass(frozen=True)
+class JournaledWrite:
+    """One write as the journal knows it (its pre-image may span several records)."""
+
+    seq: int
+    kind: str
+    offset: int
+    length: int
+
+
+def _writes(preimages: list[Preimage]) -> dict[int, JournaledWrite]:
+    spans: dict[int, tuple[str, int, int]] = {}
+    for p in preimages:
+        kind, start, end = spans.get(
+            p.seq, (p.kind.name.lower().replace("_", "-"), p.offset, p.offset + p.length)
+        )
+        spans[p.seq] = (kind, min(start, p.offset), max(end, p.offset + p.length))
+    return {seq: JournaledWrite(seq, k, a, b - a) for seq, (k, a, b) in spans.items()}
+
+
 def _choose(
     policy: CutPolicy,
     seed: int,
-    candidates: list[Preimage],
+    candidates: list[JournaledWrite],
     completion: dict[int, int],
     granularity: int,
 ) -> dict[int, set[int] | bool]:
@@ -145,8 +165,9 @@ def apply_cut(
     if state.torn_bytes:
         log.warning("journal %s: ignoring a torn tail of %d bytes", journal, state.torn_bytes)
 
-    candidates = [p for p in state.preimages if not state.is_durable(p.seq)]
-    durable_seqs = {p.seq for p in state.preimages if state.is_durable(p.seq)}
+    writes = _writes(state.preimages)
+    candidates = [w for w in writes.values() if not state.is_durable(w.seq)]
+    durable_seqs = {seq for seq in writes if state.is_durable(seq)}
     choice = _choose(policy, seed, candidates, state.completion, g)
 
     def survives(seq: int, block: int) -> bool:
@@ -192,10 +213,10 @@ def apply_cut(
 
     reverted: list[RevertedWrite] = []
     kept = torn = 0
-    for p in candidates:
-        total = -(-p.length // g)
-        lost_blocks = reverted_blocks.get(p.seq, 0)
-        chosen = choice[p.seq]
+    for w in candidates:
+        total = -(-w.length // g)
+        lost_blocks = reverted_blocks.get(w.seq, 0)
+        chosen = choice[w.seq]
         survived_any = chosen if isinstance(chosen, bool) else bool(chosen)
         if isinstance(chosen, set) and 0 < len(chosen) < total:
             torn += 1
@@ -204,11 +225,11 @@ def apply_cut(
         if chosen is False or (isinstance(chosen, set) and len(chosen) < total):
             reverted.append(
                 RevertedWrite(
-                    p.seq,
-                    p.offset,
-                    p.length,
-                    p.kind.name.lower().replace("_", "-"),
-                    state.completion.get(p.seq),
+                    w.seq,
+                    w.offset,
+                    w.length,
+                    w.kind,
+                    state.completion.get(w.seq),
                     lost_blocks,
                     total,
                 )
@@ -219,7 +240,7 @@ def apply_cut(
         policy=policy.value,
         seed=seed,
         sector_size=g,
-        writes_journaled=len(state.preimages),
+        writes_journaled=len(writes),
         writes_durable=len(durable_seqs),
         writes_not_durable=len(candidates),
         writes_kept=kept,

@@ -53,6 +53,7 @@ _HAS_DATA = int(ReqFlags.HAS_DATA)
 _HAS_SPAN_CRC = int(ReqFlags.HAS_SPAN_CRC)
 _SPAN_CRC = struct.Struct("<I")  # the HAS_SPAN_CRC field (harness.crash.writelog)
 _FULL = b"\xff" * 4096  # a run of fully seen bitmap bytes
+PREIMAGE_CHUNK = 1 << 20  # bytes read at a time for the initial CRCs of a large request
 
 
 @register_driver
@@ -227,10 +228,13 @@ class LogWritesNode(BlockNode):
         first, count = whole_sectors(offset, length, ss)
         if not (self.preimage and count and self._unseen(first, count)):
             return
-        pre = bytearray(count * ss)
-        self.child.preadv(first * ss, [memoryview(pre)])
-        crcs = _crc_bytes(sector_crcs(pre, first * ss, ss))
-        self.writer.append(RecordType.PREIMAGE, Op.NONE, 0, 0, first * ss, count * ss, [crcs])
+        step = max(1, PREIMAGE_CHUNK // ss)
+        for chunk in range(first, first + count, step):
+            n = min(step, first + count - chunk)
+            pre = bytearray(n * ss)
+            self.child.preadv(chunk * ss, [memoryview(pre)])
+            crcs = _crc_bytes(sector_crcs(pre, chunk * ss, ss))
+            self.writer.append(RecordType.PREIMAGE, Op.NONE, 0, 0, chunk * ss, n * ss, [crcs])
         self._mark_seen(first, count)
 
     def driver_flush(self) -> None:

@@ -51,6 +51,8 @@ from harness.errors import ConfigError, JournalError
 
 log = logging.getLogger(__name__)
 
+PREIMAGE_CHUNK = 1 << 20  # bytes of pre-image per journal record
+
 
 class RangeLock:
     """Serializes requests whose byte ranges overlap; disjoint ones run in parallel.
@@ -174,10 +176,10 @@ class PowerfailNode(BlockNode):
             self._durable = state.durable_index
             # Writes in flight when the last backend died have either reached the page cache or
             # not; they can no longer be in flight, so later flushes cover them.
-            for pre in state.preimages:
-                if pre.seq not in state.completion:
+            for seq in dict.fromkeys(p.seq for p in state.preimages):
+                if seq not in state.completion:
                     self._completed += 1
-                    writer.complete(pre.seq, self._completed, failed=True)
+                    writer.complete(seq, self._completed, failed=True)
             if not isinstance(data, bytes):
                 data.close()
             log.info(
@@ -217,14 +219,21 @@ class PowerfailNode(BlockNode):
         end = min(-(-(offset + length) // g) * g, max(self.child.length, offset + length))
         key = self._ranges.acquire(start, end)
         try:
-            pre = bytearray(end - start)
-            self.child.preadv(start, [memoryview(pre)])
             with self._state:
                 seq = self._next_seq
                 self._next_seq += 1
-                # The pre-image is in the journal before the image changes: a crash between
-                # the two leaves an entry whose revert is a no-op, never a change without one.
-                self.journal.preimage(seq, kind, start, pre)
+            # The pre-image is in the journal before the image changes: a crash between
+            # the two leaves an entry whose revert is a no-op, never a change without one.
+            # Large requests (a guest's discard of the whole disk) go in bounded pieces.
+            pos = start
+            while pos < end:
+                n = min(PREIMAGE_CHUNK, end - pos)
+                pre = bytearray(n)
+                self.child.preadv(pos, [memoryview(pre)])
+                with self._state:
+                    self.journal.preimage(seq, kind, pos, pre)
+                pos += n
+            with self._state:
                 self._inflight.add(seq)
             failed = True
             try:

@@ -13,7 +13,7 @@ from harness.crash.cut import CutPolicy, apply_cut
 from harness.crash.journal import read_journal
 
 from .conftest import crash
-from .stack import Paths, open_stack
+from .stack import Paths, make_paths, open_stack
 
 S = 512
 
@@ -166,3 +166,19 @@ def test_cut_command_reports_a_missing_journal(
     )
     assert status == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_large_request_is_journaled_in_pieces_and_reverted_whole(tmp_path: Path) -> None:
+    from harness.block.drivers.powerfail import PREIMAGE_CHUNK
+
+    (tmp_path / "big").mkdir()
+    big = make_paths(tmp_path / "big", 3 * PREIMAGE_CHUNK, fill=0x5A)
+    be = open_stack(big)
+    be.discard(0, 3 * PREIMAGE_CHUNK)
+    be.write(0, b"W" * S)
+    crash(be)
+    state = read_journal(big.journal)[0]
+    assert [p.seq for p in state.preimages] == [1, 1, 1, 2]
+    result = apply_cut(big.image, big.journal, "lose-all", 0)
+    assert result.writes_journaled == 2 and result.writes_reverted == 2
+    assert big.image.read_bytes() == b"\x5a" * (3 * PREIMAGE_CHUNK)
