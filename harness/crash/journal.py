@@ -12,12 +12,15 @@ write k is the pre-image of the next write to that block (or the image
 itself for the last one). This is CrashMonkey's and LazyFS's insight, kept
 as an undo log so the image stays a normal, usable image at all times.
 
-Crash safety of the journal itself: every record is one `write(2)` on an
-`O_APPEND` descriptor, made before the image is touched, so a SIGKILLed
-backend leaves at most one torn record at the tail — the host page cache
-keeps both files, exactly as a real host does. The reader detects a torn tail
-by length and CRC and ignores it; a bad record followed by good ones is
-corruption and is refused.
+Crash safety of the journal itself: records are appended with one `write(2)`
+per call on an `O_APPEND` descriptor, and a pre-image is written before the
+image is touched, so a SIGKILLed backend leaves at most one torn record at the
+tail — the host page cache keeps both files, exactly as a real host does.
+COMPLETE records wait in memory for the next record (they go out before any
+DURABLE record); one lost in a crash only makes its write look in flight,
+which is never durable and is marked complete when the journal is reopened.
+The reader detects a torn tail by length and CRC and ignores it; a bad record
+followed by good ones is corruption and is refused.
 
 Format, version 1, little-endian:
 
@@ -44,7 +47,8 @@ Format, version 1, little-endian:
         b           u64  PREIMAGE: byte length; COMPLETE/DURABLE/OPEN: CLOCK_MONOTONIC ns
 
     PREIMAGE  payload = the `b` bytes found at offset `a` before write `seq`
-              (aligned to sector_size, clamped to the image end)
+              (aligned to sector_size, clamped to the image end; a large write
+              has several, each at most 1 MiB, all before the write starts)
     COMPLETE  write `seq` returned (flags bit 0: it failed); completion
               indexes count 1, 2, 3 ... in completion order
     DURABLE   every write with completion index <= a is durable (flags:

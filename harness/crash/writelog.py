@@ -9,8 +9,12 @@ which is enough to recognise any data (also fio's) in an image after a cut;
 the data itself is optional (`log-data=on`), needed only to export for
 dm-log-writes tools.
 
-Append-only: one `write(2)` per record on an O_APPEND descriptor, so a
+Append-only: one `write(2)` per append on an O_APPEND descriptor, so a
 SIGKILLed backend tears at most the last record, which the reader ignores.
+The COMPLETE record of a plain (non-FUA) write waits in memory and goes out
+with the next record, so it always precedes the SUBMIT of any later flush: a
+crash can only make such a write look in flight, and a write that is not
+followed by a flush is never one the contract requires.
 
 Format, version 1, little-endian:
 
