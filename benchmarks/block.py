@@ -98,7 +98,7 @@ def _stack(backend: BlockBackend, block: int, write: bool) -> Callable[[int], ob
     return lambda off: readv(off, iov)
 
 
-def run(seconds: float, workdir: Path) -> dict[str, object]:
+def run(seconds: float, workdir: Path, command: str) -> dict[str, object]:
     path = workdir / "bench.img"
     _prepare(path)
     results: list[dict[str, object]] = []
@@ -145,9 +145,7 @@ def run(seconds: float, workdir: Path) -> dict[str, object]:
         path.unlink()
     return {
         "benchmark": "block",
-        "command": " ".join(
-            [os.path.basename(sys.executable), "-m", "benchmarks.block", *sys.argv[1:]]
-        ),
+        "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cores": os.cpu_count(),
@@ -194,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        report = run(args.seconds, Path(tmp))
+        given = sys.argv[1:] if argv is None else argv
+        command = " ".join(["python -m benchmarks.block", *given])
+        report = run(args.seconds, Path(tmp), command)
     print(
         f"{'workload':<11} {'block':>7} {'bare ops/s':>11} {'stack ops/s':>12} "
         f"{'null ops/s':>11} {'ratio':>6}  goal"
