@@ -26,6 +26,8 @@ COMMON_OPTIONS: dict[str, Option] = {
     "read-only": Option(bool, default=False),
     "cache.direct": Option(bool, default=False, help="open the host file with O_DIRECT"),
     "cache.no-flush": Option(bool, default=False, help="never flush to the disk (unsafe)"),
+    # QEMU's --blockdev defaults to discard=ignore; qemu-io (and this stack) to unmap, so
+    # that a discard the caller asked for happens. Pass discard=ignore for QEMU's default.
     "discard": Option(
         str,
         default="unmap",
