@@ -381,6 +381,47 @@ class JournalWriter:
             self._fd = -1
 
 
+def compact_journal(path: Path | str) -> int:
+    """Rewrite a journal without the writes that are already durable; returns its length.
+
+    Safe because durability is a prefix of completion order and overlapping writes
+    complete in the order they were applied: for every block, the durable versions
+    come first in its chain, and the last of them is the pre-image of the first
+    write that is not durable — which is kept. Written to a new file that then
+    replaces the old one atomically, so a crash leaves one journal or the other.
+    """
+    path = Path(path)
+    state, data = read_journal(path)
+    try:
+        keep = [p for p in state.preimages if not state.is_durable(p.seq)]
+        kept_seqs = dict.fromkeys(p.seq for p in keep)
+        tmp = path.with_name(path.name + ".compact")
+        writer = JournalWriter.create(tmp, state.header.sector_size, state.header.image_size)
+        try:
+            writer.opened()
+            # Completion indexes are absolute: the durable mark keeps its meaning.
+            writer.durable(state.durable_index, DurableReason.FLUSH)
+            for p in keep:
+                writer.preimage(
+                    p.seq,
+                    p.kind,
+                    p.offset,
+                    memoryview(data)[p.payload_offset : p.payload_offset + p.length],
+                )
+            for seq in kept_seqs:
+                if seq in state.completion:
+                    writer.complete(seq, state.completion[seq], seq in state.failed)
+            writer.sync()
+            length = writer.size()
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    finally:
+        if not isinstance(data, bytes):
+            data.close()
+    return length
+
+
 def reset_journal(path: Path | str, header: JournalHeader) -> None:
     """Rewrite a journal as empty (after a cut has been applied to its image)."""
     fd = os.open(Path(path), os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)

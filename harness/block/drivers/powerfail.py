@@ -17,8 +17,10 @@ crashed process had not made durable.
 Options: `journal` (path, required), `sector-size` (undo granularity, default
 512), `writeback-horizon` (seconds; writes completed longer ago than this
 become durable on their own, as the host kernel's writeback would; 0 = off),
-`journal-compact` (size: when a durable flush leaves nothing owed and the
-journal is at least this big, it is emptied; default 1M).
+`journal-compact` (size; default 1M: at a durable flush a journal at least this
+big is emptied when nothing is owed, or else rewritten without its durable
+writes once it has doubled since the last rewrite — a busy guest always has
+writes in flight).
 
 Recommended graph (log-writes above powerfail, so the log sees what the guest
 sees and the journal models what the host loses):
@@ -45,6 +47,7 @@ from harness.crash.journal import (
     DurableReason,
     JournalWriter,
     OpKind,
+    compact_journal,
     read_journal,
 )
 from harness.errors import ConfigError, JournalError
@@ -133,6 +136,7 @@ class PowerfailNode(BlockNode):
         self._inflight: set[int] = set()
         self._completion_times: deque[tuple[int, int]] = deque()  # (index, monotonic ns)
         self.journal = self._open_journal()
+        self._compacted_size = self.journal.size()
         self._stop = threading.Event()
         self._horizon_thread: threading.Thread | None = None
         if self.horizon > 0 and not flags.read_only:
@@ -266,13 +270,21 @@ class PowerfailNode(BlockNode):
         self.journal.durable(index, reason)
         while self._completion_times and self._completion_times[0][0] <= index:
             self._completion_times.popleft()
-        if (
-            not self._inflight
-            and self._durable == self._completed
-            and self.journal.size() >= self.compact_at
-        ):
-            self.journal.reset(self.granularity, self.child.length)
+        size = self.journal.size()
+        if size < self.compact_at:
+            return
+        if not self._inflight and self._durable == self._completed:
+            self.journal.reset(self.granularity, self.child.length)  # nothing is owed
             self.journal.opened()
+            self._compacted_size = self.journal.size()
+        elif size >= 2 * self._compacted_size:
+            # Writes are always in flight under a busy guest: retire the durable ones by
+            # rewriting the journal (amortized: only once it has doubled since the last time).
+            self.journal.sync()
+            self.journal.close()
+            length = compact_journal(self.journal_path)
+            self.journal = JournalWriter.reopen(self.journal_path, length)
+            self._compacted_size = length
 
     def _horizon_loop(self) -> None:
         period = min(max(self.horizon / 4, 0.01), 1.0)

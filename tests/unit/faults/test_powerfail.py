@@ -213,3 +213,42 @@ def test_writes_of_a_killed_backend_become_durable_at_the_next_flush(paths: Path
     assert state.is_durable(1) and state.is_durable(2)
     apply_cut(paths.image, paths.journal, "lose-all", 0)
     assert paths.image.read_bytes()[:1024] == b"A" * 512 + b"B" * 512
+
+
+def test_journal_stays_small_while_writes_are_always_in_flight(paths: Paths) -> None:
+    from harness.crash.oracle import check
+
+    spec = stack_options(paths, powerfail={"journal-compact": 8192})
+    pf_opts = spec["file"]
+    # A blkdebug below powerfail keeps one write in flight across many flushes.
+    pf_opts["file"] = {
+        "driver": "blkdebug",
+        "node-name": "dbg",
+        "rules": "write:delay=2000:sector=200",
+        "file": pf_opts["file"],
+    }
+    be = open_backend(spec, cache="writeback")
+    pf = be.node("pf")
+    try:
+        slow = threading.Thread(target=be.write, args=(200 * 512, b"S" * 512))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while not pf._inflight and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.005)
+        sizes = []
+        for i in range(40):
+            be.write((i % 20) * 4096, bytes([i + 1]) * 4096)
+            be.flush()
+            sizes.append(paths.journal.stat().st_size)
+        assert pf._inflight  # type: ignore[attr-defined]
+        slow.join()
+    finally:
+        crash(be)
+    assert max(sizes) < 40 * 4096 // 2, sizes  # rewritten, not grown by every write
+    state, _ = read_journal(paths.journal)
+    seqs = {p.seq for p in state.preimages}
+    assert 1 in seqs and len(seqs) <= 3, seqs  # the slow write, and at most the last two
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    data = paths.image.read_bytes()
+    assert data[200 * 512 : 201 * 512] == b"\x5a" * 512
+    assert check(paths.image, paths.log, "writeback").ok
