@@ -52,7 +52,12 @@ def test_requests_outside_the_device_are_refused(image: Path, offset: int, lengt
         assert info.value.errno == errno.EIO  # as QEMU's blk_check_byte_request
         with pytest.raises(BlockRangeError):
             backend.write_zeroes(offset, length)
+        if length >= 0:
+            with pytest.raises(BlockRangeError):
+                backend.write(offset, b"\xff" * length)
         assert backend.stats().ops["read"].count == 0
+    # Nothing of a refused request reached the image.
+    assert image.read_bytes() == bytes(IMAGE_SIZE)
 
 
 def test_read_only_backend_refuses_every_modification(image: Path) -> None:
