@@ -451,6 +451,10 @@ class CellRunner:
                 )
                 checks.write_text(run.log + "\n" + run.output)
                 fio_obs = fio_workload.parse_verify(run.output, run.log)
+                if not fio_obs.blocks_verified and not fio_obs.verify_errors:
+                    raise GuestError(
+                        f"fio verify read nothing (exit {run.exit_code}); see {checks}"
+                    )
             return Observed(fio_verify=fio_obs)
         self.stream.join(30)
         mounted = self._mount(ssh)
@@ -543,12 +547,12 @@ class CellRunner:
         self, session: CrashSession, ssh: SSHSession, params: FioVerifySpec
     ) -> Observed:
         cell = self.cell
-        # One fio run in the guest writes and then verifies (same boot); time-based
-        # runs end a few seconds after the crash so the cell stays short.
+        # One fio run in the guest writes `size` once, then verifies it (same boot).
+        # Not time-based: fio skips the verify phase of a time-based job.
         options = fio_workload.write_options(params, DEVICE, cell.seed)
         options.update({"do_verify": 1, "verify_state_save": 0, "verify_fatal": 0})
-        if str(options.get("time_based", "0")) in ("1", "True", "true"):
-            options["runtime"] = int(cell.cut_at) + 4
+        options.pop("time_based", None)
+        options.pop("runtime", None)
         job = fio_workload.to_job("crash", options)
         result: dict[str, object] = {}
 
@@ -577,6 +581,8 @@ class CellRunner:
             jobs = getattr(fio_result, "jobs", ())
             read_bytes = sum(j.read.io_bytes for j in jobs)
             fio_obs = fio_workload.FioVerifyObservation(int(errors), read_bytes // 4096)
+            if not read_bytes:
+                raise GuestError("fio's verify phase read nothing: the check would prove nothing")
             io_errors = count_io_errors(ssh.check_output("dmesg", timeout=60), "vda")
             oracle_obs = self._oracle_after_shutdown(session)
         return Observed(oracle=oracle_obs, fio_verify=fio_obs, guest_io_errors=io_errors)
