@@ -54,14 +54,19 @@ def _submit(
 @settings(
     max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-@given(batches=workload, seed=st.integers(0, 2**16))
+@given(batches=workload, seed=st.integers(0, 2**16), compact=st.booleans())
 def test_random_concurrent_workload_cut_stays_inside_the_contract(
-    mode: str, policy: str, batches: list[list[tuple[str, int, int, bool]]], seed: int
+    mode: str,
+    policy: str,
+    batches: list[list[tuple[str, int, int, bool]]],
+    seed: int,
+    compact: bool,
 ) -> None:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="powercut-prop-") as tmp:
         paths = make_paths(Path(tmp), SECTORS * S, fill=0x5A)
-        be = open_stack(paths, mode)
+        # compact: the journal is emptied or rewritten at every durable flush.
+        be = open_stack(paths, mode, powerfail={"journal-compact": 0} if compact else None)
         try:
             with ThreadPoolExecutor(4) as pool:
                 for batch in batches:
