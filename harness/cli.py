@@ -20,16 +20,32 @@ from harness import __version__
 from harness.errors import PowercutError
 
 
-def _command_modules() -> list[ModuleType]:
-    modules = []
-    for info in pkgutil.iter_modules(harness.commands.__path__):
-        if info.name.startswith("_"):
-            continue
-        modules.append(importlib.import_module(f"harness.commands.{info.name}"))
-    return sorted(modules, key=lambda m: m.NAME)
+def _command_names() -> list[str]:
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(harness.commands.__path__)
+        if not info.name.startswith("_")
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_modules(only: str | None = None) -> list[ModuleType]:
+    # Importing a command pulls in its whole stack (matplotlib for reports, the
+    # vhost server, ...); `powercut io` is scripted in loops, so a run imports
+    # only the command it runs, and --help imports them all.
+    names = [only] if only is not None else _command_names()
+    return [importlib.import_module(f"harness.commands.{name}") for name in names]
+
+
+def _requested_command(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in _command_names() else None
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="powercut",
         description="Crash-consistency test harness for virtual disks.",
@@ -39,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _command_modules():
+    for module in _command_modules(_requested_command(argv)):
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.register(command)
         command.set_defaults(_run=module.run)
@@ -47,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
