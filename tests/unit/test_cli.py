@@ -28,7 +28,7 @@ def test_running_one_command_does_not_import_the_others() -> None:
     assert out.strip() == "[]"
 
 
-def test_unknown_command_is_a_usage_error(capsys: object) -> None:
+def test_unknown_command_is_a_usage_error() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "harness.cli", "no-such-command"], capture_output=True, text=True
     )
