@@ -27,10 +27,13 @@ class BlockError(PowercutError):
 
 
 class BlockRangeError(BlockError):
-    """A request reaches beyond the end of the device, or has a negative offset/length."""
+    """A request reaches beyond the end of the device, or has a negative offset/length.
+
+    EIO, not EINVAL: it is what QEMU's blk_check_byte_request returns and qemu-io prints.
+    """
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, _errno.EINVAL)
+        super().__init__(message, _errno.EIO)
 
 
 class ReadOnlyError(BlockError):

@@ -416,12 +416,10 @@ class BlockBackend:
             raise BackendStoppedError(self._stopped_message())
         if offset < 0 or length < 0 or offset + length > self._length:
             self._check_open()
-            error = BlockRangeError(
+            raise BlockRangeError(
                 f"{what} of {length} bytes at offset {offset} is outside the device "
                 f"{self.name!r} (length {self._length}); requests must lie within [0, length)"
             )
-            error.errno = errno_mod.EIO  # what blk_check_byte_request returns
-            raise error
         if modifies and self.read_only:
             raise ReadOnlyError(f"{what} refused: backend {self.name!r} is read-only")
         if self._closed:
