@@ -261,6 +261,30 @@ def guest(vm: Any) -> Any:
     return vm.ssh
 
 
+@pytest.fixture
+def power_cut(
+    request: pytest.FixtureRequest, guest_image: Any, powercut_accel: Any
+) -> Iterator[Any]:
+    """Crash tests of your own: `power_cut.boot(mode=...)`, `power_cut(fault="host",
+    policy="lose-all", seed=...)` → the oracle's verdict, `power_cut.reboot()`
+    (harness.crash.pytest_helpers)."""
+    from harness.crash.pytest_helpers import make_helper, remove_helper
+
+    helper = make_helper(guest_image, powercut_accel, request.node.name)
+    track_dir(helper.workdir)
+    node: Any = request.node
+    node._powercut_factories = [*getattr(node, "_powercut_factories", []), helper]
+    try:
+        yield helper
+    finally:
+        keep = getattr(node, "_powercut_failed", False) and request.config.getoption(
+            "--keep-failed"
+        )
+        if keep:
+            keep_dir(helper.workdir)
+        remove_helper(helper, keep)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("POWERCUT_ACCEL") is None and config.getoption("--accel"):
         os.environ["POWERCUT_ACCEL"] = config.getoption("--accel")
