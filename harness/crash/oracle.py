@@ -23,6 +23,7 @@ also fio's, or a filesystem's — without the data in the log.
 from __future__ import annotations
 
 import enum
+import heapq
 import mmap
 import os
 import zlib
@@ -207,7 +208,8 @@ def check(
         initial.update(zip(range(first, first + len(pre)), pre, strict=False))
 
     counts = dict.fromkeys(Verdict, 0)
-    violations: list[Violation] = []
+    # The lowest-numbered violations: a bounded max-heap keyed by -sector.
+    worst: list[tuple[int, Violation]] = []
 
     def history(s: int, indexes: list[int]) -> list[Version]:
         out = []
@@ -219,8 +221,12 @@ def check(
     def classify(s: int, versions: list[Version], c: int) -> None:
         verdict, expected, seen = _classify(versions, initial.get(s), c, zero_crc)
         counts[verdict] += 1
-        if verdict in (Verdict.LOST, Verdict.CORRUPT) and len(violations) < max_violations:
-            violations.append(Violation(s, verdict.value, expected, seen))
+        if verdict in (Verdict.LOST, Verdict.CORRUPT) and max_violations > 0:
+            item = (-s, Violation(s, verdict.value, expected, seen))
+            if len(worst) < max_violations:
+                heapq.heappush(worst, item)
+            elif -s > worst[0][0]:
+                heapq.heapreplace(worst, item)
 
     multi_keys = multi.keys()
     must = may = 0
@@ -270,7 +276,7 @@ def check(
             i = j
     counts[Verdict.MUST] += must
     counts[Verdict.MAY] += may
-    violations.sort(key=lambda v: v.sector)
+    violations = sorted((v for _key, v in worst), key=lambda v: v.sector)
 
     return OracleReport(
         image=str(image),

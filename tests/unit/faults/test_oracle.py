@@ -152,3 +152,15 @@ def test_check_command_exit_status_and_json(
     doc = json.loads(out.read_text())
     assert doc["ok"] is False and doc["lost"] == 8
     assert doc["violations"][0] == {"sector": 0, "kind": "lost", "expected_seq": 3, "found_seq": 0}
+
+
+def test_first_violations_are_the_lowest_sectors(paths: Paths) -> None:
+    be = open_stack(paths, "unsafe")
+    be.write(0, b"A" * 8192)
+    be.write(0, b"B" * 4096)  # sectors 0..7 written twice: classified in a later pass
+    be.flush()
+    crash(be)
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    report = check(paths.image, paths.log, "writeback", max_violations=2)
+    assert report.lost == 16
+    assert [v.sector for v in report.violations] == [0, 1]
