@@ -195,6 +195,7 @@ class BlockBackend:
         self.rerror = rerror
         self.werror = werror
         self._write_cache = write_cache
+        self.root.write_cache_changed(write_cache)
         self._length = self.root.length
         self._unmap = bool(getattr(self.root, "unmap", True))
         self._stats_lock = threading.Lock()
@@ -244,6 +245,7 @@ class BlockBackend:
     def set_write_cache(self, enabled: bool) -> None:
         """The guest toggled the write cache (virtio-blk `wce`): writes get FUA when off."""
         self._write_cache = bool(enabled)
+        self.root.write_cache_changed(self._write_cache)
         log.info("backend %s: write cache %s", self.name, "on" if enabled else "off")
 
     @property

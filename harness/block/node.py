@@ -138,6 +138,9 @@ class BlockNode:
     def driver_close(self) -> None:
         """Release host resources (file descriptors, threads)."""
 
+    def driver_write_cache_changed(self, enabled: bool) -> None:
+        """The device's write cache was switched; nodes that record it (log-writes) override."""
+
     def describe(self) -> dict[str, Any]:
         """What `info` shows about this node; drivers add their own fields."""
         return {"node-name": self.node_name, "driver": self.driver, "length": self.length}
@@ -229,6 +232,12 @@ class BlockNode:
                 if first_error is not None:
                     raise first_error
             self.flushed_gen = max(self.flushed_gen, current_gen)
+
+    def write_cache_changed(self, enabled: bool) -> None:
+        """Tell this node and everything below it the device's write-cache state."""
+        self.driver_write_cache_changed(enabled)
+        for child in self.children:
+            child.write_cache_changed(enabled)
 
     def close(self) -> None:
         """Close this node and its children, once."""

@@ -11,7 +11,7 @@ each sector before its first write, so the oracle can tell the initial content
 from garbage; default on), `sector-size` (checksum granularity, default 512).
 
 Whoever owns the device's write-cache state (the BlockBackend) reports it and
-its changes with `note_write_cache()`; every SUBMIT carries the state at that
+its changes through `write_cache_changed()`; every SUBMIT carries the state at that
 time (or "unknown" until it is reported). The FUA flag is recorded either way,
 and it is what the durability contract reads: without a write cache every
 write arrives as FUA.
@@ -100,7 +100,7 @@ class LogWritesNode(BlockNode):
         self._lock = threading.Lock()
         self.writer = LogWriter(self.log_path, LogHeader(self.sector_size, lflags, 0))
         self._seq = self.writer.next_seq
-        # Unknown until the device's owner reports it (BlockBackend.set_write_cache);
+        # Unknown until the BlockBackend above reports it (at open and on every switch);
         # FUA flags are recorded either way, and they are what the contract reads.
         self.write_cache: bool | None = None
         nsect = -(-self.child.length // self.sector_size)
@@ -113,8 +113,8 @@ class LogWritesNode(BlockNode):
 
     # -- recording ---------------------------------------------------------------
 
-    def note_write_cache(self, enabled: bool) -> None:
-        """The device's write cache was switched (virtio-blk `wce`)."""
+    def driver_write_cache_changed(self, enabled: bool) -> None:
+        """The device's write cache was switched (at open, and by virtio-blk `wce`)."""
         with self._lock:
             self.write_cache = bool(enabled)
             self.writer.append(RecordType.WRITE_CACHE, Op.NONE, int(enabled), 0, 0, 0)

@@ -244,20 +244,33 @@ def test_concurrent_misaligned_writes_under_o_direct_lose_nothing(image: Path) -
             assert chunk == b"".join(bytes([k + 1]) * 7 for k in range(8))
 
 
-def test_o_direct_queue_depth_above_one_reaches_the_host(image: Path) -> None:
-    bufs = [mmap.mmap(-1, 65536) for _ in range(16)]
+def test_o_direct_queue_depth_above_one_reaches_the_host(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two reads must be inside preadv(2) at the same moment: the real syscall runs
+    # only once a second caller has arrived, so a backend that serializes requests
+    # breaks the barrier instead of passing by luck of scheduling.
+    both_in_syscall = threading.Barrier(2, timeout=20)
+    real_preadv = os.preadv
+
+    def preadv_when_two_in_flight(fd: int, buffers: list[memoryview], offset: int) -> int:
+        both_in_syscall.wait()
+        return real_preadv(fd, buffers, offset)
+
+    bufs = [mmap.mmap(-1, 65536) for _ in range(2)]
     try:
         with open_backend(str(image), cache="none", name="qd") as backend:
+            monkeypatch.setattr(os, "preadv", preadv_when_two_in_flight)
             futures = [
-                backend.submit(backend.readv, (i % 128) * 65536, [memoryview(b)])
-                for _ in range(20)
+                backend.submit(backend.readv, i * 65536, [memoryview(b)])
                 for i, b in enumerate(bufs)
             ]
             for f in futures:
-                f.result()
+                f.result(timeout=30)
+            monkeypatch.undo()
             file_node = backend.root.file
             assert file_node is not None
-            assert file_node.max_in_flight > 1  # type: ignore[attr-defined]
+            assert file_node.max_in_flight == 2  # type: ignore[attr-defined]
     finally:
         for b in bufs:
             b.close()

@@ -163,16 +163,14 @@ def test_log_show_and_export_commands(
     assert len(read_dm_log_writes(out)) == 2
 
 
-def test_write_cache_state_is_recorded_once_reported(paths: Paths) -> None:
-    be = open_stack(paths)
-    lw = be.node("lw")
+def test_write_cache_state_is_recorded_from_open_and_on_every_switch(paths: Paths) -> None:
+    be = open_stack(paths, "writeback")
     be.write(0, b"A" * S)
-    lw.note_write_cache(False)  # type: ignore[attr-defined]
-    be.set_write_cache(False)
+    be.set_write_cache(False)  # the guest writes wce=0
     be.write(S, b"B" * S)
     crash(be)
     wlog = read_log(paths.log)
     first, second = (r.to_json() for r in wlog.requests)
-    assert first["write_cache"] is None  # not reported yet
+    assert (first["write_cache"], first["fua"]) == (True, False)
     assert (second["write_cache"], second["fua"]) == (False, True)
-    assert [state for _i, state in wlog.write_cache_changes] == [False]
+    assert [state for _i, state in wlog.write_cache_changes] == [True, False]
