@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
+import threading
 
 # 2.7.5 "The Virtqueue Descriptor Table": le64 addr, le32 len, le16 flags, le16 next.
 VirtqDesc = struct.Struct("<QIHH")
@@ -17,6 +19,31 @@ VirtqUsedHeader = struct.Struct("<HH")
 # 2.7.8 struct virtq_used_elem: le32 id, le32 len.
 VirtqUsedElem = struct.Struct("<II")
 Le16 = struct.Struct("<H")
+
+if sys.byteorder != "little":
+    raise ImportError("harness.vhost needs a little-endian host (virtio rings are little-endian)")
+
+
+def ring_u16(view: memoryview) -> memoryview:
+    """`view` as an array of native u16 (little-endian here).
+
+    Ring indices, flags and event fields change under our feet: the other
+    side writes them concurrently. struct's pack/unpack assemble values byte
+    by byte and can see half an update (measured: thousands of torn reads a
+    second between two processes); indexing a memoryview cast to "H" is one
+    16-bit load or store.
+    """
+    return view.cast("B").cast("H")
+
+
+_fence = threading.Lock()
+
+
+def memory_barrier() -> None:
+    """A full memory barrier (virtio_mb): an uncontended lock is a locked RMW on x86."""
+    _fence.acquire()
+    _fence.release()
+
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2

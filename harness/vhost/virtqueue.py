@@ -29,9 +29,10 @@ from harness.vhost.virtio import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
-    Le16,
     VirtqDesc,
     VirtqUsedElem,
+    memory_barrier,
+    ring_u16,
     split_ring_sizes,
     vring_need_event,
 )
@@ -100,6 +101,10 @@ class SplitVirtqueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        # The same rings as arrays of u16: index, flag and event fields are read and
+        # written through these, one 16-bit access each (see virtio.ring_u16).
+        self._avail16: memoryview | None = None
+        self._used16: memoryview | None = None
         self.completed = 0
 
     # -- setup ---------------------------------------------------------------
@@ -112,25 +117,27 @@ class SplitVirtqueue:
         self._desc = memory.uva_contiguous(self.addr.desc, desc_size)
         self._avail = memory.uva_contiguous(self.addr.avail, avail_size)
         self._used = memory.uva_contiguous(self.addr.used, used_size)
+        self._avail16 = ring_u16(self._avail)
+        self._used16 = ring_u16(self._used)
         self._signalled_valid = False
 
     def unmap(self) -> None:
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._avail16, self._used16, self._desc, self._avail, self._used):
             if view is not None:
                 view.release()
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._avail16 = self._used16 = None
 
     @property
     def mapped(self) -> bool:
         return self._used is not None
 
     def ring_used_idx(self) -> int:
-        assert self._used is not None
-        return int(Le16.unpack_from(self._used, 2)[0])
+        assert self._used16 is not None
+        return int(self._used16[1])
 
     def avail_idx(self) -> int:
-        assert self._avail is not None
-        return int(Le16.unpack_from(self._avail, 2)[0])
+        assert self._avail16 is not None
+        return int(self._avail16[1])
 
     def recover_inflight(self) -> int:
         """Rebuild state after a backend restart; returns how many requests to resubmit."""
@@ -148,31 +155,34 @@ class SplitVirtqueue:
     # -- notifications -------------------------------------------------------
 
     def disable_notification(self) -> None:
-        if not self.event_idx and self._used is not None:
-            flags = Le16.unpack_from(self._used, 0)[0]
-            Le16.pack_into(self._used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
+        if not self.event_idx and self._used16 is not None:
+            self._used16[0] |= VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notification(self) -> None:
         """Ask for a kick on the next new request; the caller must re-check afterwards."""
-        assert self._used is not None
+        assert self._used16 is not None
         if self.event_idx:
-            Le16.pack_into(self._used, 4 + 8 * self.num, self.last_avail_idx)
+            self._used16[2 + 4 * self.num] = self.last_avail_idx
         else:
-            flags = Le16.unpack_from(self._used, 0)[0]
-            Le16.pack_into(self._used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[0] &= ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF
+        # The guest stores its index, then reads our event (virtio 2.7.10); we store
+        # our event, then read its index. Without a fence both could read stale values
+        # and each wait for the other.
+        memory_barrier()
 
     def has_available(self) -> bool:
         return bool(self._resubmit) or self.avail_idx() != self.last_avail_idx
 
     def _should_notify(self) -> bool:
-        assert self._avail is not None
+        assert self._avail16 is not None
+        memory_barrier()  # used->idx is stored; now read what the driver asked for
         if not self.event_idx:
-            return not (Le16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
+            return not (self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
         old, new = self._signalled_used, self.used_idx
         valid = self._signalled_valid
         self._signalled_used = new
         self._signalled_valid = True
-        used_event = Le16.unpack_from(self._avail, 4 + 2 * self.num)[0]
+        used_event = self._avail16[2 + self.num]
         return not valid or vring_need_event(used_event, new, old)
 
     def notify(self) -> None:
@@ -194,9 +204,11 @@ class SplitVirtqueue:
         if pending > self.num:
             raise BrokenRing(
                 f"queue {self.index}: guest moved the avail index {pending} entries ahead "
-                f"of a {self.num}-entry ring"
+                f"of a {self.num}-entry ring (avail index {avail_idx}, device at "
+                f"{self.last_avail_idx}, reread {self.avail_idx()})"
             )
-        head = Le16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.num))[0]
+        assert self._avail16 is not None
+        head = self._avail16[2 + self.last_avail_idx % self.num]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head >= self.num:
             raise BrokenRing(f"queue {self.index}: avail ring names head {head} of {self.num}")
@@ -268,13 +280,13 @@ class SplitVirtqueue:
 
     def push(self, head: int, length: int) -> None:
         """Return a finished request to the guest (used ring, then used->idx)."""
-        assert self._used is not None
+        assert self._used is not None and self._used16 is not None
         slot = self.used_idx % self.num
         VirtqUsedElem.pack_into(self._used, 4 + 8 * slot, head, length)
         if self.inflight is not None:
             self.inflight.pre_put(head)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        Le16.pack_into(self._used, 2, self.used_idx)
+        self._used16[1] = self.used_idx
         if self.inflight is not None:
             self.inflight.post_put(head, self.used_idx)
         self.completed += 1
