@@ -75,7 +75,16 @@ JOURNAL_HEADER = struct.Struct("<8sHHIQQII")
 # Record header; see the module docstring for each field.
 JOURNAL_RECORD = struct.Struct("<IBBHIQQQ")
 
+# JOURNAL_RECORD after its crc32 field: what the CRC covers, packed without slicing.
+JOURNAL_RECORD_BODY = struct.Struct("<" + JOURNAL_RECORD.format[2:])
+
 _CRC = struct.Struct("<I")
+_pack_crc = _CRC.pack
+_pack_body = JOURNAL_RECORD_BODY.pack
+_crc32 = zlib.crc32
+_monotonic_ns = time.monotonic_ns
+_PREIMAGE = 1  # RecordType.PREIMAGE, as a plain int for the per-write path
+_COMPLETE = 2  # RecordType.COMPLETE
 JOURNAL_MAGIC = b"PCJRNL\x00\x01"
 JOURNAL_VERSION = 1
 COMPLETE_FAILED = 0x01
@@ -316,14 +325,16 @@ class JournalWriter:
         b: int,
         payload: bytes | bytearray | memoryview = b"",
     ) -> bytes:
-        head = JOURNAL_RECORD.pack(0, rtype, flags, 0, len(payload), seq, a, b)[4:]
-        return _CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + head
+        body = _pack_body(rtype, flags, 0, len(payload), seq, a, b)
+        return _pack_crc(_crc32(payload, _crc32(body))) + body
 
     def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if self._pending:
             parts = [*self._pending, *parts]
             self._pending = []
-        expected = sum(len(p) for p in parts)
+        expected = 0
+        for p in parts:
+            expected += len(p)
         written = os.writev(self._fd, parts)
         self._size += written
         if written != expected:
@@ -333,22 +344,17 @@ class JournalWriter:
             )
 
     def preimage(
-        self, seq: int, kind: OpKind, offset: int, data: bytes | bytearray | memoryview
+        self, seq: int, kind: OpKind | int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
-        self._write(
-            [self._encode(RecordType.PREIMAGE, int(kind), seq, offset, len(data), data), data]
-        )
+        n = len(data)
+        body = _pack_body(_PREIMAGE, kind, 0, n, seq, offset, n)
+        self._write([_pack_crc(_crc32(data, _crc32(body))) + body, data])
 
     def complete(self, seq: int, index: int, failed: bool) -> None:
-        self._pending.append(
-            self._encode(
-                RecordType.COMPLETE,
-                COMPLETE_FAILED if failed else 0,
-                seq,
-                index,
-                time.monotonic_ns(),
-            )
+        body = _pack_body(
+            _COMPLETE, COMPLETE_FAILED if failed else 0, 0, 0, seq, index, _monotonic_ns()
         )
+        self._pending.append(_pack_crc(_crc32(body)) + body)
         if len(self._pending) >= self.MAX_PENDING:
             self.sync()
 

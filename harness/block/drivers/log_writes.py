@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import struct
 import threading
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +36,7 @@ from harness.crash.writelog import (
     RecordType,
     ReqFlags,
     _crc_bytes,
+    aligned_sector_crcs,
     sector_crcs,
     whole_sectors,
 )
@@ -50,8 +49,12 @@ _WCE = int(ReqFlags.WCE)
 _WCE_KNOWN = int(ReqFlags.WCE_KNOWN)
 _HAS_PRE = int(ReqFlags.HAS_PRE)
 _HAS_DATA = int(ReqFlags.HAS_DATA)
-_HAS_SPAN_CRC = int(ReqFlags.HAS_SPAN_CRC)
-_SPAN_CRC = struct.Struct("<I")  # the HAS_SPAN_CRC field (harness.crash.writelog)
+_NO_FLAGS = RequestFlags.NONE
+# Module constants for the per-write records: enum attribute lookups are slow.
+_SUBMIT = RecordType.SUBMIT
+_COMPLETE = RecordType.COMPLETE
+_WRITE = Op.WRITE
+_NONE_OP = Op.NONE
 _FULL = b"\xff" * 4096  # a run of fully seen bitmap bytes
 PREIMAGE_CHUNK = 1 << 20  # bytes read at a time for the initial CRCs of a large request
 
@@ -161,9 +164,7 @@ class LogWritesNode(BlockNode):
         try:
             call(*args)
         except BaseException as exc:
-            status = int(getattr(exc, "errno", None) or errno.EIO)
-            with self._lock:
-                self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, status)
+            self._failed(seq, exc)
             raise
         with self._lock:
             if urgent:
@@ -181,27 +182,47 @@ class LogWritesNode(BlockNode):
         buf: bytes | memoryview = iov[0] if len(iov) == 1 else b"".join(iov)
         length = len(buf)
         ss = self.sector_size
-        fua = flags is not RequestFlags.NONE and RequestFlags.FUA in flags
-        rflags = _HAS_SPAN_CRC | (_FUA if fua else 0)
-        first, count = whole_sectors(offset, length, ss)
-        skip = first * ss - offset
-        span_crc = zlib.crc32(memoryview(buf)[skip : skip + count * ss])
-        payload: list[bytes | bytearray | memoryview] = [
-            _crc_bytes(sector_crcs(buf, offset, ss)),
-            _SPAN_CRC.pack(span_crc),
-        ]
+        fua = flags is not _NO_FLAGS and RequestFlags.FUA in flags
+        rflags = _FUA if fua else 0
+        if offset % ss or length % ss:
+            first, count = whole_sectors(offset, length, ss)
+            crcs = _crc_bytes(sector_crcs(buf, offset, ss))
+        else:
+            first, count = offset // ss, length // ss
+            crcs = aligned_sector_crcs(buf, ss)
+        # No span CRC: the reader derives it from the sector CRCs (writelog.span_crc).
+        payload: list[bytes | bytearray | memoryview] = [crcs]
         with self._lock:
             if self.preimage and count and self._unseen(first, count):
                 pre = bytearray(count * ss)
                 self.child.preadv(first * ss, [memoryview(pre)])
-                payload.append(_crc_bytes(sector_crcs(pre, first * ss, ss)))
+                payload.append(aligned_sector_crcs(pre, ss))
                 rflags |= _HAS_PRE
                 self._mark_seen(first, count)
             if self.log_data:
                 payload.append(buf)
                 rflags |= _HAS_DATA
-            seq = self._submit(Op.WRITE, rflags, offset, length, payload)
-        self._run(seq, fua, self.child.pwritev, offset, iov, flags)
+            seq = self._seq
+            self._seq = seq + 1
+            if self.write_cache is not None:
+                rflags |= _WCE_KNOWN | (_WCE if self.write_cache else 0)
+            self.writer.append(_SUBMIT, _WRITE, rflags, seq, offset, length, payload)
+        try:
+            self.child.pwritev(offset, iov, flags)
+        except BaseException as exc:
+            self._failed(seq, exc)
+            raise
+        if fua:
+            with self._lock:
+                self.writer.append(_COMPLETE, _NONE_OP, 0, seq, 0, 0)
+        else:
+            with self._lock:
+                self.writer.defer(_COMPLETE, _NONE_OP, 0, seq, 0, 0)
+
+    def _failed(self, seq: int, exc: BaseException) -> None:
+        status = int(getattr(exc, "errno", None) or errno.EIO)
+        with self._lock:
+            self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, status)
 
     def driver_pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         rflags = 0

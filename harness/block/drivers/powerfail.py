@@ -65,13 +65,15 @@ class RangeLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # `with` on the bare lock: Condition.__enter__ is a Python-level call per request.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._held: list[tuple[int, int]] = []
         self._waiting = 0
 
     def acquire(self, start: int, end: int) -> tuple[int, int]:
         key = (start, end)
-        with self._cond:
+        with self._lock:
             held = self._held
             while held and any(s < end and start < e for s, e in held):
                 self._waiting += 1
@@ -81,7 +83,7 @@ class RangeLock:
         return key
 
     def release(self, key: tuple[int, int]) -> None:
-        with self._cond:
+        with self._lock:
             self._held.remove(key)
             if self._waiting:
                 self._cond.notify_all()
@@ -127,6 +129,7 @@ class PowerfailNode(BlockNode):
         self.can_discard = True
         self.can_write_zeroes = True
         self.request_alignment = file.request_alignment
+        self._child_length = file.length  # fixed while open (drivers cannot resize)
 
         self._state = threading.Lock()  # journal appends and the counters below
         self._ranges = RangeLock()
@@ -220,38 +223,50 @@ class PowerfailNode(BlockNode):
             return
         g = self.granularity
         start = offset - offset % g
-        end = min(-(-(offset + length) // g) * g, max(self.child.length, offset + length))
-        key = self._ranges.acquire(start, end)
+        end = -(-(offset + length) // g) * g
+        if end > self._child_length:
+            end = max(self._child_length, offset + length)
+        ranges = self._ranges
+        key = ranges.acquire(start, end)
         try:
-            with self._state:
-                seq = self._next_seq
-                self._next_seq += 1
             # The pre-image is in the journal before the image changes: a crash between
             # the two leaves an entry whose revert is a no-op, never a change without one.
             # Large requests (a guest's discard of the whole disk) go in bounded pieces.
-            pos = start
-            while pos < end:
-                n = min(PREIMAGE_CHUNK, end - pos)
-                pre = bytearray(n)
-                self.child.preadv(pos, [memoryview(pre)])
+            if end - start <= PREIMAGE_CHUNK:
+                pre = bytearray(end - start)
+                self.child.preadv(start, [memoryview(pre)])
                 with self._state:
-                    self.journal.preimage(seq, kind, pos, pre)
-                pos += n
-            with self._state:
-                self._inflight.add(seq)
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                    self.journal.preimage(seq, kind, start, pre)
+                    self._inflight.add(seq)
+            else:
+                with self._state:
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                pos = start
+                while pos < end:
+                    n = min(PREIMAGE_CHUNK, end - pos)
+                    pre = bytearray(n)
+                    self.child.preadv(pos, [memoryview(pre)])
+                    with self._state:
+                        self.journal.preimage(seq, kind, pos, pre)
+                    pos += n
+                with self._state:
+                    self._inflight.add(seq)
             failed = True
             try:
                 apply(*args)
                 failed = False
             finally:
                 with self._state:
-                    self._completed += 1
-                    self.journal.complete(seq, self._completed, failed)
+                    self._completed = index = self._completed + 1
+                    self.journal.complete(seq, index, failed)
                     self._inflight.discard(seq)
                     if self.horizon > 0:
-                        self._completion_times.append((self._completed, time.monotonic_ns()))
+                        self._completion_times.append((index, time.monotonic_ns()))
         finally:
-            self._ranges.release(key)
+            ranges.release(key)
 
     def driver_flush(self) -> None:
         with self._state:
