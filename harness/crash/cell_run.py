@@ -172,8 +172,9 @@ class FioWrite:
         self.started = 0.0
         self._thread = threading.Thread(target=self._run, name="fio-client", daemon=True)
 
-    def start(self, trigger_after: float) -> FioWrite:
+    def start(self, trigger_after: float, remote: str | None = None) -> FioWrite:
         self.trigger_after = max(1, round(trigger_after))
+        self.remote = remote
         self.started = time.monotonic()
         self._thread.start()
         return self
@@ -184,6 +185,7 @@ class FioWrite:
                 [self.job],
                 trigger_timeout=self.trigger_after,
                 trigger=f"touch {shlex.quote(str(self.flag))}",
+                trigger_remote=self.remote,
                 timeout=self.timeout,
                 name="write",
             )
@@ -418,11 +420,14 @@ class CellRunner:
         flag = self.directory / "fio" / "triggered"
         flag.unlink(missing_ok=True)
         timed = cell.cut.kind in (TriggerKind.AFTER_SECONDS, TriggerKind.WINDOW)
-        # The trigger makes the server save its verify state; the cut follows at once
-        # (timed cuts) or when the count is reached (the state then covers a prefix).
-        writer = FioWrite(client, job, flag, self.deadline.left()).start(
-            cell.cut_at if timed else 1
-        )
+        # On the trigger the server saves its verify state, stops the job (which then
+        # flushes) and runs the remote trigger. For a timed cut that is the cut itself:
+        # sysrq-b resets the guest at once (QEMU runs with -no-reboot, so it exits), before
+        # the stopped job's final flush — as fio's own power-cut recipe does. A count cut
+        # triggers after 1 s (the state then covers a prefix) and cuts when the count is in.
+        remote = "echo b > /proc/sysrq-trigger" if timed else None
+        writer = FioWrite(client, job, flag, self.deadline.left())
+        writer.start(cell.cut_at if timed else 1, remote)
         while not writer.triggered:
             if not writer.alive:
                 detail = writer.error or (writer.run_result.log[-500:] if writer.run_result else "")
