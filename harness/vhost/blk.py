@@ -52,6 +52,9 @@ MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
 MAX_WRITE_ZEROES_SEG = 1
 
 
+_REQUEST_TYPES = {t.value: t for t in VirtioBlkRequestType}
+
+
 class BlockBackendLike(Protocol):
     """What the device needs from harness.block's BlockBackend."""
 
@@ -221,7 +224,7 @@ class VirtioBlkDevice:
         if last.length < 1:
             raise NoStatusByte(f"request at head {chain.head}: status descriptor is empty")
         try:
-            return memory.gpa(last.addr + last.length - 1, 1)[0]
+            return memory.gpa_contiguous(last.addr + last.length - 1, 1)
         except GuestError as exc:
             raise NoStatusByte(f"request at head {chain.head}: status byte: {exc}") from exc
 
@@ -230,8 +233,12 @@ class VirtioBlkDevice:
         if chain.fault is not None:
             raise _RequestFailed(ioerr, "layout", f"request at head {chain.head}: {chain.fault}")
         try:
-            readable = [v for b in chain.readable for v in memory.gpa(b.addr, b.length)]
-            writable = [v for b in chain.writable for v in memory.gpa(b.addr, b.length)]
+            readable = []
+            for b in chain.readable:
+                readable += memory.gpa(b.addr, b.length)
+            writable = []
+            for b in chain.writable:
+                writable += memory.gpa(b.addr, b.length)
         except GuestError as exc:
             raise _RequestFailed(ioerr, "address", f"request at head {chain.head}: {exc}") from exc
         header, out_data = _split_front(readable, VirtioBlkOuthdr.size)
@@ -244,12 +251,9 @@ class VirtioBlkDevice:
             )
         rtype, _ioprio, sector = VirtioBlkOuthdr.unpack(header)
         in_data = _drop_back(writable, 1)
-        try:
-            kind = VirtioBlkRequestType(rtype)
-        except ValueError:
-            raise _RequestFailed(
-                VirtioBlkStatus.UNSUPP, "type", f"unknown request type {rtype}"
-            ) from None
+        kind = _REQUEST_TYPES.get(rtype)
+        if kind is None:
+            raise _RequestFailed(VirtioBlkStatus.UNSUPP, "type", f"unknown request type {rtype}")
         self.counts[kind.name] += 1
         if kind is VirtioBlkRequestType.IN:
             length = sum(map(len, in_data))

@@ -748,20 +748,20 @@ class RequestStream:
         self.depth = depth
         self.block = block
         self.slots: list[tuple[int, int, int]] = []  # header, data, status addresses
-        self._descs: list[int] = []
+        self.descs: list[int] = []
         for _ in range(depth):
             hdr = fe.mem.alloc(16)
             data = fe.mem.alloc(block, 4096)
             status = fe.mem.alloc(1)
             self.slots.append((hdr, data, status))
-            self._descs += [q.free_descs.pop(0) for _ in range(3)]
+            self.descs += [q.free_descs.pop(0) for _ in range(3)]
         self._hdr_views = [fe.mem.view(s[0], 16) for s in self.slots]
-        self._head_slot = {self._descs[3 * i]: i for i in range(depth)}
+        self._head_slot = {self.descs[3 * i]: i for i in range(depth)}
         self.errors = 0
 
     def _chain(self, slot: int, write: bool) -> int:
         hdr, data, status = self.slots[slot]
-        d0, d1, d2 = self._descs[3 * slot : 3 * slot + 3]
+        d0, d1, d2 = self.descs[3 * slot : 3 * slot + 3]
         q = self.q
         q.write_desc(d0, hdr, 16, VIRTQ_DESC_F_NEXT, d1)
         q.write_desc(

@@ -67,6 +67,8 @@ class MappedRegion:
                 "shared file mapping (memory-backend-memfd,share=on)"
             ) from exc
         self.view = memoryview(self._map)[self._skip : self._skip + desc.size]
+        self.guest_addr = desc.guest_addr
+        self.size = desc.size
         self.gpa_end = desc.guest_addr + desc.size
         self.uva_end = desc.user_addr + desc.size
 
@@ -161,6 +163,13 @@ class GuestMemory:
 
     def gpa(self, addr: int, length: int) -> list[memoryview]:
         """Views covering guest-physical [addr, addr+length); may span adjacent regions."""
+        for region in self._regions:  # the common case: inside one region
+            off = addr - region.guest_addr
+            if off >= 0 and off + length <= region.size:
+                return [region.view[off : off + length]]
+        return self._gpa_spanning(addr, length)
+
+    def _gpa_spanning(self, addr: int, length: int) -> list[memoryview]:
         views: list[memoryview] = []
         regions = self._regions
         while length > 0:

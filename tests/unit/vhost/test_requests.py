@@ -234,3 +234,24 @@ def test_without_event_idx_and_indirect_the_ring_still_works(serve: Callable[...
         data = os.urandom(4096)
         assert fe.write(0, data, split=1024).status == OK
         assert fe.read(0, 4096).data == data
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_large_requests_complete_out_of_order_on_helper_threads(
+    serve: Callable[..., Served], cache: str
+) -> None:
+    """With O_DIRECT, requests of 128 KiB and more overlap on helper threads."""
+    s = serve(cache=cache)
+    assert s.server.parallel_min == (0 if cache == "writeback" else 128 * 1024)
+    with s.frontend(num_queues=1) as fe:
+        blobs = [os.urandom(256 * 1024) for _ in range(6)]
+        heads = [
+            fe.submit(VirtioBlkRequestType.OUT, 512 * i, data=b, split=65536)
+            for i, b in enumerate(blobs)
+        ]
+        small = fe.submit(VirtioBlkRequestType.FLUSH)
+        done = fe.wait(0, 7)
+        assert sorted(c.head for c in done) == sorted([*heads, small])
+        assert all(c.status == OK for c in done)
+        for i, b in enumerate(blobs):
+            assert fe.read(512 * i, len(b)).data == b
