@@ -1,0 +1,122 @@
+"""The image builder's pure parts: cpio archives, module order, kernel extraction, paths."""
+
+from __future__ import annotations
+
+import lzma
+import stat
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harness.errors import ImageBuildError
+from harness.vm.cpio import CpioEntry, CpioWriter, read_cpio
+from harness.vm.image import _guest_path, decompress_bzimage, module_load_order
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-/", min_size=1, max_size=40)
+entries = st.lists(
+    st.builds(
+        CpioEntry,
+        name=names.filter(lambda n: not n.startswith("/") and n != "TRAILER!!!"),
+        mode=st.sampled_from(
+            [stat.S_IFREG | 0o644, stat.S_IFREG | 0o755, stat.S_IFDIR | 0o700, stat.S_IFLNK | 0o777]
+        ),
+        data=st.binary(max_size=600),
+    ),
+    unique_by=lambda e: e.name,
+    max_size=12,
+)
+
+
+@given(entries)
+def test_cpio_round_trips_every_entry(tmp_path_factory, items):
+    path = tmp_path_factory.mktemp("cpio") / "a.cpio"
+    with open(path, "wb") as f:
+        w = CpioWriter(f)
+        for e in items:
+            w.add(e)
+        w.close()
+    data = path.read_bytes()
+    assert len(data) % 4 == 0
+    assert list(read_cpio(data)) == items
+
+
+def test_cpio_rejects_duplicate_names(tmp_path):
+    with open(tmp_path / "a.cpio", "wb") as f:
+        w = CpioWriter(f)
+        w.add(CpioEntry("etc", stat.S_IFDIR | 0o755))
+        with pytest.raises(ValueError, match="duplicate"):
+            w.add(CpioEntry("etc", stat.S_IFDIR | 0o755))
+
+
+def test_cpio_device_nodes_keep_major_and_minor(tmp_path):
+    with open(tmp_path / "a.cpio", "wb") as f:
+        w = CpioWriter(f)
+        w.add(CpioEntry("dev/console", stat.S_IFCHR | 0o600, b"", 5, 1))
+        w.close()
+    (entry,) = read_cpio((tmp_path / "a.cpio").read_bytes())
+    assert (entry.rdev_major, entry.rdev_minor, stat.S_ISCHR(entry.mode)) == (5, 1, True)
+
+
+MODULES_DEP = """\
+kernel/virtio/virtio.ko:
+kernel/virtio/virtio_ring.ko:
+kernel/drivers/block/virtio_blk.ko: kernel/virtio/virtio.ko kernel/virtio/virtio_ring.ko
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
+kernel/lib/crc16.ko:
+kernel/fs/mbcache.ko:
+kernel/fs/jbd2/jbd2.ko:
+kernel/arch/x86/crypto/crc32c-intel.ko:
+"""
+
+
+def test_modules_load_after_their_dependencies_once_each():
+    order = module_load_order(MODULES_DEP, "", ["virtio_blk", "ext4", "virtio_blk"])
+    names = [p.rsplit("/", 1)[1] for p in order]
+    assert names == [
+        "virtio_ring.ko",
+        "virtio.ko",
+        "virtio_blk.ko",
+        "jbd2.ko",
+        "mbcache.ko",
+        "crc16.ko",
+        "ext4.ko",
+    ]
+
+
+def test_module_names_match_with_dashes_or_underscores():
+    order = module_load_order(MODULES_DEP, "", ["crc32c_intel"])
+    assert order == ["kernel/arch/x86/crypto/crc32c-intel.ko"]
+
+
+def test_builtin_modules_are_skipped_and_unknown_ones_rejected():
+    assert module_load_order(MODULES_DEP, "kernel/fs/ext4/ext4.ko\n", ["ext4"]) == []
+    with pytest.raises(ImageBuildError, match="no_such_module"):
+        module_load_order(MODULES_DEP, "", ["no_such_module"])
+
+
+def test_the_elf_kernel_is_found_after_a_false_xz_magic():
+    elf = b"\x7fELF" + bytes(range(256)) * 40
+    payload = lzma.compress(elf, format=lzma.FORMAT_XZ)
+    bzimage = b"MZ" + b"\0" * 100 + b"\xfd7zXZ\x00garbage" + b"\0" * 50 + payload + b"\0" * 64
+    assert decompress_bzimage(bzimage) == elf
+
+
+def test_a_kernel_without_xz_payload_is_an_image_build_error():
+    with pytest.raises(ImageBuildError, match="XZ"):
+        decompress_bzimage(b"MZ" + b"\0" * 4096)
+
+
+@pytest.mark.parametrize(
+    ("host", "guest"),
+    [
+        ("/bin/busybox", "usr/bin/busybox"),
+        ("/sbin/mke2fs", "usr/sbin/mke2fs"),
+        ("/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libc.so.6"),
+        ("/lib64/ld-linux-x86-64.so.2", "usr/lib64/ld-linux-x86-64.so.2"),
+        ("/usr/bin/fio", "usr/bin/fio"),
+        ("/etc/motd", "etc/motd"),
+    ],
+)
+def test_host_paths_map_into_a_merged_usr_guest(host, guest):
+    assert _guest_path(host) == guest

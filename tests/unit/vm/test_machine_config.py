@@ -1,0 +1,146 @@
+"""How a MachineSpec becomes a QEMU command line and libvirt XML; backends; accel choice."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from harness.block.cache import CacheMode
+from harness.errors import ConfigError
+from harness.vm.accel import choose_accel
+from harness.vm.backends import BackendKind, PowercutBackend, QsdBackend, make_backend
+from harness.vm.libvirt import QEMU_NS, domain_xml
+from harness.vm.machine import free_port
+from harness.vm.qemu import qemu_argv
+from harness.vm.spec import Accel, FileDisk, MachineSpec, VhostUserDisk
+
+
+def _spec(*disks) -> MachineSpec:
+    return MachineSpec(
+        kernel=Path("/k/vmlinux"),
+        initramfs=Path("/k/initrd"),
+        append="console=ttyS0 quiet",
+        ssh_key=Path("/k/id"),
+        host_public_key=None,
+        disks=tuple(disks),
+        forwards=(22, 8765),
+        memory_mib=384,
+        cpus=2,
+    )
+
+
+def _opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_qemu_memory_is_shared_memfd_for_vhost_user(tmp_path):
+    argv = qemu_argv(_spec(), Accel.TCG, {22: 2222, 8765: 3333}, tmp_path)
+    assert "memory-backend-memfd,id=mem,size=384M,share=on" in _opt(argv, "-object")
+    assert "pc,memory-backend=mem" in _opt(argv, "-M")
+    assert _opt(argv, "-accel") == ["tcg"] and _opt(argv, "-smp") == ["2"]
+
+
+def test_qemu_forwards_each_guest_port_on_localhost_only(tmp_path):
+    argv = qemu_argv(_spec(), Accel.TCG, {22: 2222, 8765: 3333}, tmp_path)
+    (netdev,) = _opt(argv, "-netdev")
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in netdev
+    assert "hostfwd=tcp:127.0.0.1:3333-:8765" in netdev
+
+
+def test_qemu_disks_keep_spec_order_cache_and_reconnect(tmp_path):
+    spec = _spec(
+        FileDisk(Path("/d/a.img"), CacheMode.DIRECTSYNC, read_only=True),
+        VhostUserDisk(Path("/s/b.sock"), reconnect=3, num_queues=2),
+    )
+    argv = qemu_argv(spec, Accel.KVM, {22: 1}, tmp_path)
+    (drive,) = _opt(argv, "-drive")
+    assert "file=/d/a.img" in drive and "cache=directsync" in drive and "readonly=on" in drive
+    assert "socket,id=vu1,path=/s/b.sock,reconnect=3" in _opt(argv, "-chardev")
+    devices = _opt(argv, "-device")
+    blk = [d for d in devices if d.startswith(("virtio-blk", "vhost-user-blk"))]
+    assert blk[0].startswith("virtio-blk-pci,drive=disk0") and blk[0].endswith("addr=0x8")
+    assert "num-queues=2" in blk[1] and blk[1].endswith("addr=0x9")
+    assert _opt(argv, "-cpu") == ["host"]
+
+
+def test_file_disk_accepts_qemu_cache_names():
+    assert FileDisk(Path("x"), "off").cache is CacheMode.NONE  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        FileDisk(Path("x"), "fast")  # type: ignore[arg-type]
+
+
+def test_libvirt_xml_describes_vhostuser_disks_memfd_and_hostfwd(tmp_path):
+    spec = _spec(
+        VhostUserDisk(Path("/s/a.sock"), reconnect=2, num_queues=2),
+        FileDisk(Path("/d/b.img"), CacheMode.NONE),
+    )
+    root = ET.fromstring(domain_xml(spec, "pc-test", Accel.TCG, {22: 2222}, tmp_path / "c.log"))
+    assert root.get("type") == "qemu"
+    assert root.find("memoryBacking/source").get("type") == "memfd"
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    assert root.find("features/acpi") is not None
+    disks = root.findall("devices/disk")
+    assert [d.get("type") for d in disks] == ["vhostuser", "file"]
+    assert disks[0].find("source").get("path") == "/s/a.sock"
+    assert disks[0].find("source/reconnect").get("timeout") == "2"
+    assert disks[0].find("driver").get("queues") == "2"
+    assert disks[1].find("driver").get("cache") == "none"
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb"]
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert any("hostfwd=tcp:127.0.0.1:2222-:22" in a for a in args)
+
+
+def test_libvirt_uses_a_kvm_domain_only_for_kvm(tmp_path):
+    root = ET.fromstring(domain_xml(_spec(), "x", Accel.KVM, {}, tmp_path / "c"))
+    assert root.get("type") == "kvm"
+
+
+def test_qemu_storage_daemon_export_follows_the_cache_mode(tmp_path):
+    qsd = QsdBackend(tmp_path / "d.img", tmp_path, cache="directsync", num_queues=2)
+    words = " ".join(qsd.argv())
+    assert "cache.direct=on" in words and "cache.no-flush=off" in words
+    assert "writethrough=on" in words and "num-queues=2" in words
+    assert f"addr.path={tmp_path / 'disk0.sock'}" in words
+    unsafe = " ".join(QsdBackend(tmp_path / "d.img", tmp_path, cache="unsafe").argv())
+    assert "cache.no-flush=on" in unsafe and "writethrough=off" in unsafe
+
+
+def test_powercut_backend_runs_powercut_serve(tmp_path):
+    argv = PowercutBackend(tmp_path / "d.img", tmp_path, cache="none").argv()
+    assert argv[1:5] == ["-m", "harness.cli", "serve", str(tmp_path / "d.img")]
+    assert shlex.join(argv).endswith(f"--socket {tmp_path / 'disk0.sock'} --cache none --queues 1")
+
+
+def test_unknown_backend_names_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="qemu-storage-daemon"):
+        make_backend("nbd", tmp_path / "d.img", tmp_path)
+    assert make_backend(BackendKind.BUILTIN, tmp_path / "d.img", tmp_path).start() == FileDisk(
+        tmp_path / "d.img"
+    )
+
+
+def test_accel_request_and_environment_override_the_probe(monkeypatch, tmp_path):
+    kernel = tmp_path / "no-kernel"
+    assert choose_accel("tcg", kernel, cache=tmp_path) is Accel.TCG
+    monkeypatch.setenv("POWERCUT_ACCEL", "kvm")
+    assert choose_accel(None, kernel, cache=tmp_path) is Accel.KVM
+    with pytest.raises(ConfigError, match="kvm, tcg or auto"):
+        choose_accel("hvf", kernel, cache=tmp_path)
+
+
+def test_accel_verdict_is_cached_per_host_boot(monkeypatch, tmp_path):
+    monkeypatch.delenv("POWERCUT_ACCEL", raising=False)
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    (tmp_path / "accel.json").write_text(f'{{"boot_id": "{boot_id}", "accel": "kvm"}}')
+    assert choose_accel(None, tmp_path / "no-kernel", cache=tmp_path) is Accel.KVM
+
+
+def test_free_port_is_bindable_on_localhost():
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
