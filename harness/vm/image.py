@@ -14,6 +14,7 @@ half-built image is never seen and concurrent builds are harmless.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from harness.vm.cpio import CpioEntry, CpioWriter
 log = logging.getLogger(__name__)
 
 # Bump when the builder's output changes for the same recipe.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 XZ_MAGIC = b"\xfd7zXZ\x00"
 REPO_IMAGES = Path(__file__).resolve().parents[2] / "images"
 
@@ -146,14 +147,138 @@ def _guest_path(host_path: str) -> str:
 
 def ldd_closure(binary: str) -> list[str]:
     """The shared libraries and ELF interpreter `binary` loads, as host paths."""
+    return list(_ldd_map(binary).values())
+
+
+def _ldd_map(binary: str) -> dict[str, str]:
+    """soname (or the interpreter's path) → host path, for everything `binary` loads."""
     out = _run(["ldd", binary], f"resolving the libraries of {binary}")
-    libs: list[str] = []
+    libs: dict[str, str] = {}
     for line in out.splitlines():
         line = line.strip()
-        m = re.match(r"\S+ => (/\S+)", line) or re.match(r"(/\S+) \(0x", line)
-        if m:
-            libs.append(m.group(1))
+        if m := re.match(r"(\S+) => (/\S+)", line):
+            libs[m.group(1)] = m.group(2)
+        elif m := re.match(r"(/\S+) \(0x", line):
+            libs[m.group(1)] = m.group(1)
     return libs
+
+
+def _needed(path: str) -> list[str]:
+    out = _run(["readelf", "-d", "-W", path], f"reading the dynamic section of {path}")
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A library replaced by a stub that exports the symbols its importers use."""
+
+    soname: str
+    real: str  # the host library it stands in for
+    importers: tuple[str, ...]  # host paths of the ELF files that link it
+
+
+def library_closure(
+    binaries: list[str], stub_patterns: list[str]
+) -> tuple[dict[str, str], dict[str, Stub]]:
+    """(guest path → host path, soname → Stub) for `binaries` and what they load.
+
+    A library matching a stub pattern is not copied and not descended into:
+    its own dependencies come along only if something else needs them.
+    """
+    files: dict[str, str] = {}
+    importers: dict[str, set[str]] = {}
+    reals: dict[str, str] = {}
+    for binary in binaries:
+        resolved = _ldd_map(binary)
+        files[_guest_path(binary)] = binary
+        interpreters = {Path(k).name for k in resolved if k.startswith("/")}
+        for key, path in resolved.items():
+            if key.startswith("/"):  # the ELF interpreter
+                files[_guest_path(key)] = path
+        todo = [binary]
+        seen: set[str] = set()
+        while todo:
+            elf = todo.pop()
+            if elf in seen:
+                continue
+            seen.add(elf)
+            for soname in _needed(elf):
+                if soname in interpreters:
+                    continue
+                lib = resolved.get(soname)
+                if lib is None:
+                    raise ImageBuildError(f"{elf} needs {soname}, which ldd did not resolve")
+                if any(fnmatch.fnmatchcase(soname, pat) for pat in stub_patterns):
+                    importers.setdefault(soname, set()).add(elf)
+                    reals[soname] = lib
+                    continue
+                # Keep the soname as the guest file name: the loader looks it up by it.
+                files[_guest_path(str(Path(lib).parent / soname))] = lib
+                todo.append(lib)
+    stubs = {so: Stub(so, reals[so], tuple(sorted(imp))) for so, imp in importers.items()}
+    return files, stubs
+
+
+def _stub_library(stub: Stub, work: Path) -> bytes:
+    """Compile a stand-in for `stub.real`: same soname, the imported symbols and versions.
+
+    Functions trap if ever called (say, fio's rbd engine), and data objects
+    are zero-filled, so what the guest never uses costs nothing at boot.
+    """
+    kinds: dict[str, tuple[str, int]] = {}
+    out = _run(["nm", "-DS", "--defined-only", stub.real], f"reading the symbols of {stub.real}")
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        size = int(parts[1], 16) if len(parts) == 4 else 0
+        kind, name = parts[-2], parts[-1].split("@", 1)[0]
+        kinds[name] = (kind, size)
+    versions: dict[str, set[str]] = {}
+    wanted: set[str] = set()
+    for importer in stub.importers:
+        und = _run(["nm", "-D", "--undefined-only", importer], f"reading {importer}")
+        for line in und.splitlines():
+            ref = line.split()[-1]
+            name, _, version = ref.partition("@")
+            if name in kinds:
+                wanted.add(name)
+                versions.setdefault(version.lstrip("@"), set()).add(name)
+    lines = [f"/* powercut stub for {stub.soname} (from {stub.real}) */"]
+    for name in sorted(wanted):
+        kind, size = kinds[name]
+        if kind.upper() in ("T", "W", "I", "i"):
+            lines.append(
+                f'__attribute__((visibility("default"))) void {name}(void) {{ __builtin_trap(); }}'
+            )
+        else:
+            lines.append(f'__attribute__((visibility("default"))) char {name}[{max(size, 1)}];')
+    src = work / f"{stub.soname}.c"
+    src.write_text("\n".join(lines) + "\n")
+    argv = [
+        "gcc",
+        "-shared",
+        "-fPIC",
+        "-nostdlib",
+        "-w",
+        "-O1",
+        f"-Wl,-soname,{stub.soname}",
+        "-o",
+        str(work / stub.soname),
+        str(src),
+    ]
+    named = sorted(v for v in versions if v)
+    if named:
+        unversioned = versions.get("", set())
+        nodes = []
+        for i, v in enumerate(named):
+            syms = sorted(versions[v] | (unversioned if i == 0 else set()))
+            nodes.append(f"{v} {{ global: {' '.join(s + ';' for s in syms)} }};")
+        script = work / f"{stub.soname}.map"
+        script.write_text("\n".join(nodes) + "\n")
+        argv.insert(-3, f"-Wl,--version-script={script}")
+    _run(argv, f"compiling the stub of {stub.soname} (needs gcc)")
+    return (work / stub.soname).read_bytes()
 
 
 def _dpkg_owners(paths: Iterable[str]) -> dict[str, str]:
@@ -248,6 +373,7 @@ class _Plan:
     kernel_package: str
     kernel_version: str
     files: dict[str, str]  # guest path → host path, binaries and their libraries
+    stubs: dict[str, Stub]
     packages: dict[str, str]
     recipe_hash: str
 
@@ -257,24 +383,24 @@ def plan(recipe: Recipe) -> _Plan:
     binaries = recipe.binaries
     _check_binaries(binaries)
     kpkg, kver = resolve_kernel_package(recipe.data["kernel"]["package"])
-    files: dict[str, str] = {}
-    for b in binaries:
-        files[_guest_path(b)] = b
-        for lib in ldd_closure(b):
-            files[_guest_path(lib)] = lib
-    packages = _dpkg_owners(files.values())
+    files, stubs = library_closure(
+        binaries, list(recipe.data.get("stubs", {}).get("libraries", []))
+    )
+    packages = _dpkg_owners([*files.values(), *(s.real for s in stubs.values())])
     h = hashlib.sha256()
     h.update(f"builder {BUILDER_VERSION}\nkernel {kpkg} {kver}\n".encode())
     for name, version in sorted(packages.items()):
         h.update(f"package {name} {version}\n".encode())
     for gpath, hpath in sorted(files.items()):
         h.update(f"file {gpath} {hpath}\n".encode())
+    for soname, stub in sorted(stubs.items()):
+        h.update(f"stub {soname} {stub.real} {' '.join(stub.importers)}\n".encode())
     for name, path in recipe.source_files():
         mode = path.lstat().st_mode
         body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
         h.update(f"source {name} {mode:o} {len(body)}\n".encode())
         h.update(body)
-    return _Plan(recipe, kpkg, kver, files, packages, h.hexdigest()[:16])
+    return _Plan(recipe, kpkg, kver, files, stubs, packages, h.hexdigest()[:16])
 
 
 # -- the build steps ---------------------------------------------------------
@@ -489,6 +615,10 @@ def _assemble(
     for gpath, hpath in sorted(p.files.items()):
         mode = _EXE if os.access(hpath, os.X_OK) else _FILE
         root.file(gpath, Path(hpath).read_bytes(), mode)
+    for soname, stub in sorted(p.stubs.items()):
+        root.file(
+            _guest_path(str(Path(stub.real).parent / soname)), _stub_library(stub, work), _FILE
+        )
     applets = _run(["/bin/busybox", "--list-full"], "listing busybox applets")
     for applet in applets.split():
         g = _guest_path("/" + applet)
@@ -588,6 +718,7 @@ def build(
             },
             "packages": p.packages,
             "modules": modules,
+            "stubbed_libraries": {so: st.real for so, st in sorted(p.stubs.items())},
             "cmdline": recipe.data["kernel"]["cmdline"],
             "ssh_port": guest.get("ssh_port", 22),
             "fio_server_port": guest.get("fio_server_port", 8765),
