@@ -61,6 +61,7 @@ from __future__ import annotations
 import enum
 import mmap
 import os
+import re
 import struct
 import time
 import zlib
@@ -68,6 +69,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.crash.mapped import MappedAppender, all_zero, last_nonzero
 from harness.errors import JournalError
 
 # File header; see the module docstring for each field.
@@ -86,7 +88,8 @@ _monotonic_ns = time.monotonic_ns
 _PREIMAGE = 1  # RecordType.PREIMAGE, as a plain int for the per-write path
 _COMPLETE = 2  # RecordType.COMPLETE
 JOURNAL_MAGIC = b"PCJRNL\x00\x01"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 differs only in the zero padding it may end in
 COMPLETE_FAILED = 0x01
 
 
@@ -115,11 +118,12 @@ class JournalHeader:
     sector_size: int
     image_size: int
     created_ns: int
+    version: int = JOURNAL_VERSION
 
     def pack(self) -> bytes:
         body = JOURNAL_HEADER.pack(
             JOURNAL_MAGIC,
-            JOURNAL_VERSION,
+            self.version,
             JOURNAL_HEADER.size,
             self.sector_size,
             self.image_size,
@@ -128,6 +132,17 @@ class JournalHeader:
             0,
         )[:-4]
         return body + struct.pack("<I", zlib.crc32(body))
+
+    @property
+    def record_seed(self) -> int:
+        """Initial CRC value of every record (version 2: the header's own CRC).
+
+        Ties records to this header: after the journal is started over in place, the
+        old records still in the file beyond the new ones no longer check out.
+        """
+        if self.version < 2:
+            return 0
+        return _CRC.unpack_from(self.pack(), JOURNAL_HEADER.size - 4)[0]
 
 
 @dataclass(frozen=True)
@@ -177,53 +192,60 @@ def _parse_header(data: bytes | mmap.mmap, path: Path) -> JournalHeader:
     )
     if magic != JOURNAL_MAGIC:
         raise JournalError(f"{path} is not a powerfail journal (bad magic {magic!r})")
-    if version != JOURNAL_VERSION or header_size != JOURNAL_HEADER.size:
+    if version not in READABLE_VERSIONS or header_size != JOURNAL_HEADER.size:
         raise JournalError(
-            f"journal {path} has version {version}; this powercut reads version "
-            f"{JOURNAL_VERSION} — cut it with the powercut that wrote it"
+            f"journal {path} has version {version}; this powercut reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} — cut it with the powercut that wrote it"
         )
     if zlib.crc32(bytes(data[: JOURNAL_HEADER.size - 4])) != crc:
         raise JournalError(f"journal {path}: header checksum mismatch; the file is damaged")
-    return JournalHeader(sector_size, image_size, created)
+    return JournalHeader(sector_size, image_size, created, version)
 
 
-def _records(data: bytes | mmap.mmap, path: Path) -> Iterator[tuple[int, tuple[int, ...], int]]:
+def _records(
+    data: bytes | mmap.mmap, path: Path, seed: int
+) -> Iterator[tuple[int, tuple[int, ...], int]]:
     """(record offset, header fields, payload offset) for every good record.
 
-    Stops quietly at a torn tail; raises if a bad record is followed by more data
-    that parses as a good record (that is corruption, not a crash).
+    Stops quietly at zero padding or a torn tail; raises if a bad record is followed
+    by more data that parses as a good record (that is corruption, not a crash).
     """
     pos = JOURNAL_HEADER.size
     end = len(data)
-    while pos + JOURNAL_RECORD.size <= end:
-        fields = JOURNAL_RECORD.unpack_from(data, pos)
+    unpack = JOURNAL_RECORD.unpack_from
+    rsize = JOURNAL_RECORD.size
+    while pos + rsize <= end:
+        fields = unpack(data, pos)
         payload_len = fields[4]
-        stop = pos + JOURNAL_RECORD.size + payload_len
-        if stop > end or zlib.crc32(data[pos + 4 : stop]) != fields[0]:
-            _refuse_mid_file_damage(data, pos, path)
+        stop = pos + rsize + payload_len
+        if stop > end or zlib.crc32(data[pos + 4 : stop], seed) != fields[0]:
+            if not all_zero(data, pos):
+                _refuse_mid_file_damage(data, pos, path, seed)
             return
-        yield pos, fields, pos + JOURNAL_RECORD.size
+        yield pos, fields, pos + rsize
         pos = stop
 
 
-def _refuse_mid_file_damage(data: bytes | mmap.mmap, bad: int, path: Path) -> None:
-    # A torn tail is one partial record. A good record further on means damage inside.
-    probe = bad + 1
+# Where a record header could start: a known type and a zero reserved field.
+_CANDIDATE = re.compile(rb"(?s)(?=.{4}[\x01-\x04].\x00\x00)")
+
+
+def _refuse_mid_file_damage(data: bytes | mmap.mmap, bad: int, path: Path, seed: int) -> None:
+    # A torn tail is one partial record (and zero padding). A good record further on
+    # means damage inside. Candidates are found by a regex scan, not byte by byte.
     end = len(data)
-    limit = min(end, bad + (16 << 20))
-    while probe + JOURNAL_RECORD.size <= limit:
+    limit = min(last_nonzero(data, bad) + JOURNAL_RECORD.size, end, bad + (16 << 20))
+    for m in _CANDIDATE.finditer(data, bad + 1, limit):
+        probe = m.start()
+        if probe + JOURNAL_RECORD.size > end:
+            break
         fields = JOURNAL_RECORD.unpack_from(data, probe)
         stop = probe + JOURNAL_RECORD.size + fields[4]
-        if (
-            fields[1] in RecordType._value2member_map_
-            and stop <= end
-            and zlib.crc32(data[probe + 4 : stop]) == fields[0]
-        ):
+        if stop <= end and zlib.crc32(data[probe + 4 : stop], seed) == fields[0]:
             raise JournalError(
                 f"journal {path}: record at byte {bad} is damaged but good records follow "
                 f"(at byte {probe}); the journal was modified — it cannot be trusted for a cut"
             )
-        probe += 1
 
 
 def read_journal(path: Path | str) -> tuple[JournalState, mmap.mmap | bytes]:
@@ -247,7 +269,7 @@ def read_journal(path: Path | str) -> tuple[JournalState, mmap.mmap | bytes]:
     opens = 0
     reasons: dict[str, int] = {}
     valid = JOURNAL_HEADER.size
-    for pos, fields, payload in _records(data, path):
+    for pos, fields, payload in _records(data, path, header.record_seed):
         _crc, rtype, flags, _r, payload_len, seq, a, b = fields
         if rtype == RecordType.PREIMAGE:
             if payload_len != b:
@@ -274,50 +296,50 @@ def read_journal(path: Path | str) -> tuple[JournalState, mmap.mmap | bytes]:
         durable,
         opens,
         valid,
-        len(data) - valid,
+        0 if all_zero(data, valid) else len(data) - valid,  # zero padding is not torn
         reasons,
     )
     return state, data
 
 
 class JournalWriter:
-    """Appends records with one `write(2)` per call, so a killed process tears at most the last.
+    """Appends records through a shared mapping (`harness.crash.mapped`).
 
-    COMPLETE records are cheap to lose (a write without one is treated as still in
-    flight: not durable, and marked complete when the journal is reopened), so they
-    wait in memory and go out in the same `write(2)` as the next record — always
-    before a DURABLE record, whose meaning depends on them — halving the system
-    calls per write.
+    Every record is in the host page cache when the call returns — a killed
+    process loses none, and COMPLETE records are no longer held back in memory
+    (version 1 deferred them to save a `write(2)` each).
     """
 
-    MAX_PENDING = 64
-
-    def __init__(self, path: Path | str, fd: int, size: int) -> None:
+    def __init__(self, path: Path | str, fd: int, size: int, header: JournalHeader) -> None:
         self.path = Path(path)
         self._fd = fd
-        self._size = size
-        self._pending: list[bytes] = []
+        self._seed = header.record_seed
+        self._file = MappedAppender(self.path, fd, size)
 
     @classmethod
     def create(cls, path: Path | str, sector_size: int, image_size: int) -> JournalWriter:
         path = Path(path)
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644
-        )
-        header = JournalHeader(sector_size, image_size, time.time_ns()).pack()
-        os.write(fd, header)
-        return cls(path, fd, len(header))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        header = JournalHeader(sector_size, image_size, time.time_ns())
+        packed = header.pack()
+        os.write(fd, packed)
+        return cls(path, fd, len(packed), header)
 
     @classmethod
     def reopen(cls, path: Path | str, valid_length: int) -> JournalWriter:
-        """Continue an existing journal, cutting off a torn tail first."""
+        """Continue an existing journal, cutting off a torn tail (and padding) first."""
         path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        os.ftruncate(fd, valid_length)
-        return cls(path, fd, valid_length)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            header = _parse_header(os.pread(fd, JOURNAL_HEADER.size, 0), path)
+            os.ftruncate(fd, valid_length)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, valid_length, header)
 
-    @staticmethod
     def _encode(
+        self,
         rtype: int,
         flags: int,
         seq: int,
@@ -326,63 +348,49 @@ class JournalWriter:
         payload: bytes | bytearray | memoryview = b"",
     ) -> bytes:
         body = _pack_body(rtype, flags, 0, len(payload), seq, a, b)
-        return _pack_crc(_crc32(payload, _crc32(body))) + body
-
-    def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        if self._pending:
-            parts = [*self._pending, *parts]
-            self._pending = []
-        expected = 0
-        for p in parts:
-            expected += len(p)
-        written = os.writev(self._fd, parts)
-        self._size += written
-        if written != expected:
-            raise JournalError(
-                f"short write to journal {self.path} ({written} of {expected} bytes); "
-                "is the disk full?"
-            )
+        return _pack_crc(_crc32(payload, _crc32(body, self._seed))) + body
 
     def preimage(
         self, seq: int, kind: OpKind | int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         n = len(data)
         body = _pack_body(_PREIMAGE, kind, 0, n, seq, offset, n)
-        self._write([_pack_crc(_crc32(data, _crc32(body))) + body, data])
+        self._file.append(_pack_crc(_crc32(data, _crc32(body, self._seed))) + body, data)
 
     def complete(self, seq: int, index: int, failed: bool) -> None:
         body = _pack_body(
             _COMPLETE, COMPLETE_FAILED if failed else 0, 0, 0, seq, index, _monotonic_ns()
         )
-        self._pending.append(_pack_crc(_crc32(body)) + body)
-        if len(self._pending) >= self.MAX_PENDING:
-            self.sync()
+        self._file.append(_pack_crc(_crc32(body, self._seed)) + body)
 
     def durable(self, index: int, reason: DurableReason) -> None:
-        self._write([self._encode(RecordType.DURABLE, int(reason), 0, index, time.monotonic_ns())])
+        self._file.append(
+            self._encode(RecordType.DURABLE, int(reason), 0, index, time.monotonic_ns())
+        )
 
     def opened(self) -> None:
-        self._write([self._encode(RecordType.OPEN, 0, 0, os.getpid(), time.monotonic_ns())])
+        self._file.append(self._encode(RecordType.OPEN, 0, 0, os.getpid(), time.monotonic_ns()))
 
     def sync(self) -> None:
-        """Write out the COMPLETE records waiting in memory."""
-        if self._pending:
-            self._write([])
+        """Nothing to do: every record is in the page cache already (kept for callers)."""
 
     def size(self) -> int:
-        return self._size + sum(len(p) for p in self._pending)
+        return self._file.size
 
     def reset(self, sector_size: int, image_size: int) -> None:
-        """Drop every record: nothing is owed to the disk any more."""
-        self._pending = []
-        os.ftruncate(self._fd, 0)
-        header = JournalHeader(sector_size, image_size, time.time_ns()).pack()
-        os.write(self._fd, header)
-        self._size = len(header)
+        """Drop every record: nothing is owed to the disk any more.
+
+        Started over in place, keeping the file's pages (no page-cache allocation for
+        the next records): the new header's CRC seeds every record, so old records
+        left beyond the new ones no longer check out, whatever instant a crash hits.
+        """
+        header = JournalHeader(sector_size, image_size, time.time_ns())
+        self._file.restart(header.pack())
+        self._seed = header.record_seed
 
     def close(self) -> None:
         if self._fd >= 0:
-            self.sync()
+            self._file.close()
             os.close(self._fd)
             self._fd = -1
 

@@ -160,18 +160,14 @@ class LogWritesNode(BlockNode):
         for s in range(first, first + count):
             seen[s >> 3] |= 1 << (s & 7)
 
-    def _run(self, seq: int, urgent: bool, call: Any, *args: Any) -> None:
+    def _run(self, seq: int, call: Any, *args: Any) -> None:
         try:
             call(*args)
         except BaseException as exc:
             self._failed(seq, exc)
             raise
         with self._lock:
-            if urgent:
-                # FUA writes and flushes: their completion is a promise the oracle checks.
-                self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, 0)
-            else:
-                self.writer.defer(RecordType.COMPLETE, Op.NONE, 0, seq, 0, 0)
+            self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, 0)
 
     # -- requests ----------------------------------------------------------------
 
@@ -212,12 +208,8 @@ class LogWritesNode(BlockNode):
         except BaseException as exc:
             self._failed(seq, exc)
             raise
-        if fua:
-            with self._lock:
-                self.writer.append(_COMPLETE, _NONE_OP, 0, seq, 0, 0)
-        else:
-            with self._lock:
-                self.writer.defer(_COMPLETE, _NONE_OP, 0, seq, 0, 0)
+        with self._lock:
+            self.writer.append(_COMPLETE, _NONE_OP, 0, seq, 0, 0)
 
     def _failed(self, seq: int, exc: BaseException) -> None:
         status = int(getattr(exc, "errno", None) or errno.EIO)
@@ -234,13 +226,13 @@ class LogWritesNode(BlockNode):
         with self._lock:
             self._record_preimage(offset, length)
             seq = self._submit(Op.WRITE_ZEROES, rflags, offset, length)
-        self._run(seq, fua, self.child.pwrite_zeroes, offset, length, flags)
+        self._run(seq, self.child.pwrite_zeroes, offset, length, flags)
 
     def driver_pdiscard(self, offset: int, length: int) -> None:
         with self._lock:
             self._record_preimage(offset, length)
             seq = self._submit(Op.DISCARD, 0, offset, length)
-        self._run(seq, False, self.child.pdiscard, offset, length)
+        self._run(seq, self.child.pdiscard, offset, length)
 
     def _record_preimage(self, offset: int, length: int) -> None:
         # Zeroes and discards carry no CRCs, but a sector first touched by one still has an
@@ -261,7 +253,7 @@ class LogWritesNode(BlockNode):
     def driver_flush(self) -> None:
         with self._lock:
             seq = self._submit(Op.FLUSH, 0, 0, 0)
-        self._run(seq, True, self.child.flush)
+        self._run(seq, self.child.flush)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
