@@ -82,13 +82,15 @@ def test_writeback_lose_all_loses_only_unflushed_fio_writes(
     )
     assert result.verdict == "pass", result.reason
     assert result.lost == 0 and result.corrupt == 0
-    # the model did its job: unflushed writes were reverted (fsync=16 leaves some)
-    assert "lose-all reverted all" in result.reason and result.writes_durable < (
-        result.writes_acknowledged
-    )
+    # The model did its job: every write not durable at the cut was reverted, and the
+    # oracle found no unflushed data left (fio stops and flushes when its trigger fires,
+    # so how many were unflushed at that instant varies from run to run).
     out = tmp_path / "out"
     cut = json.loads((out / result.artifacts["cut_json"]).read_text())
-    assert cut["policy"] == "lose-all" and cut["writes_reverted"] > 0
+    assert cut["policy"] == "lose-all" and cut["writes_reverted"] == cut["writes_not_durable"]
+    assert checker(result, "oracle").details["may"] == 0
+    if cut["writes_not_durable"]:
+        assert "lose-all reverted all" in result.reason
     assert checker(result, "fio-verify").details["blocks_verified"] > 0
 
 
