@@ -152,8 +152,21 @@ def sector_crcs(buf: bytes | bytearray | memoryview, offset: int, sector_size: i
     )
 
 
-_SECTOR_CACHE_MAX = 256  # sector counts with a precomputed packer (requests up to 128 KiB)
-_sector_packers: dict[tuple[int, int], tuple[struct.Struct, list[slice]]] = {}
+_SECTOR_CACHE_MAX = 256  # sector counts with a cached packer (requests up to 128 KiB)
+_sector_packers: dict[tuple[int, int], tuple[Any, list[slice]]] = {}
+
+
+def sector_packer(count: int, sector_size: int) -> tuple[Any, list[slice]]:
+    """(pack function, sector slices) for the CRCs of `count` aligned sectors."""
+    entry = _sector_packers.get((sector_size, count))
+    if entry is None:
+        entry = (
+            struct.Struct(f"<{count}I").pack,
+            [slice(i, i + sector_size) for i in range(0, count * sector_size, sector_size)],
+        )
+        if count <= _SECTOR_CACHE_MAX:
+            _sector_packers[(sector_size, count)] = entry
+    return entry
 
 
 def aligned_sector_crcs(buf: bytes | bytearray | memoryview, sector_size: int) -> bytes:
@@ -163,17 +176,8 @@ def aligned_sector_crcs(buf: bytes | bytearray | memoryview, sector_size: int) -
     one precomputed packer, instead of a Python loop and an array per request.
     """
     mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-    count = len(mv) // sector_size
-    entry = _sector_packers.get((sector_size, count))
-    if entry is None:
-        entry = (
-            struct.Struct(f"<{count}I"),
-            [slice(i, i + sector_size) for i in range(0, count * sector_size, sector_size)],
-        )
-        if count <= _SECTOR_CACHE_MAX:
-            _sector_packers[(sector_size, count)] = entry
-    packer, slices = entry
-    return packer.pack(*map(zlib.crc32, map(mv.__getitem__, slices)))
+    pack, slices = sector_packer(len(mv) // sector_size, sector_size)
+    return pack(*map(zlib.crc32, map(mv.__getitem__, slices)))
 
 
 _shift_tables: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
