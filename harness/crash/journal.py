@@ -12,30 +12,32 @@ write k is the pre-image of the next write to that block (or the image
 itself for the last one). This is CrashMonkey's and LazyFS's insight, kept
 as an undo log so the image stays a normal, usable image at all times.
 
-Crash safety of the journal itself: records are appended with one `write(2)`
-per call on an `O_APPEND` descriptor, and a pre-image is written before the
-image is touched, so a SIGKILLed backend leaves at most one torn record at the
-tail — the host page cache keeps both files, exactly as a real host does.
-COMPLETE records wait in memory for the next record (they go out before any
-DURABLE record); one lost in a crash only makes its write look in flight,
-which is never durable and is marked complete when the journal is reopened.
-The reader detects a torn tail by length and CRC and ignores it; a bad record
-followed by good ones is corruption and is refused.
+Crash safety of the journal itself: records are stored through a shared
+mapping of the file (`harness.crash.mapped`), payload first and header last,
+and a pre-image is stored before the image is touched; a store is in the host
+page cache at once, so a SIGKILLed backend loses no record and leaves at most
+one torn record at the tail — the host page cache keeps both files, exactly as
+a real host does. Every record, COMPLETE ones included, is there when the call
+returns (version 1 held COMPLETE records back to save a system call each; one
+lost in a crash made its write look in flight). The reader ignores zero
+padding and detects a torn tail by length and CRC; a bad record followed by
+good ones is corruption and is refused.
 
-Format, version 1, little-endian:
+Format, version 2 (version 1 is read too), little-endian:
 
     file header  JOURNAL_HEADER (40 bytes)
         magic       8s   b"PCJRNL\\0\\1"
-        version     u16  1
+        version     u16  2 (1: the previous format, see the end)
         header_size u16  40
         sector_size u32  the undo granularity in bytes (power of two, >= 512)
         image_size  u64  length of the node below powerfail when created
-        created_ns  u64  CLOCK_REALTIME when created
+        created_ns  u64  CLOCK_REALTIME when created (or started over)
         reserved    u32  0
         crc32       u32  of the 36 bytes before it
 
     records, back to back, each  JOURNAL_RECORD header (36 bytes) + payload
-        crc32       u32  of the rest of the header and the payload
+        crc32       u32  of the rest of the header and the payload, with the
+                         file header's crc32 as the initial value (version 1: 0)
         type        u8   RecordType
         flags       u8   RecordType-specific (PREIMAGE: the OpKind)
         reserved    u16  0
@@ -46,6 +48,9 @@ Format, version 1, little-endian:
                          OPEN: process id
         b           u64  PREIMAGE: byte length; COMPLETE/DURABLE/OPEN: CLOCK_MONOTONIC ns
 
+    then zero padding: the writer grows the file ahead of its records; a
+    record header of zeroes followed only by zeroes ends the records.
+
     PREIMAGE  payload = the `b` bytes found at offset `a` before write `seq`
               (aligned to sector_size, clamped to the image end; a large write
               has several, each at most 1 MiB, all before the write starts)
@@ -54,6 +59,12 @@ Format, version 1, little-endian:
     DURABLE   every write with completion index <= a is durable (flags:
               DurableReason)
     OPEN      a backend opened the journal (the first one, or after a crash)
+
+When nothing is owed the writer starts the journal over in place: a new file
+header (one `pwrite(2)`, new created_ns, so a new CRC seed), then the old
+records are zeroed. Old records a crash leaves behind the new header fail
+their CRC under the new seed: a torn tail, never records of the new journal.
+Version 1 files (records seeded with 0, no padding) are read as they are.
 """
 
 from __future__ import annotations

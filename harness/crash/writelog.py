@@ -9,18 +9,20 @@ which is enough to recognise any data (also fio's) in an image after a cut;
 the data itself is optional (`log-data=on`), needed only to export for
 dm-log-writes tools.
 
-Append-only: one `write(2)` per append on an O_APPEND descriptor, so a
-SIGKILLed backend tears at most the last record, which the reader ignores.
-The COMPLETE record of a plain (non-FUA) write waits in memory and goes out
-with the next record, so it always precedes the SUBMIT of any later flush: a
-crash can only make such a write look in flight, and a write that is not
-followed by a flush is never one the contract requires.
+Append-only, stored through a shared mapping of the file
+(`harness.crash.mapped`), payload first and header last: every record is in
+the host page cache when `append` returns, so a SIGKILLed backend loses no
+record and tears at most the last one, which the reader ignores. (Version 1
+held the COMPLETE record of a plain write in memory until the next record to
+save a `write(2)`; a crash could make such a write look in flight. Version 2
+writes every record at once.)
 
-Format, version 1, little-endian:
+Format, version 2 (version 1 is read too; it differs only as noted),
+little-endian:
 
     file header  LOG_HEADER (32 bytes)
         magic       8s   b"PCWLOG\\0\\1"
-        version     u16  1
+        version     u16  2
         header_size u16  32
         sector_size u32  checksum granularity (512)
         flags       u32  LogFlags
@@ -41,15 +43,18 @@ Format, version 1, little-endian:
 
     SUBMIT payload for WRITE: n u32 CRC-32s, one per whole sector inside
         [offset, offset + length) (partial sectors have none); then, with
-        HAS_SPAN_CRC, one u32 CRC-32 over those n sectors at once (writers before
-        this one set it; without it the reader derives the same value from the
-        per-sector CRCs, see `span_crc`); then, with
-        HAS_PRE, n u32 CRC-32s of those sectors before the write (recorded
+        HAS_SPAN_CRC, one u32 CRC-32 over those n sectors at once (version 1
+        writers set it; version 2 writers leave it out, a 4 KiB CRC pass per
+        write, and the reader derives the same value from the sector CRCs:
+        `span_crc`); then, with HAS_PRE, n u32 CRC-32s of those sectors before the write (recorded
         for the first write to a sector in this log: the initial content);
         then, with HAS_DATA, the `length` bytes written.
     MARK payload: a UTF-8 label (`LogWritesNode.mark`).
     PREIMAGE payload: u32 CRC-32s of the whole sectors of [offset, offset + length)
         before a write-zeroes or discard first touched them (the initial content).
+
+    then zero padding (version 2): the writer grows the file ahead of its
+    records; a record header of zeroes followed only by zeroes ends them.
 """
 
 from __future__ import annotations
