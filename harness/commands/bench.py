@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rounds < 1:
         raise ConfigError("--rounds must be at least 1")
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 110)
     workloads = [w for w in WORKLOADS if w.name.startswith(args.only)]
     record: dict[str, Any] = {
         "benchmark": "powercut bench",
