@@ -53,6 +53,7 @@ MAX_WRITE_ZEROES_SEG = 1
 
 
 _REQUEST_TYPES = {t.value: t for t in VirtioBlkRequestType}
+_TYPE_NAMES = {t: t.name for t in VirtioBlkRequestType}
 
 
 class BlockBackendLike(Protocol):
@@ -232,29 +233,44 @@ class VirtioBlkDevice:
         ioerr = VirtioBlkStatus.IOERR
         if chain.fault is not None:
             raise _RequestFailed(ioerr, "layout", f"request at head {chain.head}: {chain.fault}")
+        readable_bufs, writable_bufs = chain.readable, chain.writable
         try:
-            readable = []
-            for b in chain.readable:
-                readable += memory.gpa(b.addr, b.length)
-            writable = []
-            for b in chain.writable:
-                writable += memory.gpa(b.addr, b.length)
+            if readable_bufs and readable_bufs[0].length == VirtioBlkOuthdr.size:
+                # What Linux sends: the header alone in the first descriptor.
+                rtype, _ioprio, sector = VirtioBlkOuthdr.unpack(
+                    memory.gpa_contiguous(readable_bufs[0].addr, VirtioBlkOuthdr.size)
+                )
+                out_data = []
+                for b in readable_bufs[1:]:
+                    out_data += memory.gpa(b.addr, b.length)
+            else:
+                readable = []
+                for b in readable_bufs:
+                    readable += memory.gpa(b.addr, b.length)
+                header, out_data = _split_front(readable, VirtioBlkOuthdr.size)
+                if header is None:
+                    raise _RequestFailed(
+                        ioerr,
+                        "header",
+                        f"request at head {chain.head}: missing or short "
+                        f"request header ({sum(map(len, readable))} of 16 bytes)",
+                    )
+                rtype, _ioprio, sector = VirtioBlkOuthdr.unpack(header)
+            if writable_bufs[-1].length == 1:  # the status byte alone: the rest is data
+                in_data = []
+                for b in writable_bufs[:-1]:
+                    in_data += memory.gpa(b.addr, b.length)
+            else:
+                writable = []
+                for b in writable_bufs:
+                    writable += memory.gpa(b.addr, b.length)
+                in_data = _drop_back(writable, 1)
         except GuestError as exc:
             raise _RequestFailed(ioerr, "address", f"request at head {chain.head}: {exc}") from exc
-        header, out_data = _split_front(readable, VirtioBlkOuthdr.size)
-        if header is None:
-            raise _RequestFailed(
-                ioerr,
-                "header",
-                f"request at head {chain.head}: missing or short "
-                f"request header ({sum(map(len, readable))} of 16 bytes)",
-            )
-        rtype, _ioprio, sector = VirtioBlkOuthdr.unpack(header)
-        in_data = _drop_back(writable, 1)
         kind = _REQUEST_TYPES.get(rtype)
         if kind is None:
             raise _RequestFailed(VirtioBlkStatus.UNSUPP, "type", f"unknown request type {rtype}")
-        self.counts[kind.name] += 1
+        self.counts[_TYPE_NAMES[kind]] += 1
         if kind is VirtioBlkRequestType.IN:
             length = sum(map(len, in_data))
             offset = self._check_range(sector, length, "read")
