@@ -45,7 +45,7 @@ from harness.crash.workloads import ackrecords, fsmeta
 from harness.crash.workloads import fio as fio_workload
 from harness.crash.workloads.guestlog import count_io_errors
 from harness.crash.workloads.stream import AckStream
-from harness.errors import GuestError, PowercutError, TimeoutExpired
+from harness.errors import ConfigError, GuestError, PowercutError, TimeoutExpired
 from harness.guest.fio import ClientRun, FioClient, FioJob, run_fio, start_fio_server
 from harness.guest.ssh import SSHSession
 from harness.report.results import CellResult, cell_result, error_result
@@ -256,6 +256,7 @@ class CellRunner:
         self.directory.mkdir(parents=True, exist_ok=True)
         session: CrashSession | None = None
         try:
+            self._validate()
             kind = cell.workload.kind
             needs_fs = kind in (WorkloadKind.ACK_RECORDS, WorkloadKind.EXT4_METADATA)
             with self.timer.phase("prepare"):
@@ -290,6 +291,18 @@ class CellRunner:
                 reproduce=self.reproduce,
             )
         return result
+
+    def _validate(self) -> None:
+        """What the scenario schema allows but this runner cannot do, refused before booting."""
+        cell = self.cell
+        timed = cell.cut.kind in (TriggerKind.AFTER_SECONDS, TriggerKind.WINDOW)
+        fio = cell.workload.kind is WorkloadKind.FIO_VERIFY
+        if fio and not timed and cell.fault is not FaultModel.BACKEND_CRASH:
+            raise ConfigError(
+                f"fio-verify cells cut by time (after-seconds or window), not "
+                f"{cell.cut.kind.value}: fio saves its verify state only on its timed "
+                "trigger and stops writing there; change the workload's [workload.cut]"
+            )
 
     def _artifacts(self, session: CrashSession) -> dict[str, str]:
         files = session.artifacts()
@@ -419,23 +432,18 @@ class CellRunner:
         job = fio_workload.write_job(cell.workload.params, DEVICE, cell.seed)
         flag = self.directory / "fio" / "triggered"
         flag.unlink(missing_ok=True)
-        timed = cell.cut.kind in (TriggerKind.AFTER_SECONDS, TriggerKind.WINDOW)
         # On the trigger the server saves its verify state, stops the job (which then
-        # flushes) and runs the remote trigger. For a timed cut that is the cut itself:
-        # sysrq-b resets the guest at once (QEMU runs with -no-reboot, so it exits), before
-        # the stopped job's final flush — as fio's own power-cut recipe does. A count cut
-        # triggers after 1 s (the state then covers a prefix) and cuts when the count is in.
-        remote = "echo b > /proc/sysrq-trigger" if timed else None
+        # flushes) and runs the remote trigger, which is the cut itself: sysrq-b resets
+        # the guest at once (QEMU runs with -no-reboot, so it exits), racing the stopped
+        # job's final flush — fio's own power-cut recipe. fio's trigger is a time only.
         writer = FioWrite(client, job, flag, self.deadline.left())
-        writer.start(cell.cut_at if timed else 1, remote)
+        writer.start(cell.cut_at, "echo b > /proc/sysrq-trigger")
         while not writer.triggered:
             if not writer.alive:
                 detail = writer.error or (writer.run_result.log[-500:] if writer.run_result else "")
                 raise GuestError(f"fio ended before its trigger fired: {detail}")
             self.deadline.check("waiting for fio's trigger")
             time.sleep(POLL)
-        if not timed:
-            self._wait_for_cut(session, writer.started, lambda: 0, lambda: writer.alive)
         self.fio_writer = writer
 
     # -- after the reboot ----------------------------------------------------------------
