@@ -63,6 +63,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--control", metavar="PATH", help="control socket (JSON lines; default SOCKET.ctl)"
     )
     parser.add_argument("--no-control", action="store_true", help="no control socket")
+    parser.add_argument(
+        "--parallel-io",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="overlap large requests on helper threads (auto: only with O_DIRECT, "
+        "i.e. --cache none/directsync)",
+    )
     limits = parser.add_argument_group("throttling (as QEMU's throttling.* options)")
     for bucket in BUCKETS:
         limits.add_argument(f"--{bucket}", metavar="N", help=f"limit {bucket} (per second)")
@@ -107,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
                 read_only=args.read_only,
             ),
         )
-        server = VhostUserBlkServer.on_path(device, args.socket, num_queues=args.queues)
+        parallel = {"auto": None, "on": True, "off": False}[args.parallel_io]
+        server = VhostUserBlkServer.on_path(
+            device, args.socket, num_queues=args.queues, parallel_io=parallel
+        )
         control = None
         if not args.no_control:
             control = ControlServer(args.control or f"{args.socket}.ctl")

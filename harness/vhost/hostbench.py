@@ -67,6 +67,7 @@ def backend_argv(name: str, image: Path, sock: Path) -> list[str]:
             "--cache",
             "writeback",
             "--no-control",
+            *os.environ.get("POWERCUT_BENCH_SERVE_ARGS", "").split(),
         ]
     return [
         "qemu-storage-daemon",
