@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +143,47 @@ def test_backend_crash_under_fio_loses_nothing_and_the_guest_sees_no_io_error(
     log = (tmp_path / "out" / result.artifacts["backend_log"]).read_text()
     assert log.count("frontend connected") >= 2, "QEMU never reconnected: was there a crash?"
     assert "crash" in result.timings
+
+
+def test_ctrl_c_stops_the_run_cleanly_and_leaves_nothing_running(
+    tmp_path: Path, powercut_accel: Any
+) -> None:
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "run",
+        str(SCENARIOS / "guest-crash.toml"),
+        "--out",
+        str(out),
+        "--mode",
+        "writeback",
+        "--accel",
+        powercut_accel.value,
+    ]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # Interrupt while the first cell's guest is up (the backend has a frontend).
+        deadline = time.monotonic() + 300
+        while not any(
+            "frontend connected" in p.read_text(errors="replace")
+            for p in out.glob("cells/*/disk-powercut-serve.log")
+        ):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the first cell never booted"
+            time.sleep(0.2)
+        backend_log = next(out.glob("cells/*/disk-powercut-serve.log")).read_text()
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=120)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output
+    verdicts = [c.verdict for c in load_results(out).cells]
+    assert verdicts == ["skipped"] * len(verdicts) and len(verdicts) == 2
+    # Nothing the run started is left: its QEMU and backend both used the cell's socket.
+    socket = backend_log.split("--socket ", 1)[1].split()[0]
+    left = subprocess.run(["pgrep", "-f", socket], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"still running: {left.stdout}"

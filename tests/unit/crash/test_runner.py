@@ -161,3 +161,18 @@ def test_cells_keep_their_own_directories(tmp_path: Path) -> None:
     plan = plan_for(tmp_path, str(ROOT / "scenarios" / "matrix.toml"))
     dirs = {plan.cell_directory(i, c) for i, c in enumerate(plan.cells)}
     assert len(dirs) == len(plan.cells)
+
+
+def test_a_fio_cell_cut_by_count_is_refused_before_booting(tmp_path: Path) -> None:
+    scenario = tmp_path / "fio-count.toml"
+    scenario.write_text(
+        'name = "fio-count"\n[[fault]]\nmodel = "host-power-cut"\n'
+        '[[workload]]\nkind = "fio-verify"\n[cut]\nafter-flushes = 10\n'
+    )
+    out = tmp_path / "out"
+    outcome = runner_mod.run_plan(
+        plan_for(out, str(scenario)), command="t", image=_broken_image(tmp_path)
+    )
+    cell = outcome.results.cells[0]
+    assert cell.verdict == "error" and "cut by time" in cell.reason, cell.reason
+    assert not list(out.rglob("disk.img")), "a disk was made for a cell that cannot run"
