@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shlex
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -248,11 +249,15 @@ class CellRunner:
         self.deadline = Deadline(cell.timeout)
         self.expected = expected_for_cell(cell)
         self.notes: dict[str, object] = {}
+        self.stream: GuestStream | None = None
+        self.fio_writer: FioWrite | None = None
 
     # -- the cell --------------------------------------------------------------------
 
     def run(self) -> CellResult:
         cell = self.cell
+        # The cell's directory is its own: a rerun into the same --out starts afresh.
+        shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
         session: CrashSession | None = None
         try:
@@ -455,7 +460,8 @@ class CellRunner:
         if isinstance(params, FioVerifySpec):
             fio_obs = None
             if Checker.FIO_VERIFY in cell.checkers:
-                self.fio_writer.join(30)
+                if self.fio_writer is not None:
+                    self.fio_writer.join(30)
                 client = self._fio_client(session, ssh)
                 run = client.run(
                     [fio_workload.verify_job(params, DEVICE, cell.seed)],
@@ -469,7 +475,8 @@ class CellRunner:
                         f"fio verify read nothing (exit {run.exit_code}); see {checks}"
                     )
             return Observed(fio_verify=fio_obs)
-        self.stream.join(30)
+        if self.stream is not None:
+            self.stream.join(30)
         mounted = self._mount(ssh)
         ack_obs = fs_obs = None
         with open(checks, "a") as out:

@@ -218,6 +218,10 @@ class CrashSession:
         self.journal = self.directory / "disk.journal"
         self.write_log = self.directory / "writes.log"
         self.blkdebug_config: Path | None = None
+        # A fresh start: the write log and the journal continue existing files (that is
+        # how they survive a backend crash), so leftovers of an earlier run must go.
+        for stale in (self.journal, self.write_log, self.directory / "cut.json"):
+            stale.unlink(missing_ok=True)
         make_disk(self.disk, disk_size, ext4=ext4, directories=directories)
         if blkdebug:
             self.blkdebug_config = self.directory / "blkdebug.json"
