@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import select
+import selectors
 import shlex
 import socket
 import time
@@ -44,6 +45,13 @@ class CommandResult:
         return self
 
 
+# Banner probes: a new connection every _PROBE_EVERY seconds, each kept up to
+# _PROBE_LIFE seconds, at most _PROBES at once.
+_PROBE_EVERY = 0.2
+_PROBE_LIFE = 1.5
+_PROBES = 4
+
+
 def wait_for_banner(
     host: str, port: int, timeout: float, alive: Callable[[], bool] | None = None
 ) -> float:
@@ -51,26 +59,54 @@ def wait_for_banner(
 
     QEMU's user-mode network accepts the TCP connection itself before the
     guest listens, so a successful connect() proves nothing: only the
-    server's `SSH-` banner does.
+    server's `SSH-` banner does. A connection made before the guest's network
+    is up stalls in QEMU's SYN retries, so probes overlap: a new one starts
+    every 0.2 s while older ones wait, and the first banner wins.
     """
     t0 = time.monotonic()
     deadline = t0 + timeout
-    while True:
-        if alive is not None and not alive():
-            raise MachineError(f"the machine died before SSH answered on {host}:{port}")
-        try:
-            with socket.create_connection((host, port), timeout=1.0) as sock:
-                sock.settimeout(max(0.2, min(2.0, deadline - time.monotonic())))
-                if sock.recv(4) == b"SSH-":
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, float] = {}  # probe → when to give up on it
+    next_probe = t0
+
+    def drop(sock: socket.socket) -> None:
+        sel.unregister(sock)
+        pending.pop(sock, None)
+        sock.close()
+
+    try:
+        while True:
+            now = time.monotonic()
+            if alive is not None and not alive():
+                raise MachineError(f"the machine died before SSH answered on {host}:{port}")
+            if now > deadline:
+                raise TimeoutExpired(
+                    f"no SSH banner on {host}:{port} after {timeout:.0f}s; "
+                    "see the machine's console log"
+                )
+            if now >= next_probe and len(pending) < _PROBES:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.connect_ex((host, port))
+                sel.register(sock, selectors.EVENT_READ)
+                pending[sock] = now + _PROBE_LIFE
+                next_probe = now + _PROBE_EVERY
+            for key, _ in sel.select(timeout=0.05):
+                probe: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = probe.recv(4)
+                except OSError:
+                    data = b""
+                if data == b"SSH-":
                     return time.monotonic() - t0
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutExpired(
-                f"no SSH banner on {host}:{port} after {timeout:.0f}s; "
-                "see the machine's console log"
-            )
-        time.sleep(0.05)
+                drop(probe)
+            for probe, give_up in list(pending.items()):
+                if time.monotonic() > give_up:
+                    drop(probe)
+    finally:
+        for probe in list(pending):
+            drop(probe)
+        sel.close()
 
 
 class SSHSession:

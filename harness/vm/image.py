@@ -351,11 +351,16 @@ def resolve_kernel_package(meta: str) -> tuple[str, str]:
     pkg = next((m.group(1) for m in re.finditer(r"Depends: (linux-image-\S+)", out)), None)
     if pkg is None:
         raise ImageBuildError(f"{meta} depends on no linux-image package; run apt-get update")
+    return pkg, candidate_version(pkg)
+
+
+def candidate_version(pkg: str) -> str:
+    """The version `apt-get download pkg` would fetch."""
     show = _run(["apt-cache", "show", "--no-all-versions", pkg], f"reading {pkg}'s version")
     m = re.search(r"^Version: (\S+)", show, re.M)
     if m is None:
         raise ImageBuildError(f"apt-cache shows no version for {pkg}; run apt-get update")
-    return pkg, m.group(1)
+    return m.group(1)
 
 
 def _check_binaries(paths: list[str]) -> None:
@@ -375,6 +380,7 @@ class _Plan:
     files: dict[str, str]  # guest path → host path, binaries and their libraries
     stubs: dict[str, Stub]
     packages: dict[str, str]
+    downloads: dict[str, str]  # Debian package → version, fetched with apt-get download
     recipe_hash: str
 
 
@@ -387,8 +393,11 @@ def plan(recipe: Recipe) -> _Plan:
         binaries, list(recipe.data.get("stubs", {}).get("libraries", []))
     )
     packages = _dpkg_owners([*files.values(), *(s.real for s in stubs.values())])
+    downloads = {pkg: candidate_version(pkg) for pkg in sorted(recipe.data.get("packages", {}))}
     h = hashlib.sha256()
     h.update(f"builder {BUILDER_VERSION}\nkernel {kpkg} {kver}\n".encode())
+    for name, version in downloads.items():
+        h.update(f"download {name} {version}\n".encode())
     for name, version in sorted(packages.items()):
         h.update(f"package {name} {version}\n".encode())
     for gpath, hpath in sorted(files.items()):
@@ -400,14 +409,14 @@ def plan(recipe: Recipe) -> _Plan:
         body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
         h.update(f"source {name} {mode:o} {len(body)}\n".encode())
         h.update(body)
-    return _Plan(recipe, kpkg, kver, files, stubs, packages, h.hexdigest()[:16])
+    return _Plan(recipe, kpkg, kver, files, stubs, packages, downloads, h.hexdigest()[:16])
 
 
 # -- the build steps ---------------------------------------------------------
 
 
-def fetch_kernel_deb(package: str, version: str, downloads: Path) -> Path:
-    """The kernel .deb, from the download cache or `apt-get download`."""
+def fetch_deb(package: str, version: str, downloads: Path) -> Path:
+    """A package's .deb, from the download cache or `apt-get download`."""
     downloads.mkdir(parents=True, exist_ok=True)
     quoted = version.replace(":", "%3a")
     deb = downloads / f"{package}_{quoted}_amd64.deb"
@@ -581,8 +590,31 @@ class _Root:
             writer.close()
 
 
+def _add_packages(p: _Plan, root: _Root, cache: Path, work: Path) -> None:
+    """Copy the recipe's files out of the Debian packages it downloads."""
+    for pkg, paths in sorted(p.recipe.data.get("packages", {}).items()):
+        deb = fetch_deb(pkg, p.downloads[pkg], cache / "downloads")
+        unpacked = work / "pkg" / pkg
+        unpacked.mkdir(parents=True)
+        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], f"unpacking {deb}")
+        for rel in paths:
+            src = unpacked / rel
+            if not src.is_file():
+                raise ImageBuildError(
+                    f"{pkg} {p.downloads[pkg]} has no {rel}; fix [packages] in images/recipe.toml"
+                )
+            mode = _EXE if os.access(src, os.X_OK) else _FILE
+            root.file(_guest_path("/" + rel), src.read_bytes(), mode)
+
+
 def _assemble(
-    p: _Plan, kroot: Path, kabi: str, work: Path, client_pub: str, host_key: bytes
+    p: _Plan,
+    kroot: Path,
+    kabi: str,
+    work: Path,
+    cache: Path,
+    client_pub: str,
+    host_key: bytes,
 ) -> tuple[_Root, list[str]]:
     recipe = p.recipe
     root = _Root()
@@ -619,7 +651,12 @@ def _assemble(
         root.file(
             _guest_path(str(Path(stub.real).parent / soname)), _stub_library(stub, work), _FILE
         )
-    applets = _run(["/bin/busybox", "--list-full"], "listing busybox applets")
+    _add_packages(p, root, cache, work)
+    # Applets of the guest's busybox (static, so it runs here too), where no real program is.
+    busybox = work / "busybox"
+    busybox.write_bytes(root.entries["usr/bin/busybox"].data)
+    busybox.chmod(0o755)
+    applets = _run([str(busybox), "--list-full"], "listing busybox applets")
     for applet in applets.split():
         g = _guest_path("/" + applet)
         if g not in root.entries:
@@ -686,7 +723,7 @@ def build(
     work = Path(tempfile.mkdtemp(prefix=f".build-{p.recipe_hash}-", dir=cache / "images"))
     try:
         say(f"fetching {p.kernel_package} {p.kernel_version}")
-        deb = fetch_kernel_deb(p.kernel_package, p.kernel_version, cache / "downloads")
+        deb = fetch_deb(p.kernel_package, p.kernel_version, cache / "downloads")
         say("unpacking the kernel and resolving modules")
         kroot = work / "kernel"
         _run(["dpkg-deb", "-x", str(deb), str(kroot)], f"unpacking {deb}")
@@ -704,7 +741,7 @@ def build(
         client_pub = _ssh_client_key(out)
         host_key, host_pub = _dropbear_host_key(out)
         say("assembling the initramfs")
-        root, modules = _assemble(p, kroot, kabi, work, client_pub, host_key)
+        root, modules = _assemble(p, kroot, kabi, work, cache, client_pub, host_key)
         root.write(out / "initramfs.cpio")
         guest = recipe.data.get("guest", {})
         manifest = {
@@ -716,7 +753,7 @@ def build(
                 "version": p.kernel_version,
                 "release": kabi,
             },
-            "packages": p.packages,
+            "packages": {**p.packages, **p.downloads},
             "modules": modules,
             "stubbed_libraries": {so: st.real for so, st in sorted(p.stubs.items())},
             "cmdline": recipe.data["kernel"]["cmdline"],
