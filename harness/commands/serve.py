@@ -67,7 +67,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--parallel-io",
         choices=("auto", "on", "off"),
         default="auto",
-        help="overlap large requests on helper threads (auto: only with O_DIRECT, "
+        help="overlap data requests on helper threads (auto: only with O_DIRECT, "
         "i.e. --cache none/directsync)",
     )
     limits = parser.add_argument_group("throttling (as QEMU's throttling.* options)")

@@ -240,9 +240,9 @@ def test_without_event_idx_and_indirect_the_ring_still_works(serve: Callable[...
 def test_large_requests_complete_out_of_order_on_helper_threads(
     serve: Callable[..., Served], cache: str
 ) -> None:
-    """With O_DIRECT, requests of 128 KiB and more overlap on helper threads."""
+    """With O_DIRECT, data requests overlap on helper threads and complete out of order."""
     s = serve(cache=cache)
-    assert s.server.parallel_min == (0 if cache == "writeback" else 128 * 1024)
+    assert s.server.parallel_min == (0 if cache == "writeback" else 4096)
     with s.frontend(num_queues=1) as fe:
         blobs = [os.urandom(256 * 1024) for _ in range(6)]
         heads = [
@@ -255,3 +255,23 @@ def test_large_requests_complete_out_of_order_on_helper_threads(
         assert all(c.status == OK for c in done)
         for i, b in enumerate(blobs):
             assert fe.read(512 * i, len(b)).data == b
+
+
+def test_o_direct_mixed_load_on_helper_threads(serve: Callable[..., Served]) -> None:
+    s = serve(cache="none", num_queues=2)
+    with s.frontend(num_queues=2) as fe:
+        for q in (0, 1):
+            heads = [
+                fe.submit(
+                    VirtioBlkRequestType.OUT, 8 * (i + 40 * q), data=bytes([i + q]) * 4096, queue=q
+                )
+                for i in range(30)
+            ]
+            heads.append(fe.submit(VirtioBlkRequestType.FLUSH, queue=q))
+            done = fe.wait(q, len(heads))
+            assert sorted(c.head for c in done) == sorted(heads)
+            assert all(c.status == OK for c in done)
+        for q in (0, 1):
+            for i in (0, 13, 29):
+                assert fe.read(8 * (i + 40 * q), 4096, queue=q).data == bytes([i + q]) * 4096
+        assert fe.read(IMAGE_SIZE // 512, 512).status == IOERR
