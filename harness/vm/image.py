@@ -384,8 +384,80 @@ class _Plan:
     recipe_hash: str
 
 
-def plan(recipe: Recipe) -> _Plan:
-    """Resolve every input and hash them; cheap enough to run on every cache lookup."""
+# Files whose change can change what `plan` resolves: the installed packages
+# (dpkg) and the candidate versions (apt lists).
+_HOST_STATE = ("/var/lib/dpkg/status", "/var/lib/apt/lists", "/var/cache/apt/pkgcache.bin")
+
+
+def _sources_digest(recipe: Recipe) -> str:
+    h = hashlib.sha256()
+    for name, path in recipe.source_files():
+        mode = path.lstat().st_mode
+        body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+        h.update(f"source {name} {mode:o} {len(body)}\n".encode())
+        h.update(body)
+    return h.hexdigest()
+
+
+def _plan_key(recipe: Recipe, sources: str) -> str:
+    h = hashlib.sha256(f"builder {BUILDER_VERSION}\n{sources}\n".encode())
+    for path in _HOST_STATE:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        h.update(f"{path} {st.st_mtime_ns} {st.st_size}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def plan(recipe: Recipe, cache: Path | None = None) -> _Plan:
+    """Resolve every input and hash them.
+
+    Resolving takes dozens of ldd/readelf/dpkg/apt calls (seconds under
+    load), so the result is remembered in the cache, keyed by the recipe and
+    by the host's package database: a change to either resolves again.
+    """
+    sources = _sources_digest(recipe)
+    memo = (cache or cache_root()) / "plans" / f"{_plan_key(recipe, sources)}.json"
+    try:
+        d = json.loads(memo.read_text())
+        stubs = {so: Stub(so, st["real"], tuple(st["importers"])) for so, st in d["stubs"].items()}
+        return _Plan(
+            recipe,
+            d["kernel_package"],
+            d["kernel_version"],
+            d["files"],
+            stubs,
+            d["packages"],
+            d["downloads"],
+            d["recipe_hash"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    p = _resolve(recipe, sources)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "kernel_package": p.kernel_package,
+                "kernel_version": p.kernel_version,
+                "files": p.files,
+                "packages": p.packages,
+                "downloads": p.downloads,
+                "recipe_hash": p.recipe_hash,
+                "stubs": {
+                    so: {"real": st.real, "importers": list(st.importers)}
+                    for so, st in p.stubs.items()
+                },
+            }
+        )
+    )
+    os.replace(tmp, memo)
+    return p
+
+
+def _resolve(recipe: Recipe, sources: str) -> _Plan:
     binaries = recipe.binaries
     _check_binaries(binaries)
     kpkg, kver = resolve_kernel_package(recipe.data["kernel"]["package"])
@@ -404,11 +476,7 @@ def plan(recipe: Recipe) -> _Plan:
         h.update(f"file {gpath} {hpath}\n".encode())
     for soname, stub in sorted(stubs.items()):
         h.update(f"stub {soname} {stub.real} {' '.join(stub.importers)}\n".encode())
-    for name, path in recipe.source_files():
-        mode = path.lstat().st_mode
-        body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
-        h.update(f"source {name} {mode:o} {len(body)}\n".encode())
-        h.update(body)
+    h.update(sources.encode())
     return _Plan(recipe, kpkg, kver, files, stubs, packages, downloads, h.hexdigest()[:16])
 
 
@@ -712,8 +780,8 @@ def build(
     say = progress or (lambda msg: log.info("%s", msg))
     say("resolving the recipe")
     recipe = Recipe.load(recipe_dir)
-    p = plan(recipe)
     cache = cache or cache_root()
+    p = plan(recipe, cache)
     final = cache / "images" / p.recipe_hash
     if not force and (final / "manifest.json").exists():
         log.info("guest image %s is cached in %s", p.recipe_hash, final)
