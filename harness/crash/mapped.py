@@ -7,8 +7,9 @@ Stores into a `MAP_SHARED` mapping land in the host page cache directly: a
 SIGKILLed process loses none of them, exactly as with `write(2)`, without a
 system call per record — so nothing needs to be held back any more.
 
-The file is grown ahead of the records (zero-filled, by doubling), so it may
-end in zero padding; the readers treat an all-zero tail as unused space, not
+The file is grown ahead of the records (zero-filled, by doubling, its blocks
+allocated at once so that a full disk is an error then and not a SIGBUS on a
+store later), so it may end in zero padding; the readers treat an all-zero tail as unused space, not
 as a torn record. A record is stored payload first and header last, so a
 record whose header is whole was stored whole: a process killed mid-record
 leaves at most a partial header (the readers check it by its CRC) and
@@ -68,11 +69,12 @@ class MappedAppender:
         cap = max(need + _MIN_SPARE, min(2 * self._capacity, self._capacity + _MAX_STEP))
         cap = -(-cap // mmap.PAGESIZE) * mmap.PAGESIZE
         try:
+            # Blocks first: a full disk is an error here, not a SIGBUS on a store later.
+            os.posix_fallocate(self._fd, self._capacity, cap - self._capacity)
             if self._mm is None:
-                os.ftruncate(self._fd, cap)
                 self._mm = mmap.mmap(self._fd, cap)
             else:
-                self._mm.resize(cap)  # extends the file with zeroes too
+                self._mm.resize(cap)
         except OSError as exc:
             raise JournalError(
                 f"cannot grow {self.path} to {cap} bytes ({exc.strerror}); is the disk full?"
