@@ -29,6 +29,7 @@ _LOG_TAIL_LINES = 200
 # Work dirs created through the fixtures; each must be gone at session end unless kept.
 _created_dirs: set[Path] = set()
 _kept_dirs: set[Path] = set()
+_BEFORE = pytest.StashKey[tuple[set[Any], set[Path]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -90,13 +91,20 @@ def keep_dir(path: Path) -> None:
     _kept_dirs.add(path)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # What already ran before this session (an outer session, when pytest runs
+    # pytest) is not this session's to judge or stop.
+    session.config.stash[_BEFORE] = (set(live_processes()), set(_created_dirs))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    procs_before, dirs_before = session.config.stash.get(_BEFORE, (set(), set()))
     # Daemons we started on purpose (libvirtd when none ran) end with the session.
     libvirtd = sys.modules.get("harness.vm.libvirtd")
-    if libvirtd is not None:
+    if libvirtd is not None and not procs_before:
         libvirtd.stop_started_daemons()
-    leaked = list(live_processes())
-    dirs = sorted(str(d) for d in _created_dirs - _kept_dirs if d.exists())
+    leaked = [p for p in live_processes() if p not in procs_before]
+    dirs = sorted(str(d) for d in _created_dirs - _kept_dirs - dirs_before if d.exists())
     if not leaked and not dirs:
         return
     lines = ["powercut hygiene check FAILED: the tests left things behind"]
