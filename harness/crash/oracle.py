@@ -242,14 +242,18 @@ def check(
                     if dur:
                         must += count
                     else:
-                        may += count
+                        unchanged = _unchanged(first, crcs, initial)
+                        must += unchanged
+                        may += count - unchanged
                     continue
                 found = img.crcs(first, count)
                 if found == crcs:
                     if dur:
                         must += count
                     else:
-                        may += count
+                        unchanged = _unchanged(first, crcs, initial)
+                        must += unchanged
+                        may += count - unchanged
                     continue
             else:
                 found = img.crcs(first, count)
@@ -258,7 +262,8 @@ def check(
                 if s in shared or owner[s] != index:
                     continue
                 if c == crcs[i] and meta[4] != _ANY:
-                    if dur:
+                    # A rewrite with the old content: it is also what must be there.
+                    if dur or initial.get(s) == c:
                         must += 1
                     else:
                         may += 1
@@ -298,6 +303,11 @@ def check(
     )
 
 
+def _unchanged(first: int, crcs: list[int], initial: dict[int, int]) -> int:
+    """Sectors of a not yet durable write that hold what was there before it."""
+    return sum(1 for i, c in enumerate(crcs) if initial.get(first + i) == c)
+
+
 def _classify(
     versions: list[Version], initial: int | None, found: int, zero_crc: int
 ) -> tuple[Verdict, int | None, int | None]:
@@ -311,9 +321,12 @@ def _classify(
     acceptable = [(crc, meta) for crc, meta in versions if meta[1] > horizon]
     if any(meta[4] == _ANY for _crc, meta in acceptable):
         return Verdict.MAY, expected, None
+    # The content the contract requires: the newest durable write's, else the initial.
+    required = next((crc for crc, meta in versions if meta is newest), initial)
     for crc, meta in acceptable:
         if crc == found:
-            return (Verdict.MUST if meta[2] else Verdict.MAY), expected, meta[3]
+            must = meta[2] or found == required  # a later write that changed nothing here
+            return (Verdict.MUST if must else Verdict.MAY), expected, meta[3]
     if newest is None:
         if initial is None:
             return Verdict.UNKNOWN, None, None

@@ -1,0 +1,47 @@
+"""The oracle as the runner uses it: an unflushed rewrite with unchanged content is not "may".
+
+Under lose-all the verdict fails a cell whose image still holds data newer than
+the last durable flush (`may` sectors). A filesystem often rewrites a block in
+which some sectors keep their old content; after the cut those sectors hold
+exactly what the contract requires, and must count as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.block import open_backend
+from harness.crash.cut import apply_cut
+from harness.crash.oracle import check
+from harness.crash.session import fault_blockdev, make_disk
+
+BLOCK = 4096
+
+
+def _run(tmp_path: Path, rewrite_twice: bool) -> object:
+    make_disk(tmp_path / "disk.img", 1 << 20)
+    spec = fault_blockdev(tmp_path / "disk.img", tmp_path / "j", tmp_path / "w.log")
+    backend = open_backend(spec, cache="writeback")
+    backend.write(0, b"\x01" * BLOCK)
+    if rewrite_twice:
+        backend.write(0, b"\x01" * BLOCK)  # two versions of the same sectors
+    backend.flush()
+    # Unflushed: the first sector changes, the other seven are rewritten unchanged.
+    backend.write(0, b"\x02" * 512 + b"\x01" * (BLOCK - 512))
+    backend.write(BLOCK, bytes(BLOCK))  # unflushed, zeroes over zeroes (a fresh image)
+    backend.graph.close()
+    cut = apply_cut(tmp_path / "disk.img", tmp_path / "j", "lose-all", 1)
+    assert cut.writes_reverted == 2
+    return check(tmp_path / "disk.img", tmp_path / "w.log", "writeback")
+
+
+def test_unchanged_sectors_of_a_reverted_rewrite_hold_what_the_contract_requires(
+    tmp_path: Path,
+) -> None:
+    report = _run(tmp_path, rewrite_twice=False)
+    assert report.ok and report.may == 0, report.summary()  # type: ignore[attr-defined]
+
+
+def test_the_same_holds_for_sectors_with_several_versions(tmp_path: Path) -> None:
+    report = _run(tmp_path, rewrite_twice=True)
+    assert report.ok and report.may == 0, report.summary()  # type: ignore[attr-defined]
