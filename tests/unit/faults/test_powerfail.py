@@ -198,7 +198,7 @@ def test_writes_of_a_killed_backend_become_durable_at_the_next_flush(paths: Path
         "be = open_backend(json.loads(sys.argv[1]), cache='writeback')\n"
         "be.write(0, b'A' * 512)\n"
         "be.write(512, b'B' * 512)\n"
-        "os._exit(0)  # dies without closing: deferred COMPLETE records are lost\n"
+        "os._exit(0)  # dies without closing anything\n"
     )
     subprocess.run(
         [sys.executable, "-c", script, json.dumps(stack_options(paths))], check=True, timeout=60
