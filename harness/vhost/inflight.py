@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from harness.errors import ProtocolError
+from harness.vhost.memory import check_fd_covers
 
 # vhost-user.rst QueueRegionSplit header.
 QueueRegionSplit = struct.Struct("<QHHHH")
@@ -137,6 +138,7 @@ class InflightRegion:
                 f"inflight region of {mmap_size} bytes is smaller than {num_queues} x "
                 f"{per_queue} bytes"
             )
+        check_fd_covers(fd, mmap_offset, mmap_size, "inflight region")
         try:
             self._map = mmap.mmap(
                 fd,

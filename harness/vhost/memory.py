@@ -20,6 +20,7 @@ import itertools
 import logging
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -29,6 +30,19 @@ log = logging.getLogger(__name__)
 
 # The most regions a frontend may add with ADD_MEM_REG (GET_MAX_MEM_SLOTS).
 MAX_MEM_SLOTS = 32
+
+
+def check_fd_covers(fd: int, offset: int, size: int, what: str) -> None:
+    """Refuse a mapping that reaches past the end of its file: touching it would SIGBUS."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise ProtocolError(f"{what}: bad file descriptor: {exc}") from exc
+    if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+        raise ProtocolError(
+            f"{what}: {size} bytes at offset {offset} reach past the end of the "
+            f"{st.st_size}-byte file behind it"
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,9 @@ class MappedRegion:
         if desc.size <= 0:
             raise ProtocolError(f"memory region at guest 0x{desc.guest_addr:x} has size 0")
         self.desc = desc
+        check_fd_covers(
+            fd, desc.mmap_offset, desc.size, f"memory region at guest 0x{desc.guest_addr:x}"
+        )
         # mmap offsets must be page aligned; map from the page below and skip the rest.
         page = mmap.ALLOCATIONGRANULARITY
         aligned = desc.mmap_offset - desc.mmap_offset % page
