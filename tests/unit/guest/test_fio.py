@@ -80,6 +80,7 @@ def test_results_of_a_real_fio_run_are_parsed(tmp_path):
     (tmp_path / "j.fio").write_text(job_file(jobs))
     out = subprocess.run(
         ["fio", "--output-format=json", str(tmp_path / "j.fio")],
+        cwd=tmp_path,  # fio saves the job's verify state in its working directory
         capture_output=True,
         text=True,
         check=True,
