@@ -64,10 +64,12 @@ def domain_xml(
     ET.SubElement(os_, "cmdline").text = spec.cmdline
     # Without <acpi/> libvirt passes -no-acpi, and `poweroff` in the guest only halts it.
     ET.SubElement(ET.SubElement(dom, "features"), "acpi")
-    if accel is Accel.KVM:
+    if spec.cpu_model:
+        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact")
+        ET.SubElement(cpu, "model", fallback="forbid").text = spec.cpu_model
+    elif accel is Accel.KVM:
         ET.SubElement(dom, "cpu", mode="host-passthrough")
-    else:
-        ET.SubElement(dom, "cpu", mode="maximum", migratable="off")
+    # Under TCG without a model, libvirt leaves QEMU's default: qemu64.
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, event).text = "destroy"
     dev = ET.SubElement(dom, "devices")

@@ -42,7 +42,7 @@ def qemu_argv(
         "-M",
         "pc,memory-backend=mem",
         "-cpu",
-        "host" if accel is Accel.KVM else "max",
+        spec.cpu_model or ("host" if accel is Accel.KVM else "qemu64"),
         "-smp",
         str(spec.cpus),
         "-m",

@@ -144,3 +144,16 @@ def test_free_port_is_bindable_on_localhost():
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_tcg_guests_default_to_qemu64_and_a_model_can_be_chosen(tmp_path):
+    import dataclasses
+
+    assert _opt(qemu_argv(_spec(), Accel.TCG, {}, tmp_path), "-cpu") == ["qemu64"]
+    spec = dataclasses.replace(_spec(), cpu_model="max")
+    assert _opt(qemu_argv(spec, Accel.TCG, {}, tmp_path), "-cpu") == ["max"]
+    root = ET.fromstring(domain_xml(spec, "x", Accel.TCG, {}, tmp_path / "c"))
+    assert root.find("cpu/model").text == "max"
+    assert (
+        ET.fromstring(domain_xml(_spec(), "x", Accel.TCG, {}, tmp_path / "c")).find("cpu") is None
+    )
