@@ -256,7 +256,7 @@ class PowerfailNode(BlockNode):
                     if self._waiting:
                         self._ranges_free.notify_all()
         finally:
-            if holding:  # the pre-image could not be taken: nothing was applied
+            if holding:  # no pre-image (nothing applied), or its completion not recorded
                 with self._state:
                     held.remove(key)
                     if self._waiting:
