@@ -58,6 +58,7 @@ class _Display(RunObserver):
         self.console.print(
             f"[{style}]{result.verdict.upper():5}[/] {cell.scenario}: {cell.id} ({seconds:.1f}s)",
             highlight=False,
+            soft_wrap=True,
         )
         self.progress.advance(self.overall)
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         for line in plan.listing():
             console.print(line, markup=False, highlight=False, soft_wrap=True)
         return 0
-    argv = [a for a in sys.argv[1:]] if sys.argv[1:2] == ["run"] else ["run", *sys.argv[1:]]
+    argv = sys.argv[1:]  # as typed, global options and "run" included
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),

@@ -13,6 +13,7 @@ everything must be there (verdict.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shlex
 import shutil
@@ -278,14 +279,20 @@ class CellRunner:
                 )
             with session:
                 observed = self._run_in(session)
+            timings = self.timer.total()
+            if isinstance(reconnect := self.notes.get("reconnect_seconds"), float):
+                timings["reconnect"] = round(reconnect, 3)
             result = cell_result(
                 cell,
                 judge(self.expected, observed),
                 observed,
-                timings=self.timer.total(),
+                timings=timings,
                 artifacts=self._artifacts(session),
                 reproduce=self.reproduce,
             )
+            if self.notes.get("early_end"):
+                note = "; note: the workload ended by itself before the cut moment"
+                result = dataclasses.replace(result, reason=result.reason + note)
         except PowercutError as exc:
             log.warning("cell %s: %s", cell.id, exc)
             result = error_result(
@@ -330,7 +337,7 @@ class CellRunner:
             return self._backend_crash(session, ssh)
         self.on_phase("workload")
         with self.timer.phase("workload"):
-            acked = self._workload_until_cut(session, ssh)
+            self._workload_until_cut(session, ssh)
         self.on_phase("cut")
         with self.timer.phase("cut"):
             cut = session.power_cut(
@@ -339,6 +346,12 @@ class CellRunner:
                 cell.policy_seed or 0,
                 check=Checker.ORACLE in cell.checkers,
             )
+        acked = 0
+        if self.stream is not None:
+            # Every acknowledgement the host had received when the power went is a
+            # promise, also those that came in while the cut was being made.
+            self.stream.join(30)
+            acked = self.stream.acked
         if cut.cut is not None:
             self.notes["cut"] = cut.cut.summary()
         oracle_obs = oracle_observation(cut.oracle) if cut.oracle else None
@@ -411,18 +424,17 @@ class CellRunner:
             self.deadline.check(f"waiting for the cut ({cell.cut.label})")
             time.sleep(POLL)
 
-    def _workload_until_cut(self, session: CrashSession, ssh: SSHSession) -> int:
-        """Run the workload up to the cut moment; returns the last acknowledged number."""
+    def _workload_until_cut(self, session: CrashSession, ssh: SSHSession) -> None:
+        """Run the workload up to the cut moment."""
         cell = self.cell
         if cell.workload.kind is WorkloadKind.FIO_VERIFY:
             self._fio_write(session, ssh)
-            return 0
+            return
         stream = self._start_stream(ssh)
         self._wait_for_cut(session, stream.started, lambda: stream.acked, lambda: stream.alive)
         if failure := stream.failure():
             raise GuestError(f"the workload failed before the cut: {failure}")
         self.stream = stream
-        return stream.acked
 
     def _fio_client(self, session: CrashSession, ssh: SSHSession) -> FioClient:
         port = session.machine.spec.fio_server_port

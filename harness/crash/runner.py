@@ -108,9 +108,7 @@ def run_plan(
         log.info("cell %s: %s — %s", cell.id, result.verdict, result.reason)
         results.append(result)
         observer.cell_finished(index, cell, result)
-    run = run_results(
-        results, started=started, command=command, host=host_info(accel.value, cells=len(results))
-    )
+    run = run_results(results, started=started, command=command, host=host_info(accel.value))
     rendered = render_all(run, plan.out)
     return RunOutcome(run, rendered, interrupted)
 
