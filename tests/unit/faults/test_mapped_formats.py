@@ -108,7 +108,7 @@ def test_a_torn_header_in_the_padding_is_a_torn_tail(tmp_path: Path) -> None:
         f.write(bytes(1 << 20))  # and the padding behind it
     t0 = time.monotonic()
     state, _ = read_journal(path)
-    assert time.monotonic() - t0 < 2  # the padding is skipped, not probed byte by byte
+    assert time.monotonic() - t0 < 5  # the padding is skipped, not probed byte by byte
     assert state.valid_length == valid and state.torn_bytes > 0
     assert state.completion == {1: 1}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import zlib
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.crash.writelog import (
@@ -20,6 +20,7 @@ from .conftest import crash
 from .stack import Paths, open_stack
 
 
+@settings(deadline=None, derandomize=True)
 @given(
     data=st.binary(min_size=0, max_size=64 * 512),
     sector_size=st.sampled_from([512, 1024, 4096]),
@@ -33,6 +34,7 @@ def test_span_crc_from_sector_crcs_is_the_crc_of_the_whole_span(
     assert span_crc(crcs, sector_size) == expected
 
 
+@settings(deadline=None, derandomize=True)
 @given(data=st.binary(min_size=0, max_size=300 * 512))
 def test_aligned_sector_crcs_pack_what_sector_crcs_computes(data: bytes) -> None:
     data = data[: len(data) - len(data) % 512]
