@@ -23,6 +23,8 @@ _NET_SLOT = 3
 _RNG_SLOT = 4
 _FIRST_DISK_SLOT = 8
 _PORT_ATTEMPTS = 5
+# QEMU start to QMP greeting; well under a second unless a backend does not answer.
+_QMP_TIMEOUT = 30.0
 
 
 def qemu_argv(
@@ -98,6 +100,19 @@ def qemu_argv(
     return argv
 
 
+class _Monitor(QEMUMonitorProtocol):
+    """qemu.qmp's sync client, with a bounded connect.
+
+    QEMU greets on QMP only after every device is realized, and a
+    vhost-user-blk device whose backend never answers blocks that forever.
+    """
+
+    def connect_within(self, timeout: float) -> None:
+        self._qmp.await_greeting = True
+        self._qmp.negotiate = True
+        self._sync(self._qmp.connect(self._address), timeout)
+
+
 class QemuMachine(Machine):
     """A guest in a QEMU process this harness owns (PDEATHSIG, killed by PID)."""
 
@@ -114,7 +129,7 @@ class QemuMachine(Machine):
         self.qemu = qemu
         self._accel: Accel | None = None
         self._proc: ManagedProcess | None = None
-        self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp: _Monitor | None = None
 
     @property
     def accel(self) -> Accel:
@@ -138,12 +153,18 @@ class QemuMachine(Machine):
         return {**super().logs(), "qemu": self.qemu_log}
 
     @property
-    def qmp(self) -> QEMUMonitorProtocol:
+    def qmp(self) -> _Monitor:
         if self._qmp is None or not self.running:
             raise MachineError(f"machine {self.spec.name} is not running; no QMP")
         return self._qmp
 
     def _launch(self) -> None:
+        for disk in self.spec.disks:
+            if isinstance(disk, VhostUserDisk) and not disk.socket.exists():
+                raise MachineError(
+                    f"no vhost-user backend socket at {disk.socket}; start the backend "
+                    "(powercut serve ... --socket PATH, or qemu-storage-daemon) first"
+                )
         accel = self.accel
         sock = self.workdir / "qmp.sock"
         for attempt in range(1, _PORT_ATTEMPTS + 1):
@@ -157,12 +178,12 @@ class QemuMachine(Machine):
                 stop_timeout=5.0,
             )
             proc.start()
-            qmp: QEMUMonitorProtocol | None = None
+            qmp: _Monitor | None = None
             try:
                 proc.wait_for(sock.exists, 30, "QEMU's QMP socket")
-                qmp = QEMUMonitorProtocol(str(sock), nickname=self.spec.name)
+                qmp = _Monitor(str(sock), nickname=self.spec.name)
                 qmp.settimeout(30)
-                qmp.connect()
+                qmp.connect_within(_QMP_TIMEOUT)
                 # Answered only after every backend (netdev, chardevs, disks) is up.
                 qmp.cmd("query-status")
             except (PowercutError, QMPError, OSError, EOFError) as exc:
@@ -174,8 +195,14 @@ class QemuMachine(Machine):
                 if "host forwarding" in tail and attempt < _PORT_ATTEMPTS:
                     log.info("a forwarded port was taken before QEMU bound it; retrying")
                     continue
+                reason = str(exc) or type(exc).__name__
+                if isinstance(exc, TimeoutError):
+                    reason = (
+                        f"no QMP greeting within {_QMP_TIMEOUT:.0f}s; does every "
+                        "vhost-user backend answer on its socket?"
+                    )
                 raise MachineError(
-                    f"QEMU did not start ({exc}); log {self.qemu_log}:\n{tail}"
+                    f"QEMU did not start ({reason}); log {self.qemu_log}:\n{tail}"
                 ) from exc
             self._proc, self._qmp, self.ports = proc, qmp, ports
             log.info(

@@ -162,3 +162,17 @@ def test_machine_context_leaves_nothing_behind_when_the_body_raises(guest_image,
     assert not machine.running
     assert not workdir.exists()
     assert set(live_processes()) == before
+
+
+def test_a_vhost_user_disk_without_backend_fails_fast_with_advice(
+    guest_image, powercut_accel, tmp_path
+):
+    from harness.errors import MachineError
+    from harness.vm.spec import MachineSpec, VhostUserDisk
+
+    spec = MachineSpec.from_image(guest_image, disks=(VhostUserDisk(tmp_path / "none.sock"),))
+    with (
+        QemuMachine(spec, accel=powercut_accel) as machine,
+        pytest.raises(MachineError, match="no vhost-user backend socket"),
+    ):
+        machine.start()
