@@ -194,6 +194,11 @@ class LibvirtMachine(Machine):
         return logs
 
     def _launch(self) -> None:
+        for disk in self.spec.disks:
+            if isinstance(disk, VhostUserDisk) and _is_local(self.uri) and not disk.socket.exists():
+                raise MachineError(
+                    f"no vhost-user backend socket at {disk.socket}; start the backend first"
+                )
         conn = self._connection()
         accel = self.accel
         for attempt in range(1, _PORT_ATTEMPTS + 1):
