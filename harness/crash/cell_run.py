@@ -240,10 +240,11 @@ class CellRunner:
         on_phase: Callable[[str], None] | None = None,
     ) -> None:
         self.cell = cell
-        self.directory = directory
+        # Absolute: fio's client and the backend run in other working directories.
+        self.directory = Path(directory).resolve()
         self.image = image
         self.accel = accel
-        self.out = out
+        self.out = Path(out).resolve()
         self.reproduce = reproduce
         self.on_phase = on_phase or (lambda _p: None)
         self.timer = Timer()

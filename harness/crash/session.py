@@ -210,7 +210,7 @@ class CrashSession:
         memory_mib: int = 512,
         name: str = "cell",
     ) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.guest_image = image
         self.mode = parse_cache_mode(mode)
