@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,30 @@ def test_a_failing_test_carries_the_logs_registered_with_its_factory(pytester, m
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--accel", "tcg")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*powercut backend*", "*backend said: flush lost*"])
+
+
+def test_keep_failed_keeps_the_work_dir_of_a_failed_test(pytester, monkeypatch):
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    monkeypatch.setenv(
+        "POWERCUT_CACHE", os.environ.get("POWERCUT_CACHE", str(home / ".cache/powercut"))
+    )
+    pytester.makepyfile(
+        """
+        def test_fails(vm_factory):
+            (vm_factory.tmpdir / "evidence").write_text("x")
+            print("WORKDIR", vm_factory.tmpdir)
+            assert False
+        """
+    )
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "--accel", "tcg", "--keep-failed", "-s"
+    )
+    result.assert_outcomes(failed=1)
+    (kept,) = {Path(m.group(1)) for m in re.finditer(r"WORKDIR (\S+)", result.stdout.str())}
+    try:
+        assert (kept / "evidence").read_text() == "x"
+        assert "hygiene check FAILED" not in result.stdout.str()
+    finally:
+        import shutil
+
+        shutil.rmtree(kept, ignore_errors=True)
