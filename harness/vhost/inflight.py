@@ -147,7 +147,7 @@ class InflightRegion:
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=mmap_offset,
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"cannot map the inflight region: {exc}") from exc
         self.fd = fd
         self.mmap_size = mmap_size

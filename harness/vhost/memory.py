@@ -77,7 +77,7 @@ class MappedRegion:
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=aligned,
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise ProtocolError(
                 f"cannot map memory region guest 0x{desc.guest_addr:x}+0x{desc.size:x} "
                 f"(fd offset 0x{desc.mmap_offset:x}): {exc}; the guest memory must be a "

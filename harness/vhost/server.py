@@ -246,7 +246,7 @@ class Session:
                 raise ProtocolError(f"unsupported vhost-user message {msg.name}")
             log.debug("<- %s %s", msg.name, msg.payload.hex())
             reply = handler(self, msg)
-        except (ProtocolError, GuestError, ValueError, struct.error) as exc:
+        except (ProtocolError, GuestError, ValueError, OverflowError, struct.error) as exc:
             ok = False
             log.warning("vhost-user %s failed: %s", msg.name, exc)
         finally:

@@ -27,7 +27,8 @@ from .conftest import Served
 
 message = st.fixed_dictionaries(
     {
-        "request": st.integers(0, 45),
+        # Not SET_PROTOCOL_FEATURES: turning REPLY_ACK off legitimately ends the acks.
+        "request": st.integers(0, 45).filter(lambda r: r != VhostUserRequest.SET_PROTOCOL_FEATURES),
         "payload": st.one_of(
             st.binary(max_size=300),
             # Plausible shapes with hostile values: u64, vring state, region, inflight.
