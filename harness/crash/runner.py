@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from harness.crash.cell_run import CellRunner
 from harness.crash.matrix import Cell
@@ -115,7 +114,3 @@ def run_plan(
 
 def _phase_callback(observer: RunObserver, index: int, cell: Cell) -> Callable[[str], None]:
     return lambda phase: observer.phase(index, cell, phase)
-
-
-def results_path(plan: RunPlan) -> Path:
-    return plan.out / "results.json"
