@@ -7,13 +7,13 @@ import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from harness.crash.cut import apply_cut
 from harness.crash.journal import read_journal
 from harness.crash.oracle import check
 from harness.crash.writelog import read_log
+from harness.errors import JournalError
 from harness.proc import ManagedProcess
 
 from .stack import make_paths
@@ -24,7 +24,7 @@ S = 512
 def _completed(log: Path) -> int:
     try:
         return sum(1 for r in read_log(log).requests if r.status == 0)
-    except Exception:  # noqa: BLE001 - not created yet / header not written yet
+    except (OSError, JournalError):  # not created yet / header not written yet
         return 0
 
 
@@ -36,12 +36,20 @@ def test_sigkilled_backend_leaves_readable_journal_and_log(tmp_path: Path) -> No
         f"file.file.filename={paths.image}"
     )
     rng = random.Random(2026)
-    commands = []
-    for i in range(3000):
+
+    def write(i: int) -> str:
         size = rng.choice(["512", "4k", "64k"])
-        commands.append(f"write -q -P {i % 250 + 1} {rng.randrange(0, 60) * 64 * 1024} {size}")
+        return f"write -q -P {i % 250 + 1} {rng.randrange(0, 60) * 64 * 1024} {size}"
+
+    # A first part with flushes (the journal empties and starts over), then a
+    # part with none: once a write of the second part has completed, the
+    # journal is guaranteed to hold pre-images when the kill lands.
+    first = []
+    for i in range(300):
+        first.append(write(i))
         if i % 7 == 6:
-            commands.append("flush")
+            first.append("flush")
+    second = [write(i) for i in range(300, 3000)]
     read_fd, write_fd = os.pipe()
     proc = ManagedProcess(
         [sys.executable, "-m", "harness.cli", "io", "--image-opts", spec],
@@ -49,20 +57,20 @@ def test_sigkilled_backend_leaves_readable_journal_and_log(tmp_path: Path) -> No
         log_path=tmp_path / "io.log",
         stdin=read_fd,
     )
-    try:
-        with proc:
-            os.close(read_fd)
-            with os.fdopen(write_fd, "w") as pipe:
-                pipe.write("\n".join(commands[:300]) + "\n")
-                pipe.flush()
-                proc.wait_for(lambda: _completed(paths.log) >= 200, 60, "200 requests done")
-                pipe.write("\n".join(commands[300:]) + "\n")
-                pipe.flush()
-                time.sleep(0.2)  # well inside the remaining thousands of requests
-                assert proc.running, proc.log_tail()
-                proc.kill()
-    except BrokenPipeError:
-        pass
+    with proc:
+        os.close(read_fd)
+        with os.fdopen(write_fd, "w") as pipe:
+            pipe.write("\n".join(first) + "\n")
+            pipe.flush()
+            proc.wait_for(lambda: _completed(paths.log) >= 200, 60, "200 requests done")
+            pipe.write("\n".join(second) + "\n")
+            pipe.flush()
+            proc.wait_for(
+                lambda: _completed(paths.log) > len(first), 60, "a write after the last flush"
+            )
+            # powercut io waits on its stdin for more commands, so it is still running.
+            assert proc.running, proc.log_tail()
+            proc.kill()
     wlog = read_log(paths.log)
     state, data = read_journal(paths.journal)
     del data
