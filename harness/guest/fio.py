@@ -267,10 +267,12 @@ def run_fio(
 
 
 def start_fio_server(ssh: SSHSession, port: int, timeout: float = 60.0) -> None:
-    """Start `fio --server` in the guest and wait until it listens on `port`."""
+    """Start `fio --server` in the guest (unless one listens already) and wait until it listens."""
+    # /proc/net/tcp{,6}: the local address ends with the port in hex; state 0A = LISTEN.
+    probe = f"grep -qE ':{port:04X} [0-9A-F]+:0000 0A' /proc/net/tcp /proc/net/tcp6"
+    if ssh.run(probe, timeout=timeout).ok:
+        return
     ssh.run(f"fio --server=,{port} --daemonize=/run/fio-server.pid", timeout=timeout, check=True)
-    # /proc/net/tcp: local address column ends with the port in hex; state 0A = LISTEN.
-    probe = f"grep -q ':{port:04X} 00000000:0000 0A' /proc/net/tcp /proc/net/tcp6"
     deadline = time.monotonic() + timeout
     while not ssh.run(probe, timeout=timeout).ok:
         if time.monotonic() > deadline:

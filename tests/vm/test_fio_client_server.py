@@ -16,6 +16,7 @@ def test_verify_state_from_a_triggered_run_checks_the_disk_after_a_power_cut(vm_
     machine = vm_factory(FileDisk(disk, CacheMode.WRITEBACK), name="fio")
     port = machine.spec.fio_server_port
     start_fio_server(machine.ssh, port)
+    start_fio_server(machine.ssh, port)  # a second start finds it listening
     job = FioJob(
         "pc",
         "/dev/vda",
