@@ -175,11 +175,16 @@ class Machine(abc.ABC):
             self._close_ssh()
             self._kill()
             return
-        if self._ssh is not None and self._ssh.active:
-            # The link drops while the guest powers off, so poweroff is not waited for.
-            with contextlib.suppress(PowercutError, OSError, EOFError, paramiko.SSHException):
-                self._ssh.run("sync", timeout=timeout)
-                self._ssh.start("poweroff -f")
+        if self._ssh is None or not self._ssh.active:
+            # Nobody to ask inside (the guest's init has no ACPI button handler).
+            log.info("%s: no SSH session to power off through; stopping it", self.spec.name)
+            self._close_ssh()
+            self._kill()
+            return
+        # The link drops while the guest powers off, so poweroff is not waited for.
+        with contextlib.suppress(PowercutError, OSError, EOFError, paramiko.SSHException):
+            self._ssh.run("sync", timeout=timeout)
+            self._ssh.start("poweroff -f")
         self._close_ssh()
         if not self._wait_stopped(timeout):
             log.warning("%s did not power off within %.0fs; killing it", self.spec.name, timeout)
