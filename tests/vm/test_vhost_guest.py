@@ -47,7 +47,8 @@ def test_guest_uses_both_queues(served: tuple[PowercutDisk, Any]) -> None:
         "for c in 0 1; do taskset -c $c dd if=/dev/vda of=/dev/null bs=64k count=64 "
         "iflag=direct 2>/dev/null & done; wait"
     )
-    assert disk.stats()["requests"]["OUT"] >= 2 * 24 * 256
+    queues = disk.stats()["queues"]
+    assert all(q["completed"] > 0 for q in queues), queues
 
 
 def test_mkfs_mount_write_and_fsck(served: tuple[PowercutDisk, Any]) -> None:
@@ -78,17 +79,20 @@ def test_discard_and_write_zeroes(served: tuple[PowercutDisk, Any]) -> None:
     g = machine.ssh
     assert int(g.check_output("cat /sys/block/vda/queue/discard_max_bytes")) > 0
     assert int(g.check_output("cat /sys/block/vda/queue/write_zeroes_max_bytes")) > 0
-    g.check_output("dd if=/dev/urandom of=/dev/vda bs=1M count=4 seek=100 oflag=direct 2>/dev/null")
     before = disk.stats()["requests"]
     g.check_output("blkdiscard -o $((100<<20)) -l $((1<<20)) /dev/vda")
-    g.check_output("blkdiscard -z -o $((101<<20)) -l $((1<<20)) /dev/vda")
     after = disk.stats()["requests"]
     assert after.get("DISCARD", 0) > before.get("DISCARD", 0)
-    assert after.get("WRITE_ZEROES", 0) > before.get("WRITE_ZEROES", 0)
-    zeroes = g.check_output(
-        "dd if=/dev/vda bs=1M count=1 skip=101 iflag=direct 2>/dev/null | tr -d '\\000' | wc -c"
+    # mke2fs zeroes its inode tables and journal with BLKZEROOUT/FALLOC_FL_ZERO_RANGE,
+    # which the kernel sends as VIRTIO_BLK_T_WRITE_ZEROES (the guest's busybox
+    # blkdiscard has no -z).
+    g.check_output(
+        "/sbin/mke2fs -q -F -t ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/vda",
+        timeout=300,
     )
-    assert int(zeroes) == 0
+    zeroed = disk.stats()["requests"]
+    assert zeroed.get("WRITE_ZEROES", 0) > after.get("WRITE_ZEROES", 0)
+    g.check_output("e2fsck -fn /dev/vda", timeout=300)
 
 
 def test_guest_cache_type_toggle_changes_fua(served: tuple[PowercutDisk, Any]) -> None:
