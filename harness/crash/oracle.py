@@ -100,6 +100,10 @@ class OracleReport:
     lost: int
     corrupt: int
     violations: list[Violation] = field(default_factory=list)  # the first ones, by sector
+    # Of the `may` sectors, those holding a write that completed after the last completed
+    # flush had completed: no flush can have covered it at any layer. (A write completing
+    # while that flush ran may have reached the disk before it, so it is not counted.)
+    unflushed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -153,6 +157,14 @@ def check(
     ss = wlog.header.sector_size
     zero_crc = zlib.crc32(bytes(ss))
     durable = _durable_flags(wlog.requests, contract)
+    settle = max(
+        (
+            r.complete_index
+            for r in wlog.requests
+            if r.op == Op.FLUSH and r.completed_ok and r.complete_index is not None
+        ),
+        default=-1,
+    )
 
     # Every write, zeroes or discard becomes a span: (first sector, sector CRCs, meta,
     # CRC of the whole span or None), meta = (submit index, completion index, durable,
@@ -221,6 +233,10 @@ def check(
     def classify(s: int, versions: list[Version], c: int) -> None:
         verdict, expected, seen = _classify(versions, initial.get(s), c, zero_crc)
         counts[verdict] += 1
+        if verdict is Verdict.MAY and seen:
+            meta = next((m for _crc, m in versions if m[3] == seen), None)
+            if meta is not None and meta[1] > settle:
+                late[0] += 1
         if verdict in (Verdict.LOST, Verdict.CORRUPT) and max_violations > 0:
             item = (-s, Violation(s, verdict.value, expected, seen))
             if len(worst) < max_violations:
@@ -230,6 +246,7 @@ def check(
 
     multi_keys = multi.keys()
     must = may = 0
+    late = [0]  # `unflushed` sectors (see OracleReport)
     with _Image(image, ss) as img:
         # Sectors with one version, a span at a time: one CRC over the whole span when it
         # can be compared at once, else one per sector.
@@ -245,6 +262,8 @@ def check(
                         unchanged = _unchanged(first, crcs, initial)
                         must += unchanged
                         may += count - unchanged
+                        if meta[1] > settle:
+                            late[0] += count - unchanged
                     continue
                 found = img.crcs(first, count)
                 if found == crcs:
@@ -254,6 +273,8 @@ def check(
                         unchanged = _unchanged(first, crcs, initial)
                         must += unchanged
                         may += count - unchanged
+                        if meta[1] > settle:
+                            late[0] += count - unchanged
                     continue
             else:
                 found = img.crcs(first, count)
@@ -267,6 +288,8 @@ def check(
                         must += 1
                     else:
                         may += 1
+                        if meta[1] > settle:
+                            late[0] += 1
                 else:
                     classify(s, [(crcs[i], meta)], c)
         # Sectors written more than once, read in contiguous runs.
@@ -300,6 +323,7 @@ def check(
         lost=counts[Verdict.LOST],
         corrupt=counts[Verdict.CORRUPT],
         violations=violations,
+        unflushed=late[0],
     )
 
 
