@@ -215,6 +215,7 @@ def oracle_observation(report: OracleReport) -> OracleObservation:
         may=report.may,
         lost=report.lost,
         corrupt=report.corrupt,
+        unflushed=report.unflushed,
     )
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.block import open_backend
-from harness.crash.cut import apply_cut
+from harness.block.cache import CacheMode
+from harness.crash.cut import CutPolicy, apply_cut
 from harness.crash.oracle import check
+from harness.crash.scenario import AckRecordsSpec, Checker, FaultModel, WorkloadKind, WorkloadSpec
 from harness.crash.session import fault_blockdev, make_disk
+from harness.crash.verdict import Observed, OracleObservation, Verdict, expected_for, judge
 
 BLOCK = 4096
 
@@ -45,3 +48,32 @@ def test_unchanged_sectors_of_a_reverted_rewrite_hold_what_the_contract_requires
 def test_the_same_holds_for_sectors_with_several_versions(tmp_path: Path) -> None:
     report = _run(tmp_path, rewrite_twice=True)
     assert report.ok and report.may == 0, report.summary()  # type: ignore[attr-defined]
+
+
+def test_data_written_after_the_last_flush_completed_counts_as_unflushed(tmp_path: Path) -> None:
+    make_disk(tmp_path / "disk.img", 1 << 20)
+    spec = fault_blockdev(tmp_path / "disk.img", tmp_path / "j", tmp_path / "w.log")
+    backend = open_backend(spec, cache="writeback")
+    backend.write(0, b"\x01" * BLOCK)
+    backend.flush()
+    backend.write(BLOCK, b"\x02" * BLOCK)  # after the flush completed, never flushed
+    backend.graph.close()
+    apply_cut(tmp_path / "disk.img", tmp_path / "j", "keep-all", 1)  # a model that kept it
+    report = check(tmp_path / "disk.img", tmp_path / "w.log", "writeback")
+    assert report.may == report.unflushed == BLOCK // 512
+
+
+def _judge_lose_all(may: int, unflushed: int | None) -> Verdict:
+    workload = WorkloadSpec("w", WorkloadKind.ACK_RECORDS, AckRecordsSpec(), (Checker.ORACLE,))
+    expected = expected_for(
+        CacheMode.WRITEBACK, FaultModel.HOST_POWER_CUT, CutPolicy.LOSE_ALL, workload
+    )
+    oracle = OracleObservation(10, 8, 80, 80 - may, may, 0, 0, unflushed=unflushed)
+    return judge(expected, Observed(oracle=oracle)).verdict
+
+
+def test_lose_all_fails_only_on_data_no_flush_could_have_covered() -> None:
+    # Writes that completed while the last flush ran may legitimately be on disk.
+    assert _judge_lose_all(may=16, unflushed=0) is Verdict.PASS
+    assert _judge_lose_all(may=16, unflushed=8) is Verdict.FAIL
+    assert _judge_lose_all(may=16, unflushed=None) is Verdict.FAIL  # unknown: may decides
