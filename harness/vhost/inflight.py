@@ -64,6 +64,13 @@ class InflightQueue:
         self.view = view
         self.queue_size = queue_size
         self.counter = 0
+        # Hot-path fields through typed views: one store each, no struct round trip.
+        self._u16 = view.cast("B").cast("H")
+        self._u64 = view.cast("B").cast("Q")
+
+    def close(self) -> None:
+        for v in (self._u16, self._u64, self.view):
+            v.release()
 
     def _desc_off(self, head: int) -> int:
         return QueueRegionSplit.size + head * DescStateSplit.size
@@ -82,19 +89,19 @@ class InflightQueue:
 
     def get(self, head: int) -> None:
         """A request was popped: mark it in flight with a submission counter."""
-        off = self._desc_off(head)
-        _U64.pack_into(self.view, off + 8, self.counter)
+        off = QueueRegionSplit.size + head * DescStateSplit.size
+        self._u64[(off + 8) >> 3] = self.counter
         self.counter += 1
-        _U8.pack_into(self.view, off, 1)
+        self.view[off] = 1
 
     def pre_put(self, head: int) -> None:
         """About to publish `head` in the used ring."""
-        _U16.pack_into(self.view, _OFF_LAST_BATCH_HEAD, head)
+        self._u16[_OFF_LAST_BATCH_HEAD >> 1] = head
 
     def post_put(self, head: int, used_idx: int) -> None:
         """`head` is in the used ring and used->idx is `used_idx`."""
-        _U8.pack_into(self.view, self._desc_off(head), 0)
-        _U16.pack_into(self.view, _OFF_USED_IDX, used_idx)
+        self.view[QueueRegionSplit.size + head * DescStateSplit.size] = 0
+        self._u16[_OFF_USED_IDX >> 1] = used_idx
 
     def recover(self, ring_used_idx: int) -> list[ResubmitEntry]:
         """After a restart: the requests a dead backend popped but never completed.
@@ -173,7 +180,7 @@ class InflightRegion:
 
     def close(self) -> None:
         for q in self.queues:
-            q.view.release()
+            q.close()
         with contextlib.suppress(BufferError):
             self._map.close()
         os.close(self.fd)
