@@ -176,3 +176,16 @@ def test_a_vhost_user_disk_without_backend_fails_fast_with_advice(
         pytest.raises(MachineError, match="no vhost-user backend socket"),
     ):
         machine.start()
+
+
+def test_kvm_probe_answers_within_its_time_limit_and_leaves_nothing(guest_image):
+    import time
+
+    from harness.vm.accel import PROBE_TIMEOUT, probe_kvm
+
+    before = set(live_processes())
+    t0 = time.monotonic()
+    verdict = probe_kvm(guest_image.kernel)
+    assert isinstance(verdict, bool)
+    assert time.monotonic() - t0 < PROBE_TIMEOUT + 5
+    assert set(live_processes()) == before
