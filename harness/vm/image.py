@@ -607,11 +607,19 @@ _FILE = stat.S_IFREG | 0o644
 _EXE = stat.S_IFREG | 0o755
 _LINK = stat.S_IFLNK | 0o777
 
+# SSH sessions run in Debian's dynamic busybox shell, not the static one that
+# init uses: busybox-static's shell prefers its own applets to real programs of
+# the same name, so `blkdiscard -z` or `blockdev` would run busybox's limited
+# applets instead of util-linux's. The dynamic build searches PATH like any shell.
+LOGIN_BUSYBOX = "/bin/busybox"
+_LOGIN_BUSYBOX_GUEST = "usr/libexec/powercut/busybox"
+_LOGIN_SHELL = "/usr/libexec/powercut/sh"
+
 _ETC = {
-    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/passwd": f"root:x:0:0:root:/root:{_LOGIN_SHELL}\n",
     "etc/shadow": "root:*:19000:0:99999:7:::\n",
     "etc/group": "root:x:0:\n",
-    "etc/shells": "/bin/sh\n",
+    "etc/shells": f"/bin/sh\n{_LOGIN_SHELL}\n",
     "etc/hosts": "127.0.0.1 localhost powercut\n",
     "etc/profile": "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     "export PS1='powercut# '\n",
@@ -713,8 +721,11 @@ def _assemble(
     root.device("dev/null", True, 1, 3)
 
     for gpath, hpath in sorted(p.files.items()):
+        if hpath == LOGIN_BUSYBOX:
+            gpath = _LOGIN_BUSYBOX_GUEST
         mode = _EXE if os.access(hpath, os.X_OK) else _FILE
         root.file(gpath, Path(hpath).read_bytes(), mode)
+    root.symlink(_LOGIN_SHELL.lstrip("/"), "busybox")
     for soname, stub in sorted(p.stubs.items()):
         root.file(
             _guest_path(str(Path(stub.real).parent / soname)), _stub_library(stub, work), _FILE

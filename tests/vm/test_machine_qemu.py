@@ -64,6 +64,18 @@ def test_commands_report_exit_code_stdout_and_stderr(multi_disk_vm):
     assert multi_disk_vm.qmp.cmd("query-status")["status"] == "running"
 
 
+@pytest.mark.parametrize("program", ["blkdiscard", "blockdev", "mke2fs"])
+def test_ssh_commands_run_the_real_programs_not_busybox_applets(multi_disk_vm, program):
+    # The static busybox's shell would pick its own applet of the same name
+    # (blkdiscard without -z, a blockdev without --getss ...).
+    out = (
+        multi_disk_vm.ssh.run(f"{program} -V").stdout
+        + multi_disk_vm.ssh.run(f"{program} -V").stderr
+    )
+    assert "BusyBox" not in out
+    assert ("util-linux" in out) or ("EXT2FS Library" in out), out
+
+
 def test_streamed_output_arrives_while_the_command_runs(multi_disk_vm):
     arrivals: list[tuple[str, float]] = []
     t0 = time.monotonic()
