@@ -23,6 +23,10 @@ import pytest
 
 from harness.proc import live_processes
 
+# A powercut backend on a disk image (mode, queues, serial, fault drivers via a
+# --blockdev graph); composes with vm_factory.
+from harness.vhost.pytest_fixtures import powercut_disk  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 _LOG_TAIL_LINES = 200

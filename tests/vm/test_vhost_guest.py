@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from harness.vhost.pytest_fixtures import PowercutDisk, powercut_disk  # noqa: F401
+from harness.vhost.pytest_fixtures import PowercutDisk
 
 pytestmark = pytest.mark.vm
 
@@ -118,7 +118,7 @@ def test_guest_cache_type_toggle_changes_fua(served: tuple[PowercutDisk, Any]) -
     assert fua_after_write() == wt
 
 
-def test_read_only_disk(vm_factory: Any, powercut_disk: Any) -> None:  # noqa: F811
+def test_read_only_disk(vm_factory: Any, powercut_disk: Any) -> None:
     disk = powercut_disk(vm_factory, size_mib=32, read_only=True)
     machine = vm_factory(disk.start())
     g = machine.ssh
@@ -131,7 +131,7 @@ def test_read_only_disk(vm_factory: Any, powercut_disk: Any) -> None:  # noqa: F
 
 def test_guest_power_cut_then_a_new_qemu_on_the_same_backend(
     vm_factory: Any,
-    powercut_disk: Any,  # noqa: F811 - the imported fixture
+    powercut_disk: Any,
 ) -> None:
     """QEMU killed mid-I/O: the backend drops that connection and serves the next QEMU."""
     disk = powercut_disk(vm_factory, size_mib=64)
@@ -157,7 +157,7 @@ def test_guest_power_cut_then_a_new_qemu_on_the_same_backend(
 
 def test_fio_verify_with_o_direct_and_two_queues(
     vm_factory: Any,
-    powercut_disk: Any,  # noqa: F811 - the imported fixture
+    powercut_disk: Any,
 ) -> None:
     """cache=none: requests overlap on helper threads and complete out of order."""
     disk = powercut_disk(vm_factory, size_mib=64, cache="none", num_queues=2)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from harness.vhost.pytest_fixtures import DiskFactory, powercut_disk  # noqa: F401
+from harness.vhost.pytest_fixtures import DiskFactory
 
 pytestmark = pytest.mark.vm
 
@@ -40,7 +40,7 @@ def writes_served(disk: Any) -> int:
 @pytest.mark.parametrize("queues", [1, 2])
 def test_backend_killed_and_restarted_under_fio_verify(
     vm_factory: Any,
-    powercut_disk: DiskFactory,  # noqa: F811 - the imported fixture
+    powercut_disk: DiskFactory,
     queues: int,
 ) -> None:
     image = vm_factory.disk_file(64, "crash.img")
