@@ -436,19 +436,29 @@ class Session:
         _, *fields = VhostUserMemRegMsg.unpack_from(msg.payload)
         self.memory.remove(RegionDesc(*fields))
 
+    def _stopped_vq(self, index: int, what: str) -> SplitVirtqueue:
+        """The queue, which must not be running: its thread reads the ring's size, addresses
+        and index without a lock (a size changed under it indexed past the mapped ring)."""
+        vq = self._vq(index)
+        if index in self.workers:
+            raise ProtocolError(f"{what} for running queue {index}: stop it first (GET_VRING_BASE)")
+        return vq
+
     def set_vring_num(self, msg: Message) -> None:
         index, num = VhostVringState.unpack_from(msg.payload)
         if not 0 < num <= VIRTQUEUE_MAX_SIZE:
             raise ProtocolError(f"queue {index}: size {num} (1..{VIRTQUEUE_MAX_SIZE})")
-        self._vq(index).num = num
+        self._stopped_vq(index, "SET_VRING_NUM").num = num
 
     def set_vring_addr(self, msg: Message) -> None:
         index, flags, desc, used, avail, log_addr = VhostVringAddr.unpack_from(msg.payload)
-        self._vq(index).addr = VringAddr(flags, desc, used, avail, log_addr)
+        self._stopped_vq(index, "SET_VRING_ADDR").addr = VringAddr(
+            flags, desc, used, avail, log_addr
+        )
 
     def set_vring_base(self, msg: Message) -> None:
         index, num = VhostVringState.unpack_from(msg.payload)
-        self._vq(index).last_avail_idx = num & 0xFFFF
+        self._stopped_vq(index, "SET_VRING_BASE").last_avail_idx = num & 0xFFFF
 
     def get_vring_base(self, msg: Message) -> Message:
         index, _ = VhostVringState.unpack_from(msg.payload)
