@@ -232,17 +232,23 @@ class CrashSession:
         # paths must fit 108 bytes, and a results directory can be deep.
         self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
         self.socket = self.rundir / f"{DISK_NAME}.sock"
-        self.backend = CrashBackend(
-            self.disk,
-            self.directory,
-            blockdev=fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config),
-            cache=self.mode,
-            name=DISK_NAME,
-            socket=self.socket,
-        )
-        disk = VhostUserDisk(self.socket, reconnect=1)
-        spec = MachineSpec.from_image(image, disks=(disk,), memory_mib=memory_mib, name=name)
-        self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
+        try:
+            self.backend = CrashBackend(
+                self.disk,
+                self.directory,
+                blockdev=fault_blockdev(
+                    self.disk, self.journal, self.write_log, self.blkdebug_config
+                ),
+                cache=self.mode,
+                name=DISK_NAME,
+                socket=self.socket,
+            )
+            disk = VhostUserDisk(self.socket, reconnect=1)
+            spec = MachineSpec.from_image(image, disks=(disk,), memory_mib=memory_mib, name=name)
+            self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
+        except BaseException:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            raise
         self.cuts: list[PowerCut] = []
 
     # -- paths worth keeping ---------------------------------------------------
