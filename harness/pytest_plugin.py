@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from harness import hygiene
 from harness.proc import live_processes
 
 # A powercut backend on a disk image (mode, queues, serial, fault drivers via a
@@ -34,6 +35,7 @@ _LOG_TAIL_LINES = 200
 _created_dirs: set[Path] = set()
 _kept_dirs: set[Path] = set()
 _BEFORE = pytest.StashKey[tuple[set[Any], set[Path]]]()
+_HYGIENE_MARK = pytest.StashKey[int]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -99,6 +101,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # What already ran before this session (an outer session, when pytest runs
     # pytest) is not this session's to judge or stop.
     session.config.stash[_BEFORE] = (set(live_processes()), set(_created_dirs))
+    # Also temp dirs (harness prefixes) and unix sockets made outside the fixtures.
+    session.config.stash[_HYGIENE_MARK] = hygiene.watch()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -109,15 +113,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         libvirtd.stop_started_daemons()
     leaked = [p for p in live_processes() if p not in procs_before]
     dirs = sorted(str(d) for d in _created_dirs - _kept_dirs - dirs_before if d.exists())
+    # pytest's own tmp_path dirs are pytest's to keep (it retains the last few runs).
+    basetemp = getattr(session.config, "_tmp_path_factory", None)
+    pytest_tmp = [basetemp.getbasetemp()] if basetemp is not None else []
+    others = hygiene.leftovers(
+        session.config.stash.get(_HYGIENE_MARK, 0), [*pytest_tmp, *_kept_dirs]
+    )
+    dirs += [str(p) for p in others if str(p) not in dirs]
     if not leaked and not dirs:
         return
     lines = ["powercut hygiene check FAILED: the tests left things behind"]
     lines += [f"  process {p!r}: {' '.join(p.argv)[:200]}" for p in leaked]
-    lines += [f"  directory {d}" for d in dirs]
+    lines += [f"  {'socket' if hygiene.is_socket(Path(d)) else 'directory'} {d}" for d in dirs]
     for p in leaked:
         p.stop()
     for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        hygiene.remove(Path(d))
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line("\n".join(lines), red=True, bold=True)
