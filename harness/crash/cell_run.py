@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TextIO
 
 from harness.crash.matrix import Cell
-from harness.crash.oracle import OracleReport
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
@@ -206,19 +205,6 @@ class FioWrite:
         self._thread.join(timeout)
 
 
-def oracle_observation(report: OracleReport) -> OracleObservation:
-    return OracleObservation(
-        writes=report.writes,
-        writes_durable=report.writes_durable,
-        sectors_checked=report.sectors_checked,
-        must=report.must,
-        may=report.may,
-        lost=report.lost,
-        corrupt=report.corrupt,
-        unflushed=report.unflushed,
-    )
-
-
 def _requests(session: CrashSession, kind: str) -> int:
     try:
         return int(session.backend.stats().get("requests", {}).get(kind, 0))
@@ -356,7 +342,7 @@ class CellRunner:
             acked = self.stream.acked
         if cut.cut is not None:
             self.notes["cut"] = cut.cut.summary()
-        oracle_obs = oracle_observation(cut.oracle) if cut.oracle else None
+        oracle_obs = OracleObservation.from_report(cut.oracle) if cut.oracle else None
         self.on_phase("reboot")
         with self.timer.phase("reboot"):
             ssh = session.reboot(self.deadline.left(180))
@@ -625,4 +611,4 @@ class CellRunner:
         session.shutdown()
         if Checker.ORACLE not in self.cell.checkers:
             return None
-        return oracle_observation(session.check_oracle(self.expected.oracle_mode))
+        return OracleObservation.from_report(session.check_oracle(self.expected.oracle_mode))

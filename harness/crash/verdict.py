@@ -35,11 +35,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from harness.block.cache import CacheMode
 from harness.crash.cut import CutPolicy
 from harness.crash.matrix import Cell
+from harness.crash.oracle import OracleReport
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
@@ -198,18 +198,6 @@ def expected_for_cell(cell: Cell) -> Expected:
 # ---------------------------------------------------------------- observations
 
 
-class OracleReportLike(Protocol):
-    """The fields of `harness.crash.oracle.OracleReport` the verdict reads."""
-
-    writes: int
-    writes_durable: int
-    sectors_checked: int
-    must: int
-    may: int
-    lost: int
-    corrupt: int
-
-
 @dataclass(frozen=True)
 class OracleObservation:
     """The oracle's counts, checked against `Expected.oracle_mode`."""
@@ -226,7 +214,7 @@ class OracleObservation:
     unflushed: int | None = None
 
     @classmethod
-    def from_report(cls, report: OracleReportLike) -> OracleObservation:
+    def from_report(cls, report: OracleReport) -> OracleObservation:
         return cls(
             writes=report.writes,
             writes_durable=report.writes_durable,
@@ -235,6 +223,7 @@ class OracleObservation:
             may=report.may,
             lost=report.lost,
             corrupt=report.corrupt,
+            unflushed=report.unflushed,
         )
 
 
