@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -27,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import machine_info
 from harness.block import BlockBackend, open_backend
 
 FILE_SIZE = 256 << 20
@@ -147,28 +147,12 @@ def run(seconds: float, workdir: Path, command: str) -> dict[str, object]:
         "benchmark": "block",
         "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "cpu": _cpu_model(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "loadavg": os.getloadavg(),
-        },
+        "machine": machine_info(),
         "method": "alternating slices (bare, stack) of the same random offsets; "
         "ratio = median over slices of stack rate / bare rate",
         "settings": {"seconds_per_workload": seconds, "file_size": FILE_SIZE, "cache": "writeback"},
         "results": results,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,12 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import machine_info
 from harness.vm.image import build, ensure_image
 from harness.vm.qemu import QemuMachine
 from harness.vm.spec import Accel, FileDisk, MachineSpec
@@ -106,13 +105,7 @@ def main(argv: list[str]) -> int:
         "benchmark": "boot",
         "command": "python -m benchmarks boot -- " + " ".join(argv),
         "date": now.isoformat(timespec="seconds"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "accel": accel.value,
-            "cpu": platform.processor(),
-            "kernel": platform.release(),
-            "loadavg": list(os.getloadavg()),
-        },
+        "machine": machine_info(accel=accel.value),
         "method": "alternating boots of each variant, median of --runs; "
         "QEMU start to an authenticated SSH session",
         "settings": {

@@ -31,7 +31,6 @@ import datetime
 import json
 import mmap
 import os
-import platform
 import random
 import statistics
 import struct
@@ -42,6 +41,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from benchmarks import machine_info
 from harness.block import BlockBackend, open_backend
 from harness.crash.cut import apply_cut
 from harness.crash.oracle import check
@@ -237,16 +237,6 @@ def oracle(writes: int, tmp: Path) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.faults",
@@ -287,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         ),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "cpu": _cpu_model(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "load_average": {
             "before": [round(x, 2) for x in load_before],
             "after": [round(x, 2) for x in os.getloadavg()],

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -24,6 +22,8 @@ import time
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+from benchmarks import machine_info
 
 ROOT = Path(__file__).parents[1]
 CELL_GOAL_S = 20.0
@@ -68,12 +68,7 @@ def main(argv: list[str]) -> int:
         ),
         "run_command": shlex.join(["powercut", *command[3:]]),
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "accel": results["host"].get("accel"),
-            "python": platform.python_version(),
-            "load_avg_1m_at_end": os.getloadavg()[0],
-        },
+        "machine": machine_info(accel=results["host"].get("accel")),
         "exit_status": proc.returncode,
         "matrix_seconds": round(wall, 1),
         "matrix_goal_seconds": MATRIX_GOAL_S,

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shutil
 import sys
 from pathlib import Path
 
+from benchmarks import machine_info
 from harness.vhost.hostbench import IMAGE_SIZE, run_host_bench
 
 
@@ -56,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "vhost-host",
         "command": "python -m benchmarks.vhost " + " ".join(sys.argv[1:] if argv is None else argv),
         "when": stamp,
-        "machine": {
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "kernel": platform.release(),
-            "accel": "none (no guest)",
-            "load_average": os.getloadavg(),
-        },
+        "machine": machine_info(accel="none (no guest)"),
         "settings": {
             "seconds": args.seconds,
             "rounds": args.rounds,
