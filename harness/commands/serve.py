@@ -6,7 +6,8 @@
 QEMU side: -chardev socket,id=c,path=SOCK,reconnect=1
            -device vhost-user-blk-pci,chardev=c,num-queues=N
 (guest memory must be shared: -object memory-backend-memfd,share=on).
-A JSON-lines control socket (default SOCK.ctl) answers {"cmd": "stats"}.
+A JSON-lines control socket (default SOCK.ctl) answers {"cmd": "stats"} and, for
+fault-driver graphs, the commands in harness/vhost/fault_commands.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from harness.block.throttle import BUCKETS
 from harness.errors import ConfigError
 from harness.vhost.blk import BlkConfig, VirtioBlkDevice
 from harness.vhost.control import ControlServer
+from harness.vhost.fault_commands import register_fault_commands
 from harness.vhost.server import VhostUserBlkServer
 from harness.vhost.service import run_until_signalled
 
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             control.register(
                 "write-cache", lambda req: device.write_config(32, bytes([bool(req["enabled"])]))
             )
+            register_fault_commands(control, backend)
         print(f"powercut serve: listening on {args.socket}", flush=True)
         return run_until_signalled([server], control)
     finally:

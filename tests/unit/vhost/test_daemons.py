@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.crash.writelog import read_log
+from harness.errors import PowercutError
 from harness.proc import ManagedProcess
 from harness.vhost.control import control_request
 from harness.vhost.frontend import VhostUserFrontend
@@ -297,3 +299,44 @@ def test_storage_daemon_rejects_what_it_does_not_support(tmp_path: Path, image: 
     )
     assert main(base) == 1
     assert not sock.exists()
+
+
+def test_serve_control_socket_changes_fault_rules_while_the_guest_runs(
+    tmp_path: Path, image: Path, procs: list[ManagedProcess]
+) -> None:
+    sock = tmp_path / "f.sock"
+    wlog = tmp_path / "w.log"
+    spec = (
+        f"driver=log-writes,log={wlog},file.driver=blkdebug,file.node-name=dbg,"
+        f"file.file.driver=raw,file.file.file.driver=file,file.file.file.filename={image}"
+    )
+    start(
+        procs,
+        [*SERVE, "serve", "--blockdev", spec, "--socket", str(sock)],
+        tmp_path / "s.log",
+        sock,
+    )
+    ctl = f"{sock}.ctl"
+    with VhostUserFrontend(sock) as fe:
+        fe.negotiate()
+        assert fe.write(0, b"a" * 512).status == OK
+        rule = control_request(ctl, {"cmd": "blkdebug-add", "rule": "write:errno=EIO:once"})
+        assert fe.write(512, b"b" * 512).status == IOERR  # the rule fired once ...
+        assert fe.write(512, b"c" * 512).status == OK  # ... and only once
+        (listed,) = control_request(ctl, {"cmd": "blkdebug-rules"})
+        assert (listed["id"], listed["fired"]) == (rule, 1)
+        control_request(ctl, {"cmd": "blkdebug-remove", "id": rule})
+        assert control_request(ctl, {"cmd": "blkdebug-rules"}) == []
+        control_request(ctl, {"cmd": "log-mark", "label": "checkpoint"})
+        with pytest.raises(PowercutError, match="no blkdebug node 'nope'"):
+            control_request(ctl, {"cmd": "blkdebug-clear", "node": "nope"})
+    assert [label for _index, label in read_log(wlog).marks] == ["checkpoint"]
+
+
+def test_fault_commands_on_a_graph_without_fault_drivers_say_what_to_serve(
+    tmp_path: Path, image: Path, procs: list[ManagedProcess]
+) -> None:
+    sock = tmp_path / "p.sock"
+    start(procs, [*SERVE, "serve", str(image), "--socket", str(sock)], tmp_path / "s.log", sock)
+    with pytest.raises(PowercutError, match=r"has no blkdebug node.*driver=blkdebug"):
+        control_request(f"{sock}.ctl", {"cmd": "blkdebug-rules"})
