@@ -2,8 +2,8 @@
 
 The guest must see nothing: fio's verify finds every block it wrote (no
 completed write lost), fio exits 0, and the guest kernel logs no I/O error.
-Five restarts run in the normal suite; twenty are marked soak (each restart
-costs a QEMU reconnect under TCG). POWERCUT_RESTART_RECORD=FILE writes the
+Twenty restarts take about 65 s under TCG here (a reconnect costs ~1.05 s),
+so they run in the normal suite. POWERCUT_RESTART_RECORD=FILE writes the
 figures (reconnect times, resubmitted requests) as JSON.
 """
 
@@ -109,14 +109,7 @@ def restart_under_fio(vm_factory: Any, powercut_disk: DiskFactory, restarts: int
     assert figures["restarts_with_resubmission"] > 0, "no request was in flight at any kill"
 
 
-def test_five_backend_restarts_under_fio_verify_lose_nothing(
-    vm_factory: Any, powercut_disk: DiskFactory
-) -> None:
-    restart_under_fio(vm_factory, powercut_disk, 5)
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(900)
 def test_twenty_backend_restarts_in_a_row_under_fio_verify_lose_nothing(
     vm_factory: Any, powercut_disk: DiskFactory
 ) -> None:
