@@ -61,8 +61,7 @@ class GuardedMemfd:
         os.ftruncate(self.fd, size + 2 * PAGE)
         self.map = mmap.mmap(self.fd, size + 2 * PAGE, flags=mmap.MAP_SHARED)
         self.canary = (bytes(range(256)) * (PAGE // 256 + 1))[:PAGE]
-        self.map[:PAGE] = self.canary
-        self.map[PAGE + size :] = self.canary
+        self.restore()
 
     @property
     def offset(self) -> int:
@@ -70,6 +69,11 @@ class GuardedMemfd:
 
     def region(self) -> memoryview:
         return memoryview(self.map)[PAGE : PAGE + self.size]
+
+    def restore(self) -> None:
+        """Rewrite the canaries (after an input that legitimately mapped them)."""
+        self.map[:PAGE] = self.canary
+        self.map[PAGE + self.size :] = self.canary
 
     def check(self) -> None:
         if self.map[:PAGE] != self.canary or self.map[PAGE + self.size :] != self.canary:
