@@ -270,6 +270,11 @@ class Target:
         """Whether this message maps memfd bytes outside the guest area (then the
         backend may write them legitimately: the canaries cannot judge it)."""
         regions: list[tuple[int, int]] = []  # (mmap offset, size)
+        if msg.request in FD_REQUESTS | {R.SET_INFLIGHT_FD}:
+            # The guest memfd as an eventfd (signalled with write()) or as the inflight
+            # region: the frontend's own file, written where it asked.
+            guest = os.fstat(self.guest.fd).st_ino
+            return any(os.fstat(fd).st_ino == guest for fd in msg.fds)
         try:
             if msg.request == R.SET_MEM_TABLE:
                 n = min(VhostUserMemoryHeader.unpack_from(msg.payload)[0], 8)
