@@ -17,28 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from restart_load import fio_verify_command, wait_until
 
 from harness.vhost.pytest_fixtures import DiskFactory
 
 pytestmark = pytest.mark.vm
 
 WRITES_PER_LIFE = 250  # writes each backend process serves before it is killed
-
-
-def fio_command(size_mib: int) -> str:
-    return (
-        f"fio --name=restart --filename=/dev/vda --rw=randwrite --bs=4k --size={size_mib}M "
-        "--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 "
-        "--verify_fatal=1 --output=/tmp/fio.out; echo $? > /tmp/fio.rc"
-    )
-
-
-def wait_until(what: str, condition: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.1)
 
 
 def stats(disk: Any) -> dict[str, Any]:
@@ -62,7 +47,9 @@ def restart_under_fio(vm_factory: Any, powercut_disk: DiskFactory, restarts: int
     disk = powercut_disk(vm_factory, image=image, blockdev=slow, cache="writeback", num_queues=2)
     machine = vm_factory(disk.start(), cpus=2)
     g = machine.ssh
-    g.check_output(f"setsid sh -c '{fio_command(size_mib)}' </dev/null >/dev/null 2>&1 &")
+    g.check_output(
+        f"setsid sh -c '{fio_verify_command('restart', size_mib)}' </dev/null >/dev/null 2>&1 &"
+    )
     reconnects: list[float] = []
     served: list[int] = []
     for _ in range(restarts):

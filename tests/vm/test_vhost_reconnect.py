@@ -6,28 +6,16 @@ inside it when it died; this backend must not lose a single one.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
+from restart_load import fio_verify_command, wait_until
 
 from harness.vhost.pytest_fixtures import DiskFactory
 
 pytestmark = pytest.mark.vm
 
-FIO = (
-    "fio --name=crash --filename=/dev/vda --rw=randwrite --bs=4k --size=16M "
-    "--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 "
-    "--verify_fatal=1 --output=/tmp/fio.out; echo $? > /tmp/fio.rc"
-)
-
-
-def wait_until(what: str, condition: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.2)
+FIO = fio_verify_command("crash", 16)
 
 
 def writes_served(disk: Any) -> int:
