@@ -244,7 +244,8 @@ class Session:
         try:
             if handler is None:
                 raise ProtocolError(f"unsupported vhost-user message {msg.name}")
-            log.debug("<- %s %s", msg.name, msg.payload.hex())
+            if log.isEnabledFor(logging.DEBUG):  # hex() of a memory table is not free
+                log.debug("<- %s %s", msg.name, msg.payload.hex())
             reply = handler(self, msg)
         except (ProtocolError, GuestError, ValueError, OverflowError, struct.error) as exc:
             ok = False
