@@ -233,13 +233,8 @@ class BlockBackend:
         return self._length
 
     @property
-    def write_cache(self) -> bool:
-        """Whether the device has a volatile write cache (`enable_write_cache`)."""
-        return self._write_cache
-
-    @property
     def enable_write_cache(self) -> bool:
-        """QEMU's name for `write_cache`."""
+        """Whether the device has a volatile write cache (QEMU's blk->enable_write_cache)."""
         return self._write_cache
 
     def set_write_cache(self, enabled: bool) -> None:

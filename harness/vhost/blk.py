@@ -20,7 +20,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from harness.errors import BlockError, GuestError
 from harness.vhost.memory import GuestMemory
@@ -76,14 +76,8 @@ class BlockBackendLike(Protocol):
 
     def set_write_cache(self, enabled: bool) -> None: ...
 
-
-def backend_write_cache(backend: Any) -> bool:
-    """The backend's write-cache state (`write_cache`; `enable_write_cache` as QEMU names it)."""
-    for name in ("enable_write_cache", "write_cache"):
-        value = getattr(backend, name, None)
-        if isinstance(value, bool):
-            return value
-    return True
+    @property
+    def enable_write_cache(self) -> bool: ...
 
 
 class NoStatusByte(GuestError):
@@ -164,7 +158,7 @@ class VirtioBlkDevice:
             0,
             1,
             0,  # topology: physical = logical, aligned, min_io 1 block, no opt
-            1 if backend_write_cache(self.backend) else 0,
+            1 if self.backend.enable_write_cache else 0,
             0,
             self.config.num_queues,
             MAX_DISCARD_SECTORS,

@@ -148,7 +148,7 @@ def test_turning_the_write_cache_off_at_run_time_makes_writes_fua(
 
 def test_turning_the_write_cache_on_in_writethrough_stops_the_syncs(image: Path) -> None:
     with open_backend(str(image), cache="writethrough") as backend:
-        assert backend.write_cache is False
+        assert backend.enable_write_cache is False
         backend.write(0, b"x" * 4096)
         assert backend.stats().host_syncs == 1
         backend.set_write_cache(True)
@@ -178,7 +178,7 @@ def test_explicit_options_override_the_cache_mode(image: Path, tmp_path: Path) -
     spec = f"driver=raw,file.driver=file,file.filename={image},cache.direct=on,write-cache=off"
     with open_backend(spec, cache="writeback") as backend:
         assert backend.root.open_flags.direct
-        assert backend.write_cache is False
+        assert backend.enable_write_cache is False
         backend.write(0, b"d" * 4096)
         assert backend.stats().host_syncs == 1
     argv = [

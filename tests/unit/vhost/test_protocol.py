@@ -118,7 +118,7 @@ def test_config_writes_other_than_wce_are_refused(
     assert fe.set_config(0, b"\xff" * 8) == 1  # capacity
     assert fe.set_config(32, b"\x00\x00") == 1  # two bytes over wce
     assert fe.config_field("capacity") == IMAGE_SIZE // 512
-    assert served.backend.write_cache
+    assert served.backend.enable_write_cache
     assert "refused" in caplog.text
 
 

@@ -166,7 +166,7 @@ def test_guest_write_cache_toggle_changes_fua(serve: Callable[..., Served]) -> N
         fe.write(0, b"a" * 4096)
         assert s.backend.stats().fua_writes == 0
         assert fe.set_config(32, b"\x00") == 0  # guest: echo "write through" > cache_type
-        assert not s.backend.write_cache
+        assert not s.backend.enable_write_cache
         assert fe.get_config(32, 1) == b"\x00"
         fe.write(0, b"b" * 4096)
         assert s.backend.stats().fua_writes == 1
