@@ -477,7 +477,12 @@ class Session:
         vq = self._vq(value & VHOST_USER_VRING_IDX_MASK)
         if value & VHOST_USER_VRING_NOFD_MASK:
             return vq, -1
-        return vq, msg.take_fd()
+        fd = msg.take_fd()
+        if not _is_eventfd(fd):
+            # A pipe or file here would block or spin the queue thread forever.
+            os.close(fd)
+            raise ProtocolError(f"{msg.name} for queue {vq.index}: the fd is not an eventfd")
+        return vq, fd
 
     def set_vring_kick(self, msg: Message) -> None:
         vq, fd = self._vring_fd(msg)
@@ -565,6 +570,13 @@ class Session:
 
     def set_log(self, msg: Message) -> None:
         raise ProtocolError("dirty logging (migration) is not supported")
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
 
 
 _HANDLERS: dict[int, Any] = {

@@ -154,7 +154,10 @@ def test_throttle_filter_nodes_share_a_named_group() -> None:
 
             times = run_for(a, both, 2.0, threads=2)
         rate = 2 * rate_between(times, 5, len(times) - 1)
-        assert 90 <= rate <= 110, rate
+        # Shared: at most the one limit (two private buckets would allow 200/s).
+        # The floor is loose because load only slows threads down; a group that
+        # charged each request twice would still fall below it (50/s).
+        assert 65 <= rate <= 110, rate
     finally:
         delete_group("tg0")
 

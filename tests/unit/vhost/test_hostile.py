@@ -257,3 +257,26 @@ def test_ring_outside_guest_memory_needs_reset(served: Served) -> None:
         assert fe.get_u64(VhostUserRequest.GET_FEATURES)  # still talking
     finally:
         fe.close()
+
+
+@pytest.mark.parametrize("request_type", ["SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"])
+def test_a_vring_fd_that_is_not_an_eventfd_is_refused(
+    fe: VhostUserFrontend, request_type: str
+) -> None:
+    from harness.vhost.protocol import VhostUserU64
+
+    assert fe.write(0, b"e" * 512).status == OK
+    q = fe.queues[0]
+    base = fe.stop_queue(q)
+    read_end, write_end = os.pipe()  # a read on a pipe would block the queue thread
+    try:
+        ack = fe.request(VhostUserRequest[request_type], VhostUserU64.pack(0), [read_end])
+        assert ack not in (None, 0), "a pipe was accepted as a vring fd"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    # Refused without harm: the ring restarts with real eventfds and serves I/O.
+    q.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    q.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    fe.start_queue(q, base=base)
+    assert fe.read(0, 512).data == b"e" * 512
