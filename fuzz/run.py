@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--record", type=Path, help="write the JSON summary here")
     parser.add_argument("--target", action="append", choices=sorted(TARGETS))
     args = parser.parse_args()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = []
     for name in args.target or sorted(TARGETS):
         result = run_target(name, args.seconds, args.work)
@@ -76,7 +77,7 @@ def main() -> int:
     if args.record:
         summary = {
             "command": " ".join(["python", *sys.argv]),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "started_utc": started,
             "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
             "targets": results,
         }
