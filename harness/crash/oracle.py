@@ -104,6 +104,9 @@ class OracleReport:
     # flush had completed: no flush can have covered it at any layer. (A write completing
     # while that flush ran may have reached the disk before it, so it is not counted.)
     unflushed: int = 0
+    # Of `writes` (every logged write, in flight at the cut or not), those that completed:
+    # the ones the guest was told about.
+    writes_completed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -324,6 +327,11 @@ def check(
         corrupt=counts[Verdict.CORRUPT],
         violations=violations,
         unflushed=late[0],
+        writes_completed=sum(
+            1
+            for r in wlog.requests
+            if r.op != Op.FLUSH and r.length and r.complete_index is not None and r.completed_ok
+        ),
     )
 
 

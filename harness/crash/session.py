@@ -11,7 +11,7 @@ power cut offline, `oracle.check` judges the image.
 The three faults (design.md, "The durability contract"):
 
 * guest power cut — QEMU is SIGKILLed; the backend stops cleanly, nothing reverts;
-* host power cut — QEMU and the backend are SIGKILLed, then the journal is
+* host power cut — the backend is frozen (SIGSTOP), QEMU and it SIGKILLed, then the journal is
   reverted by a policy and seed (what a real host loses with its page cache);
 * backend crash — the backend is SIGKILLed and restarted while the guest runs.
 
@@ -325,6 +325,11 @@ class CrashSession:
         if model is FaultModel.BACKEND_CRASH:
             raise ConfigError("a backend crash is not a power cut: use crash_backend()")
         t0 = time.monotonic()
+        if model is FaultModel.HOST_POWER_CUT:
+            # The host's power goes for QEMU and the backend at one instant: the
+            # backend must not finish (and make durable) what was in flight while
+            # QEMU is being killed.
+            self.backend.freeze()
         self.machine.power_cut()
         cut: CutResult | None = None
         chosen: CutPolicy | None = None

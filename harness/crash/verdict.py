@@ -216,7 +216,7 @@ class OracleObservation:
     @classmethod
     def from_report(cls, report: OracleReport) -> OracleObservation:
         return cls(
-            writes=report.writes,
+            writes=report.writes_completed,
             writes_durable=report.writes_durable,
             sectors_checked=report.sectors_checked,
             must=report.must,

@@ -125,6 +125,11 @@ class _ProcessBackend(DiskBackend):
         if self.proc is not None:
             self.proc.kill()
 
+    def freeze(self) -> None:
+        """SIGSTOP the backend where it stands: a host power cut stops it mid-request."""
+        if self.proc is not None and self.proc.running:
+            self.proc.signal(signal.SIGSTOP)
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()

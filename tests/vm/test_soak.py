@@ -76,7 +76,17 @@ def _checker(result: CellResult, name: str) -> Any:
     return next((c for c in result.checkers if c.name == name), None)
 
 
-def _summary(mode: str, wanted: int, results: list[CellResult], seconds: float) -> dict[str, Any]:
+def _reverted(out: Path, result: CellResult) -> int:
+    """Writes the cut reverted (cut.json): in flight at the cut, or completed but unflushed."""
+    cut_json = result.artifacts.get("cut_json")
+    if not cut_json:
+        return 0
+    return int(json.loads((out / cut_json).read_text())["writes_reverted"])
+
+
+def _summary(
+    mode: str, wanted: int, results: list[CellResult], reverted: list[int], seconds: float
+) -> dict[str, Any]:
     """The soak's figures. Records are the application's (ackrecords), writes the disk's."""
     records = [_checker(r, "ack-records") for r in results]
     fsck = [_checker(r, "fsck") for r in results]
@@ -89,12 +99,15 @@ def _summary(mode: str, wanted: int, results: list[CellResult], seconds: float) 
         "records_acknowledged": sum(int(c.details.get("acked", 0)) for c in records if c),
         "cuts_losing_a_record": sum(bool(c and c.loss_detected) for c in records),
         "disk_writes_completed": sum(r.writes_acknowledged for r in results),
-        # Completed but not yet durable when the power went: the cut reverted these
-        # (writeback's unflushed writes); the contract allows it, the check proves
-        # none of them was an acknowledged record.
-        "disk_writes_reverted_by_the_cut": sum(
+        # Completed but not yet flushed when the power went: lose-all reverted these
+        # (writeback's unflushed writes; writes still in flight are reverted too but
+        # were never completed). The contract allows it; the record check proves
+        # that none of them held an acknowledged record.
+        "disk_writes_unflushed_at_the_cut": sum(
             r.writes_acknowledged - r.writes_durable for r in results
         ),
+        "disk_writes_reverted_by_the_cut": sum(reverted),
+        "cuts_reverting_a_write": sum(n > 0 for n in reverted),
         "sectors_lost": sum(r.lost for r in results),
         "sectors_corrupt": sum(r.corrupt for r in results),
         "fsck_clean": sum(bool(c and c.verdict == "pass") for c in fsck),
@@ -114,6 +127,7 @@ def test_host_power_cuts_lose_no_acknowledged_record(
     assert len(plan.cells) == cuts
     record = os.environ.get("POWERCUT_SOAK_RECORD")
     results: list[CellResult] = []
+    reverted: list[int] = []
     t0 = time.monotonic()
     for index, cell in enumerate(plan.cells):
         if time.monotonic() - t0 > budget:
@@ -124,7 +138,8 @@ def test_host_power_cuts_lose_no_acknowledged_record(
         left = set(live_processes()) - before
         assert not left, f"cut {index} left processes behind: {left}"
         results.extend(outcome.results.cells)
-        summary = _summary(mode, cuts, results, time.monotonic() - t0)
+        reverted.extend(_reverted(one.out, r) for r in outcome.results.cells)
+        summary = _summary(mode, cuts, results, reverted, time.monotonic() - t0)
         # Progress for whoever watches (--log-cli-level=INFO), and a record that
         # survives an interrupted soak.
         log.info(
@@ -139,7 +154,7 @@ def test_host_power_cuts_lose_no_acknowledged_record(
         if record:
             Path(record).mkdir(parents=True, exist_ok=True)
             (Path(record) / f"soak-{mode}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    summary = _summary(mode, cuts, results, time.monotonic() - t0)
+    summary = _summary(mode, cuts, results, reverted, time.monotonic() - t0)
     assert results, "the time budget allowed no cut"
     assert summary["sectors_lost"] == 0 and summary["sectors_corrupt"] == 0, summary
     assert summary["cuts_losing_a_record"] == 0, summary

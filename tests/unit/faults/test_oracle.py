@@ -164,3 +164,32 @@ def test_first_violations_are_the_lowest_sectors(paths: Paths) -> None:
     report = check(paths.image, paths.log, "writeback", max_violations=2)
     assert report.lost == 16
     assert [v.sector for v in report.violations] == [0, 1]
+
+
+def test_a_write_in_flight_at_the_cut_is_logged_but_not_counted_as_completed(
+    paths: Paths,
+) -> None:
+    import threading
+    import time
+
+    from harness.crash.verdict import OracleObservation
+    from harness.crash.writelog import read_log
+
+    be = open_stack(paths, "writethrough", blkdebug="write:delay=1500:sector=8")
+    be.write(0, b"A" * S)
+    slow = threading.Thread(target=be.write, args=(8 * S, b"B" * S))
+    slow.start()
+    try:
+        # The cut comes while the second write is held below log-writes: its
+        # submission is in the log, its completion not yet.
+        deadline = time.monotonic() + 10
+        while len(read_log(paths.log).requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        report = check(paths.image, paths.log, "writethrough")
+    finally:
+        slow.join()
+        crash(be)
+    assert report.ok
+    assert (report.writes, report.writes_completed, report.writes_durable) == (2, 1, 1)
+    # What results call "writes acknowledged" is what the guest was told about.
+    assert OracleObservation.from_report(report).writes == 1
