@@ -178,13 +178,14 @@ def check(
     multi: dict[int, list[int]] = {}
     pre_events: list[tuple[int, int, Any]] = list(wlog.preimages)
     zero_spans: dict[int, int] = {}
-    writes = 0
+    writes = completed = 0
     flush_op, write_op, zeroes_op = Op.FLUSH, Op.WRITE, Op.WRITE_ZEROES
     for r in wlog.requests:
         op = r.op
         if op is flush_op or r.length == 0:
             continue
         writes += 1
+        completed += r.completed_ok  # an in-flight write has no status yet
         done = r.complete_index if r.complete_index is not None else INFINITY
         offset, length = r.offset, r.length
         first = -(-offset // ss)
@@ -327,11 +328,7 @@ def check(
         corrupt=counts[Verdict.CORRUPT],
         violations=violations,
         unflushed=late[0],
-        writes_completed=sum(
-            1
-            for r in wlog.requests
-            if r.op != Op.FLUSH and r.length and r.complete_index is not None and r.completed_ok
-        ),
+        writes_completed=completed,
     )
 
 
