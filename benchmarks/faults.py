@@ -21,7 +21,7 @@
    — no nodes, locks or bookkeeping. Its ratio bounds what the drivers can reach.
 2. Oracle: a 1 GiB sparse image with `--writes` 4 KiB random writes logged
    through `log-writes` (a flush every 100), cut by `lose-all`; then the time
-   `harness.crash.oracle.check` takes on it, log parsing included. Goal: < 10 s.
+   `harness.durability.oracle.check` takes on it, log parsing included. Goal: < 10 s.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from typing import Any
 
 from benchmarks import machine_info
 from harness.block import BlockBackend, open_backend
-from harness.crash.cut import apply_cut
-from harness.crash.oracle import check
+from harness.durability.cut import apply_cut
+from harness.durability.oracle import check
 
 FILE_SIZE = 256 << 20
 ORACLE_IMAGE = 1 << 30

@@ -53,6 +53,7 @@ from harness.errors import (
     BlockRangeError,
     ConfigError,
     ReadOnlyError,
+    UnsupportedError,
 )
 
 log = logging.getLogger(__name__)
@@ -342,14 +343,24 @@ class BlockBackend:
         counter.hist[elapsed.bit_length()] += 1  # the count is the histogram's sum
 
     def write_zeroes(
-        self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        no_fallback: bool = False,
     ) -> None:
+        """`no_fallback`: fail with ENOTSUP rather than write a zeroed buffer
+        (BDRV_REQ_NO_FALLBACK; what NBD's FAST_ZERO asks for)."""
         self._check_request("write-zeroes", offset, length, modifies=True)
         if self._throttle is not None:
             self._throttle.intercept(self, True, length)
         flags = RequestFlags.NONE
         if may_unmap and self._unmap:
             flags |= RequestFlags.MAY_UNMAP
+        if no_fallback:
+            flags |= RequestFlags.NO_FALLBACK
         if fua or not self._write_cache:
             flags |= RequestFlags.FUA
             with self._stats_lock:
@@ -358,6 +369,8 @@ class BlockBackend:
         try:
             self.root.pwrite_zeroes(offset, length, flags)
         except (OSError, BlockError) as exc:
+            if no_fallback and isinstance(exc, UnsupportedError):
+                raise  # the answer to "can it be done fast?", not an I/O error: no policy
             self._failed(Op.WRITE_ZEROES, exc, t0, offset, length)
             return
         self._account(Op.WRITE_ZEROES, length, t0)

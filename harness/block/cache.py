@@ -5,22 +5,17 @@ device advertises a volatile write cache (`write-cache`, i.e. the inverse of
 QEMU's `writethrough`), whether the host file is opened with O_DIRECT
 (`cache.direct`) and whether flushes may reach the disk (`cache.no-flush`).
 Explicit options always win over the shorthand, as with QEMU's `-drive`.
+The mode names themselves belong to the durability contract
+(`harness.durability.contract`), which says what each mode promises.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-from harness.errors import ConfigError
+from harness.durability.contract import VALID_MODES, CacheMode, parse_cache_mode
 
-
-class CacheMode(enum.Enum):
-    WRITEBACK = "writeback"
-    NONE = "none"
-    WRITETHROUGH = "writethrough"
-    DIRECTSYNC = "directsync"
-    UNSAFE = "unsafe"
+__all__ = ["VALID_MODES", "CacheMode", "CacheSettings", "cache_settings", "parse_cache_mode"]
 
 
 @dataclass(frozen=True)
@@ -37,20 +32,6 @@ _SETTINGS = {
     CacheMode.DIRECTSYNC: CacheSettings(write_cache=False, direct=True, no_flush=False),
     CacheMode.UNSAFE: CacheSettings(write_cache=True, direct=False, no_flush=True),
 }
-
-VALID_MODES = "writeback, none (or off), writethrough, directsync, unsafe"
-
-
-def parse_cache_mode(mode: str | CacheMode) -> CacheMode:
-    """The `CacheMode` named by `mode`; "off" is QEMU's alias of "none"."""
-    if isinstance(mode, CacheMode):
-        return mode
-    if mode == "off":
-        return CacheMode.NONE
-    try:
-        return CacheMode(mode)
-    except ValueError:
-        raise ConfigError(f"invalid cache mode {mode!r}; valid modes: {VALID_MODES}") from None
 
 
 def cache_settings(mode: str | CacheMode) -> CacheSettings:

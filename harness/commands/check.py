@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.crash.oracle import MODES, check
+from harness.durability.contract import cache_mode_names
+from harness.durability.oracle import check
 
 NAME = "check"
 HELP = "check an image after a power cut against a cache mode's durability contract"
@@ -18,8 +19,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         required=True,
-        choices=[*MODES, "off"],
-        help="the cache mode whose contract applies",
+        choices=cache_mode_names(),
+        help="the cache mode whose host-power-cut contract applies",
     )
     parser.add_argument(
         "--json",

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.crash.cut import CutPolicy, apply_cut
+from harness.durability.cut import CutPolicy, apply_cut
 
 NAME = "cut"
 HELP = "apply a host power cut to an image from its powerfail undo journal"

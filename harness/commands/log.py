@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.crash.writelog import Op, WriteLog, export_dm_log_writes, read_log
+from harness.durability.writelog import Op, WriteLog, export_dm_log_writes, read_log
 
 NAME = "log"
 HELP = "show a write log (log-writes node) or export it in dm-log-writes format"

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy
 from harness.crash.scenario import (
     BlkdebugRule,
     Checker,
@@ -27,6 +26,7 @@ from harness.crash.scenario import (
     Scenario,
     WorkloadSpec,
 )
+from harness.durability.cut import CutPolicy
 from harness.errors import ConfigError
 
 SEED_BITS = 32  # fits fio's randseed, C's uint32 and JSON numbers everywhere

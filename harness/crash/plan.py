@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.block.cache import CacheMode
 from harness.crash.matrix import Cell, expand_all
 from harness.crash.scenario import Scenario, load_scenario
+from harness.durability.contract import VALID_MODES, CacheMode, parse_cache_mode
 from harness.errors import ConfigError
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -112,11 +112,10 @@ def _modes(names: Sequence[str] | None) -> list[CacheMode] | None:
     modes = []
     for name in names:
         try:
-            modes.append(CacheMode.NONE if name == "off" else CacheMode(name))
-        except ValueError:
-            valid = ", ".join(m.value for m in CacheMode)
+            modes.append(parse_cache_mode(name))
+        except ConfigError:
             raise ConfigError(
-                f"--mode {name!r} is not a cache mode; valid: {valid} (or off)"
+                f"--mode {name!r} is not a cache mode; valid: {VALID_MODES}"
             ) from None
     return modes
 

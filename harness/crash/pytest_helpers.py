@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy
 from harness.crash.scenario import FaultModel
 from harness.crash.session import CrashSession, PowerCut
+from harness.durability.cut import CutPolicy
 from harness.errors import ConfigError
 from harness.guest.ssh import SSHSession
 from harness.vm.image import GuestImage

@@ -8,7 +8,7 @@ expands a `Scenario` into cells.
 
 Only the vocabulary lives here (fault models, cut policies, triggers,
 workloads, checkers; cache modes are `harness.block.cache.CacheMode` and cut
-policies `harness.crash.cut.CutPolicy`); what
+policies `harness.durability.cut.CutPolicy`); what
 each combination promises is `harness.crash.verdict`'s business.
 """
 
@@ -24,24 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.block.cache import CacheMode
 from harness.block.drivers.blkdebug import BlkOp, Rule
-from harness.crash.cut import CutPolicy
 from harness.crash.tomlines import LineIndex, PathElem
+from harness.durability.contract import CacheMode, FaultModel, cache_mode_names, parse_cache_mode
+from harness.durability.cut import CutPolicy
 from harness.errors import ConfigError, ScenarioError
 
 E = TypeVar("E", bound=enum.Enum)
 
 
 def _parse_mode(name: str) -> CacheMode:
-    """QEMU's mode names; `off` is an alias of `none` (ValueError otherwise)."""
-    return CacheMode.NONE if name == "off" else CacheMode(name)
-
-
-class FaultModel(enum.Enum):
-    GUEST_POWER_CUT = "guest-power-cut"  # QEMU killed; the host keeps its page cache
-    HOST_POWER_CUT = "host-power-cut"  # QEMU killed and the volatile cache lost by a policy
-    BACKEND_CRASH = "backend-crash"  # backend killed and restarted under a running guest
+    """QEMU's mode names, aliases included (ValueError otherwise)."""
+    try:
+        return parse_cache_mode(name)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class WorkloadKind(enum.Enum):
@@ -389,10 +386,9 @@ def _describe(value: Any) -> str:
 
 
 def _choices(enum_type: type[enum.Enum]) -> str:
-    names = [m.value for m in enum_type]
     if enum_type is CacheMode:
-        names.append("off")
-    return ", ".join(names)
+        return ", ".join(cache_mode_names())
+    return ", ".join(m.value for m in enum_type)
 
 
 def _parse_fault(t: _Table) -> FaultSpec:

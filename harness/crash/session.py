@@ -5,7 +5,7 @@ backend that serves it (log-writes over [blkdebug over] powerfail over the
 file, so the write log sees what the guest was told and the journal models
 what the host may lose) and the QEMU machine that boots on it. The pieces
 are the other parts' own: `PowercutBackend` (harness.vm.backends) starts the
-backend, `QemuMachine` boots, `apply_cut` (harness.crash.cut) applies a host
+backend, `QemuMachine` boots, `apply_cut` (harness.durability.cut) applies a host
 power cut offline, `oracle.check` judges the image.
 
 The three faults (design.md, "The durability contract"):
@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.block.cache import CacheMode, parse_cache_mode
-from harness.crash import oracle
-from harness.crash.cut import CutPolicy, CutResult, apply_cut, parse_policy
-from harness.crash.scenario import BlkdebugRule, FaultModel
+from harness.crash.scenario import BlkdebugRule
 from harness.crash.verdict import oracle_mode_for
+from harness.durability import oracle
+from harness.durability.contract import FaultModel, parse_fault
+from harness.durability.cut import CutPolicy, CutResult, apply_cut, parse_policy
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
 from harness.vhost.control import control_request
@@ -145,17 +146,6 @@ class PowerCut:
     def ok(self) -> bool:
         """The oracle found the image inside the contract (True when it did not run)."""
         return self.oracle is None or self.oracle.ok
-
-
-def parse_fault(fault: FaultModel | str) -> FaultModel:
-    if isinstance(fault, FaultModel):
-        return fault
-    aliases = {"guest": "guest-power-cut", "host": "host-power-cut", "backend": "backend-crash"}
-    try:
-        return FaultModel(aliases.get(fault, fault))
-    except ValueError:
-        valid = ", ".join([*aliases, *(f.value for f in FaultModel)])
-        raise ConfigError(f"unknown fault {fault!r}; valid: {valid}") from None
 
 
 def make_disk(

@@ -27,7 +27,7 @@ Two steps, kept apart so each can be tested as a table:
    expectation, then the cell: PASS, FAIL or ERROR, with a one-line reason.
 
 The runner gives the oracle `expected.oracle_mode` as the mode to check
-against (`harness.crash.oracle.check(image, log, expected.oracle_mode)`).
+against (`harness.durability.oracle.check(image, log, expected.oracle_mode)`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy
 from harness.crash.matrix import Cell
-from harness.crash.oracle import OracleReport
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
@@ -53,12 +51,8 @@ from harness.crash.workloads.ackrecords import AckRecordsObservation
 from harness.crash.workloads.fio import DEFAULTS as FIO_DEFAULTS
 from harness.crash.workloads.fio import FioVerifyObservation
 from harness.crash.workloads.fsmeta import FsMetaObservation
-
-
-class Promise(enum.Enum):
-    EVERY_COMPLETED = "every completed write"
-    FLUSHED = "every write completed before a completed flush, and every FUA write"
-    NOTHING = "nothing"
+from harness.durability.contract import CutPolicy, Promise, promise, reference_promise
+from harness.durability.oracle import OracleReport
 
 
 class Outcome(enum.Enum):
@@ -76,36 +70,9 @@ class Verdict(enum.Enum):
     SKIPPED = "skipped"
 
 
-# The oracle's mode name for each reference promise (harness.crash.oracle.contract_for).
-_ORACLE_MODE = {
-    Promise.EVERY_COMPLETED: "writethrough",
-    Promise.FLUSHED: "writeback",
-    Promise.NOTHING: "unsafe",
-}
-
-
-def promise(mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None) -> Promise:
-    """What the mode promises to keep across this fault."""
-    if fault is not FaultModel.HOST_POWER_CUT or policy is CutPolicy.KEEP_ALL:
-        return Promise.EVERY_COMPLETED
-    if mode in (CacheMode.WRITETHROUGH, CacheMode.DIRECTSYNC):
-        return Promise.EVERY_COMPLETED
-    if mode in (CacheMode.WRITEBACK, CacheMode.NONE):
-        return Promise.FLUSHED
-    return Promise.NOTHING
-
-
-def reference_promise(
-    mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None
-) -> Promise:
-    """What loss is measured against: the promise, or for unsafe what its flushes told the guest."""
-    p = promise(mode, fault, policy)
-    return Promise.FLUSHED if p is Promise.NOTHING else p
-
-
 def oracle_mode_for(mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None) -> str:
-    """The `mode` to give `harness.crash.oracle.check` for a cell (or a user's own crash test)."""
-    return _ORACLE_MODE[reference_promise(mode, fault, policy)]
+    """The name of the contract the oracle checks for a cell (or a user's own crash test)."""
+    return reference_promise(mode, fault, policy).mode_name
 
 
 @dataclass(frozen=True)
@@ -123,7 +90,7 @@ class Expected:
     @property
     def oracle_mode(self) -> str:
         """The cache mode whose contract the oracle must check (its `mode` argument)."""
-        return _ORACLE_MODE[self.reference]
+        return self.reference.mode_name
 
     @property
     def summary(self) -> str:

@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from harness.durability.contract import Promise
 from harness.report.results import CellResult
 
 MODE_ORDER = ("writethrough", "directsync", "writeback", "none", "unsafe")
 VERDICT_ORDER = ("error", "fail", "skipped", "pass")  # the worst verdict wins a square
-SHORT_PROMISE = {  # harness.crash.verdict.Promise values, as a square has room for them
-    "every completed write": "keeps every completed write",
-    "every write completed before a completed flush, and every FUA write": "keeps flushed writes",
-    "nothing": "may lose anything",
-}
+
+
+def short_promise(text: str) -> str:
+    """A cell's promise as a square has room for it (results from other versions: as written)."""
+    try:
+        return Promise(text).label
+    except ValueError:
+        return text
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,7 @@ class Square:
     @property
     def expected(self) -> str:
         labels = {
-            "loss detected" if c.negative_control else SHORT_PROMISE.get(c.promise, c.promise)
-            for c in self.cells
+            "loss detected" if c.negative_control else short_promise(c.promise) for c in self.cells
         }
         return " / ".join(sorted(labels))
 

@@ -2,7 +2,7 @@
 
 A filter node: data passes through unchanged, and each write, FUA write,
 write-zeroes, discard and flush leaves a SUBMIT record before it goes down
-and a COMPLETE record after it returns (format: `harness.crash.writelog`).
+and a COMPLETE record after it returns (format: `harness.durability.writelog`).
 Put it at the top of the graph so it sees exactly what the guest was told.
 
 Options: `log` (path, required), `log-data` (also record the written bytes,
@@ -29,15 +29,15 @@ from typing import Any, ClassVar
 
 from harness.block.node import BlockNode, IOVec, OpenFlags, Option, RequestFlags
 from harness.block.registry import register_driver
-from harness.crash.writelog import (
+from harness.durability.writelog import (
     LogFlags,
     LogHeader,
+    LogRecordType,
     LogWriter,
     Op,
-    RecordType,
     ReqFlags,
-    _crc_bytes,
     aligned_sector_crcs,
+    crc_bytes,
     sector_crcs,
     sector_packer,
     whole_sectors,
@@ -54,8 +54,8 @@ _HAS_DATA = int(ReqFlags.HAS_DATA)
 _NO_FLAGS = RequestFlags.NONE
 _crc32 = zlib.crc32
 # Module constants for the per-write records: enum attribute lookups are slow.
-_SUBMIT = RecordType.SUBMIT
-_COMPLETE = RecordType.COMPLETE
+_SUBMIT = LogRecordType.SUBMIT
+_COMPLETE = LogRecordType.COMPLETE
 _WRITE = Op.WRITE
 _NONE_OP = Op.NONE
 _FULL = b"\xff" * 4096  # a run of fully seen bitmap bytes
@@ -113,7 +113,7 @@ class LogWritesNode(BlockNode):
         self._packers: dict[int, tuple[Any, list[slice]]] = {}  # sector count -> CRC packer
         nsect = -(-self.child.length // self.sector_size)
         self._seen = bytearray(-(-nsect // 8))  # sectors already written through this log
-        self.writer.append(RecordType.OPEN, Op.NONE, 0, 0, 0, 0)
+        self.writer.append(LogRecordType.OPEN, Op.NONE, 0, 0, 0, 0)
 
     def _opt(self, name: str) -> Any:
         value = self.opts.get(name)
@@ -126,12 +126,12 @@ class LogWritesNode(BlockNode):
         with self._lock:
             self.write_cache = bool(enabled)
             self._wce_bits = _WCE_KNOWN | (_WCE if enabled else 0)
-            self.writer.append(RecordType.WRITE_CACHE, Op.NONE, int(enabled), 0, 0, 0)
+            self.writer.append(LogRecordType.WRITE_CACHE, Op.NONE, int(enabled), 0, 0, 0)
 
     def mark(self, label: str) -> None:
         """A named point in the log (like `dmsetup message ... mark`)."""
         with self._lock:
-            self.writer.append(RecordType.MARK, Op.NONE, 0, 0, 0, 0, [label.encode()])
+            self.writer.append(LogRecordType.MARK, Op.NONE, 0, 0, 0, 0, [label.encode()])
 
     def _submit(
         self,
@@ -145,7 +145,7 @@ class LogWritesNode(BlockNode):
         seq = self._seq
         self._seq += 1
         self.writer.append(
-            RecordType.SUBMIT, op, flags | self._wce_bits, seq, offset, length, payload
+            LogRecordType.SUBMIT, op, flags | self._wce_bits, seq, offset, length, payload
         )
         return seq
 
@@ -173,7 +173,7 @@ class LogWritesNode(BlockNode):
             self._failed(seq, exc)
             raise
         with self._lock:
-            self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, 0)
+            self.writer.append(LogRecordType.COMPLETE, Op.NONE, 0, seq, 0, 0)
 
     # -- requests ----------------------------------------------------------------
 
@@ -187,7 +187,7 @@ class LogWritesNode(BlockNode):
         fua = flags is not _NO_FLAGS and RequestFlags.FUA in flags
         if offset % ss or length % ss:
             first, count = whole_sectors(offset, length, ss)
-            crcs = _crc_bytes(sector_crcs(buf, offset, ss))
+            crcs = crc_bytes(sector_crcs(buf, offset, ss))
         else:
             first, count = offset // ss, length // ss
             packer = self._packers.get(count)
@@ -235,7 +235,7 @@ class LogWritesNode(BlockNode):
     def _failed(self, seq: int, exc: BaseException) -> None:
         status = int(getattr(exc, "errno", None) or errno.EIO)
         with self._lock:
-            self.writer.append(RecordType.COMPLETE, Op.NONE, 0, seq, 0, status)
+            self.writer.append(LogRecordType.COMPLETE, Op.NONE, 0, seq, 0, status)
 
     def driver_pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         rflags = 0
@@ -267,8 +267,8 @@ class LogWritesNode(BlockNode):
             n = min(step, first + count - chunk)
             pre = bytearray(n * ss)
             self.child.preadv(chunk * ss, [memoryview(pre)])
-            crcs = _crc_bytes(sector_crcs(pre, chunk * ss, ss))
-            self.writer.append(RecordType.PREIMAGE, Op.NONE, 0, 0, chunk * ss, n * ss, [crcs])
+            crcs = crc_bytes(sector_crcs(pre, chunk * ss, ss))
+            self.writer.append(LogRecordType.PREIMAGE, Op.NONE, 0, 0, chunk * ss, n * ss, [crcs])
         self._mark_seen(first, count)
 
     def driver_flush(self) -> None:

@@ -2,7 +2,7 @@
 
 A write goes through to the image exactly as it would without this node;
 before it does, the pre-image of the blocks it covers is appended to the
-journal (`harness.crash.journal`). A flush that reaches the disk makes durable
+journal (`harness.durability.journal`). A flush that reaches the disk makes durable
 exactly the writes that had completed when the flush started; writes still
 in flight keep their entries. Under `cache=unsafe` (no-flush) nothing ever
 becomes durable through a flush. A power cut is applied later, offline, by
@@ -25,7 +25,7 @@ flight).
 
 Cost per write: one pre-image read, one journal record with its CRC and one
 small COMPLETE record, both stored through a mapping of the journal (no system
-call; `harness.crash.mapped`), plus the write itself.
+call; `harness.durability.mapped`), plus the write itself.
 
 Recommended graph (log-writes above powerfail, so the log sees what the guest
 sees and the journal models what the host loses):
@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 from harness.block.node import BlockNode, IOVec, OpenFlags, Option, RequestFlags, iov_length
 from harness.block.registry import register_driver
-from harness.crash.journal import (
+from harness.durability.journal import (
     DurableReason,
     JournalWriter,
     OpKind,

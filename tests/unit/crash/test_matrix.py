@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy
 from harness.crash.matrix import derive_seed, expand, expand_all, select
 from harness.crash.scenario import FaultModel, load_scenario, parse_scenario
+from harness.durability.cut import CutPolicy
 from harness.errors import ConfigError
 
 ROOT = Path(__file__).parents[3]

@@ -11,13 +11,13 @@ import pytest
 
 from harness.block import open_backend
 from harness.crash import runner as runner_mod
-from harness.crash.cut import apply_cut
-from harness.crash.journal import read_journal
-from harness.crash.oracle import check
 from harness.crash.plan import RunPlan, add_run_arguments, plan_from_args
 from harness.crash.scenario import BlkdebugRule, FaultModel
 from harness.crash.session import CrashBackend, fault_blockdev, make_disk, parse_fault
-from harness.crash.writelog import read_log
+from harness.durability.cut import apply_cut
+from harness.durability.journal import read_journal
+from harness.durability.oracle import check
+from harness.durability.writelog import read_log
 from harness.errors import ConfigError
 from harness.proc import live_processes
 from harness.report.results import load_results

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from harness.block import open_backend
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy, apply_cut
-from harness.crash.oracle import check
 from harness.crash.scenario import AckRecordsSpec, Checker, FaultModel, WorkloadKind, WorkloadSpec
 from harness.crash.session import fault_blockdev, make_disk
 from harness.crash.verdict import Observed, OracleObservation, Verdict, expected_for, judge
+from harness.durability.cut import CutPolicy, apply_cut
+from harness.durability.oracle import check
 
 BLOCK = 4096
 

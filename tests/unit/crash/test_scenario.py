@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
@@ -25,6 +24,7 @@ from harness.crash.scenario import (
     parse_scenario,
     parse_size,
 )
+from harness.durability.cut import CutPolicy
 from harness.errors import ScenarioError
 
 SCENARIOS = sorted((Path(__file__).parents[3] / "scenarios").glob("*.toml"))

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy
 from harness.crash.matrix import expand
 from harness.crash.scenario import (
     APPLICABLE_CHECKERS,
@@ -21,6 +20,7 @@ from harness.crash.scenario import (
     WorkloadKind,
     parse_scenario,
 )
+from harness.durability.cut import CutPolicy
 
 
 def toml_value(v: Any) -> str:

@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy
 from harness.crash.matrix import expand
 from harness.crash.scenario import (
     AckRecordsSpec,
@@ -40,6 +39,7 @@ from harness.crash.verdict import (
 )
 from harness.crash.workloads.ackrecords import AckRecordsCheck, AckRecordsObservation, InvalidRecord
 from harness.crash.workloads.fsmeta import FsMetaCheck, FsMetaFailure, FsMetaObservation
+from harness.durability.cut import CutPolicy
 
 ROOT = Path(__file__).parents[3]
 W, N, WT, DS, U = (

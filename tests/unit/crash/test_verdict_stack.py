@@ -17,8 +17,6 @@ import pytest
 
 from harness.block import open_backend
 from harness.block.cache import CacheMode
-from harness.crash.cut import CutPolicy, apply_cut
-from harness.crash.oracle import check
 from harness.crash.scenario import (
     AckRecordsSpec,
     Checker,
@@ -28,6 +26,8 @@ from harness.crash.scenario import (
     WorkloadSpec,
 )
 from harness.crash.verdict import Observed, OracleObservation, Verdict, expected_for, judge
+from harness.durability.cut import CutPolicy, apply_cut
+from harness.durability.oracle import check
 
 BLOCK = 4096
 WORKLOAD = WorkloadSpec("blocks", WorkloadKind.ACK_RECORDS, AckRecordsSpec(), (Checker.ORACLE,))

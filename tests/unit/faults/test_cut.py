@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.crash.cut import CutPolicy, apply_cut
-from harness.crash.journal import read_journal
+from harness.durability.cut import CutPolicy, apply_cut
+from harness.durability.journal import read_journal
 
 from .conftest import crash
 from .stack import Paths, make_paths, open_stack

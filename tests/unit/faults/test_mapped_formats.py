@@ -14,19 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from harness.crash.cut import apply_cut
-from harness.crash.journal import (
+from harness.durability.cut import apply_cut
+from harness.durability.journal import (
     JOURNAL_HEADER,
     JOURNAL_RECORD,
     JournalHeader,
+    JournalRecordType,
     JournalWriter,
     OpKind,
-    RecordType,
     read_journal,
 )
-from harness.crash.mapped import MappedAppender, all_zero, last_nonzero
-from harness.crash.oracle import check
-from harness.crash.writelog import (
+from harness.durability.mapped import MappedAppender, all_zero, last_nonzero
+from harness.durability.oracle import check
+from harness.durability.writelog import (
     LOG_HEADER,
     LOG_RECORD,
     LogFlags,
@@ -35,7 +35,7 @@ from harness.crash.writelog import (
     ReqFlags,
     read_log,
 )
-from harness.crash.writelog import RecordType as LogRecord
+from harness.durability.writelog import LogRecordType as LogRecord
 from harness.errors import JournalError
 
 from .conftest import crash
@@ -162,9 +162,9 @@ def test_a_version_1_journal_is_read_and_cut(tmp_path: Path) -> None:
     path = tmp_path / "d.journal"
     path.write_bytes(
         JournalHeader(S, 4096, 1, version=1).pack()
-        + _v1_record(RecordType.OPEN, 0, 0, 1, 1)
-        + _v1_record(RecordType.PREIMAGE, int(OpKind.WRITE), 1, 0, S, b"O" * S)
-        + _v1_record(RecordType.COMPLETE, 0, 1, 1, 2)
+        + _v1_record(JournalRecordType.OPEN, 0, 0, 1, 1)
+        + _v1_record(JournalRecordType.PREIMAGE, int(OpKind.WRITE), 1, 0, S, b"O" * S)
+        + _v1_record(JournalRecordType.COMPLETE, 0, 1, 1, 2)
     )
     state, _ = read_journal(path)
     assert state.header.version == 1
@@ -198,7 +198,7 @@ def test_a_version_1_log_is_read_with_its_recorded_span_crc(tmp_path: Path) -> N
 
 
 def test_a_new_log_header_says_version_2(tmp_path: Path) -> None:
-    from harness.crash.writelog import LogWriter
+    from harness.durability.writelog import LogWriter
 
     w = LogWriter(tmp_path / "w.log", LogHeader(S, LogFlags.NONE, 0))
     w.close()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.crash.cut import apply_cut
-from harness.crash.journal import JOURNAL_RECORD, read_journal
-from harness.crash.oracle import check
+from harness.durability.cut import apply_cut
+from harness.durability.journal import JOURNAL_RECORD, read_journal
+from harness.durability.oracle import check
 
 from .conftest import crash
 from .stack import Paths, open_stack
@@ -173,7 +173,7 @@ def test_a_write_in_flight_at_the_cut_is_logged_but_not_counted_as_completed(
     import time
 
     from harness.crash.verdict import OracleObservation
-    from harness.crash.writelog import read_log
+    from harness.durability.writelog import read_log
 
     be = open_stack(paths, "writethrough", blkdebug="write:delay=1500:sector=8")
     be.write(0, b"A" * S)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.block import open_backend
-from harness.crash.cut import apply_cut
-from harness.crash.journal import JOURNAL_HEADER, read_journal
+from harness.durability.cut import apply_cut
+from harness.durability.journal import JOURNAL_HEADER, read_journal
 from harness.errors import JournalError
 
 from .conftest import crash
@@ -216,7 +216,7 @@ def test_writes_of_a_killed_backend_become_durable_at_the_next_flush(paths: Path
 
 
 def test_journal_stays_small_while_writes_are_always_in_flight(paths: Paths) -> None:
-    from harness.crash.oracle import check
+    from harness.durability.oracle import check
 
     spec = stack_options(paths, powerfail={"journal-compact": 8192})
     pf_opts = spec["file"]

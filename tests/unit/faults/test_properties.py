@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.block import BlockBackend
-from harness.crash.cut import CutPolicy, apply_cut
-from harness.crash.oracle import check
+from harness.durability.cut import CutPolicy, apply_cut
+from harness.durability.oracle import check
 
 from .conftest import crash
 from .stack import make_paths, open_stack

@@ -9,10 +9,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from harness.crash.cut import apply_cut
-from harness.crash.journal import read_journal
-from harness.crash.oracle import check
-from harness.crash.writelog import read_log
+from harness.durability.cut import apply_cut
+from harness.durability.journal import read_journal
+from harness.durability.oracle import check
+from harness.durability.writelog import read_log
 from harness.errors import JournalError
 from harness.proc import ManagedProcess
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.crash.writelog import (
+from harness.durability.writelog import (
     DM_LOG_DISCARD,
     DM_LOG_FLUSH,
     DM_LOG_FUA,

@@ -8,9 +8,9 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.crash.writelog import (
-    _crc_bytes,
+from harness.durability.writelog import (
     aligned_sector_crcs,
+    crc_bytes,
     read_log,
     sector_crcs,
     span_crc,
@@ -38,7 +38,7 @@ def test_span_crc_from_sector_crcs_is_the_crc_of_the_whole_span(
 @given(data=st.binary(min_size=0, max_size=300 * 512))
 def test_aligned_sector_crcs_pack_what_sector_crcs_computes(data: bytes) -> None:
     data = data[: len(data) - len(data) % 512]
-    assert aligned_sector_crcs(memoryview(data), 512) == _crc_bytes(sector_crcs(data, 0, 512))
+    assert aligned_sector_crcs(memoryview(data), 512) == crc_bytes(sector_crcs(data, 0, 512))
 
 
 def test_logged_writes_carry_a_span_crc_the_oracle_can_compare(paths: Paths) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.crash.writelog import read_log
+from harness.durability.writelog import read_log
 from harness.errors import PowercutError
 from harness.proc import ManagedProcess
 from harness.vhost.control import control_request

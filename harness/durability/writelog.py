@@ -10,7 +10,7 @@ the data itself is optional (`log-data=on`), needed only to export for
 dm-log-writes tools.
 
 Append-only, stored through a shared mapping of the file
-(`harness.crash.mapped`), payload first and header last: every record is in
+(`harness.durability.mapped`), payload first and header last: every record is in
 the host page cache when `append` returns, so a SIGKILLed backend loses no
 record and tears at most the last one, which the reader ignores. (Version 1
 held the COMPLETE record of a plain write in memory until the next record to
@@ -31,7 +31,7 @@ little-endian:
 
     records  LOG_RECORD header (44 bytes) + payload
         crc32       u32  of the rest of the header and the payload
-        type        u8   RecordType
+        type        u8   LogRecordType
         op          u8   Op (SUBMIT, COMPLETE)
         flags       u8   ReqFlags (SUBMIT); WRITE_CACHE: 1 if enabled
         reserved    u8   0
@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.crash.mapped import MappedAppender, all_zero
+from harness.durability.mapped import MappedAppender, all_zero
 from harness.errors import JournalError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class LogFlags(enum.IntFlag):
     DIRECT = 8  # the node was opened with cache.direct
 
 
-class RecordType(enum.IntEnum):
+class LogRecordType(enum.IntEnum):
     SUBMIT = 1
     COMPLETE = 2
     WRITE_CACHE = 3
@@ -225,7 +225,8 @@ def whole_sectors(offset: int, length: int, sector_size: int) -> tuple[int, int]
     return first, max(0, last - first)
 
 
-def _crc_bytes(crcs: array[int]) -> bytes:
+def crc_bytes(crcs: array[int]) -> bytes:
+    """Per-sector CRCs as the log stores them: little-endian u32s."""
     if _CRC_BIG_ENDIAN_HOST:
         crcs = array("I", crcs)
         crcs.byteswap()
@@ -260,7 +261,7 @@ class LogHeader:
 
 
 class LogWriter:
-    """Appends records through a shared mapping (`harness.crash.mapped`).
+    """Appends records through a shared mapping (`harness.durability.mapped`).
 
     Every record is in the host page cache when `append` returns, so a killed
     process loses none (version 1 held plain writes' COMPLETE records back to
@@ -293,7 +294,7 @@ class LogWriter:
 
     def append(
         self,
-        rtype: RecordType,
+        rtype: LogRecordType,
         op: Op,
         flags: int,
         seq: int,
@@ -453,7 +454,7 @@ def read_log(path: Path | str) -> WriteLog:
     for pos, fields in _iter_records(data):
         _crc, rtype, op, flags, _r, plen, seq, offset, length, t = fields
         payload = pos + rsize
-        if rtype == RecordType.SUBMIT:
+        if rtype == LogRecordType.SUBMIT:
             req = Request(seq, _OPS[op], flags, offset, length, index, t)
             if op == Op.WRITE:
                 _first, n = whole_sectors(offset, length, ss)
@@ -471,7 +472,7 @@ def read_log(path: Path | str) -> WriteLog:
                     req.data_offset = cur
             requests.append(req)
             by_seq[seq] = req
-        elif rtype == RecordType.COMPLETE:
+        elif rtype == LogRecordType.COMPLETE:
             done = by_seq.get(seq)
             if done is None:
                 raise JournalError(
@@ -480,13 +481,13 @@ def read_log(path: Path | str) -> WriteLog:
             done.complete_index = index
             done.complete_ns = t
             done.status = length
-        elif rtype == RecordType.MARK:
+        elif rtype == LogRecordType.MARK:
             marks.append((index, data[payload : payload + plen].decode("utf-8", "replace")))
-        elif rtype == RecordType.WRITE_CACHE:
+        elif rtype == LogRecordType.WRITE_CACHE:
             wce.append((index, bool(flags & 1)))
-        elif rtype == RecordType.OPEN:
+        elif rtype == LogRecordType.OPEN:
             opens += 1
-        elif rtype == RecordType.PREIMAGE:
+        elif rtype == LogRecordType.PREIMAGE:
             first, n = whole_sectors(offset, length, ss)
             preimages.append((index, first, _crc_array(data[payload : payload + 4 * n])))
         else:

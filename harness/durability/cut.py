@@ -6,7 +6,7 @@ host wrote back in completion order and stopped somewhere), or torn sectors
 (each block of each write independently). Durable writes are never reverted.
 
 For each block the journal holds a chain of versions (see
-`harness.crash.journal`): the base (the pre-image of the first write to it),
+`harness.durability.journal`): the base (the pre-image of the first write to it),
 then the data of each write in turn. The block ends up holding the data of
 the last write in its chain that survives, or the base when none does — so
 losing a later write while keeping an earlier one restores the earlier
@@ -15,7 +15,6 @@ write's data, never the pre-flush image.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import random
@@ -24,28 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.crash.journal import Preimage, read_journal, reset_journal
+from harness.durability.contract import CutPolicy, parse_policy
+from harness.durability.journal import Preimage, read_journal, reset_journal
 from harness.errors import ConfigError, JournalError
 
 log = logging.getLogger(__name__)
-
-
-class CutPolicy(enum.Enum):
-    LOSE_ALL = "lose-all"
-    KEEP_ALL = "keep-all"
-    RANDOM = "random"
-    PREFIX = "prefix"
-    TORN = "torn"
-
-
-def parse_policy(text: str | CutPolicy) -> CutPolicy:
-    if isinstance(text, CutPolicy):
-        return text
-    try:
-        return CutPolicy(text)
-    except ValueError:
-        valid = ", ".join(p.value for p in CutPolicy)
-        raise ConfigError(f"unknown cut policy {text!r}; valid policies: {valid}") from None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The `powerfail` driver writes through to the image and keeps, in this
 journal, the *pre-image* of every write since the last durable flush. A power
-cut is then applied offline (`harness.crash.cut`) by putting pre-images back.
+cut is then applied offline (`harness.durability.cut`) by putting pre-images back.
 
 Why every write and not only the first write to a block per flush epoch: if
 write A and then write B hit the same block and neither is durable, a cut
@@ -13,7 +13,7 @@ itself for the last one). This is CrashMonkey's and LazyFS's insight, kept
 as an undo log so the image stays a normal, usable image at all times.
 
 Crash safety of the journal itself: records are stored through a shared
-mapping of the file (`harness.crash.mapped`), payload first and header last,
+mapping of the file (`harness.durability.mapped`), payload first and header last,
 and a pre-image is stored before the image is touched; a store is in the host
 page cache at once, so a SIGKILLed backend loses no record and leaves at most
 one torn record at the tail — the host page cache keeps both files, exactly as
@@ -38,8 +38,8 @@ Format, version 2 (version 1 is read too), little-endian:
     records, back to back, each  JOURNAL_RECORD header (36 bytes) + payload
         crc32       u32  of the rest of the header and the payload, with the
                          file header's crc32 as the initial value (version 1: 0)
-        type        u8   RecordType
-        flags       u8   RecordType-specific (PREIMAGE: the OpKind)
+        type        u8   JournalRecordType
+        flags       u8   JournalRecordType-specific (PREIMAGE: the OpKind)
         reserved    u16  0
         payload_len u32
         seq         u64  the write's sequence number (PREIMAGE, COMPLETE)
@@ -80,7 +80,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.crash.mapped import MappedAppender, all_zero, last_nonzero
+from harness.durability.mapped import MappedAppender, all_zero, last_nonzero
 from harness.errors import JournalError
 
 # File header; see the module docstring for each field.
@@ -96,15 +96,15 @@ _pack_crc = _CRC.pack
 _pack_body = JOURNAL_RECORD_BODY.pack
 _crc32 = zlib.crc32
 _monotonic_ns = time.monotonic_ns
-_PREIMAGE = 1  # RecordType.PREIMAGE, as a plain int for the per-write path
-_COMPLETE = 2  # RecordType.COMPLETE
+_PREIMAGE = 1  # JournalRecordType.PREIMAGE, as a plain int for the per-write path
+_COMPLETE = 2  # JournalRecordType.COMPLETE
 JOURNAL_MAGIC = b"PCJRNL\x00\x01"
 JOURNAL_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 2 differs only in the zero padding it may end in
 COMPLETE_FAILED = 0x01
 
 
-class RecordType(enum.IntEnum):
+class JournalRecordType(enum.IntEnum):
     PREIMAGE = 1
     COMPLETE = 2
     DURABLE = 3
@@ -282,19 +282,19 @@ def read_journal(path: Path | str) -> tuple[JournalState, mmap.mmap | bytes]:
     valid = JOURNAL_HEADER.size
     for pos, fields, payload in _records(data, path, header.record_seed):
         _crc, rtype, flags, _r, payload_len, seq, a, b = fields
-        if rtype == RecordType.PREIMAGE:
+        if rtype == JournalRecordType.PREIMAGE:
             if payload_len != b:
                 raise JournalError(f"journal {path}: pre-image at byte {pos} has a bad length")
             preimages.append(Preimage(seq, OpKind(flags & 0x3), a, b, payload))
-        elif rtype == RecordType.COMPLETE:
+        elif rtype == JournalRecordType.COMPLETE:
             completion[seq] = a
             if flags & COMPLETE_FAILED:
                 failed.add(seq)
-        elif rtype == RecordType.DURABLE:
+        elif rtype == JournalRecordType.DURABLE:
             durable = max(durable, a)
             name = DurableReason(flags).name.lower()
             reasons[name] = reasons.get(name, 0) + 1
-        elif rtype == RecordType.OPEN:
+        elif rtype == JournalRecordType.OPEN:
             opens += 1
         else:
             raise JournalError(f"journal {path}: unknown record type {rtype} at byte {pos}")
@@ -314,7 +314,7 @@ def read_journal(path: Path | str) -> tuple[JournalState, mmap.mmap | bytes]:
 
 
 class JournalWriter:
-    """Appends records through a shared mapping (`harness.crash.mapped`).
+    """Appends records through a shared mapping (`harness.durability.mapped`).
 
     Every record is in the host page cache when the call returns — a killed
     process loses none, and COMPLETE records are no longer held back in memory
@@ -376,11 +376,13 @@ class JournalWriter:
 
     def durable(self, index: int, reason: DurableReason) -> None:
         self._file.append(
-            self._encode(RecordType.DURABLE, int(reason), 0, index, time.monotonic_ns())
+            self._encode(JournalRecordType.DURABLE, int(reason), 0, index, time.monotonic_ns())
         )
 
     def opened(self) -> None:
-        self._file.append(self._encode(RecordType.OPEN, 0, 0, os.getpid(), time.monotonic_ns()))
+        self._file.append(
+            self._encode(JournalRecordType.OPEN, 0, 0, os.getpid(), time.monotonic_ns())
+        )
 
     def sync(self) -> None:
         """Nothing to do: every record is in the page cache already (kept for callers)."""

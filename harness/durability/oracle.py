@@ -1,7 +1,7 @@
 """The durability oracle: is what the image holds after a power cut inside the contract?
 
-From the write log (what the guest was told, `harness.crash.writelog`) and a
-cache mode's contract (design.md), every sector written during the log gets:
+From the write log (what the guest was told, `harness.durability.writelog`) and a
+promise (`harness.durability.contract`), every sector written during the log gets:
 
 * the writes the contract makes durable (`must`): under writeback/none every
   write that completed before the start of a flush that completed, and every
@@ -33,40 +33,16 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from harness.crash.writelog import Op, Request, WriteLog, read_log
-from harness.errors import ConfigError
+from harness.durability.contract import CacheMode, Promise, host_cut_promise, parse_cache_mode
+from harness.durability.writelog import Op, Request, WriteLog, read_log
 
 INFINITY = 1 << 62
 _NONE: frozenset[int] = frozenset()
 
 
-class Contract(enum.Enum):
-    """What must survive a host power cut (design.md, "The durability contract")."""
+class SectorState(enum.Enum):
+    """What a sector holds, judged against the contract."""
 
-    EVERY_COMPLETED = "every completed write"
-    FLUSHED_OR_FUA = "every write completed before a completed flush started, and every FUA write"
-    NOTHING = "nothing"
-
-
-_MODES = {
-    "writethrough": Contract.EVERY_COMPLETED,
-    "directsync": Contract.EVERY_COMPLETED,
-    "writeback": Contract.FLUSHED_OR_FUA,
-    "none": Contract.FLUSHED_OR_FUA,
-    "off": Contract.FLUSHED_OR_FUA,
-    "unsafe": Contract.NOTHING,
-}
-MODES = ("writeback", "none", "writethrough", "directsync", "unsafe")
-
-
-def contract_for(mode: str) -> Contract:
-    try:
-        return _MODES[mode]
-    except KeyError:
-        raise ConfigError(f"unknown cache mode {mode!r}; valid modes: {', '.join(MODES)}") from None
-
-
-class Verdict(enum.Enum):
     MUST = "must"  # the content the contract requires
     MAY = "may"  # a later completed or in-flight write, or allowed by a discard
     UNKNOWN = "unknown"  # no durable write and the initial content was not recorded
@@ -132,31 +108,45 @@ Meta = tuple[int, int, bool, int, int]
 Version = tuple[int, Meta]
 
 
-def _durable_flags(requests: Iterable[Request], contract: Contract) -> dict[int, bool]:
+def _durable_flags(requests: Iterable[Request], promise: Promise) -> dict[int, bool]:
     reqs = list(requests)
-    if contract is Contract.NOTHING:
-        return {r.seq: False for r in reqs}
-    if contract is Contract.EVERY_COMPLETED:
-        return {r.seq: r.completed_ok for r in reqs}
     last_flush = max(
         (r.submit_index for r in reqs if r.op == Op.FLUSH and r.completed_ok), default=-1
     )
     return {
-        r.seq: r.completed_ok
-        and r.complete_index is not None
-        and (r.fua or r.complete_index < last_flush)
+        r.seq: promise.durable(
+            completed=r.completed_ok and r.complete_index is not None,
+            fua=r.fua,
+            before_last_flush=r.complete_index is not None and r.complete_index < last_flush,
+        )
         for r in reqs
     }
 
 
+def _promise(contract: Promise | CacheMode | str) -> tuple[Promise, str]:
+    """The promise to check and the name reports give it (a cache mode's, or the promise's)."""
+    if isinstance(contract, Promise):
+        return contract, contract.mode_name
+    mode = parse_cache_mode(contract)
+    return host_cut_promise(mode), contract if isinstance(contract, str) else mode.value
+
+
 def check(
-    image: Path | str, wlog: WriteLog | Path | str, mode: str, *, max_violations: int = 20
+    image: Path | str,
+    wlog: WriteLog | Path | str,
+    contract: Promise | CacheMode | str,
+    *,
+    max_violations: int = 20,
 ) -> OracleReport:
-    """Classify every sector the log wrote; see the module docstring."""
+    """Classify every sector the log wrote; see the module docstring.
+
+    `contract` is the promise to check (`harness.durability.contract`), or a
+    cache mode, which stands for its promise across a host power cut.
+    """
     image = Path(image)
     if not isinstance(wlog, WriteLog):
         wlog = read_log(wlog)
-    contract = contract_for(mode)
+    contract, mode = _promise(contract)
     ss = wlog.header.sector_size
     zero_crc = zlib.crc32(bytes(ss))
     durable = _durable_flags(wlog.requests, contract)
@@ -223,7 +213,7 @@ def check(
     for _index, first, pre in pre_events:
         initial.update(zip(range(first, first + len(pre)), pre, strict=False))
 
-    counts = dict.fromkeys(Verdict, 0)
+    counts = dict.fromkeys(SectorState, 0)
     # The lowest-numbered violations: a bounded max-heap keyed by -sector.
     worst: list[tuple[int, Violation]] = []
 
@@ -237,11 +227,11 @@ def check(
     def classify(s: int, versions: list[Version], c: int) -> None:
         verdict, expected, seen = _classify(versions, initial.get(s), c, zero_crc)
         counts[verdict] += 1
-        if verdict is Verdict.MAY and seen:
+        if verdict is SectorState.MAY and seen:
             meta = next((m for _crc, m in versions if m[3] == seen), None)
             if meta is not None and meta[1] > settle:
                 late[0] += 1
-        if verdict in (Verdict.LOST, Verdict.CORRUPT) and max_violations > 0:
+        if verdict in (SectorState.LOST, SectorState.CORRUPT) and max_violations > 0:
             item = (-s, Violation(s, verdict.value, expected, seen))
             if len(worst) < max_violations:
                 heapq.heappush(worst, item)
@@ -306,8 +296,8 @@ def check(
             for s, c in zip(keys[i:j], img.crcs(keys[i], j - i), strict=True):
                 classify(s, history(s, multi[s]), c)
             i = j
-    counts[Verdict.MUST] += must
-    counts[Verdict.MAY] += may
+    counts[SectorState.MUST] += must
+    counts[SectorState.MAY] += may
     violations = sorted((v for _key, v in worst), key=lambda v: v.sector)
 
     return OracleReport(
@@ -321,11 +311,11 @@ def check(
         writes_durable=sum(1 for r in wlog.requests if r.op != Op.FLUSH and durable[r.seq]),
         flushes_completed=sum(1 for r in wlog.requests if r.op == Op.FLUSH and r.completed_ok),
         sectors_checked=len(owner),
-        must=counts[Verdict.MUST],
-        may=counts[Verdict.MAY],
-        unknown=counts[Verdict.UNKNOWN],
-        lost=counts[Verdict.LOST],
-        corrupt=counts[Verdict.CORRUPT],
+        must=counts[SectorState.MUST],
+        may=counts[SectorState.MAY],
+        unknown=counts[SectorState.UNKNOWN],
+        lost=counts[SectorState.LOST],
+        corrupt=counts[SectorState.CORRUPT],
         violations=violations,
         unflushed=late[0],
         writes_completed=completed,
@@ -339,7 +329,7 @@ def _unchanged(first: int, crcs: list[int], initial: dict[int, int]) -> int:
 
 def _classify(
     versions: list[Version], initial: int | None, found: int, zero_crc: int
-) -> tuple[Verdict, int | None, int | None]:
+) -> tuple[SectorState, int | None, int | None]:
     newest: tuple[int, int, bool, int, int] | None = None
     for _crc, meta in versions:
         if meta[2] and (newest is None or meta[0] > newest[0]):
@@ -349,33 +339,33 @@ def _classify(
     # A version is acceptable unless it finished before the newest durable write started.
     acceptable = [(crc, meta) for crc, meta in versions if meta[1] > horizon]
     if any(meta[4] == _ANY for _crc, meta in acceptable):
-        return Verdict.MAY, expected, None
+        return SectorState.MAY, expected, None
     # The content the contract requires: the newest durable write's, else the initial.
     required = next((crc for crc, meta in versions if meta is newest), initial)
     for crc, meta in acceptable:
         if crc == found:
             must = meta[2] or found == required  # a later write that changed nothing here
-            return (Verdict.MUST if must else Verdict.MAY), expected, meta[3]
+            return (SectorState.MUST if must else SectorState.MAY), expected, meta[3]
     if newest is None:
         if initial is None:
-            return Verdict.UNKNOWN, None, None
+            return SectorState.UNKNOWN, None, None
         if initial == found:
-            return Verdict.MUST, None, 0
+            return SectorState.MUST, None, 0
     # A discard's content is unspecified: zeroes or whatever was there before it.
     discards = [meta[0] for _crc, meta in acceptable if meta[4] == _DISCARD]
     if discards:
         latest = max(discards)
         if found in (zero_crc, initial):
-            return Verdict.MAY, expected, 0
+            return SectorState.MAY, expected, 0
         for crc, meta in versions:
             if meta[0] < latest and crc == found:
-                return Verdict.MAY, expected, meta[3]
+                return SectorState.MAY, expected, meta[3]
     for crc, meta in reversed(versions):
         if crc == found and meta[4] != _ANY:
-            return Verdict.LOST, expected, meta[3]
+            return SectorState.LOST, expected, meta[3]
     if initial is not None and initial == found:
-        return Verdict.LOST, expected, 0
-    return Verdict.CORRUPT, expected, None
+        return SectorState.LOST, expected, 0
+    return SectorState.CORRUPT, expected, None
 
 
 class _Image:
