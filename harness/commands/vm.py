@@ -3,6 +3,8 @@
     powercut vm --disk my.img -- fio --name=t --filename=/dev/vda --rw=randwrite --size=64M
     powercut vm --disk my.img --backend qemu-storage-daemon --cache none     # interactive shell
     powercut vm --libvirt qemu:///system -- cat /sys/block/vda/cache_type
+    powercut vm --package sqlite3 -- sqlite3 /tmp/t.db 'select sqlite_version()'
+    powercut vm --kernel bzImage --modules lib/modules/6.9.0 -- uname -r
 
 Boots the guest with DISK as /dev/vda, runs COMMAND over SSH while streaming
 its output, shuts the guest down and exits with COMMAND's exit status. With
@@ -21,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from harness.block.cache import VALID_MODES
+from harness.commands.image import add_image_arguments
 from harness.errors import ConfigError
 from harness.vm.backends import BackendKind, DiskBackend, make_backend
 from harness.vm.image import ensure_image
@@ -59,6 +62,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="accelerator (default $POWERCUT_ACCEL, else a KVM probe)",
     )
+    add_image_arguments(parser)
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--memory", type=int, default=512, metavar="MIB")
     parser.add_argument(
@@ -97,8 +101,14 @@ def run(args: argparse.Namespace) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="powercut-vm-"))
         if not args.keep:
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        with err.status("guest image"):
-            image = ensure_image()
+        with err.status("guest image") as spinner:
+            image = ensure_image(
+                args.packages,
+                args.kernel,
+                args.modules,
+                needs=args.needs,
+                progress=lambda msg: spinner.update(f"guest image: {msg}"),
+            )
         disks: tuple[Disk, ...] = ()
         if args.disk is not None:
             backend: DiskBackend = make_backend(

@@ -1,19 +1,33 @@
-"""Build the guest image from Debian packages, cached by the recipe's hash.
+"""Build the guest image from Debian packages, cached by what it is made of.
 
-The guest is a Debian kernel plus an uncompressed initramfs that runs from
-RAM. Two choices make it boot in seconds under TCG: the kernel is the
-decompressed ELF inside Debian's bzImage, booted through its PVH entry (so no
-decompression stage runs in the emulated CPU), and init is a short busybox
-script that loads only the modules the harness needs and starts dropbear.
+A guest image is three things QEMU boots:
 
-Output, in `<cache>/images/<hash>/`: `vmlinux`, `vmlinuz` (the original, for
-comparison boots), `initramfs.cpio`, `id_ed25519`(+`.pub`), `host_key.pub`,
-`manifest.json`. Built in a temporary directory and renamed into place, so a
-half-built image is never seen and concurrent builds are harmless.
+- the kernel: Debian's (`[kernel].package`), or your own (`kernel=PATH`, a
+  bzImage or vmlinux, with `modules=PATH`, its lib/modules/RELEASE tree). A
+  bzImage's payload is decompressed into an ELF booted through its PVH entry,
+  so no decompression runs in the emulated CPU;
+- a small initramfs (static busybox, `images/init`, the handful of modules
+  that reach the root disk), which the kernel unpacks in well under a second;
+- `root.img`: a read-only erofs disk holding a real Debian root made by
+  mmdebstrap with the recipe's packages plus any `packages=` you ask for, each
+  with its whole dependency closure, from the archive the host's apt uses
+  (the host installs none of them). The guest mounts it under a RAM overlay
+  and runs `images/rootinit` from it: SSH, then your commands.
+
+Output, in `<cache>/images/<hash>/`: `vmlinux` (or `bzImage`), `initramfs.cpio`,
+`root.img`, `id_ed25519`(+`.pub`), `host_key.pub`, `manifest.json`. The hash
+covers the recipe files, the builder version, the kernel (package version, or
+the file's digest and the modules tree), and the version of every package in
+the root as apt resolves it, so a warm lookup needs no download and no
+build (well under a second). Builds happen in a temporary directory under a
+per-hash lock and are renamed into place: concurrent builders of the same
+image (pytest-xdist workers) wait for one another instead of racing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -27,25 +41,35 @@ import subprocess
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness.errors import ImageBuildError
+from harness.errors import ConfigError, ImageBuildError
+from harness.vm import kernel as kern
+from harness.vm import packages as pkgs
+from harness.vm import rootfs
 from harness.vm.cpio import CpioEntry, CpioWriter
 
 log = logging.getLogger(__name__)
 
-# Bump when the builder's output changes for the same recipe.
-BUILDER_VERSION = 2
-XZ_MAGIC = b"\xfd7zXZ\x00"
+# Bump when the builder's output changes for the same inputs.
+BUILDER_VERSION = 3
+XZ_MAGIC = kern.XZ_MAGIC
+# The recipe, init scripts and guest sources. The one place that says where
+# they live: moving them into the package as package data changes only this.
 REPO_IMAGES = Path(__file__).resolve().parents[2] / "images"
 
 Progress = Callable[[str], None]
+
+
+def recipe_dir() -> Path:
+    """Where the guest recipe (recipe.toml, init, rootinit, guest-files, guest-src) lives."""
+    return REPO_IMAGES
 
 
 def cache_root() -> Path:
@@ -60,8 +84,8 @@ class GuestImage:
 
     directory: Path
     recipe_hash: str
-    kernel: Path  # uncompressed ELF, PVH entry
-    bzimage: Path  # Debian's original compressed kernel
+    kernel: Path  # what QEMU's -kernel gets: the PVH ELF, or a bzImage
+    bzimage: Path  # the compressed kernel (Debian's, or yours), for comparison boots
     initramfs: Path
     ssh_key: Path  # client private key, OpenSSH format
     ssh_public_key: Path
@@ -70,6 +94,12 @@ class GuestImage:
     cmdline: str
     ssh_port: int
     fio_server_port: int
+    # The read-only root disk; attached last (serial powercut-root) by MachineSpec.from_image.
+    root_disk: Path | None = None
+    packages: tuple[str, ...] = ()  # the packages asked for beyond the recipe's
+    kernel_release: str = ""
+    # Feature name → "built in" | "module" | "missing" | "unknown" (see harness.vm.kernel).
+    kernel_features: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
@@ -80,11 +110,13 @@ class GuestImage:
             raise ImageBuildError(
                 f"cannot read image manifest {manifest}: {exc}; rebuild with `powercut image build`"
             ) from exc
+        files = data.get("files", {})
+        root = files.get("root_disk")
         return cls(
             directory=directory,
             recipe_hash=data["recipe_hash"],
-            kernel=directory / "vmlinux",
-            bzimage=directory / "vmlinuz",
+            kernel=directory / files.get("kernel", "vmlinux"),
+            bzimage=directory / files.get("bzimage", "vmlinuz"),
             initramfs=directory / "initramfs.cpio",
             ssh_key=directory / "id_ed25519",
             ssh_public_key=directory / "id_ed25519.pub",
@@ -93,7 +125,34 @@ class GuestImage:
             cmdline=data["cmdline"],
             ssh_port=data["ssh_port"],
             fio_server_port=data["fio_server_port"],
+            root_disk=directory / root if root else None,
+            packages=tuple(data.get("extra_packages", ())),
+            kernel_release=data.get("kernel", {}).get("release", ""),
+            kernel_features=dict(data.get("kernel_features", {})),
         )
+
+    def check_features(self, needs: Iterable[str], *, field_name: str = "kernel") -> None:
+        """Raise ConfigError if this image's kernel lacks a feature in `needs` (no boot).
+
+        Features the build could not check (a kernel without a config or a
+        modules tree) pass here; the guest's init reports them at boot.
+        """
+        missing = [
+            n for n in needs if self.kernel_features.get(n, "unknown") == kern.State.MISSING.value
+        ]
+        unknown_names = [n for n in needs if n not in kern.FEATURES]
+        if unknown_names:
+            raise ConfigError(
+                f"unknown kernel feature {unknown_names[0]!r}; known: {', '.join(kern.FEATURES)}"
+            )
+        if missing:
+            whys = ", ".join(
+                f"{n} ({kern.FEATURES[n].why}: {kern.FEATURES[n].config})" for n in missing
+            )
+            raise ConfigError(
+                f"{field_name}: the kernel of image {self.recipe_hash} ({self.kernel_release}) "
+                f"lacks {whys}; build it in or as a module and pass its modules tree"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +161,7 @@ class GuestImage:
             "kernel": str(self.kernel),
             "bzimage": str(self.bzimage),
             "initramfs": str(self.initramfs),
+            "root_disk": str(self.root_disk) if self.root_disk else None,
             "ssh_key": str(self.ssh_key),
             "ssh_public_key": str(self.ssh_public_key),
             "host_public_key": str(self.host_public_key),
@@ -109,6 +169,9 @@ class GuestImage:
             "cmdline": self.cmdline,
             "ssh_port": self.ssh_port,
             "fio_server_port": self.fio_server_port,
+            "packages": list(self.packages),
+            "kernel_release": self.kernel_release,
+            "kernel_features": self.kernel_features,
         }
 
 
@@ -137,30 +200,12 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
 
 
 def _guest_path(host_path: str) -> str:
-    """Where a host file goes in the guest: a merged-/usr layout, relative to the root."""
+    """Where a file goes in the initramfs: a merged-/usr layout, relative to the root."""
     p = host_path.lstrip("/")
     for top in ("bin/", "sbin/", "lib/", "lib64/"):
         if p.startswith(top):
             return "usr/" + p
     return p
-
-
-def ldd_closure(binary: str) -> list[str]:
-    """The shared libraries and ELF interpreter `binary` loads, as host paths."""
-    return list(_ldd_map(binary).values())
-
-
-def _ldd_map(binary: str) -> dict[str, str]:
-    """soname (or the interpreter's path) → host path, for everything `binary` loads."""
-    out = _run(["ldd", binary], f"resolving the libraries of {binary}")
-    libs: dict[str, str] = {}
-    for line in out.splitlines():
-        line = line.strip()
-        if m := re.match(r"(\S+) => (/\S+)", line):
-            libs[m.group(1)] = m.group(2)
-        elif m := re.match(r"(/\S+) \(0x", line):
-            libs[m.group(1)] = m.group(1)
-    return libs
 
 
 def _needed(path: str) -> list[str]:
@@ -175,48 +220,6 @@ class Stub:
     soname: str
     real: str  # the host library it stands in for
     importers: tuple[str, ...]  # host paths of the ELF files that link it
-
-
-def library_closure(
-    binaries: list[str], stub_patterns: list[str]
-) -> tuple[dict[str, str], dict[str, Stub]]:
-    """(guest path → host path, soname → Stub) for `binaries` and what they load.
-
-    A library matching a stub pattern is not copied and not descended into:
-    its own dependencies come along only if something else needs them.
-    """
-    files: dict[str, str] = {}
-    importers: dict[str, set[str]] = {}
-    reals: dict[str, str] = {}
-    for binary in binaries:
-        resolved = _ldd_map(binary)
-        files[_guest_path(binary)] = binary
-        interpreters = {Path(k).name for k in resolved if k.startswith("/")}
-        for key, path in resolved.items():
-            if key.startswith("/"):  # the ELF interpreter
-                files[_guest_path(key)] = path
-        todo = [binary]
-        seen: set[str] = set()
-        while todo:
-            elf = todo.pop()
-            if elf in seen:
-                continue
-            seen.add(elf)
-            for soname in _needed(elf):
-                if soname in interpreters:
-                    continue
-                lib = resolved.get(soname)
-                if lib is None:
-                    raise ImageBuildError(f"{elf} needs {soname}, which ldd did not resolve")
-                if any(fnmatch.fnmatchcase(soname, pat) for pat in stub_patterns):
-                    importers.setdefault(soname, set()).add(elf)
-                    reals[soname] = lib
-                    continue
-                # Keep the soname as the guest file name: the loader looks it up by it.
-                files[_guest_path(str(Path(lib).parent / soname))] = lib
-                todo.append(lib)
-    stubs = {so: Stub(so, reals[so], tuple(sorted(imp))) for so, imp in importers.items()}
-    return files, stubs
 
 
 def _stub_library(stub: Stub, work: Path) -> bytes:
@@ -281,36 +284,46 @@ def _stub_library(stub: Stub, work: Path) -> bytes:
     return (work / stub.soname).read_bytes()
 
 
-def _dpkg_owners(paths: Iterable[str]) -> dict[str, str]:
-    """Debian package name → version for the packages owning `paths` (unowned paths skipped)."""
-    candidates: list[str] = []
-    for p in paths:
-        candidates.append(p)
-        # dpkg knows a file by the path its package shipped, which on a
-        # merged-/usr system may be the /lib or /usr/lib spelling.
-        if p.startswith("/usr/"):
-            candidates.append(p[4:])
-        else:
-            candidates.append("/usr" + p)
-    proc = subprocess.run(
-        ["dpkg-query", "-S", *candidates], capture_output=True, text=True, check=False
-    )
-    names: set[str] = set()
-    for line in proc.stdout.splitlines():
-        if ": " in line:
-            for pkg in line.split(": ", 1)[0].split(", "):
-                names.add(pkg.strip())
-    if not names:
+STUB_DIR = "usr/lib/powercut/stubs"
+
+
+def _stub_program(recipe: Recipe, root: Path, work: Path) -> dict[str, str]:
+    """Run `[stubs].program` with stand-ins for the libraries it never uses.
+
+    fio links the rbd, gluster, nbd, rdma and pmem engines, and loading their
+    ~100 libraries (ceph, ICU, boost, krb5) costs ~0.7 s per fio start under
+    TCG. The stubs go into their own directory and a wrapper of the same name
+    in /usr/local/bin (first on PATH) points only that program at them, so the
+    root's real libraries stay intact for any package that uses them.
+    """
+    conf = recipe.data.get("stubs", {})
+    program, patterns = conf.get("program"), list(conf.get("libraries", []))
+    if not program or not patterns:
         return {}
-    out = _run(
-        ["dpkg-query", "-W", "-f", "${Package}:${Architecture} ${Version}\n", *sorted(names)],
-        "reading package versions",
+    prog = root / program
+    libdir = root / "usr" / "lib" / "x86_64-linux-gnu"
+    stub_dir = root / STUB_DIR
+    stub_dir.mkdir(parents=True, exist_ok=True)
+    stubbed: dict[str, str] = {}
+    for soname in _needed(str(prog)):
+        if not any(fnmatch.fnmatchcase(soname, pat) for pat in patterns):
+            continue
+        real = libdir / soname
+        if real.is_symlink() and not os.readlink(real).startswith("/"):
+            real = libdir / os.readlink(real)
+        if not real.is_file():
+            raise ImageBuildError(f"{program} needs {soname}, which the root does not have")
+        (stub_dir / soname).write_bytes(_stub_library(Stub(soname, str(real), (str(prog),)), work))
+        stubbed[soname] = str(real.relative_to(root))
+    wrapper = root / "usr" / "local" / "bin" / prog.name
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(
+        "#!/bin/sh\n# powercut: stand-ins for libraries this program never uses (recipe [stubs])\n"
+        f"LD_LIBRARY_PATH=/{STUB_DIR}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}} "
+        f'exec /{program} "$@"\n'
     )
-    versions: dict[str, str] = {}
-    for line in out.splitlines():
-        name, _, version = line.partition(" ")
-        versions[name.removesuffix(":amd64").removesuffix(":all")] = version
-    return versions
+    wrapper.chmod(0o755)
+    return stubbed
 
 
 @dataclass(frozen=True)
@@ -319,7 +332,8 @@ class Recipe:
     data: dict[str, Any]
 
     @classmethod
-    def load(cls, directory: Path = REPO_IMAGES) -> Recipe:
+    def load(cls, directory: Path | None = None) -> Recipe:
+        directory = directory or recipe_dir()
         path = directory / "recipe.toml"
         try:
             data = tomllib.loads(path.read_text())
@@ -328,12 +342,18 @@ class Recipe:
         return cls(directory, data)
 
     @property
-    def binaries(self) -> list[str]:
-        return list(self.data["binaries"]["paths"])
+    def root(self) -> dict[str, Any]:
+        return dict(self.data.get("root", {}))
+
+    @property
+    def base_packages(self) -> tuple[str, ...]:
+        return pkgs.normalize(self.root.get("packages", ()), "[root].packages in recipe.toml")
 
     def source_files(self) -> list[tuple[str, Path]]:
         """(name in the hash, path) of every recipe input file, sorted."""
-        files = [("recipe.toml", self.directory / "recipe.toml"), ("init", self.directory / "init")]
+        files = [("recipe.toml", self.directory / "recipe.toml")]
+        for name in ("init", "rootinit"):
+            files.append((name, self.directory / name))
         for sub in ("guest-files", "guest-src"):
             root = self.directory / sub
             if root.is_dir():
@@ -341,6 +361,19 @@ class Recipe:
                     if p.is_file() or p.is_symlink():
                         files.append((f"{sub}/{p.relative_to(root)}", p))
         return files
+
+
+def _sources_digest(recipe: Recipe) -> str:
+    h = hashlib.sha256()
+    for name, path in recipe.source_files():
+        try:
+            mode = path.lstat().st_mode
+            body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+        except OSError as exc:
+            raise ImageBuildError(f"cannot read recipe file {path}: {exc}") from exc
+        h.update(f"source {name} {mode:o} {len(body)}\n".encode())
+        h.update(body)
+    return h.hexdigest()
 
 
 def resolve_kernel_package(meta: str) -> tuple[str, str]:
@@ -363,121 +396,94 @@ def candidate_version(pkg: str) -> str:
     return m.group(1)
 
 
-def _check_binaries(paths: list[str]) -> None:
-    missing = [p for p in paths if not os.access(p, os.X_OK)]
-    if missing:
-        raise ImageBuildError(
-            f"the guest image needs {', '.join(missing)} on the host; run ci/bootstrap "
-            "(it installs busybox, dropbear-bin, fio, e2fsprogs, util-linux)"
-        )
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def _tree_digest(path: Path) -> str:
+    """Names, sizes and times of every file under `path` (a modules tree)."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            h.update(
+                f"{p.relative_to(path)} {st.st_mode:o} {st.st_size} {st.st_mtime_ns}\n".encode()
+            )
+    return h.hexdigest()[:24]
 
 
 @dataclass(frozen=True)
 class _Plan:
     recipe: Recipe
-    kernel_package: str
-    kernel_version: str
-    files: dict[str, str]  # guest path → host path, binaries and their libraries
-    stubs: dict[str, Stub]
-    packages: dict[str, str]
-    downloads: dict[str, str]  # Debian package → version, fetched with apt-get download
+    extra: tuple[str, ...]  # packages beyond the recipe's
+    resolution: pkgs.Resolution
+    kernel_package: str | None  # Debian's kernel, when no kernel file is given
+    kernel_version: str | None
+    kernel_file: Path | None
+    modules_dir: Path | None
     recipe_hash: str
 
 
-# Files whose change can change what `plan` resolves: the installed packages
-# (dpkg) and the candidate versions (apt lists).
-_HOST_STATE = ("/var/lib/dpkg/status", "/var/lib/apt/lists", "/var/cache/apt/pkgcache.bin")
-
-
-def _sources_digest(recipe: Recipe) -> str:
-    h = hashlib.sha256()
-    for name, path in recipe.source_files():
-        mode = path.lstat().st_mode
-        body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
-        h.update(f"source {name} {mode:o} {len(body)}\n".encode())
-        h.update(body)
-    return h.hexdigest()
-
-
-def _plan_key(recipe: Recipe, sources: str) -> str:
-    h = hashlib.sha256(f"builder {BUILDER_VERSION}\n{sources}\n".encode())
-    for path in _HOST_STATE:
+def _kernel_key(
+    recipe: Recipe, kernel: Path | None, modules: Path | None, memo: Path
+) -> tuple[str, str | None, str | None]:
+    """(hash input, Debian kernel package, version) for the kernel part of the image."""
+    if kernel is None:
+        if modules is not None:
+            raise ConfigError("modules: a modules tree needs its kernel (kernel = PATH) too")
+        meta = recipe.data["kernel"]["package"]
+        key = f"{pkgs.lists_digest()} {meta}"
         try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        h.update(f"{path} {st.st_mtime_ns} {st.st_size}\n".encode())
-    return h.hexdigest()[:24]
+            d = json.loads(memo.read_text())
+            if d["key"] == key:
+                return f"deb {d['package']} {d['version']}", d["package"], d["version"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        kpkg, kver = resolve_kernel_package(meta)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "package": kpkg, "version": kver}))
+        os.replace(tmp, memo)
+        return f"deb {kpkg} {kver}", kpkg, kver
+    if not kernel.is_file():
+        raise ConfigError(f"kernel: no kernel file {kernel}")
+    text = f"file {_file_digest(kernel)}"
+    if modules is not None:
+        if not modules.is_dir():
+            raise ConfigError(
+                f"modules: {modules} is not a directory; give the kernel's lib/modules/RELEASE tree"
+            )
+        text += f" modules {_tree_digest(modules)}"
+    return text, None, None
 
 
-def plan(recipe: Recipe, cache: Path | None = None) -> _Plan:
-    """Resolve every input and hash them.
-
-    Resolving takes dozens of ldd/readelf/dpkg/apt calls (seconds under
-    load), so the result is remembered in the cache, keyed by the recipe and
-    by the host's package database: a change to either resolves again.
-    """
-    sources = _sources_digest(recipe)
-    memo = (cache or cache_root()) / "plans" / f"{_plan_key(recipe, sources)}.json"
-    try:
-        d = json.loads(memo.read_text())
-        stubs = {so: Stub(so, st["real"], tuple(st["importers"])) for so, st in d["stubs"].items()}
-        return _Plan(
-            recipe,
-            d["kernel_package"],
-            d["kernel_version"],
-            d["files"],
-            stubs,
-            d["packages"],
-            d["downloads"],
-            d["recipe_hash"],
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    p = _resolve(recipe, sources)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "kernel_package": p.kernel_package,
-                "kernel_version": p.kernel_version,
-                "files": p.files,
-                "packages": p.packages,
-                "downloads": p.downloads,
-                "recipe_hash": p.recipe_hash,
-                "stubs": {
-                    so: {"real": st.real, "importers": list(st.importers)}
-                    for so, st in p.stubs.items()
-                },
-            }
-        )
-    )
-    os.replace(tmp, memo)
-    return p
-
-
-def _resolve(recipe: Recipe, sources: str) -> _Plan:
-    binaries = recipe.binaries
-    _check_binaries(binaries)
-    kpkg, kver = resolve_kernel_package(recipe.data["kernel"]["package"])
-    files, stubs = library_closure(
-        binaries, list(recipe.data.get("stubs", {}).get("libraries", []))
-    )
-    packages = _dpkg_owners([*files.values(), *(s.real for s in stubs.values())])
-    downloads = {pkg: candidate_version(pkg) for pkg in sorted(recipe.data.get("packages", {}))}
+def plan(
+    recipe: Recipe,
+    cache: Path | None = None,
+    *,
+    packages: Iterable[str] = (),
+    kernel: Path | None = None,
+    modules: Path | None = None,
+) -> _Plan:
+    """Resolve every input and hash them; raises ConfigError for an unknown package."""
+    cache = cache or cache_root()
+    extra = pkgs.normalize(packages, "packages")
+    root = recipe.root
+    wanted = tuple(sorted({*recipe.base_packages, *extra}))
+    resolution = pkgs.resolve(wanted, memo_dir=cache / "plans", field="packages")
+    kernel = kernel.resolve() if kernel is not None else None
+    modules = modules.resolve() if modules is not None else None
+    kernel_text, kpkg, kver = _kernel_key(recipe, kernel, modules, cache / "plans" / "kernel.json")
     h = hashlib.sha256()
-    h.update(f"builder {BUILDER_VERSION}\nkernel {kpkg} {kver}\n".encode())
-    for name, version in downloads.items():
-        h.update(f"download {name} {version}\n".encode())
-    for name, version in sorted(packages.items()):
-        h.update(f"package {name} {version}\n".encode())
-    for gpath, hpath in sorted(files.items()):
-        h.update(f"file {gpath} {hpath}\n".encode())
-    for soname, stub in sorted(stubs.items()):
-        h.update(f"stub {soname} {stub.real} {' '.join(stub.importers)}\n".encode())
-    h.update(sources.encode())
-    return _Plan(recipe, kpkg, kver, files, stubs, packages, downloads, h.hexdigest()[:16])
+    h.update(f"builder {BUILDER_VERSION}\n{kernel_text}\n".encode())
+    h.update(f"root {root.get('suite')} {root.get('variant')} {root.get('format')}\n".encode())
+    h.update(f"packages {resolution.digest()}\n".encode())
+    h.update(_sources_digest(recipe).encode())
+    return _Plan(recipe, extra, resolution, kpkg, kver, kernel, modules, h.hexdigest()[:16])
 
 
 # -- the build steps ---------------------------------------------------------
@@ -523,23 +529,28 @@ def decompress_bzimage(bzimage: bytes) -> bytes:
     )
 
 
-def module_load_order(modules_dep: str, builtin: str, wanted: list[str]) -> list[str]:
-    """Module paths (relative to the modules dir) to insmod, dependencies first."""
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
 
-    def norm(name: str) -> str:
-        return name.replace("-", "_")
 
+def _parse_modules_dep(modules_dep: str) -> dict[str, tuple[str, list[str]]]:
     deps: dict[str, tuple[str, list[str]]] = {}
     for line in modules_dep.splitlines():
         if ":" not in line:
             continue
         path, _, rest = line.partition(":")
-        name = norm(Path(path).name.removesuffix(".ko"))
+        name = _norm(re.sub(r"\.ko(\.(xz|gz|zst))?$", "", Path(path).name))
         deps[name] = (path, rest.split())
-    builtins = {norm(Path(p).name.removesuffix(".ko")) for p in builtin.split()}
+    return deps
+
+
+def module_load_order(modules_dep: str, builtin: str, wanted: list[str]) -> list[str]:
+    """Module paths (relative to the modules dir) to insmod, dependencies first."""
+    deps = _parse_modules_dep(modules_dep)
+    builtins = {_norm(re.sub(r"\.ko$", "", Path(p).name)) for p in builtin.split()}
     order: list[str] = []
     for mod in wanted:
-        m = norm(mod)
+        m = _norm(mod)
         if m in builtins:
             continue
         if m not in deps:
@@ -553,6 +564,16 @@ def module_load_order(modules_dep: str, builtin: str, wanted: list[str]) -> list
             if p not in order:
                 order.append(p)
     return order
+
+
+def select_modules(modules_dep: str, trees: list[str]) -> list[str]:
+    """Module paths under any of `trees` (a directory or one .ko), with their dependencies."""
+    chosen: set[str] = set()
+    for path, dep_paths in _parse_modules_dep(modules_dep).values():
+        if any(path == t or path.startswith(t.rstrip("/") + "/") for t in trees):
+            chosen.add(path)
+            chosen.update(dep_paths)
+    return sorted(chosen)
 
 
 def _ssh_client_key(directory: Path) -> str:
@@ -574,18 +595,23 @@ def _ssh_client_key(directory: Path) -> str:
     return public
 
 
-def _dropbear_host_key(directory: Path) -> tuple[bytes, str]:
-    key = directory / "dropbear_ed25519_host_key"
-    _run(["dropbearkey", "-t", "ed25519", "-f", str(key)], "generating the guest SSH host key")
-    out = _run(["dropbearkey", "-y", "-f", str(key)], "reading the guest SSH host key")
-    line = next((ln for ln in out.splitlines() if ln.startswith("ssh-ed25519 ")), None)
+def _dropbear_host_key(root: Path, out: Path) -> str:
+    """Generate the guest's host key with the guest's own dropbearkey (chroot)."""
+    rel = "etc/dropbear/dropbear_ed25519_host_key"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).unlink(missing_ok=True)
+    _run(
+        ["chroot", str(root), "dropbearkey", "-t", "ed25519", "-f", "/" + rel],
+        "generating the guest SSH host key",
+    )
+    (root / rel).chmod(0o600)
+    text = _run(["chroot", str(root), "dropbearkey", "-y", "-f", "/" + rel], "reading it")
+    line = next((ln for ln in text.splitlines() if ln.startswith("ssh-ed25519 ")), None)
     if line is None:
-        raise ImageBuildError(f"dropbearkey printed no public key: {out!r}")
+        raise ImageBuildError(f"dropbearkey printed no public key: {text!r}")
     public = " ".join(line.split()[:2])
-    (directory / "host_key.pub").write_text(public + "\n")
-    data = key.read_bytes()
-    key.unlink()
-    return data, public
+    (out / "host_key.pub").write_text(public + "\n")
+    return public
 
 
 def _compile_guest_sources(src_dir: Path, work: Path) -> dict[str, bytes]:
@@ -606,24 +632,6 @@ _DIR = stat.S_IFDIR | 0o755
 _FILE = stat.S_IFREG | 0o644
 _EXE = stat.S_IFREG | 0o755
 _LINK = stat.S_IFLNK | 0o777
-
-# SSH sessions run in Debian's dynamic busybox shell, not the static one that
-# init uses: busybox-static's shell prefers its own applets to real programs of
-# the same name, so `blkdiscard -z` or `blockdev` would run busybox's limited
-# applets instead of util-linux's. The dynamic build searches PATH like any shell.
-LOGIN_BUSYBOX = "/bin/busybox"
-_LOGIN_BUSYBOX_GUEST = "usr/libexec/powercut/busybox"
-_LOGIN_SHELL = "/usr/libexec/powercut/sh"
-
-_ETC = {
-    "etc/passwd": f"root:x:0:0:root:/root:{_LOGIN_SHELL}\n",
-    "etc/shadow": "root:*:19000:0:99999:7:::\n",
-    "etc/group": "root:x:0:\n",
-    "etc/shells": f"/bin/sh\n{_LOGIN_SHELL}\n",
-    "etc/hosts": "127.0.0.1 localhost powercut\n",
-    "etc/profile": "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
-    "export PS1='powercut# '\n",
-}
 
 
 class _Root:
@@ -666,197 +674,313 @@ class _Root:
             writer.close()
 
 
-def _add_packages(p: _Plan, root: _Root, cache: Path, work: Path) -> None:
-    """Copy the recipe's files out of the Debian packages it downloads."""
-    for pkg, paths in sorted(p.recipe.data.get("packages", {}).items()):
-        deb = fetch_deb(pkg, p.downloads[pkg], cache / "downloads")
-        unpacked = work / "pkg" / pkg
-        unpacked.mkdir(parents=True)
-        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], f"unpacking {deb}")
-        for rel in paths:
-            src = unpacked / rel
-            if not src.is_file():
-                raise ImageBuildError(
-                    f"{pkg} {p.downloads[pkg]} has no {rel}; fix [packages] in images/recipe.toml"
-                )
-            mode = _EXE if os.access(src, os.X_OK) else _FILE
-            root.file(_guest_path("/" + rel), src.read_bytes(), mode)
+@dataclass(frozen=True)
+class _Kernel:
+    """The kernel as unpacked for a build: what to boot, its modules, its features."""
+
+    boot_file: Path  # vmlinux (PVH ELF) or the bzImage
+    bzimage: Path
+    release: str
+    moddir: Path | None  # lib/modules/RELEASE with modules.dep, or None
+    features: dict[str, str]
 
 
-def _assemble(
-    p: _Plan,
-    kroot: Path,
-    kabi: str,
-    work: Path,
-    cache: Path,
-    client_pub: str,
-    host_key: bytes,
-) -> tuple[_Root, list[str]]:
-    recipe = p.recipe
-    root = _Root()
-    for top in (
-        "usr/bin",
-        "usr/sbin",
-        "usr/lib",
-        "usr/lib64",
-        "usr/local/bin",
-        "etc/dropbear",
-        "proc",
-        "sys",
-        "dev",
-        "tmp",
-        "run",
-        "mnt",
-        "var/log",
-    ):
-        root.dir(top)
-    root.dir("root", 0o700)
-    root.dir("root/.ssh", 0o700)
-    # Merged /usr: every file is added under usr/ (see _guest_path), because the
-    # kernel's cpio unpacker does not follow these symlinks.
-    for top in ("bin", "sbin", "lib", "lib64"):
-        root.symlink(top, f"usr/{top}")
-    # The kernel opens /dev/console for init before devtmpfs is mounted.
-    root.device("dev/console", True, 5, 1)
-    root.device("dev/null", True, 1, 3)
-
-    for gpath, hpath in sorted(p.files.items()):
-        if hpath == LOGIN_BUSYBOX:
-            gpath = _LOGIN_BUSYBOX_GUEST
-        mode = _EXE if os.access(hpath, os.X_OK) else _FILE
-        root.file(gpath, Path(hpath).read_bytes(), mode)
-    root.symlink(_LOGIN_SHELL.lstrip("/"), "busybox")
-    for soname, stub in sorted(p.stubs.items()):
-        root.file(
-            _guest_path(str(Path(stub.real).parent / soname)), _stub_library(stub, work), _FILE
-        )
-    _add_packages(p, root, cache, work)
-    # Applets of the guest's busybox (static, so it runs here too), where no real program is.
-    busybox = work / "busybox"
-    busybox.write_bytes(root.entries["usr/bin/busybox"].data)
-    busybox.chmod(0o755)
-    applets = _run([str(busybox), "--list-full"], "listing busybox applets")
-    for applet in applets.split():
-        g = _guest_path("/" + applet)
-        if g not in root.entries:
-            root.symlink(g, "/usr/bin/busybox")
-    for name, target in recipe.data.get("links", {}).items():
-        root.symlink(name, target)
-
-    moddir = kroot / "lib" / "modules" / kabi
-    order = module_load_order(
-        (moddir / "modules.dep").read_text(),
-        (moddir / "modules.builtin").read_text(),
-        recipe.data["kernel"]["modules"],
-    )
-    names = []
-    for rel in order:
-        name = Path(rel).name
-        root.file(f"usr/lib/modules/{name}", (moddir / rel).read_bytes())
-        names.append(name)
-    root.file("etc/modules.order", ("\n".join(names) + "\n").encode())
-
-    for name, text in _ETC.items():
-        root.file(name, text.encode())
-    root.file(
-        "root/.ssh/authorized_keys", (client_pub + " powercut\n").encode(), stat.S_IFREG | 0o600
-    )
-    root.file("etc/dropbear/dropbear_ed25519_host_key", host_key, stat.S_IFREG | 0o600)
-    root.file("init", (recipe.directory / "init").read_bytes(), _EXE)
-
-    files_dir = recipe.directory / "guest-files"
-    if files_dir.is_dir():
-        for src in sorted(files_dir.rglob("*")):
-            rel = _guest_path("/" + str(src.relative_to(files_dir)))
-            if src.is_symlink():
-                root.symlink(rel, os.readlink(src))
-            elif src.is_dir():
-                root.dir(rel, stat.S_IMODE(src.stat().st_mode))
-            else:
-                root.file(rel, src.read_bytes(), stat.S_IFREG | stat.S_IMODE(src.stat().st_mode))
-    for gpath, data in _compile_guest_sources(recipe.directory / "guest-src", work).items():
-        root.file(gpath, data, _EXE)
-    return root, names
-
-
-def build(
-    recipe_dir: Path = REPO_IMAGES,
-    cache: Path | None = None,
-    *,
-    force: bool = False,
-    progress: Progress | None = None,
-) -> BuildResult:
-    """Build the image (or find it in the cache) and return where it is."""
-    t0 = time.monotonic()
-    say = progress or (lambda msg: log.info("%s", msg))
-    say("resolving the recipe")
-    recipe = Recipe.load(recipe_dir)
-    cache = cache or cache_root()
-    p = plan(recipe, cache)
-    final = cache / "images" / p.recipe_hash
-    if not force and (final / "manifest.json").exists():
-        log.info("guest image %s is cached in %s", p.recipe_hash, final)
-        return BuildResult(GuestImage.load(final), True, time.monotonic() - t0)
-
-    (cache / "images").mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{p.recipe_hash}-", dir=cache / "images"))
-    try:
+def _prepare_kernel(p: _Plan, work: Path, out: Path, cache: Path, say: Progress) -> _Kernel:
+    if p.kernel_file is None:
+        assert p.kernel_package is not None and p.kernel_version is not None
         say(f"fetching {p.kernel_package} {p.kernel_version}")
         deb = fetch_deb(p.kernel_package, p.kernel_version, cache / "downloads")
-        say("unpacking the kernel and resolving modules")
         kroot = work / "kernel"
         _run(["dpkg-deb", "-x", str(deb), str(kroot)], f"unpacking {deb}")
         vmlinuz = next((kroot / "boot").glob("vmlinuz-*"), None)
         if vmlinuz is None:
             raise ImageBuildError(f"{deb} holds no boot/vmlinuz-*")
-        kabi = vmlinuz.name.removeprefix("vmlinuz-")
-        _run(["depmod", "-b", str(kroot), kabi], "running depmod on the kernel modules")
+        kernel_path, modules_path = vmlinuz, kroot / "lib" / "modules" / vmlinuz.name[8:]
+    else:
+        kernel_path = p.kernel_file
+        modules_path = p.modules_dir  # type: ignore[assignment]
+    say("reading the kernel")
+    info = kern.read_kernel(kernel_path)
+    tree = kern.ModulesTree.read(modules_path) if modules_path is not None else None
+    check = kern.check_kernel(info, tree, kern.BASE_NEEDS)
+    if check.unknown:
+        log.warning(
+            "cannot check %s for %s before boot (no config, no modules tree); "
+            "the guest's init reports what is missing",
+            kernel_path,
+            ", ".join(check.unknown),
+        )
+    features = {
+        name: kern.feature_state(feature, info.config, tree)[0].value
+        for name, feature in kern.FEATURES.items()
+    }
+    release = info.release or (tree.path.name if tree else "unknown")
+    if info.kind == "elf":
+        shutil.copyfile(kernel_path, out / "vmlinux")
+        boot = bz = out / "vmlinux"
+    else:
+        shutil.copyfile(kernel_path, out / "bzImage")
+        bz = out / "bzImage"
+        boot = bz
+        if info.pvh_elf is not None:
+            boot = out / "vmlinux"
+            boot.write_bytes(info.pvh_elf)
+    moddir: Path | None = None
+    if modules_path is not None:
+        if p.kernel_file is None:
+            moddir = modules_path
+        else:
+            moddir = work / "modroot" / "lib" / "modules" / release
+            shutil.copytree(
+                modules_path,
+                moddir,
+                symlinks=True,
+                ignore=shutil.ignore_patterns("build", "source"),
+            )
+        _depmod(moddir, release)
+    return _Kernel(boot, bz, release, moddir, features)
+
+
+def _depmod(moddir: Path, release: str) -> None:
+    """Run depmod on a lib/modules/RELEASE tree wherever it sits."""
+    base = moddir.parent.parent.parent  # BASE/lib/modules/RELEASE
+    if moddir.parent.name != "modules" or moddir.parent.parent.name != "lib":
+        raise ImageBuildError(f"{moddir} is not laid out as BASE/lib/modules/RELEASE")
+    _run(["depmod", "-b", str(base), release], "running depmod on the kernel modules")
+
+
+def _install_modules(k: _Kernel, trees: list[str], root: Path) -> None:
+    """Copy the kernel's chosen module subtrees into the root and index them."""
+    if k.moddir is None:
+        return
+    dest = root / "usr" / "lib" / "modules" / k.release
+    dest.mkdir(parents=True, exist_ok=True)
+    dep = (k.moddir / "modules.dep").read_text()
+    for rel in select_modules(dep, trees):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(k.moddir / rel, target)
+    for meta in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        if (k.moddir / meta).is_file():
+            shutil.copyfile(k.moddir / meta, dest / meta)
+    _run(["depmod", "-b", str(root), k.release], "indexing the guest's modules (depmod)")
+
+
+def _build_root(
+    p: _Plan, k: _Kernel, work: Path, out: Path, cache: Path, say: Progress
+) -> dict[str, Any]:
+    recipe = p.recipe
+    conf = recipe.root
+    root = work / "root"
+    say(f"making the Debian root ({len(p.resolution.requested)} packages, mmdebstrap)")
+    rootfs.make_root(
+        conf.get("suite", "bookworm"),
+        conf.get("variant", "essential"),
+        p.resolution.requested,
+        root,
+        cache / "debs",
+        work / "mmdebstrap.log",
+    )
+    installed = rootfs.installed_versions(root)
+    say("adding the harness's files to the root")
+    _install_modules(k, list(recipe.data["kernel"].get("module_trees", ["kernel"])), root)
+    rootfs.set_root_shell(root)
+    client_pub = _ssh_client_key(out)
+    ssh_dir = root / "root" / ".ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    ssh_dir.chmod(0o700)
+    (ssh_dir / "authorized_keys").write_text(client_pub + " powercut\n")
+    (ssh_dir / "authorized_keys").chmod(0o600)
+    host_pub = _dropbear_host_key(root, out)
+    (root / "etc" / "hostname").write_text("powercut\n")
+    (root / "etc" / "hosts").write_text("127.0.0.1 localhost powercut\n")
+    profile = root / "etc" / "profile.d" / "powercut.sh"
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    profile.write_text("export PS1='powercut# '\n")
+    init = root / "usr" / "lib" / "powercut" / "init"
+    init.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(recipe.directory / "rootinit", init)
+    init.chmod(0o755)
+    files_dir = recipe.directory / "guest-files"
+    if files_dir.is_dir():
+        rootfs.copy_tree(files_dir, root)
+    for gpath, data in _compile_guest_sources(recipe.directory / "guest-src", work).items():
+        (root / gpath).parent.mkdir(parents=True, exist_ok=True)
+        (root / gpath).write_bytes(data)
+        (root / gpath).chmod(0o755)
+    stubbed = _stub_program(recipe, root, work)
+    applets = _run(["chroot", str(root), "/usr/bin/busybox", "--list-full"], "listing applets")
+    added = rootfs.add_missing_applets(root, "/usr/bin/busybox", applets.split())
+    for name, target in recipe.data.get("links", {}).items():
+        os.symlink(target, root / name)
+    fmt = conf.get("format", "erofs")
+    say(f"packing the root ({fmt})")
+    rootfs.pack_root(fmt, root, out / "root.img")
+    return {
+        "installed": installed,
+        "busybox_applets_added": len(added),
+        "stubbed_libraries": stubbed,
+        "host_public_key": host_pub,
+        "format": fmt,
+        "fs_type": rootfs.fs_type(fmt),
+    }
+
+
+def _build_initramfs(p: _Plan, k: _Kernel, work: Path, out: Path, fs_type: str) -> list[str]:
+    """The small initramfs: static busybox, images/init, the modules that reach the root."""
+    ir = _Root()
+    for top in ("usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "etc"):
+        ir.dir(top)
+    for top in ("bin", "sbin", "lib", "lib64"):
+        ir.symlink(top, f"usr/{top}")
+    ir.device("dev/console", True, 5, 1)
+    ir.device("dev/null", True, 1, 3)
+    busybox = work / "root" / "usr" / "bin" / "busybox"
+    ir.file("usr/bin/busybox", busybox.read_bytes(), _EXE)
+    applets = _run([str(busybox), "--list-full"], "listing busybox applets")
+    for applet in applets.split():
+        g = _guest_path("/" + applet)
+        if g not in ir.entries:
+            ir.symlink(g, "/usr/bin/busybox")
+    names: list[str] = []
+    if k.moddir is not None:
+        order = module_load_order(
+            (k.moddir / "modules.dep").read_text(),
+            (k.moddir / "modules.builtin").read_text()
+            if (k.moddir / "modules.builtin").is_file()
+            else "",
+            [*p.recipe.data["kernel"]["modules"], *([fs_type] if fs_type != "erofs" else [])],
+        )
+        for rel in order:
+            name = Path(rel).name
+            ir.file(f"usr/lib/modules/{name}", (k.moddir / rel).read_bytes())
+            names.append(name)
+    ir.file("etc/modules.order", ("\n".join(names) + "\n").encode() if names else b"")
+    ir.file("etc/root-fstype", f"{fs_type}\n".encode())
+    ir.file("init", (p.recipe.directory / "init").read_bytes(), _EXE)
+    ir.write(out / "initramfs.cpio")
+    return names
+
+
+@contextlib.contextmanager
+def _build_lock(images: Path, key: str) -> Iterator[None]:
+    """An exclusive lock per image hash: one builder at a time, the others wait."""
+    images.mkdir(parents=True, exist_ok=True)
+    with open(images / f".{key}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(
+    recipe_dir: Path | None = None,
+    cache: Path | None = None,
+    *,
+    packages: Iterable[str] = (),
+    kernel: Path | None = None,
+    modules: Path | None = None,
+    needs: Iterable[str] = (),
+    force: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build the image (or find it in the cache) and return where it is.
+
+    `packages` go into the root beyond the recipe's; `kernel`/`modules` replace
+    Debian's kernel; `needs` are kernel features (e.g. "xfs") checked before
+    anything boots. Raises ConfigError for an unknown package, a missing kernel
+    or a missing feature, naming the field.
+    """
+    t0 = time.monotonic()
+    say = progress or (lambda msg: log.info("%s", msg))
+    say("resolving the recipe and packages")
+    recipe = Recipe.load(recipe_dir)
+    cache = cache or cache_root()
+    p = plan(recipe, cache, packages=packages, kernel=kernel, modules=modules)
+    images = cache / "images"
+    final = images / p.recipe_hash
+    if not force and (final / "manifest.json").exists():
+        image = GuestImage.load(final)
+        image.check_features(needs)
+        log.info("guest image %s is cached in %s", p.recipe_hash, final)
+        return BuildResult(image, True, time.monotonic() - t0)
+    with _build_lock(images, p.recipe_hash):
+        if not force and (final / "manifest.json").exists():
+            image = GuestImage.load(final)
+            image.check_features(needs)
+            return BuildResult(image, True, time.monotonic() - t0)
+        _build(p, cache, final, force, say)
+    image = GuestImage.load(final)
+    image.check_features(needs)
+    return BuildResult(image, False, time.monotonic() - t0)
+
+
+def _build(p: _Plan, cache: Path, final: Path, force: bool, say: Progress) -> None:
+    images = final.parent
+    work = Path(tempfile.mkdtemp(prefix=f".build-{p.recipe_hash}-", dir=images))
+    try:
         out = work / "out"
         out.mkdir()
-        shutil.copyfile(vmlinuz, out / "vmlinuz")
-        say("decompressing the kernel")
-        (out / "vmlinux").write_bytes(decompress_bzimage(vmlinuz.read_bytes()))
-        say("generating SSH keys")
-        client_pub = _ssh_client_key(out)
-        host_key, host_pub = _dropbear_host_key(out)
+        k = _prepare_kernel(p, work, out, cache, say)
+        root_info = _build_root(p, k, work, out, cache, say)
         say("assembling the initramfs")
-        root, modules = _assemble(p, kroot, kabi, work, cache, client_pub, host_key)
-        root.write(out / "initramfs.cpio")
-        guest = recipe.data.get("guest", {})
+        modules = _build_initramfs(p, k, work, out, root_info["fs_type"])
+        guest = p.recipe.data.get("guest", {})
         manifest = {
             "recipe_hash": p.recipe_hash,
             "builder_version": BUILDER_VERSION,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "kernel_package": {
-                "name": p.kernel_package,
-                "version": p.kernel_version,
-                "release": kabi,
+            "files": {
+                "kernel": k.boot_file.name,
+                "bzimage": k.bzimage.name,
+                "root_disk": "root.img",
             },
-            "packages": {**p.packages, **p.downloads},
-            "modules": modules,
-            "stubbed_libraries": {so: st.real for so, st in sorted(p.stubs.items())},
-            "cmdline": recipe.data["kernel"]["cmdline"],
+            "kernel": {
+                "package": p.kernel_package,
+                "version": p.kernel_version,
+                "file": str(p.kernel_file) if p.kernel_file else None,
+                "modules": str(p.modules_dir) if p.modules_dir else None,
+                "release": k.release,
+                "boot": "pvh" if k.boot_file.name == "vmlinux" else "bzImage",
+            },
+            "kernel_features": k.features,
+            "extra_packages": list(p.extra),
+            "requested_packages": list(p.resolution.requested),
+            "packages": root_info["installed"],
+            "root": {
+                "format": root_info["format"],
+                "fs_type": root_info["fs_type"],
+                "bytes": (out / "root.img").stat().st_size,
+                "busybox_applets_added": root_info["busybox_applets_added"],
+                "stubbed_libraries": root_info["stubbed_libraries"],
+            },
+            "initramfs_modules": modules,
+            "cmdline": p.recipe.data["kernel"]["cmdline"],
             "ssh_port": guest.get("ssh_port", 22),
             "fio_server_port": guest.get("fio_server_port", 8765),
-            "host_public_key": host_pub,
+            "host_public_key": root_info["host_public_key"],
             "initramfs_bytes": (out / "initramfs.cpio").stat().st_size,
-            "kernel_bytes": (out / "vmlinux").stat().st_size,
+            "kernel_bytes": k.boot_file.stat().st_size,
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         say("installing into the cache")
         if force and final.exists():
             shutil.rmtree(final)
-        try:
-            os.rename(out, final)
-        except OSError:
-            # Another build of the same recipe won the race; its output is equivalent.
-            if not (final / "manifest.json").exists():
-                raise
+        os.rename(out, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(GuestImage.load(final), False, time.monotonic() - t0)
 
 
-def ensure_image(progress: Progress | None = None) -> GuestImage:
-    """The image for the repository's recipe, built on first use."""
-    return build(progress=progress).image
+def ensure_image(
+    packages: Iterable[str] = (),
+    kernel: Path | None = None,
+    modules: Path | None = None,
+    *,
+    needs: Iterable[str] = (),
+    progress: Progress | None = None,
+) -> GuestImage:
+    """The image for the repository's recipe plus `packages` (and your kernel), built once."""
+    return build(
+        packages=packages, kernel=kernel, modules=modules, needs=needs, progress=progress
+    ).image

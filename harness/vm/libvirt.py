@@ -27,7 +27,14 @@ from harness.errors import MachineError
 from harness.vm.accel import choose_accel
 from harness.vm.libvirtd import ensure_libvirtd
 from harness.vm.machine import HOST, Machine, free_port
-from harness.vm.spec import Accel, FileDisk, MachineSpec, VhostUserDisk
+from harness.vm.spec import (
+    ROOT_DISK_SERIAL,
+    ROOT_DISK_SLOT,
+    Accel,
+    FileDisk,
+    MachineSpec,
+    VhostUserDisk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +100,25 @@ def domain_xml(
             if disk.read_only:
                 ET.SubElement(d, "readonly")
         ET.SubElement(d, "target", dev=target, bus="virtio")
+    if spec.root_disk is not None:
+        # Last, at the slot QemuMachine uses too: the disks under test keep vda, vdb, ...
+        d = ET.SubElement(dev, "disk", type="file", device="disk")
+        ET.SubElement(d, "driver", name="qemu", type="raw", cache="writeback")
+        ET.SubElement(d, "source", file=str(spec.root_disk))
+        ET.SubElement(
+            d, "target", dev="vd" + "abcdefghijklmnopqrstuvwxyz"[len(spec.disks)], bus="virtio"
+        )
+        ET.SubElement(d, "readonly")
+        ET.SubElement(d, "serial").text = ROOT_DISK_SERIAL
+        ET.SubElement(
+            d,
+            "address",
+            type="pci",
+            domain="0x0000",
+            bus="0x00",
+            slot=f"{ROOT_DISK_SLOT:#04x}",
+            function="0x0",
+        )
     rng = ET.SubElement(dev, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
     ET.SubElement(dev, "memballoon", model="none")

@@ -14,7 +14,14 @@ from harness.errors import MachineError, PowercutError, ProcessError
 from harness.proc import ManagedProcess
 from harness.vm.accel import QEMU, choose_accel
 from harness.vm.machine import HOST, Machine, free_port
-from harness.vm.spec import Accel, FileDisk, MachineSpec, VhostUserDisk
+from harness.vm.spec import (
+    ROOT_DISK_SERIAL,
+    ROOT_DISK_SLOT,
+    Accel,
+    FileDisk,
+    MachineSpec,
+    VhostUserDisk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,14 @@ def qemu_argv(
                 "-device",
                 f"virtio-blk-pci,drive=disk{i},{slot}",
             ]
+    if spec.root_disk is not None:
+        argv += [
+            "-drive",
+            # Read-only and shared by every guest booted from the image.
+            f"file={spec.root_disk},if=none,id=rootdisk,format=raw,readonly=on,cache=writeback",
+            "-device",
+            f"virtio-blk-pci,drive=rootdisk,serial={ROOT_DISK_SERIAL},addr={ROOT_DISK_SLOT:#x}",
+        ]
     return argv
 
 
@@ -159,6 +174,16 @@ class QemuMachine(Machine):
         return self._qmp
 
     def _launch(self) -> None:
+        if len(self.spec.disks) >= ROOT_DISK_SLOT - _FIRST_DISK_SLOT:
+            raise MachineError(
+                f"{len(self.spec.disks)} disks do not fit before the root disk's PCI slot; "
+                f"use at most {ROOT_DISK_SLOT - _FIRST_DISK_SLOT - 1}"
+            )
+        if self.spec.root_disk is not None and not self.spec.root_disk.is_file():
+            raise MachineError(
+                f"the image's root disk {self.spec.root_disk} is missing; "
+                "rebuild it with `powercut image build --force`"
+            )
         for disk in self.spec.disks:
             if isinstance(disk, VhostUserDisk) and not disk.socket.exists():
                 raise MachineError(

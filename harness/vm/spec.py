@@ -9,6 +9,11 @@ from pathlib import Path
 from harness.block.cache import CacheMode, parse_cache_mode
 from harness.vm.image import GuestImage
 
+# The image's root disk: the last PCI slot before libvirt's network slot (0x1f),
+# the same for QEMU and libvirt, so it always enumerates after the disks under test.
+ROOT_DISK_SLOT = 0x1E
+ROOT_DISK_SERIAL = "powercut-root"
+
 
 class Accel(enum.Enum):
     KVM = "kvm"
@@ -64,6 +69,10 @@ class MachineSpec:
     # code paths instead of emulated AVX ones and boots faster (measured: guest
     # ready ~15% sooner than with "max", fio IOPS no lower).
     cpu_model: str | None = None
+    # The image's read-only root disk (erofs). Attached after every disk in
+    # `disks`, at a fixed last PCI slot with serial "powercut-root" (the guest's
+    # init finds it by serial), so the first disk under test stays /dev/vda.
+    root_disk: Path | None = None
 
     @classmethod
     def from_image(
@@ -88,6 +97,7 @@ class MachineSpec:
             ssh_port=image.ssh_port,
             fio_server_port=image.fio_server_port,
             name=name,
+            root_disk=image.root_disk,
         )
 
     def with_disks(self, *disks: Disk) -> MachineSpec:

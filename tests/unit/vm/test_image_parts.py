@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from harness.errors import ImageBuildError
 from harness.vm.cpio import CpioEntry, CpioWriter, read_cpio
 from harness.vm.image import (
+    Stub,
     _guest_path,
+    _needed,
     _stub_library,
     decompress_bzimage,
-    library_closure,
     module_load_order,
+    select_modules,
 )
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-/", min_size=1, max_size=40)
@@ -137,23 +139,12 @@ needs_host_fio = pytest.mark.skipif(
 
 
 @needs_host_fio
-def test_stubbed_libraries_cut_their_dependencies_out_of_the_closure():
-    fio = shutil.which("fio")
-    full, _ = library_closure([fio], [])
-    cut, stubs = library_closure([fio], ["librbd.so.*", "librados.so.*"])
-    assert set(stubs) == {"librbd.so.1", "librados.so.2"}
-    assert stubs["librbd.so.1"].importers == (fio,)
-    names = {p.rsplit("/", 1)[1] for p in cut}
-    assert "libaio.so.1" in names and "librbd.so.1" not in names
-    assert "libceph-common.so.2" not in names
-    assert len(cut) < len(full)
-
-
-@needs_host_fio
 def test_a_stub_exports_what_the_importer_needs_under_the_same_soname(tmp_path):
     fio = shutil.which("fio")
-    _, stubs = library_closure([fio], ["libgfapi.so.*"])
-    data = _stub_library(stubs["libgfapi.so.0"], tmp_path)
+    assert "libgfapi.so.0" in _needed(fio)
+    real = subprocess.run(["ldd", fio], capture_output=True, text=True, check=True).stdout
+    path = next(ln.split()[2] for ln in real.splitlines() if "libgfapi.so.0 =>" in ln)
+    data = _stub_library(Stub("libgfapi.so.0", path, (fio,)), tmp_path)
     stub = tmp_path / "stub.so"
     stub.write_bytes(data)
     dynamic = subprocess.run(
@@ -170,3 +161,21 @@ def test_a_stub_exports_what_the_importer_needs_under_the_same_soname(tmp_path):
     assert wanted and all(ref.split("@")[0] in exported for ref in wanted)
     # The versions fio asks for exist in the stub, so the loader accepts it.
     assert "GFAPI_3.4.0" in exported
+
+
+def test_module_subtrees_come_with_their_dependencies():
+    chosen = select_modules(MODULES_DEP, ["kernel/fs/ext4", "kernel/drivers/block/virtio_blk.ko"])
+    assert chosen == sorted(
+        [
+            "kernel/fs/ext4/ext4.ko",
+            "kernel/lib/crc16.ko",
+            "kernel/fs/mbcache.ko",
+            "kernel/fs/jbd2/jbd2.ko",
+            "kernel/drivers/block/virtio_blk.ko",
+            "kernel/virtio/virtio.ko",
+            "kernel/virtio/virtio_ring.ko",
+        ]
+    )
+    assert "kernel/arch/x86/crypto/crc32c-intel.ko" not in chosen
+    # A prefix matches whole path components only.
+    assert select_modules(MODULES_DEP, ["kernel/fs/ext"]) == []

@@ -1,0 +1,256 @@
+"""Package sets and kernel feature checks: the pure parts, on synthetic inputs."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import struct
+from pathlib import Path
+
+import pytest
+
+from harness.errors import ConfigError
+from harness.vm import kernel as kern
+from harness.vm import packages as pkgs
+from harness.vm.image import GuestImage
+
+# -- package sets ----------------------------------------------------------------
+
+
+def test_a_package_set_hashes_the_same_whatever_the_order_and_duplicates():
+    assert pkgs.set_hash(["sqlite3", "fio", "sqlite3"]) == pkgs.set_hash(["fio", "sqlite3"])
+    assert pkgs.set_hash(["fio"]) != pkgs.set_hash(["fio", "sqlite3"])
+    assert pkgs.normalize([" sqlite3", "fio"]) == ("fio", "sqlite3")
+
+
+@pytest.mark.parametrize("bad", ["", "A", "-o", "foo bar", "x", "pkg;rm", "Sqlite3"])
+def test_a_malformed_package_name_names_the_field(bad):
+    with pytest.raises(ConfigError, match=r"^packages: .* is not a Debian package name"):
+        pkgs.normalize([bad])
+
+
+SIMULATION = """\
+NOTE: This is only a simulation!
+Inst gcc-12-base (12.2.0-14+deb12u1 Debian:12.15/oldstable [amd64])
+Inst libc6 (2.36-9+deb12u14 Debian:12.15/oldstable [amd64]) []
+Inst sqlite3 (3.40.1-2+deb12u2 Debian:12.15/oldstable [amd64])
+Conf sqlite3 (3.40.1-2+deb12u2 Debian:12.15/oldstable [amd64])
+"""
+
+
+def test_the_simulated_install_gives_every_package_and_version():
+    assert pkgs.parse_simulation(SIMULATION) == {
+        "gcc-12-base": "12.2.0-14+deb12u1",
+        "libc6": "2.36-9+deb12u14",
+        "sqlite3": "3.40.1-2+deb12u2",
+    }
+
+
+def test_the_resolution_digest_changes_with_any_version():
+    a = pkgs.Resolution(("sqlite3",), {"sqlite3": "1", "libc6": "2"})
+    b = pkgs.Resolution(("sqlite3",), {"libc6": "2", "sqlite3": "1"})
+    c = pkgs.Resolution(("sqlite3",), {"sqlite3": "1", "libc6": "3"})
+    assert a.digest() == b.digest() != c.digest()
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "E: Unable to locate package no-such-pkg\n",
+        "E: Package 'no-such-pkg' has no installation candidate\n",
+    ],
+)
+def test_an_unknown_package_is_a_config_error_naming_field_and_package(stderr):
+    err = pkgs.explain_failure(stderr, ("no-such-pkg", "sqlite3"), "packages")
+    assert isinstance(err, ConfigError)
+    assert str(err).startswith("packages: no package no-such-pkg in the Debian archive")
+
+
+def test_an_unsatisfiable_set_quotes_apt():
+    err = pkgs.explain_failure(
+        "E: Unable to correct problems, you have held broken packages.\n", ("a", "b"), "--package"
+    )
+    assert str(err).startswith("--package: apt cannot install a, b together")
+    assert "held broken packages" in str(err)
+
+
+def test_the_apt_lists_digest_follows_the_lists(tmp_path):
+    (tmp_path / "x_Packages").write_text("a")
+    (tmp_path / "lock").write_text("")
+    first = pkgs.lists_digest(tmp_path)
+    (tmp_path / "lock").write_text("changed")
+    assert pkgs.lists_digest(tmp_path) == first
+    (tmp_path / "x_Packages").write_text("ab")
+    assert pkgs.lists_digest(tmp_path) != first
+
+
+# -- kernels ---------------------------------------------------------------------
+
+CONFIG = """\
+CONFIG_VIRTIO_PCI=y
+CONFIG_VIRTIO_BLK=y
+CONFIG_VIRTIO_NET=m
+CONFIG_EROFS_FS=y
+CONFIG_OVERLAY_FS=y
+CONFIG_EXT4_FS=y
+CONFIG_XFS_FS=m
+# CONFIG_BTRFS_FS is not set
+"""
+
+
+def _elf_with_pvh_note(extra: bytes = b"") -> bytes:
+    """A minimal 64-bit ELF with one PT_NOTE holding the Xen PVH entry note."""
+    note = struct.pack("<III", 4, 4, kern.XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0" + b"\0" * 4
+    phoff, note_off = 64, 64 + 56
+    header = bytearray(64)
+    header[:4] = b"\x7fELF"
+    header[4], header[5] = 2, 1
+    struct.pack_into("<Q", header, 0x20, phoff)
+    struct.pack_into("<HH", header, 0x36, 56, 1)
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, note_off, 0, 0, len(note), len(note), 4)
+    return bytes(header) + phdr + note + b"Linux version 6.9.0-test (x@y) #1\0" + extra
+
+
+def _bzimage(payload_elf: bytes, release: str = "6.9.0-test") -> bytes:
+    data = bytearray(0x400)
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x20E, 0x100)
+    version = f"{release} (x@y) #1".encode() + b"\0"
+    data[0x300 : 0x300 + len(version)] = version
+    return bytes(data) + lzma.compress(payload_elf, format=lzma.FORMAT_XZ)
+
+
+def _ikconfig(text: str) -> bytes:
+    return b"IKCFG_ST" + gzip.compress(text.encode()) + b"IKCFG_ED"
+
+
+def test_a_bzimage_gives_its_release_pvh_elf_and_embedded_config(tmp_path):
+    elf = _elf_with_pvh_note(_ikconfig(CONFIG))
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(elf))
+    info = kern.read_kernel(path)
+    assert (info.kind, info.release, info.config_source) == ("bzImage", "6.9.0-test", "IKCONFIG")
+    assert info.pvh_elf == elf
+    assert info.config is not None and info.config["CONFIG_BTRFS_FS"] == "n"
+
+
+def test_a_config_file_beside_the_kernel_is_used_without_ikconfig(tmp_path):
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(_bzimage(_elf_with_pvh_note()))
+    (tmp_path / "config-6.9.0-test").write_text(CONFIG)
+    info = kern.read_kernel(path)
+    assert info.config_source == str(tmp_path / "config-6.9.0-test")
+
+
+def test_a_missing_filesystem_is_named_with_its_config_option(tmp_path):
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(_elf_with_pvh_note(_ikconfig(CONFIG))))
+    with pytest.raises(ConfigError) as info:
+        kern.check_kernel(path, None, ["virtio_blk", "btrfs"])
+    msg = str(info.value)
+    assert msg.startswith(f"kernel: {path} lacks")
+    assert "btrfs (filesystem btrfs): CONFIG_BTRFS_FS is not set" in msg
+    assert "virtio_blk (" not in msg  # built in: not a problem
+
+
+def test_a_module_feature_needs_the_modules_tree(tmp_path):
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(_elf_with_pvh_note(_ikconfig(CONFIG))))
+    with pytest.raises(ConfigError, match=r"virtio_net .*CONFIG_VIRTIO_NET=m, a module, but no "):
+        kern.check_kernel(path, None, kern.BASE_NEEDS)
+    tree = tmp_path / "6.9.0-test"
+    (tree / "kernel" / "drivers" / "net").mkdir(parents=True)
+    (tree / "kernel" / "drivers" / "net" / "virtio_net.ko").write_bytes(b"")
+    (tree / "kernel" / "fs" / "xfs").mkdir(parents=True)
+    (tree / "kernel" / "fs" / "xfs" / "xfs.ko").write_bytes(b"")
+    check = kern.check_kernel(path, tree, [*kern.BASE_NEEDS, "xfs", "ext4"])
+    assert check.modules_needed == ["virtio_net", "xfs"]
+    assert check.states["ext4"] is kern.State.BUILTIN and not check.unknown
+
+
+def test_without_config_the_modules_tree_decides(tmp_path):
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(_elf_with_pvh_note()))
+    tree = tmp_path / "6.9.0-test"
+    (tree / "kernel" / "fs" / "f2fs").mkdir(parents=True)
+    (tree / "kernel" / "fs" / "f2fs" / "f2fs.ko").write_bytes(b"")
+    (tree / "modules.builtin").write_text(
+        "kernel/fs/ext4/ext4.ko\nkernel/drivers/block/virtio_blk.ko\n"
+    )
+    check = kern.check_kernel(path, tree, ["ext4", "f2fs", "virtio_blk"])
+    assert [check.states[n] for n in ("ext4", "f2fs", "virtio_blk")] == [
+        kern.State.BUILTIN,
+        kern.State.MODULE,
+        kern.State.BUILTIN,
+    ]
+    with pytest.raises(ConfigError, match=r"xfs .*neither in modules\.builtin nor a \.ko"):
+        kern.check_kernel(path, tree, ["xfs"])
+
+
+def test_with_neither_config_nor_modules_the_check_says_it_cannot_tell(tmp_path):
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(_elf_with_pvh_note()))
+    check = kern.check_kernel(path, None, ["xfs", "virtio_blk"])
+    assert check.unknown == ["xfs", "virtio_blk"] and check.source == "nothing"
+
+
+def test_modules_of_another_release_are_refused(tmp_path):
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(_elf_with_pvh_note()))
+    tree = tmp_path / "6.1.0-other"
+    tree.mkdir()
+    (tree / "modules.builtin").write_text("")
+    with pytest.raises(ConfigError, match=r"^modules: .* is for kernel 6.1.0-other but .* 6.9.0"):
+        kern.check_kernel(path, tree, ["xfs"])
+
+
+def test_bad_kernel_files_are_config_errors_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kernel: no kernel file"):
+        kern.read_kernel(tmp_path / "nope")
+    (tmp_path / "junk").write_bytes(b"not a kernel" * 100)
+    with pytest.raises(ConfigError, match="neither a bzImage nor an ELF"):
+        kern.read_kernel(tmp_path / "junk")
+    no_pvh = bytearray(_elf_with_pvh_note())
+    no_pvh[64 + 56 + 12 : 64 + 56 + 16] = b"Foo\0"
+    (tmp_path / "vmlinux").write_bytes(bytes(no_pvh))
+    with pytest.raises(ConfigError, match="without a PVH entry"):
+        kern.read_kernel(tmp_path / "vmlinux")
+
+
+def _image(**kw) -> GuestImage:
+    return GuestImage(
+        directory=Path("/x"),
+        recipe_hash="h",
+        kernel=Path("/x/k"),
+        bzimage=Path("/x/k"),
+        initramfs=Path("/x/i"),
+        ssh_key=Path("/x/id"),
+        ssh_public_key=Path("/x/id.pub"),
+        host_public_key=Path("/x/h"),
+        manifest=Path("/x/m"),
+        cmdline="",
+        ssh_port=22,
+        fio_server_port=8765,
+        **kw,
+    )
+
+
+def test_an_unknown_feature_is_refused(tmp_path):
+    path = tmp_path / "bzImage"
+    path.write_bytes(_bzimage(_elf_with_pvh_note()))
+    with pytest.raises(ConfigError, match="unknown kernel feature 'zfs'"):
+        kern.check_kernel(path, None, ["zfs"])
+    with pytest.raises(ConfigError, match="unknown kernel feature 'zfs'"):
+        _image().check_features(["zfs"])
+
+
+def test_a_cached_image_refuses_a_filesystem_its_kernel_lacks_without_booting():
+    img = _image(
+        kernel_release="6.9.0",
+        kernel_features={"xfs": "missing", "ext4": "built in", "f2fs": "unknown"},
+    )
+    img.check_features(["ext4", "f2fs"])  # unknown passes: init reports it at boot
+    with pytest.raises(
+        ConfigError, match=r"^kernel: .*6\.9\.0.* lacks xfs \(filesystem xfs: CONFIG"
+    ):
+        img.check_features(["xfs"])
