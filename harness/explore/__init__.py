@@ -1,0 +1,14 @@
+"""Crash-state exploration: one recorded run defines every crash state the contract allows.
+
+    recording.py   what a recording is on disk (base image, write log with data, acks)
+    states.py      persistence points and the states at each, by cut policy, within a budget
+    overlay.py     a state as base + differing sectors: read, materialize into a scratch
+                   image and restore it, content hash, replay as an image
+    hostcheck.py   host-side checks of a state: the oracle on the log as of the cut, and
+                   the filesystem checker with journal recovery on a throwaway view
+    minimize.py    delta debugging over the lost and torn writes of a failing state
+    attribute.py   what a write's blocks hold on ext4 (debugfs icheck/ncheck)
+
+Imports go one way: this package reads `harness.durability` and drives
+`harness.block`; it knows nothing of scenarios, workloads, machines or reports.
+"""

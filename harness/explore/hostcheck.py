@@ -1,0 +1,446 @@
+"""Host-side checks of crash states: the oracle, and the filesystem checker on a throwaway view.
+
+For each state: the scratch image is moved to it (`overlay.Scratch`, only the
+sectors that differ from the previous state are written), then
+
+* the **oracle** (`harness.durability.oracle.check`) judges it against the log
+  *as of the cut at its point* (`log_as_of`: requests submitted before the
+  point, completions after it undone) and the promise the guest was told
+  (`judge`). A state enumerated under the same promise is inside the
+  contract by construction, so a violation there is a bug in exploration;
+  under a disk that keeps less than it promised (unsafe, a lying flush) the
+  violations are the finding.
+* the **filesystem checker**, with journal recovery, never by mounting the
+  image in the host's kernel. ext4: `e2fsck -p -f -z UNDO` (preen: replays the
+  journal, releases orphans and fixes the summary counts a crash leaves
+  behind, and exits 4 on anything a crash must not cause), then `e2undo` puts
+  back every block it wrote, so the scratch holds the state again (measured
+  here against a sector diff: the undo file is both cheaper and exact). The
+  other filesystems' host tools and what they can say are in `checker_for`.
+
+Identical images are checked once: a state whose content hash was seen
+already takes that state's outcome (`duplicate_of`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from harness.durability.contract import Promise
+from harness.durability.oracle import OracleReport, check
+from harness.durability.writelog import WriteLog
+from harness.errors import ConfigError, ProcessError
+from harness.explore.overlay import Scratch, StateBuilder, StateView
+from harness.explore.states import State, Timeline
+
+log = logging.getLogger(__name__)
+
+
+def log_as_of(wlog: WriteLog, at: int) -> WriteLog:
+    """The log as the oracle would have read it had the power been cut after record `at - 1`."""
+    requests = []
+    for r in wlog.requests:
+        if r.submit_index >= at:
+            break  # requests are in submit order
+        if r.complete_index is not None and r.complete_index >= at:
+            r = dataclasses.replace(r, complete_index=None, complete_ns=None, status=None)
+        requests.append(r)
+    return dataclasses.replace(
+        wlog,
+        requests=requests,
+        records=at,
+        torn_bytes=0,
+        marks=[m for m in wlog.marks if m[0] < at],
+        write_cache_changes=[c for c in wlog.write_cache_changes if c[0] < at],
+        preimages=[p for p in wlog.preimages if p[0] < at],
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One checker's word on one state: ok True/False, or None when it could not judge."""
+
+    checker: str
+    ok: bool | None
+    detail: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class FsChecker(Protocol):
+    name: str
+
+    def check(self, image: Path) -> Outcome:
+        """Judge the image; leave it exactly as it was (or raise ProcessError)."""
+        ...
+
+
+E2FSCK_CONF = "[options]\n\tbroken_system_clock = 1\n"
+
+
+class Ext4Checker:
+    """`e2fsck -p -f` with journal recovery on the scratch image, undone with `e2undo`."""
+
+    name = "e2fsck"
+
+    def __init__(self, workdir: Path | str) -> None:
+        self.workdir = Path(workdir)
+        self.undo = self.workdir / "fsck.e2undo"
+        conf = self.workdir / "e2fsck.conf"
+        conf.write_text(E2FSCK_CONF)
+        # A crash state's superblock may carry times from the recording: never "in the future".
+        self.env = {**os.environ, "E2FSCK_CONFIG": str(conf), "LANG": "C"}
+        for tool in ("e2fsck", "e2undo"):
+            if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+                raise ConfigError(f"{tool} is not installed; install e2fsprogs")
+
+    def check(self, image: Path) -> Outcome:
+        t0 = time.perf_counter()
+        self.undo.unlink(missing_ok=True)
+        run = subprocess.run(
+            ["e2fsck", "-p", "-f", "-z", str(self.undo), str(image)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            close_fds=False,
+            check=False,
+        )
+        code = run.returncode
+        out = (run.stdout + run.stderr).strip()
+        if self.undo.exists():
+            back = subprocess.run(
+                ["e2undo", str(self.undo), str(image)],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                close_fds=False,
+                check=False,
+            )
+            if back.returncode != 0:
+                raise ProcessError(
+                    f"e2undo could not restore {image} after e2fsck: {back.stderr.strip()}"
+                )
+        ok = code in (0, 1, 2)  # 1, 2: fixed what a crash leaves (journal, orphans, counts)
+        detail = _tail(out) if not ok else ("recovered the journal" if "recover" in out else "")
+        return Outcome(
+            self.name,
+            ok,
+            f"exit {code}" + (f": {detail}" if detail else ""),
+            time.perf_counter() - t0,
+        )
+
+
+class ReadOnlyChecker:
+    """A checker that never writes the image, for filesystems whose host tool cannot recover.
+
+    * xfs: `xfs_repair -n` cannot replay the log and refuses a dirty one; such a
+      state is reported as not judged (ok None) — the checker guest's mount does it.
+    * btrfs: `btrfs check --readonly` checks the last committed transaction; the
+      fsync log tree is replayed only by a mount, so fsync'd-but-uncommitted data
+      is the checker guest's to judge.
+    * f2fs: `fsck.f2fs` (no fixing) checks the last checkpoint; roll-forward
+      recovery of fsync'd data is the mount's, again the guest's.
+    """
+
+    def __init__(self, name: str, argv: list[str], dirty_log_marker: str | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.dirty_log_marker = dirty_log_marker
+
+    def check(self, image: Path) -> Outcome:
+        t0 = time.perf_counter()
+        run = subprocess.run(
+            [*self.argv, str(image)], capture_output=True, text=True, check=False, close_fds=False
+        )
+        out = (run.stdout + run.stderr).strip()
+        if self.dirty_log_marker and self.dirty_log_marker in out:
+            return Outcome(
+                self.name,
+                None,
+                "log needs replay: only a mount can judge this state",
+                time.perf_counter() - t0,
+            )
+        ok = run.returncode == 0
+        return Outcome(
+            self.name,
+            ok,
+            f"exit {run.returncode}" + ("" if ok else f": {_tail(out)}"),
+            time.perf_counter() - t0,
+        )
+
+
+def checker_for(fstype: str | None, workdir: Path | str) -> FsChecker | None:
+    """The host-side checker of a filesystem type (None: no filesystem, the oracle alone)."""
+    if fstype in (None, "", "none", "raw"):
+        return None
+    if fstype in ("ext2", "ext3", "ext4"):
+        return Ext4Checker(workdir)
+    if fstype == "xfs":
+        return ReadOnlyChecker("xfs_repair", ["xfs_repair", "-n", "-f"], "log needs to be replayed")
+    if fstype == "btrfs":
+        return ReadOnlyChecker("btrfs-check", ["btrfs", "check", "--readonly"])
+    if fstype == "f2fs":
+        return ReadOnlyChecker("fsck.f2fs", ["fsck.f2fs", "--dry-run"])
+    raise ConfigError(
+        f"no host-side checker for filesystem {fstype!r}; known: ext2/3/4, xfs, btrfs, f2fs"
+    )
+
+
+def _tail(text: str, lines: int = 4) -> str:
+    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+class Verdict:
+    PASS = "pass"  # every checker is content
+    FAIL = "fail"  # the disk kept its promise, a checker failed: the software's (or fs config's)
+    VIOLATION = "violation"  # the disk lost what it promised (the oracle): the disk's loss
+
+
+@dataclass
+class HostResult:
+    state: State
+    digest: str
+    oracle: dict[str, Any]
+    outcomes: list[Outcome]
+    verdict: str
+    seconds: float
+    duplicate_of: str | None = None
+    sectors_differing: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict != Verdict.PASS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.state.to_json(),
+            "digest": self.digest,
+            "verdict": self.verdict,
+            "duplicate_of": self.duplicate_of,
+            "oracle": self.oracle,
+            "checks": [o.to_json() for o in self.outcomes],
+            "seconds": round(self.seconds, 6),
+            "sectors_differing": self.sectors_differing,
+        }
+
+
+def _oracle_json(report: OracleReport) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "lost": report.lost,
+        "corrupt": report.corrupt,
+        "must": report.must,
+        "may": report.may,
+        "contract": report.contract,
+    }
+
+
+def verdict_of(oracle_ok: bool, outcomes: Iterable[Outcome]) -> str:
+    if not oracle_ok:
+        return Verdict.VIOLATION
+    return Verdict.FAIL if any(o.ok is False for o in outcomes) else Verdict.PASS
+
+
+class HostChecker:
+    """Checks states one after another on one scratch image (one worker)."""
+
+    def __init__(
+        self,
+        timeline: Timeline,
+        log_path: Path | str,
+        base: Path | str,
+        judge: Promise,
+        *,
+        fsck: FsChecker | None = None,
+        workdir: Path | str | None = None,
+        oracle: bool = True,
+    ) -> None:
+        self.timeline = timeline
+        self.judge = judge
+        self.fsck = fsck
+        self.oracle = oracle
+        self._tmp = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="powercut-explore-", dir=_fast_tmp())
+            workdir = self._tmp.name
+        self.workdir = Path(workdir)
+        self.builder = StateBuilder(timeline, log_path, base)
+        self.scratch = Scratch(self.builder, self.workdir / "scratch.img")
+        self._views: tuple[int, WriteLog] | None = None
+
+    def _log_at(self, at: int) -> WriteLog:
+        if self._views is None or self._views[0] != at:
+            self._views = (at, log_as_of(self.timeline.wlog, at))
+        return self._views[1]
+
+    def view(self, state: State) -> StateView:
+        return self.scratch.materialize(state)
+
+    def check(
+        self, state: State, view: StateView | None = None, cache: CheckCache | None = None
+    ) -> HostResult:
+        """Check one state; with `cache`, an image seen before is not checked again.
+
+        The filesystem checker's word depends on the image alone, so it is shared
+        by content hash; the oracle's depends on the point too (what was durable
+        there), so it is shared by content hash and point.
+        """
+        t0 = time.perf_counter()
+        if view is None:
+            view = self.scratch.materialize(state)
+        digest = view.digest
+        duplicate_of = None
+        oracle_json: dict[str, Any] = {}
+        oracle_ok = True
+        if self.oracle:
+            key = (digest, state.point.at)
+            got = cache.oracle.get(key) if cache is not None else None
+            if got is None:
+                report = check(self.scratch.path, self._log_at(state.point.at), self.judge)
+                got = _oracle_json(report)
+                if cache is not None:
+                    cache.oracle[key] = got
+            oracle_json = got
+            oracle_ok = bool(got["ok"])
+        outcomes: list[Outcome] = []
+        if self.fsck is not None:
+            seen = cache.fsck.get(digest) if cache is not None else None
+            if seen is None:
+                try:
+                    outcome = self.fsck.check(self.scratch.path)
+                except ProcessError:
+                    self.scratch.forget()
+                    raise
+                if cache is not None:
+                    cache.fsck[digest] = (state.id, outcome)
+                outcomes.append(outcome)
+            else:
+                duplicate_of = seen[0]
+                outcomes.append(dataclasses.replace(seen[1], seconds=0.0))
+        elif cache is not None:
+            duplicate_of = cache.first.setdefault(digest, state.id)
+            duplicate_of = None if duplicate_of == state.id else duplicate_of
+        return HostResult(
+            state,
+            digest,
+            oracle_json,
+            outcomes,
+            verdict_of(oracle_ok, outcomes),
+            time.perf_counter() - t0,
+            duplicate_of=duplicate_of,
+            sectors_differing=len(self.scratch.held),
+        )
+
+    def close(self) -> None:
+        self.scratch.close()
+        self.builder.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> HostChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fast_tmp() -> str | None:
+    """tmpfs when there is one: e2fsck's and the undo file's syncs then cost nothing."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+@dataclass
+class CheckCache:
+    """What was checked already: fsck outcomes by content hash, oracle reports by (hash, point)."""
+
+    fsck: dict[str, tuple[str, Outcome]] = field(default_factory=dict)
+    oracle: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    first: dict[str, str] = field(default_factory=dict)  # digest -> first state id (no fsck)
+
+
+@dataclass
+class Exploration:
+    """Results so far, in enumeration order; `explored` counts duplicates too."""
+
+    results: list[HostResult] = field(default_factory=list)
+    unique: int = 0
+    seconds: float = 0.0
+
+    @property
+    def explored(self) -> int:
+        return len(self.results)
+
+    @property
+    def failing(self) -> list[HostResult]:
+        return [r for r in self.results if r.failed]
+
+
+def explore_host(
+    checkers: list[HostChecker],
+    states: Iterable[State],
+    *,
+    on_result: Callable[[HostResult], None] | None = None,
+    cache: CheckCache | None = None,
+) -> Exploration:
+    """Check `states` on `checkers` (one per worker thread), identical images once.
+
+    States are dealt to workers in consecutive blocks, so each worker's scratch
+    and durable map move forward through the points. `on_result` sees every
+    result as it comes (to write explore.json as it goes); the results list is in
+    enumeration order.
+    """
+    t0 = time.perf_counter()
+    cache = cache if cache is not None else CheckCache()
+    lock = threading.Lock()
+    found: dict[int, HostResult] = {}
+    order = list(states)
+    errors: list[BaseException] = []
+    block = 16
+
+    def blocks(worker: int) -> Iterator[int]:
+        n = len(checkers)
+        for start in range(worker * block, len(order), n * block):
+            yield from range(start, min(start + block, len(order)))
+
+    def run(worker: int) -> None:
+        hc = checkers[worker]
+        try:
+            for i in blocks(worker):
+                result = hc.check(order[i], cache=cache)
+                with lock:
+                    found[i] = result
+                    if on_result is not None:
+                        on_result(result)
+                if errors:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller's thread below
+            errors.append(exc)
+
+    if len(checkers) == 1:
+        run(0)
+    else:
+        threads = [
+            threading.Thread(target=run, args=(w,), daemon=True) for w in range(len(checkers))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    results = [found[i] for i in sorted(found)]
+    return Exploration(results, len({r.digest for r in results}), time.perf_counter() - t0)
