@@ -58,7 +58,11 @@ class BackendStoppedError(BlockError):
 
 
 class ProtocolError(PowercutError):
-    """The vhost-user frontend sent something the protocol does not allow."""
+    """A peer (a vhost-user frontend, an NBD client) sent something its protocol does not allow."""
+
+
+class NbdProtocolError(ProtocolError):
+    """An NBD client broke the protocol in a way that ends its connection (not the server)."""
 
 
 class GuestError(PowercutError):

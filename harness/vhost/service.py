@@ -1,4 +1,7 @@
-"""Run exports until told to stop: the body of `powercut serve` and the storage daemon."""
+"""Run exports until told to stop: the body of `powercut serve` and the storage daemon.
+
+Any server with start() and close() (vhost-user-blk, NBD) can be run here.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,22 @@ import signal
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import Protocol
 
 from harness.vhost.control import ControlServer
-from harness.vhost.server import VhostUserBlkServer
 
 log = logging.getLogger(__name__)
 
 
-def run_until_signalled(
-    servers: Sequence[VhostUserBlkServer], control: ControlServer | None = None
-) -> int:
+class Service(Protocol):
+    """What is served: a VhostUserBlkServer, an NbdServer."""
+
+    def start(self) -> object: ...
+
+    def close(self) -> None: ...
+
+
+def run_until_signalled(servers: Sequence[Service], control: ControlServer | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then close everything; exit status 0."""
     stop = threading.Event()
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.vhost.control import control_request
 from harness.durability.writelog import read_log
 from harness.errors import PowercutError
 from harness.proc import ManagedProcess
-from harness.vhost.control import control_request
 from harness.vhost.frontend import VhostUserFrontend
 from harness.vhost.virtio import VirtioBlkFeature, VirtioBlkRequestType, VirtioBlkStatus
 
@@ -24,7 +24,7 @@ OK, IOERR = VirtioBlkStatus.OK, VirtioBlkStatus.IOERR
 DAEMON = [
     sys.executable,
     "-c",
-    "import sys; from harness.vhost.storage_daemon import main; sys.exit(main())",
+    "import sys; from harness.storage_daemon import main; sys.exit(main())",
 ]
 SERVE = [sys.executable, "-m", "harness.cli"]
 
@@ -279,7 +279,7 @@ def test_several_exports_and_an_inherited_fd(
 
 
 def test_storage_daemon_rejects_what_it_does_not_support(tmp_path: Path, image: Path) -> None:
-    from harness.vhost.storage_daemon import main
+    from harness.storage_daemon import main
 
     sock = tmp_path / "x.sock"
     base = ["--blockdev", f"driver=file,filename={image},node-name=f0"]
