@@ -26,7 +26,7 @@ from harness.proc import live_processes
 
 # A powercut backend on a disk image (mode, queues, serial, fault drivers via a
 # --blockdev graph); composes with vm_factory.
-from harness.vhost.pytest_fixtures import powercut_disk  # noqa: F401
+from harness.testing.disk import powercut_disk  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `open_backend()` builds a node graph from `--blockdev` options and returns the
 `BlockBackend` every layer above (the vhost-user-blk device, `powercut io`,
-tests) talks to. See design.md, "The block stack".
+tests) talks to. See docs/architecture.md.
 """
 
 from harness.block.backend import (

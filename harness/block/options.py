@@ -26,14 +26,21 @@ _SIZE_SUFFIXES = {
     "p": 1 << 50,
     "e": 1 << 60,
 }
-_SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F]+|[0-9]+(?:\.[0-9]+)?)\s*([bkmgtpeBKMGTPE]?)\s*$")
+# QEMU's size syntax (a number, a binary suffix), also spelt with a unit: "4KiB", "1 MiB", "4kB".
+_SIZE_RE = re.compile(
+    r"^\s*(0x[0-9a-fA-F]+|[0-9]+(?:\.[0-9]+)?)\s*(?:([kmgtpeKMGTPE])(?:i?[bB])?|([bB]))?\s*$"
+)
 
 _TRUE = {"on", "true", "yes", "y", "1"}
 _FALSE = {"off", "false", "no", "n", "0"}
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
-    """A byte count with an optional binary suffix: 4096, 4k, 1M, 2G, 0x1000."""
+    """A byte count with an optional binary suffix: 4096, 4k, 1M, 1.5G, 2 GiB, 0x1000.
+
+    The one size grammar of the harness: `--blockdev` options, `powercut io`
+    and scenario files all read sizes here.
+    """
     if isinstance(text, bool):
         raise ConfigError(f"{what}: expected a size, got {text!r}")
     if isinstance(text, int):
@@ -45,11 +52,14 @@ def parse_size(text: str | int, what: str = "size") -> int:
                 f"{what}: {text!r} is not a size; use a number with an optional suffix "
                 "k, M, G, T (powers of 1024), e.g. 4k or 1M"
             )
-        number, suffix = match.groups()
+        number, unit, byte = match.groups()
+        suffix = unit or byte or ""
         if number.startswith("0x"):
             if suffix:
                 raise ConfigError(f"{what}: {text!r}: hexadecimal sizes take no suffix")
             value = int(number, 16)
+        elif "." not in number:
+            value = int(number) * _SIZE_SUFFIXES[suffix.lower()]
         else:
             scaled = float(number) * _SIZE_SUFFIXES[suffix.lower()]
             if scaled != int(scaled):
@@ -119,6 +129,23 @@ def flatten(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
                 raise ConfigError(f"blockdev option {full!r} given twice")
             flat[full] = value
     return flat
+
+
+def format_dotted(options: Mapping[str, Any]) -> str:
+    """The dotted `--blockdev` form of nested (or flat) options; `parse_dotted` reads it back.
+
+    Values are written as QEMU's keyval syntax wants them: a comma doubled,
+    booleans as on/off; anything else in a value (`=`, spaces, quotes,
+    brackets) needs no escaping, because a key ends at the first `=`.
+    """
+    parts = []
+    for key, value in flatten(options).items():
+        if "," in key or "=" in key:
+            raise ConfigError(f"blockdev option name {key!r} cannot hold ',' or '='")
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        parts.append(f"{key}={str(value).replace(',', ',,')}")
+    return ",".join(parts)
 
 
 def to_flat(options: str | Mapping[str, Any]) -> dict[str, Any]:

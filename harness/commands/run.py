@@ -24,15 +24,70 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from harness.crash.matrix import Cell
-from harness.crash.plan import add_run_arguments, command_line, plan_from_args
+from harness.crash.plan import ACCELS, RunPlan, command_line, make_plan
 from harness.crash.runner import RunObserver, run_plan
 from harness.report.console import STYLE, print_results
 from harness.report.results import CellResult
+from harness.scenario.cells import Cell
 from harness.vm.image import ensure_image
 
 NAME = "run"
 HELP = "run power-cut scenarios and judge every cell against its cache mode's contract"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """`powercut run SCENARIO... --out DIR [--mode M] [--seed S] [--repeat N] [--accel A]`.
+
+    Plus `--cell ID` (one cell or an id prefix, what reproduce commands use)
+    and `--list` (print the cells, run nothing).
+    """
+    parser.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files (TOML)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="results directory: results.json, junit.xml, report.html, logs",
+    )
+    parser.add_argument(
+        "--mode",
+        action="append",
+        metavar="M",
+        dest="modes",
+        help="only these cache modes (repeatable; writeback, none/off, writethrough, "
+        "directsync, unsafe)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="scenario seed (overrides the files'; every cell's seed derives from it)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, metavar="N", help="repetitions per cell (overrides the files')"
+    )
+    parser.add_argument(
+        "--accel",
+        choices=ACCELS,
+        default="auto",
+        help="QEMU accelerator: kvm, tcg, or auto (kvm when it works)",
+    )
+    parser.add_argument(
+        "--cell", metavar="ID", help="only the cell with this id, or the cells under this id prefix"
+    )
+    parser.add_argument("--list", action="store_true", help="list the cells and exit")
+
+
+def plan_from_args(args: argparse.Namespace) -> RunPlan:
+    """The plan the command line asks for."""
+    return make_plan(
+        args.scenarios,
+        args.out,
+        modes=args.modes,
+        seed=args.seed,
+        repeat=args.repeat,
+        cell=args.cell,
+        accel=args.accel,
+    )
 
 
 def register(parser: argparse.ArgumentParser) -> None:

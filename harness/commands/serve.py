@@ -26,11 +26,11 @@ from typing import Any
 from harness.block import BlockBackend, open_backend
 from harness.block.options import to_flat
 from harness.block.throttle import BUCKETS
+from harness.control import ControlServer
 from harness.errors import ConfigError
 from harness.nbd import NbdExport, NbdServer
 from harness.storage_daemon import SocketAddress, nbd_listener
 from harness.vhost.blk import BlkConfig, VirtioBlkDevice
-from harness.vhost.control import ControlServer
 from harness.vhost.fault_commands import register_fault_commands
 from harness.vhost.server import VhostUserBlkServer
 from harness.vhost.service import run_until_signalled

@@ -1,13 +1,21 @@
 """Run one cell: boot, workload, cut, recover, check, judge.
 
-The order is the one in `harness.crash.plan`'s docstring; the pieces are
-the other modules' (session: backend + machine + cut + oracle; workloads:
-command lines and parsers; verdict: the judgement; report.results: the
-record). What lives here is the choreography and the timing of the cut.
+The choreography lives here and nothing else: the session boots, cuts and
+runs the oracle (`harness.crash.session`), the workload runs and checks
+itself (`harness.workloads`, through the `Workload` interface), the verdict
+judges (`harness.crash.verdict`) and the record keeps (`harness.crash.record`).
+The session is anything with `CellSession`'s methods, so a unit test can run a
+cell's whole sequence on a fake machine.
 
-A backend crash is checked in the same boot (and the oracle after a clean
-shutdown), never after killing QEMU: the guest kept its own cache, so
-everything must be there (verdict.py).
+Two sequences:
+
+* a power cut (guest or host): boot, start the workload, wait for the cut
+  moment (or for the workload to cut itself), cut, run the oracle on the
+  image as the cut left it, reboot, mount, check;
+* a backend crash: boot, start, wait, crash and restart the backend under
+  the running guest, let the workload go on, check in the same boot (the
+  guest kept its own cache, so everything must be there) and run the oracle
+  after a clean shutdown — never after killing QEMU.
 """
 
 from __future__ import annotations
@@ -15,52 +23,69 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shlex
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Protocol
 
-from harness.crash.matrix import Cell
-from harness.crash.scenario import (
-    AckRecordsSpec,
-    Checker,
-    FaultModel,
-    FioVerifySpec,
-    FsMetaSpec,
-    TriggerKind,
-    WorkloadKind,
-)
-from harness.crash.session import CrashSession
-from harness.crash.verdict import (
-    FsckObservation,
-    Observed,
-    OracleObservation,
-    expected_for_cell,
-    judge,
-)
-from harness.crash.workloads import ackrecords, fsmeta
-from harness.crash.workloads import fio as fio_workload
-from harness.crash.workloads.guestlog import count_io_errors
-from harness.crash.workloads.stream import AckStream
+from harness.crash.record import cell_result, error_result
+from harness.crash.session import CrashSession, PowerCut
+from harness.crash.verdict import Observed, OracleObservation, expected_for_cell, judge
+from harness.durability.contract import FaultModel, Promise
+from harness.durability.oracle import OracleReport
 from harness.errors import ConfigError, GuestError, PowercutError, TimeoutExpired
-from harness.guest.fio import ClientRun, FioClient, FioJob, run_fio, start_fio_server
+from harness.guest.kernel_log import count_io_errors
 from harness.guest.ssh import SSHSession
-from harness.report.results import CellResult, cell_result, error_result
+from harness.report.results import CellResult
+from harness.scenario.cells import Cell
+from harness.scenario.model import TriggerKind
 from harness.vm.image import GuestImage
-from harness.vm.machine import HOST
 from harness.vm.spec import Accel
+from harness.workloads import filesystem
+from harness.workloads.base import FSCK, ORACLE, POLL, Observation, Run
 
 log = logging.getLogger(__name__)
 
-MOUNT = "/mnt"
-RECORDS = f"{MOUNT}/records"
-FSMETA_DIR = "fsmeta"
-DEVICE = "/dev/vda"
-POLL = 0.02
+
+class CellSession(Protocol):
+    """What a cell needs of its machine and disk (`CrashSession` is the real one)."""
+
+    def __enter__(self) -> CellSession: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def boot(self, timeout: float = ...) -> SSHSession: ...
+
+    @property
+    def ssh(self) -> SSHSession: ...
+
+    def host_port(self, guest_port: int) -> int: ...
+
+    @property
+    def fio_server_port(self) -> int | None: ...
+
+    def requests(self, kind: str) -> int: ...
+
+    def power_cut(
+        self, fault: FaultModel, policy: Any, seed: int = 0, *, check: bool = True
+    ) -> PowerCut: ...
+
+    def reboot(self, timeout: float = ...) -> SSHSession: ...
+
+    def crash_backend(self, timeout: float = ...) -> float: ...
+
+    def shutdown(self) -> None: ...
+
+    def power_off(self) -> None: ...
+
+    def check_oracle(self, contract: Promise) -> OracleReport: ...
+
+    def artifacts(self) -> dict[str, Path]: ...
+
+
+SessionFactory = Callable[..., CellSession]
 
 
 @dataclass
@@ -98,118 +123,34 @@ class Deadline:
             )
 
 
-class GuestStream:
-    """A guest command in a thread; every acknowledgement line it prints is counted.
+class _Guest:
+    """The `GuestContext` a workload sees: the session's guest, the cell's directory and time."""
 
-    Runs on its own SSH channel so the cut can come at any moment: the
-    command ends when its connection dies with the guest.
-    """
-
-    def __init__(self, ssh: SSHSession, command: str, name: str, ack_file: Path) -> None:
-        self.ssh = ssh
-        self.command = command
-        self.stream = AckStream(name)
-        self.ack_file = ack_file
-        self.error: BaseException | None = None
-        self.exit_code: int | None = None
-        self.stderr = ""
-        self.started = 0.0
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"guest-{name}", daemon=True)
-
-    def start(self) -> GuestStream:
-        self.started = time.monotonic()
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            with open(self.ack_file, "a", buffering=1) as acks:
-
-                def line(text: str) -> None:
-                    with self._lock:
-                        self.stream.feed(text + "\n")
-                    acks.write(text + "\n")
-
-                result = self.ssh.run(self.command, timeout=3600, on_stdout=line)
-            self.exit_code = result.exit_code
-            self.stderr = result.stderr
-        except (PowercutError, OSError, EOFError) as exc:
-            self.error = exc
-        except Exception as exc:  # noqa: BLE001 - paramiko raises its own kinds when the guest dies
-            self.error = exc
+    def __init__(self, session: CellSession, directory: Path, deadline: Deadline) -> None:
+        self._session = session
+        self._directory = directory
+        self._deadline = deadline
 
     @property
-    def acked(self) -> int:
-        with self._lock:
-            return self.stream.highest
+    def ssh(self) -> SSHSession:
+        return self._session.ssh
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def directory(self) -> Path:
+        return self._directory
 
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def failure(self) -> str | None:
-        """Why the workload itself failed (not because the power was cut)."""
-        if isinstance(self.error, GuestError):
-            return str(self.error)
-        if self.exit_code not in (None, 0, -1):
-            return f"{self.command!r} exited {self.exit_code}: {self.stderr.strip()[-300:]}"
-        return None
-
-
-class FioWrite:
-    """The fio write phase through the host client, in a thread; the trigger saves verify state."""
-
-    def __init__(self, client: FioClient, job: FioJob, flag: Path, timeout: float) -> None:
-        self.client = client
-        self.job = job
-        self.flag = flag
-        self.timeout = timeout
-        self.run_result: ClientRun | None = None
-        self.error: BaseException | None = None
-        self.started = 0.0
-        self._thread = threading.Thread(target=self._run, name="fio-client", daemon=True)
-
-    def start(self, trigger_after: float, remote: str | None = None) -> FioWrite:
-        self.trigger_after = max(1, round(trigger_after))
-        self.remote = remote
-        self.started = time.monotonic()
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            self.run_result = self.client.run(
-                [self.job],
-                trigger_timeout=self.trigger_after,
-                trigger=f"touch {shlex.quote(str(self.flag))}",
-                trigger_remote=self.remote,
-                timeout=self.timeout,
-                name="write",
-            )
-        except (PowercutError, OSError) as exc:
-            self.error = exc
+    def host_port(self, guest_port: int) -> int:
+        return self._session.host_port(guest_port)
 
     @property
-    def triggered(self) -> bool:
-        return self.flag.exists()
+    def fio_server_port(self) -> int | None:
+        return self._session.fio_server_port
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def time_left(self, cap: float | None = None) -> float:
+        return self._deadline.left(cap)
 
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-
-def _requests(session: CrashSession, kind: str) -> int:
-    try:
-        return int(session.backend.stats().get("requests", {}).get(kind, 0))
-    except (OSError, ValueError, PowercutError):
-        return -1
+    def check_deadline(self, what: str) -> None:
+        self._deadline.check(what)
 
 
 class CellRunner:
@@ -225,6 +166,7 @@ class CellRunner:
         out: Path,
         reproduce: str,
         on_phase: Callable[[str], None] | None = None,
+        session_factory: SessionFactory = CrashSession,
     ) -> None:
         self.cell = cell
         # Absolute: fio's client and the backend run in other working directories.
@@ -234,12 +176,12 @@ class CellRunner:
         self.out = Path(out).resolve()
         self.reproduce = reproduce
         self.on_phase = on_phase or (lambda _p: None)
+        self.session_factory = session_factory
         self.timer = Timer()
         self.deadline = Deadline(cell.timeout)
         self.expected = expected_for_cell(cell)
+        self.workload = cell.workload.workload
         self.notes: dict[str, object] = {}
-        self.stream: GuestStream | None = None
-        self.fio_writer: FioWrite | None = None
 
     # -- the cell --------------------------------------------------------------------
 
@@ -248,20 +190,18 @@ class CellRunner:
         # The cell's directory is its own: a rerun into the same --out starts afresh.
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
-        session: CrashSession | None = None
+        session: CellSession | None = None
         try:
             self._validate()
-            kind = cell.workload.kind
-            needs_fs = kind in (WorkloadKind.ACK_RECORDS, WorkloadKind.EXT4_METADATA)
             with self.timer.phase("prepare"):
-                session = CrashSession(
+                session = self.session_factory(
                     self.directory,
                     self.image,
                     cell.mode,
                     disk_size=cell.disk_size,
                     accel=self.accel,
-                    ext4=needs_fs,
-                    directories=(FSMETA_DIR,) if kind is WorkloadKind.EXT4_METADATA else (),
+                    filesystem=cell.filesystem if self.workload.needs_filesystem else None,
+                    directories=self.workload.directories,
                     blkdebug=cell.blkdebug,
                     name="cell",
                 )
@@ -293,18 +233,12 @@ class CellRunner:
         return result
 
     def _validate(self) -> None:
-        """What the scenario schema allows but this runner cannot do, refused before booting."""
-        cell = self.cell
-        timed = cell.cut.kind in (TriggerKind.AFTER_SECONDS, TriggerKind.WINDOW)
-        fio = cell.workload.kind is WorkloadKind.FIO_VERIFY
-        if fio and not timed and cell.fault is not FaultModel.BACKEND_CRASH:
-            raise ConfigError(
-                f"fio-verify cells cut by time (after-seconds or window), not "
-                f"{cell.cut.kind.value}: fio saves its verify state only on its timed "
-                "trigger and stops writing there; change the workload's [workload.cut]"
-            )
+        """What the scenario schema allows but this workload cannot do, refused before booting."""
+        refusal = self.workload.refuse(timed_cut=self.cell.cut.kind.timed, fault=self.cell.fault)
+        if refusal:
+            raise ConfigError(refusal)
 
-    def _artifacts(self, session: CrashSession) -> dict[str, str]:
+    def _artifacts(self, session: CellSession) -> dict[str, str]:
         files = session.artifacts()
         for name in ("acks.txt", "fio", "checks.log"):
             path = self.directory / name
@@ -316,299 +250,124 @@ class CellRunner:
             for k, p in files.items()
         }
 
-    def _run_in(self, session: CrashSession) -> Observed:
-        cell = self.cell
+    def _run_in(self, session: CellSession) -> Observed:
         self.on_phase("boot")
         with self.timer.phase("boot"):
-            ssh = session.boot(self.deadline.left(180))
-        if cell.fault is FaultModel.BACKEND_CRASH:
-            return self._backend_crash(session, ssh)
+            session.boot(self.deadline.left(180))
+        guest = _Guest(session, self.directory, self.deadline)
+        if self.cell.fault is FaultModel.BACKEND_CRASH:
+            return self._backend_crash(session, guest)
+        return self._power_cut(session, guest)
+
+    # -- a power cut -------------------------------------------------------------------
+
+    def _power_cut(self, session: CellSession, guest: _Guest) -> Observed:
+        cell = self.cell
         self.on_phase("workload")
         with self.timer.phase("workload"):
-            self._workload_until_cut(session, ssh)
+            run = self._start(session, guest)
+            if run.cuts_itself:
+                run.wait_until_cut(guest, cell.cut_at)
+            else:
+                self._wait_for_cut(session, run)
+            if failure := run.failure():
+                raise GuestError(f"the workload failed before the cut: {failure}")
         self.on_phase("cut")
         with self.timer.phase("cut"):
             cut = session.power_cut(
                 cell.fault,
                 cell.policy or "lose-all",
                 cell.policy_seed or 0,
-                check=Checker.ORACLE in cell.checkers,
+                check=ORACLE in cell.checkers,
             )
-        acked = 0
-        if self.stream is not None:
-            # Every acknowledgement the host had received when the power went is a
-            # promise, also those that came in while the cut was being made.
-            self.stream.join(30)
-            acked = self.stream.acked
+        run.after_cut(30)
         if cut.cut is not None:
             self.notes["cut"] = cut.cut.summary()
-        oracle_obs = OracleObservation.from_report(cut.oracle) if cut.oracle else None
+        observations: dict[str, Observation] = {}
+        if cut.oracle is not None:
+            observations[ORACLE] = OracleObservation.from_report(cut.oracle)
         self.on_phase("reboot")
         with self.timer.phase("reboot"):
-            ssh = session.reboot(self.deadline.left(180))
+            session.reboot(self.deadline.left(180))
         self.on_phase("check")
         with self.timer.phase("check"):
-            observed = self._check_after(session, ssh, acked)
+            mounted = self._mount(guest) if self.workload.needs_filesystem else True
+            observations.update(self._check(guest, run, mounted))
         with contextlib.suppress(PowercutError, OSError):
-            session.machine.power_cut()
-        return Observed(
-            oracle=oracle_obs,
-            fio_verify=observed.fio_verify,
-            fsck=observed.fsck,
-            ack_records=observed.ack_records,
-            fsmeta=observed.fsmeta,
-        )
+            session.power_off()
+        return Observed.of(observations)
 
-    # -- workloads -------------------------------------------------------------------
-
-    def _mount(self, ssh: SSHSession) -> bool:
-        return ssh.run(f"mkdir -p {MOUNT} && mount -t ext4 {DEVICE} {MOUNT}", timeout=120).ok
-
-    def _start_stream(self, ssh: SSHSession) -> GuestStream:
-        cell = self.cell
-        params = cell.workload.params
-        if not self._mount(ssh):
+    def _start(self, session: CellSession, guest: _Guest) -> Run:
+        if self.workload.needs_filesystem and not self._mount(guest):
             raise GuestError(
-                f"could not mount the fresh ext4 on {DEVICE}; console log {self.directory}"
+                f"could not mount the fresh {self.cell.filesystem} on {filesystem.DEVICE}; "
+                f"console log {self.directory}"
             )
-        if isinstance(params, AckRecordsSpec):
-            command = ackrecords.write_command(params, RECORDS, cell.seed)
-        else:
-            assert isinstance(params, FsMetaSpec)
-            command = fsmeta.write_command(params, f"{MOUNT}/{FSMETA_DIR}", cell.seed)
-        # A second SSH session for the stream: the main one stays free for stats and kills.
-        return GuestStream(ssh, command, cell.workload.name, self.directory / "acks.txt").start()
+        return self.workload.start(guest, self.cell.seed, self.cell.fault)
 
-    def _wait_for_cut(
-        self,
-        session: CrashSession,
-        started: float,
-        acked: Callable[[], int],
-        alive: Callable[[], bool],
-    ) -> None:
+    def _mount(self, guest: _Guest) -> bool:
+        return filesystem.mount(guest.ssh, self.cell.filesystem)
+
+    def _wait_for_cut(self, session: CellSession, run: Run) -> None:
         """Block until the cell's cut moment (or the workload ended by itself)."""
         cell = self.cell
         trigger = cell.cut.kind
-        base_writes = _requests(session, "OUT") if trigger is TriggerKind.AFTER_ACKED_WRITES else 0
-        base_flushes = _requests(session, "FLUSH") if trigger is TriggerKind.AFTER_FLUSHES else 0
+        counts_acks = self.workload.counts_acknowledgements
+        base_writes = (
+            session.requests("OUT")
+            if trigger is TriggerKind.AFTER_ACKED_WRITES and not counts_acks
+            else 0
+        )
+        base_flushes = session.requests("FLUSH") if trigger is TriggerKind.AFTER_FLUSHES else 0
         while True:
-            if trigger in (TriggerKind.AFTER_SECONDS, TriggerKind.WINDOW):
-                if time.monotonic() - started >= cell.cut_at:
+            if trigger.timed:
+                if time.monotonic() - run.started >= cell.cut_at:
                     return
             elif trigger is TriggerKind.AFTER_ACKED_WRITES:
-                count = (
-                    acked()
-                    if cell.workload.kind is not WorkloadKind.FIO_VERIFY
-                    else (_requests(session, "OUT") - base_writes)
-                )
+                count = run.acked() if counts_acks else session.requests("OUT") - base_writes
                 if count >= cell.cut_at:
                     return
-            elif _requests(session, "FLUSH") - base_flushes >= cell.cut_at:
+            elif session.requests("FLUSH") - base_flushes >= cell.cut_at:
                 return
-            if not alive():
+            if not run.alive():
                 log.warning("cell %s: the workload ended before the cut moment", cell.id)
                 self.notes["early_end"] = True
                 return
             self.deadline.check(f"waiting for the cut ({cell.cut.label})")
             time.sleep(POLL)
 
-    def _workload_until_cut(self, session: CrashSession, ssh: SSHSession) -> None:
-        """Run the workload up to the cut moment."""
+    def _check(self, guest: _Guest, run: Run, mounted: bool) -> dict[str, Observation]:
+        """The workload's own checker (when its filesystem mounted), then the filesystem's."""
         cell = self.cell
-        if cell.workload.kind is WorkloadKind.FIO_VERIFY:
-            self._fio_write(session, ssh)
-            return
-        stream = self._start_stream(ssh)
-        self._wait_for_cut(session, stream.started, lambda: stream.acked, lambda: stream.alive)
-        if failure := stream.failure():
-            raise GuestError(f"the workload failed before the cut: {failure}")
-        self.stream = stream
-
-    def _fio_client(self, session: CrashSession, ssh: SSHSession) -> FioClient:
-        port = session.machine.spec.fio_server_port
-        assert port is not None
-        start_fio_server(ssh, port)
-        return FioClient(HOST, session.machine.host_port(port), self.directory / "fio")
-
-    def _fio_write(self, session: CrashSession, ssh: SSHSession) -> None:
-        cell = self.cell
-        assert isinstance(cell.workload.params, FioVerifySpec)
-        client = self._fio_client(session, ssh)
-        job = fio_workload.write_job(cell.workload.params, DEVICE, cell.seed)
-        flag = self.directory / "fio" / "triggered"
-        flag.unlink(missing_ok=True)
-        # On the trigger the server saves its verify state, stops the job (which then
-        # flushes) and runs the remote trigger, which is the cut itself: sysrq-b resets
-        # the guest at once (QEMU runs with -no-reboot, so it exits), racing the stopped
-        # job's final flush — fio's own power-cut recipe. fio's trigger is a time only.
-        writer = FioWrite(client, job, flag, self.deadline.left())
-        writer.start(cell.cut_at, "echo b > /proc/sysrq-trigger")
-        while not writer.triggered:
-            if not writer.alive:
-                detail = writer.error or (writer.run_result.log[-500:] if writer.run_result else "")
-                raise GuestError(f"fio ended before its trigger fired: {detail}")
-            self.deadline.check("waiting for fio's trigger")
-            time.sleep(POLL)
-        self.fio_writer = writer
-
-    # -- after the reboot ----------------------------------------------------------------
-
-    def _check_after(self, session: CrashSession, ssh: SSHSession, acked: int) -> Observed:
-        cell = self.cell
-        params = cell.workload.params
-        checks = self.directory / "checks.log"
-        if isinstance(params, FioVerifySpec):
-            fio_obs = None
-            if Checker.FIO_VERIFY in cell.checkers:
-                if self.fio_writer is not None:
-                    self.fio_writer.join(30)
-                client = self._fio_client(session, ssh)
-                run = client.run(
-                    [fio_workload.verify_job(params, DEVICE, cell.seed)],
-                    timeout=self.deadline.left(),
-                    name="verify",
-                )
-                checks.write_text(run.log + "\n" + run.output)
-                fio_obs = fio_workload.parse_verify(run.output, run.log)
-                if not fio_obs.blocks_verified and not fio_obs.verify_errors:
-                    raise GuestError(
-                        f"fio verify read nothing (exit {run.exit_code}); see {checks}"
-                    )
-            return Observed(fio_verify=fio_obs)
-        if self.stream is not None:
-            self.stream.join(30)
-        mounted = self._mount(ssh)
-        ack_obs = fs_obs = None
-        with open(checks, "a") as out:
-            if (
-                mounted
-                and isinstance(params, AckRecordsSpec)
-                and Checker.ACK_RECORDS in cell.checkers
-            ):
-                text = ssh.run(ackrecords.check_command(params, RECORDS, cell.seed), timeout=120)
-                out.write(f"$ ackrecords --check\n{text.stdout}{text.stderr}\n")
-                ack_obs = ackrecords.AckRecordsObservation(
-                    acked, ackrecords.parse_check(text.stdout)
-                )
-            if mounted and isinstance(params, FsMetaSpec) and Checker.FSMETA in cell.checkers:
-                command = fsmeta.check_command(params, f"{MOUNT}/{FSMETA_DIR}", cell.seed, acked)
-                text = ssh.run(command, timeout=120)
-                out.write(f"$ {command}\n{text.stdout}{text.stderr}\n")
-                fs_obs = fsmeta.FsMetaObservation(acked, fsmeta.parse_check(text.stdout))
-            fsck_obs = self._fsck(ssh, mounted, out) if Checker.FSCK in cell.checkers else None
-        return Observed(fsck=fsck_obs, ack_records=ack_obs, fsmeta=fs_obs)
-
-    def _fsck(self, ssh: SSHSession, mounted: bool, out: TextIO) -> FsckObservation:
-        if mounted:
-            ssh.run(f"umount {MOUNT}", timeout=120, check=True)
-        result = ssh.run(f"e2fsck -fn {DEVICE}", timeout=300)
-        text = result.stdout + result.stderr
-        out.write(f"$ e2fsck -fn {DEVICE}  (exit {result.exit_code})\n{text}\n")
-        return FsckObservation(mounted, result.exit_code, "\n".join(text.splitlines()[-10:]))
-
-    # -- backend crash ---------------------------------------------------------------------
-
-    def _backend_crash(self, session: CrashSession, ssh: SSHSession) -> Observed:
-        cell = self.cell
-        params = cell.workload.params
-        self.on_phase("workload")
-        if isinstance(params, FioVerifySpec):
-            return self._backend_crash_fio(session, ssh, params)
-        with self.timer.phase("workload"):
-            stream = self._start_stream(ssh)
-            self._wait_for_cut(session, stream.started, lambda: stream.acked, lambda: stream.alive)
-        self.on_phase("crash")
-        with self.timer.phase("crash"):
-            at_crash = stream.acked
-            self.notes["reconnect_seconds"] = session.crash_backend(self.deadline.left(60))
-        with self.timer.phase("workload"):
-            # The workload must go on after the restart: wait for more acknowledgements.
-            resumed = time.monotonic()
-            while stream.alive and stream.acked < at_crash + 20 and time.monotonic() - resumed < 10:
-                time.sleep(POLL)
-            ssh.run("killall ackrecords fsmeta 2>/dev/null; true", timeout=30)
-            stream.join(self.deadline.left(60))
-            failure = stream.failure()
-            if failure and stream.exit_code not in (137, 143, -1):  # 137/143: killed by us
-                raise GuestError(f"the workload failed across the backend crash: {failure}")
-        self.stream = stream
-        self.on_phase("check")
-        with self.timer.phase("check"):
-            io_errors = count_io_errors(ssh.check_output("dmesg", timeout=60), "vda")
-            # Same boot: the guest kept everything it wrote, so all of it must be there.
+        observations: dict[str, Observation] = {}
+        own = self.workload.checker
+        if own in cell.checkers and mounted:
+            observations[own] = self.workload.check(guest, cell.seed, run)
+        if FSCK in cell.checkers:
             with open(self.directory / "checks.log", "a") as out:
-                ack_obs = fs_obs = None
-                if isinstance(params, AckRecordsSpec) and Checker.ACK_RECORDS in cell.checkers:
-                    text = ssh.run(
-                        ackrecords.check_command(params, RECORDS, cell.seed), timeout=120
-                    )
-                    out.write(f"$ ackrecords --check\n{text.stdout}{text.stderr}\n")
-                    ack_obs = ackrecords.AckRecordsObservation(
-                        stream.acked, ackrecords.parse_check(text.stdout)
-                    )
-                if isinstance(params, FsMetaSpec) and Checker.FSMETA in cell.checkers:
-                    command = fsmeta.check_command(
-                        params, f"{MOUNT}/{FSMETA_DIR}", cell.seed, stream.acked
-                    )
-                    text = ssh.run(command, timeout=120)
-                    out.write(f"$ {command}\n{text.stdout}{text.stderr}\n")
-                    fs_obs = fsmeta.FsMetaObservation(stream.acked, fsmeta.parse_check(text.stdout))
-                fsck_obs = self._fsck(ssh, True, out) if Checker.FSCK in cell.checkers else None
-            oracle_obs = self._oracle_after_shutdown(session)
-        return Observed(
-            oracle=oracle_obs,
-            fsck=fsck_obs,
-            ack_records=ack_obs,
-            fsmeta=fs_obs,
-            guest_io_errors=io_errors,
-        )
+                observations[FSCK] = filesystem.fsck(guest.ssh, mounted, out)
+        return observations
 
-    def _backend_crash_fio(
-        self, session: CrashSession, ssh: SSHSession, params: FioVerifySpec
-    ) -> Observed:
-        cell = self.cell
-        # One fio run in the guest writes `size` once, then verifies it (same boot).
-        # Not time-based: fio skips the verify phase of a time-based job.
-        options = fio_workload.write_options(params, DEVICE, cell.seed)
-        options.update({"do_verify": 1, "verify_state_save": 0, "verify_fatal": 0})
-        options.pop("time_based", None)
-        options.pop("runtime", None)
-        job = fio_workload.to_job("crash", options)
-        result: dict[str, object] = {}
+    # -- a backend crash -------------------------------------------------------------------
 
-        def work() -> None:
-            try:
-                result["fio"] = run_fio(ssh, [job], timeout=self.deadline.left(), check=False)
-            except (PowercutError, OSError) as exc:
-                result["error"] = exc
-
+    def _backend_crash(self, session: CellSession, guest: _Guest) -> Observed:
+        self.on_phase("workload")
         with self.timer.phase("workload"):
-            thread = threading.Thread(target=work, name="fio-guest", daemon=True)
-            started = time.monotonic()
-            thread.start()
-            self._wait_for_cut(session, started, lambda: 0, thread.is_alive)
+            run = self._start(session, guest)
+            self._wait_for_cut(session, run)
         self.on_phase("crash")
         with self.timer.phase("crash"):
+            acked_at_crash = run.acked()
             self.notes["reconnect_seconds"] = session.crash_backend(self.deadline.left(60))
         with self.timer.phase("workload"):
-            thread.join(self.deadline.left())
-        if "error" in result:
-            raise GuestError(f"fio failed across the backend crash: {result['error']}")
-        fio_result = result.get("fio")
+            run.after_backend_crash(guest, acked_at_crash)
         self.on_phase("check")
         with self.timer.phase("check"):
-            errors = getattr(fio_result, "errors", 0)
-            jobs = getattr(fio_result, "jobs", ())
-            read_bytes = sum(j.read.io_bytes for j in jobs)
-            fio_obs = fio_workload.FioVerifyObservation(int(errors), read_bytes // 4096)
-            if not read_bytes:
-                raise GuestError("fio's verify phase read nothing: the check would prove nothing")
-            io_errors = count_io_errors(ssh.check_output("dmesg", timeout=60), "vda")
-            oracle_obs = self._oracle_after_shutdown(session)
-        return Observed(oracle=oracle_obs, fio_verify=fio_obs, guest_io_errors=io_errors)
-
-    def _oracle_after_shutdown(self, session: CrashSession) -> OracleObservation | None:
-        session.shutdown()
-        if Checker.ORACLE not in self.cell.checkers:
-            return None
-        return OracleObservation.from_report(session.check_oracle(self.expected.oracle_mode))
+            io_errors = count_io_errors(guest.ssh.check_output("dmesg", timeout=60), "vda")
+            # Same boot: the guest kept everything it wrote, so all of it must be there.
+            observations = self._check(guest, run, mounted=True)  # still mounted, if any
+            session.shutdown()
+            if ORACLE in self.cell.checkers:
+                report = session.check_oracle(self.expected.reference)
+                observations[ORACLE] = OracleObservation.from_report(report)
+        return Observed.of(observations, guest_io_errors=io_errors)

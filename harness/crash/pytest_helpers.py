@@ -13,7 +13,7 @@ The `power_cut` fixture (harness.pytest_plugin) gives a `PowerCutHelper`:
 The disk is served by `powercut serve` with log-writes and powerfail (the
 runner's `CrashSession`); the cut is applied offline with the policy and
 seed; the oracle judges the image against the contract of the mode for
-that fault (`verdict.oracle_mode_for`) before the guest boots again and
+that fault (`harness.durability.contract.reference_promise`) before the guest boots again and
 replays its journal. A failing test gets the console and backend logs in
 its report.
 """
@@ -26,10 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness.block.cache import CacheMode
-from harness.crash.scenario import FaultModel
 from harness.crash.session import CrashSession, PowerCut
-from harness.durability.cut import CutPolicy
+from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.errors import ConfigError
 from harness.guest.ssh import SSHSession
 from harness.vm.image import GuestImage
@@ -70,7 +68,7 @@ class PowerCutHelper:
             mode,
             disk_size=disk_size,
             accel=self.accel,
-            ext4=ext4,
+            filesystem="ext4" if ext4 else None,
             directories=directories,
             name="crash",
         )

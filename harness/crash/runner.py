@@ -14,19 +14,20 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.crash.cell_run import CellRunner
-from harness.crash.matrix import Cell
+from harness.crash.cell_run import CellRunner, SessionFactory
 from harness.crash.plan import RunPlan
-from harness.crash.verdict import Verdict
+from harness.crash.record import error_result
+from harness.crash.session import CrashSession
 from harness.report.render import Rendered, render_all
 from harness.report.results import (
     CellResult,
     RunResults,
-    error_result,
+    Verdict,
     host_info,
     run_results,
     utc_now,
 )
+from harness.scenario.cells import Cell
 from harness.vm.accel import choose_accel
 from harness.vm.image import GuestImage, ensure_image
 
@@ -63,6 +64,7 @@ def run_plan(
     command: str,
     image: GuestImage | None = None,
     observer: RunObserver | None = None,
+    session_factory: SessionFactory = CrashSession,
 ) -> RunOutcome:
     """Run every cell of `plan`; write DIR/results.json, junit.xml, report.md/html, plots."""
     observer = observer or RunObserver()
@@ -92,6 +94,7 @@ def run_plan(
             out=plan.out,
             reproduce=plan.reproduce(cell),
             on_phase=_phase_callback(observer, index, cell),
+            session_factory=session_factory,
         )
         try:
             result = runner.run()

@@ -8,7 +8,7 @@ are the other parts' own: `PowercutBackend` (harness.vm.backends) starts the
 backend, `QemuMachine` boots, `apply_cut` (harness.durability.cut) applies a host
 power cut offline, `oracle.check` judges the image.
 
-The three faults (design.md, "The durability contract"):
+The three faults (harness.durability.contract):
 
 * guest power cut — QEMU is SIGKILLed; the backend stops cleanly, nothing reverts;
 * host power cut — the backend is frozen (SIGSTOP), QEMU and it SIGKILLed, then the journal is
@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,63 +32,57 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.block.cache import CacheMode, parse_cache_mode
-from harness.crash.scenario import BlkdebugRule
-from harness.crash.verdict import oracle_mode_for
+from harness.block.options import format_dotted
+from harness.control import control_request
 from harness.durability import oracle
-from harness.durability.contract import FaultModel, parse_fault
-from harness.durability.cut import CutPolicy, CutResult, apply_cut, parse_policy
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
+    FaultModel,
+    Promise,
+    parse_cache_mode,
+    parse_fault,
+    parse_policy,
+    reference_promise,
+)
+from harness.durability.cut import CutResult, apply_cut
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
-from harness.vhost.control import control_request
+from harness.scenario.model import BlkdebugRule
 from harness.vm.backends import PowercutBackend
 from harness.vm.image import GuestImage
 from harness.vm.qemu import QemuMachine
 from harness.vm.spec import Accel, MachineSpec, VhostUserDisk
+from harness.workloads.filesystem import make_disk
 
 log = logging.getLogger(__name__)
 
 DISK_NAME = "disk"
 
 
-def _escape(value: str) -> str:
-    """A value inside a dotted `--blockdev` string: QEMU writes ',' as ',,'."""
-    return value.replace(",", ",,")
+def fault_graph(
+    image: Path, journal: Path, write_log: Path, blkdebug_config: Path | None = None
+) -> dict[str, Any]:
+    """The graph the crash runs use: log-writes → [blkdebug →] powerfail → file.
+
+    log-writes sits on top so the write log sees what the guest was told;
+    powerfail at the bottom so the journal models what the host may lose.
+    """
+    leaf: dict[str, Any] = {
+        "driver": "powerfail",
+        "journal": str(journal),
+        "file": {"driver": "file", "filename": str(image)},
+    }
+    if blkdebug_config is not None:
+        leaf = {"driver": "blkdebug", "config": str(blkdebug_config), "file": leaf}
+    return {"driver": "log-writes", "log": str(write_log), "file": leaf}
 
 
 def fault_blockdev(
     image: Path, journal: Path, write_log: Path, blkdebug_config: Path | None = None
 ) -> str:
-    """The graph the crash runs use: log-writes → [blkdebug →] powerfail → file."""
-    leaf = f"driver=powerfail,journal={_escape(str(journal))},file.driver=file,file.filename=" + (
-        _escape(str(image))
-    )
-    if blkdebug_config is not None:
-        inner = ",".join(f"file.{kv}" for kv in _split(leaf))
-        leaf = f"driver=blkdebug,config={_escape(str(blkdebug_config))},{inner}"
-    return f"driver=log-writes,log={_escape(str(write_log))}," + ",".join(
-        f"file.{kv}" for kv in _split(leaf)
-    )
-
-
-def _split(spec: str) -> list[str]:
-    """Split a dotted spec at single commas (',,' is an escaped comma and stays)."""
-    parts: list[str] = []
-    current = ""
-    i = 0
-    while i < len(spec):
-        if spec[i] == ",":
-            if spec[i + 1 : i + 2] == ",":
-                current += ",,"
-                i += 2
-                continue
-            parts.append(current)
-            current = ""
-        else:
-            current += spec[i]
-        i += 1
-    parts.append(current)
-    return parts
+    """`fault_graph` in the dotted `--blockdev` form `powercut serve` takes."""
+    return format_dotted(fault_graph(image, journal, write_log, blkdebug_config))
 
 
 class CrashBackend(PowercutBackend):
@@ -137,7 +130,7 @@ class PowerCut:
     fault: FaultModel
     policy: CutPolicy | None
     seed: int | None
-    oracle_mode: str  # the contract the oracle checked (verdict.oracle_mode_for)
+    oracle_mode: str  # the contract the oracle checked, by its cache mode's name
     cut: CutResult | None  # host power cut only
     oracle: oracle.OracleReport | None
     seconds: float
@@ -146,41 +139,6 @@ class PowerCut:
     def ok(self) -> bool:
         """The oracle found the image inside the contract (True when it did not run)."""
         return self.oracle is None or self.oracle.ok
-
-
-def make_disk(
-    path: Path, size: int, *, ext4: bool = False, directories: Sequence[str] = ()
-) -> None:
-    """A fresh sparse image; with `ext4`, the filesystem is made here on the host.
-
-    mkfs runs offline, before the powerfail session starts, so a lose-all cut
-    cannot revert the mkfs itself (only what the guest did). Inode tables and
-    the journal are initialised now, so the guest's lazy-init thread adds no
-    writes of its own. `directories` are created in the new filesystem.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(size)
-    if not ext4:
-        return
-    argv = ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard"]
-    root: Path | None = None
-    try:
-        if directories:
-            root = Path(tempfile.mkdtemp(prefix="powercut-mkfs-"))
-            for d in directories:
-                (root / d).mkdir(parents=True, exist_ok=True)
-            argv += ["-d", str(root)]
-        proc = subprocess.run(
-            [*argv, str(path)], capture_output=True, text=True, timeout=120, check=False
-        )
-    except FileNotFoundError:
-        raise ConfigError("mkfs.ext4 is not installed on the host; run ci/bootstrap") from None
-    finally:
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
-    if proc.returncode != 0:
-        raise PowercutError(f"mkfs.ext4 {path} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
 class CrashSession:
@@ -194,7 +152,7 @@ class CrashSession:
         *,
         disk_size: int = 256 << 20,
         accel: Accel | str | None = None,
-        ext4: bool = False,
+        filesystem: str | None = None,
         directories: Sequence[str] = (),
         blkdebug: Sequence[BlkdebugRule] = (),
         memory_mib: int = 512,
@@ -212,7 +170,7 @@ class CrashSession:
         # how they survive a backend crash), so leftovers of an earlier run must go.
         for stale in (self.journal, self.write_log, self.directory / "cut.json"):
             stale.unlink(missing_ok=True)
-        make_disk(self.disk, disk_size, ext4=ext4, directories=directories)
+        make_disk(self.disk, disk_size, filesystem=filesystem, directories=directories)
         if blkdebug:
             self.blkdebug_config = self.directory / "blkdebug.json"
             self.blkdebug_config.write_text(
@@ -276,6 +234,24 @@ class CrashSession:
     def ssh(self) -> SSHSession:
         return self.machine.ssh
 
+    def host_port(self, guest_port: int) -> int:
+        return self.machine.host_port(guest_port)
+
+    @property
+    def fio_server_port(self) -> int | None:
+        return self.machine.spec.fio_server_port
+
+    def requests(self, kind: str) -> int:
+        """Requests of `kind` (OUT, FLUSH, ...) the backend has served; -1 when it cannot say."""
+        try:
+            return int(self.backend.stats().get("requests", {}).get(kind, 0))
+        except (OSError, ValueError, PowercutError):
+            return -1
+
+    def power_off(self) -> None:
+        """Pull the plug on the guest (no fault: used once a cell has what it needs)."""
+        self.machine.power_cut()
+
     def crash_backend(self, timeout: float = 60.0) -> float:
         """SIGKILL the backend and start it again while the guest runs; seconds until back.
 
@@ -330,13 +306,13 @@ class CrashSession:
             (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
         else:
             self.backend.stop()  # the host stays up: a clean stop, nothing reverted
-        mode = oracle_mode_for(self.mode, model, chosen)
-        report = self.check_oracle(mode) if check else None
+        contract = reference_promise(self.mode, model, chosen)
+        report = self.check_oracle(contract) if check else None
         result = PowerCut(
             model,
             chosen,
             seed if chosen else None,
-            mode,
+            contract.mode_name,
             cut,
             report,
             time.monotonic() - t0,
@@ -344,8 +320,9 @@ class CrashSession:
         self.cuts.append(result)
         return result
 
-    def check_oracle(self, mode: str) -> oracle.OracleReport:
-        report = oracle.check(self.disk, self.write_log, mode)
+    def check_oracle(self, contract: Promise) -> oracle.OracleReport:
+        """The oracle on the image as it is now, against `contract` (written to oracle.json)."""
+        report = oracle.check(self.disk, self.write_log, contract)
         (self.directory / "oracle.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
         log.info("oracle: %s", report.summary())
         return report

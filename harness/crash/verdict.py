@@ -4,14 +4,9 @@ Two steps, kept apart so each can be tested as a table:
 
 1. `expected_for(...)` — from the mode, the fault, the policy, the workload
    and the scenario's `expect`, what each checker must report. The promise
-   comes from design.md ("The durability contract"):
-
-   | fault | promise |
-   |---|---|
-   | guest power cut, backend crash, host cut keep-all | every write the backend completed |
-   | host power cut, writethrough / directsync | every completed write |
-   | host power cut, writeback / none | writes completed before a completed flush started; FUA |
-   | host power cut, unsafe | nothing |
+   is the contract's (`harness.durability.contract.promise`); whether a
+   workload's own acknowledgements are covered by it is the workload's to
+   say (`Workload.keeps_acknowledged`).
 
    A backend crash kills no guest: every checker must find everything (also
    unsynced records and buffered fio writes), so the runner checks in the
@@ -23,11 +18,11 @@ Two steps, kept apart so each can be tested as a table:
    detected (a negative control, or unsafe under lose-all) passes only when
    at least one checker reports it.
 
-2. `judge(expected, observed)` — each checker's observation against its
+2. `judge(expected, observed)` — each checker's `Observation` against its
    expectation, then the cell: PASS, FAIL or ERROR, with a one-line reason.
 
-The runner gives the oracle `expected.oracle_mode` as the mode to check
-against (`harness.durability.oracle.check(image, log, expected.oracle_mode)`).
+The runner gives the oracle `expected.reference` as the promise to check
+(`harness.durability.oracle.check(image, log, expected.reference)`).
 """
 
 from __future__ import annotations
@@ -35,24 +30,36 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from harness.block.cache import CacheMode
-from harness.crash.matrix import Cell
-from harness.crash.scenario import (
-    AckRecordsSpec,
-    Checker,
-    Expectation,
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
     FaultModel,
-    FioVerifySpec,
-    SyncMode,
-    WorkloadSpec,
+    Promise,
+    host_cut_promise,
+    promise,
+    reference_promise,
 )
-from harness.crash.workloads.ackrecords import AckRecordsObservation
-from harness.crash.workloads.fio import DEFAULTS as FIO_DEFAULTS
-from harness.crash.workloads.fio import FioVerifyObservation
-from harness.crash.workloads.fsmeta import FsMetaObservation
-from harness.durability.contract import CutPolicy, Promise, promise, reference_promise
 from harness.durability.oracle import OracleReport
+from harness.report.results import Verdict
+from harness.scenario.cells import Cell
+from harness.scenario.model import Expectation, WorkloadSpec
+from harness.workloads.base import ORACLE, Observation, Tally
+
+__all__ = [
+    "CellVerdict",
+    "CheckerVerdict",
+    "Expected",
+    "Observed",
+    "OracleObservation",
+    "Outcome",
+    "Verdict",
+    "expected_for",
+    "expected_for_cell",
+    "judge",
+    "oracle_mode_for",
+]
 
 
 class Outcome(enum.Enum):
@@ -61,13 +68,6 @@ class Outcome(enum.Enum):
     INTACT = "intact"  # no loss, no corruption against the reference promise
     LOSS_ALLOWED = "loss-allowed"  # loss may be reported; content never written may not
     LOSS_EXPECTED = "loss-expected"  # negative control: the cell needs some checker to see loss
-
-
-class Verdict(enum.Enum):
-    PASS = "pass"
-    FAIL = "fail"
-    ERROR = "error"  # the cell could not be run or a checker produced nothing
-    SKIPPED = "skipped"
 
 
 def oracle_mode_for(mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None) -> str:
@@ -83,13 +83,13 @@ class Expected:
     promise: Promise  # what the mode promises across this fault
     reference: Promise  # what checkers measure loss against
     loss_must_be_detected: bool
-    checkers: Mapping[Checker, Outcome]
+    checkers: Mapping[str, Outcome]
     model_must_revert: bool  # lose-all: no unflushed data may survive (the model did its job)
     guest_io_errors_allowed: bool
 
     @property
     def oracle_mode(self) -> str:
-        """The cache mode whose contract the oracle must check (its `mode` argument)."""
+        """How the oracle's contract is named: the cache mode whose promise it checks."""
         return self.reference.mode_name
 
     @property
@@ -99,32 +99,21 @@ class Expected:
         return f"keeps {self.promise.value}"
 
 
-def _fio_stable(params: FioVerifySpec, promise_: Promise) -> bool:
-    """Whether every write fio completed is covered by the promise."""
-    opts = {**FIO_DEFAULTS, **params.as_dict()}
-    reaches_device = str(opts.get("direct", 0)) == "1" or params.syncs_every_write
-    if promise_ is Promise.EVERY_COMPLETED:
-        return reaches_device
-    if promise_ is Promise.FLUSHED:
-        return params.syncs_every_write
-    return False
-
-
 def expected_for(
     mode: CacheMode,
     fault: FaultModel,
     policy: CutPolicy | None,
     workload: WorkloadSpec,
-    checkers: tuple[Checker, ...] | None = None,
+    checkers: tuple[str, ...] | None = None,
     expect: Expectation = Expectation.CONTRACT,
 ) -> Expected:
-    """The expectation for one cell (see the module docstring for the table)."""
+    """The expectation for one cell (see the module docstring)."""
     p = promise(mode, fault, policy)
     reference = reference_promise(mode, fault, policy)
     must_detect = expect is Expectation.VIOLATION or (
         p is Promise.NOTHING and policy is CutPolicy.LOSE_ALL
     )
-    outcomes: dict[Checker, Outcome] = {}
+    outcomes: dict[str, Outcome] = {}
     for checker in checkers if checkers is not None else workload.checkers:
         if must_detect:
             outcome = Outcome.LOSS_EXPECTED
@@ -132,14 +121,10 @@ def expected_for(
             outcome = Outcome.LOSS_ALLOWED
         elif fault is FaultModel.BACKEND_CRASH:
             outcome = Outcome.INTACT  # the guest keeps its own cache: nothing at all may go
-        elif checker is Checker.FIO_VERIFY:
-            assert isinstance(workload.params, FioVerifySpec)
-            outcome = Outcome.INTACT if _fio_stable(workload.params, p) else Outcome.LOSS_ALLOWED
-        elif checker is Checker.ACK_RECORDS:
-            assert isinstance(workload.params, AckRecordsSpec)
-            synced = workload.params.sync is not SyncMode.NONE
-            outcome = Outcome.INTACT if synced else Outcome.LOSS_ALLOWED
-        else:  # oracle, fsck, fsmeta (fsmeta always syncs file and directory)
+        elif checker == workload.workload.checker:
+            kept = workload.workload.keeps_acknowledged(p)
+            outcome = Outcome.INTACT if kept else Outcome.LOSS_ALLOWED
+        else:  # the oracle and the filesystem's checker judge what the contract keeps
             outcome = Outcome.INTACT
         outcomes[checker] = outcome
     lossy = fault is FaultModel.HOST_POWER_CUT and policy is CutPolicy.LOSE_ALL
@@ -151,7 +136,7 @@ def expected_for(
         reference=reference,
         loss_must_be_detected=must_detect,
         checkers=outcomes,
-        model_must_revert=lossy and mode in (CacheMode.WRITEBACK, CacheMode.NONE, CacheMode.UNSAFE),
+        model_must_revert=lossy and host_cut_promise(mode) is not Promise.EVERY_COMPLETED,
         guest_io_errors_allowed=fault is not FaultModel.BACKEND_CRASH,
     )
 
@@ -166,8 +151,8 @@ def expected_for_cell(cell: Cell) -> Expected:
 
 
 @dataclass(frozen=True)
-class OracleObservation:
-    """The oracle's counts, checked against `Expected.oracle_mode`."""
+class OracleObservation(Observation):
+    """The oracle's counts, checked against the reference promise (`contract` names it)."""
 
     writes: int  # completed writes in the log
     writes_durable: int  # of those, durable by the reference promise
@@ -179,6 +164,7 @@ class OracleObservation:
     # Of `may`, sectors holding a write that completed after the last flush had completed
     # (OracleReport.unflushed); None when unknown, and then `may` stands in for it.
     unflushed: int | None = None
+    contract: str = "writeback"  # the cache mode whose contract was checked (Promise.mode_name)
 
     @classmethod
     def from_report(cls, report: OracleReport) -> OracleObservation:
@@ -191,35 +177,82 @@ class OracleObservation:
             lost=report.lost,
             corrupt=report.corrupt,
             unflushed=report.unflushed,
+            contract=report.mode,
         )
 
-
-@dataclass(frozen=True)
-class FsckObservation:
-    mounted: bool  # the filesystem mounted (journal replay succeeded)
-    exit_code: int  # e2fsck -fn: 0 clean, 1 fixed (not with -n), >= 2 damage left
-    output_tail: str = ""
+    @property
+    def loss(self) -> bool:
+        return self.lost > 0 or self.corrupt > 0
 
     @property
-    def clean(self) -> bool:
-        return self.mounted and self.exit_code in (0, 1)
+    def corruption(self) -> bool:
+        return self.corrupt > 0
+
+    def summary(self) -> str:
+        if self.loss:
+            return (
+                f"{self.lost} sectors lost and {self.corrupt} corrupt of {self.sectors_checked} "
+                f"({self.writes_durable} of {self.writes} writes durable by {self.contract}'s "
+                "contract)"
+            )
+        return f"all {self.sectors_checked} sectors inside {self.contract}'s contract"
+
+    def tally(self) -> Tally:
+        return Tally(
+            acknowledged=self.writes,
+            durable=self.writes_durable,
+            lost=self.lost,
+            corrupt=self.corrupt,
+            unit="sectors",
+        )
+
+    @property
+    def unflushed_left(self) -> int:
+        return self.may if self.unflushed is None else self.unflushed
 
 
-@dataclass(frozen=True)
 class Observed:
-    """Everything the checkers saw in one cell; None where a checker did not run."""
+    """Everything the checkers saw in one cell, by checker name; missing ones did not run.
 
-    oracle: OracleObservation | None = None
-    fio_verify: FioVerifyObservation | None = None
-    fsck: FsckObservation | None = None
-    ack_records: AckRecordsObservation | None = None
-    fsmeta: FsMetaObservation | None = None
-    guest_io_errors: int | None = None  # I/O errors the guest kernel logged (backend crash)
+    `Observed(oracle=..., ack_records=...)` names checkers as keywords
+    (`_` for `-`); `Observed.of({"ack-records": ...})` takes any names.
+    """
+
+    def __init__(
+        self, guest_io_errors: int | None = None, **by_checker: Observation | None
+    ) -> None:
+        self.by_checker: dict[str, Observation] = {
+            name.replace("_", "-"): obs for name, obs in by_checker.items() if obs is not None
+        }
+        # I/O errors the guest kernel logged (backend crash); None when not looked at.
+        self.guest_io_errors = guest_io_errors
+
+    @classmethod
+    def of(
+        cls, observations: Mapping[str, Observation], guest_io_errors: int | None = None
+    ) -> Observed:
+        observed = cls(guest_io_errors)
+        observed.by_checker.update(observations)
+        return observed
+
+    def get(self, checker: str) -> Observation | None:
+        return self.by_checker.get(checker)
+
+    @property
+    def oracle(self) -> OracleObservation | None:
+        obs = self.by_checker.get(ORACLE)
+        return obs if isinstance(obs, OracleObservation) else None
+
+    def __getattr__(self, name: str) -> Any:
+        # `observed.ack_records`: the observation of checker "ack-records", or None.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.__dict__.get("by_checker", {}).get(name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
 class CheckerVerdict:
-    checker: Checker
+    checker: str
     expected: Outcome
     verdict: Verdict
     loss_detected: bool
@@ -241,110 +274,47 @@ class CellVerdict:
 # ---------------------------------------------------------------- per checker
 
 
-def _judge(
-    outcome: Outcome, loss: bool, corrupt: bool, what: str, fine: str
-) -> tuple[Verdict, str]:
+def _judge(outcome: Outcome, observation: Observation) -> tuple[Verdict, str]:
     """The shared rule: INTACT fails on any loss, LOSS_ALLOWED only on corruption."""
+    what = observation.summary()
     if outcome is Outcome.LOSS_EXPECTED:
-        return Verdict.PASS, what if loss else fine
-    if corrupt:
+        return Verdict.PASS, what
+    if observation.corruption or (observation.loss and outcome is Outcome.INTACT):
         return Verdict.FAIL, what
-    if loss and outcome is Outcome.INTACT:
-        return Verdict.FAIL, what
-    return Verdict.PASS, what if loss else fine
+    return Verdict.PASS, what
 
 
-def _oracle(expected: Expected, outcome: Outcome, o: OracleObservation) -> CheckerVerdict:
-    loss = o.lost > 0 or o.corrupt > 0
-    what = (
-        f"{o.lost} sectors lost and {o.corrupt} corrupt of {o.sectors_checked} "
-        f"({o.writes_durable} of {o.writes} writes durable by {expected.oracle_mode}'s contract)"
-    )
-    fine = f"all {o.sectors_checked} sectors inside {expected.oracle_mode}'s contract"
-    verdict, reason = _judge(outcome, loss, o.corrupt > 0, what, fine)
-    # A write that completed while the last flush ran may have reached the disk before it
-    # at a lower layer, so only data completed after that flush counts against the model.
-    left = o.may if o.unflushed is None else o.unflushed
-    if (
-        verdict is Verdict.PASS
-        and expected.model_must_revert
-        and not expected.loss_must_be_detected
-        and left > 0
-    ):
-        verdict = Verdict.FAIL
-        reason = (
-            f"lose-all left {left} sectors with data newer than the last durable flush: "
-            "the power cut did not revert the volatile cache"
+def _oracle_rule(
+    expected: Expected, verdict: Verdict, reason: str, o: OracleObservation
+) -> tuple[Verdict, str]:
+    """The model's own duty under lose-all: nothing newer than the last durable flush survives.
+
+    A write that completed while the last flush ran may have reached the
+    disk before it at a lower layer, so only data completed after that
+    flush counts against the model.
+    """
+    if verdict is not Verdict.PASS or not expected.model_must_revert:
+        return verdict, reason
+    if not expected.loss_must_be_detected and o.unflushed_left > 0:
+        return Verdict.FAIL, (
+            f"lose-all left {o.unflushed_left} sectors with data newer than the last durable "
+            "flush: the power cut did not revert the volatile cache"
         )
-    elif verdict is Verdict.PASS and expected.model_must_revert and o.writes > o.writes_durable:
+    if o.writes > o.writes_durable:
         reason += f"; lose-all reverted all {o.writes - o.writes_durable} unflushed writes"
-    return CheckerVerdict(Checker.ORACLE, outcome, verdict, loss, reason)
+    return verdict, reason
 
 
-def _fio(outcome: Outcome, o: FioVerifyObservation) -> CheckerVerdict:
-    loss = o.verify_errors > 0
-    what = f"fio verify found {o.verify_errors} bad blocks"
-    if o.blocks_verified:
-        what += f" of {o.blocks_verified}"
-    if o.bad_offsets:
-        what += f" (first at offset {min(o.bad_offsets)})"
-    verdict, reason = _judge(outcome, loss, False, what, "fio verify found every completed block")
-    return CheckerVerdict(Checker.FIO_VERIFY, outcome, verdict, loss, reason)
-
-
-def _fsck(outcome: Outcome, o: FsckObservation) -> CheckerVerdict:
-    loss = not o.clean
-    if not o.mounted:
-        what = "the filesystem did not mount (journal replay failed)"
-    else:
-        what = f"e2fsck -fn exited {o.exit_code}: the filesystem is damaged"
-    verdict, reason = _judge(
-        outcome, loss, False, what, f"mounted; e2fsck -fn exited {o.exit_code}"
-    )
-    return CheckerVerdict(Checker.FSCK, outcome, verdict, loss, reason)
-
-
-def _ack_records(outcome: Outcome, o: AckRecordsObservation) -> CheckerVerdict:
-    loss = o.missing > 0
-    if loss:
-        bad = o.check.first_invalid_after(o.found)
-        where = f" (record {bad.seq} at offset {bad.offset}: {bad.reason})" if bad else ""
-        what = f"records 1..{o.acked} acknowledged, only 1..{o.found} found{where}"
-    else:
-        what = f"all {o.acked} acknowledged records found ({o.check.valid} valid in the file)"
-    verdict, reason = _judge(outcome, loss, False, what, what)
-    return CheckerVerdict(Checker.ACK_RECORDS, outcome, verdict, loss, reason)
-
-
-def _fsmeta(outcome: Outcome, o: FsMetaObservation) -> CheckerVerdict:
-    loss = not o.check.ok
-    if loss:
-        first = o.check.failures[0] if o.check.failures else None
-        detail = f"; {first.name}: expected {first.expected}, found {first.found}" if first else ""
-        what = (
-            f"{o.check.failure_count} files differ from {o.acked} acknowledged operations{detail}"
+def _one(expected: Expected, checker: str, outcome: Outcome, observed: Observed) -> CheckerVerdict:
+    observation = observed.get(checker)
+    if observation is None:
+        return CheckerVerdict(
+            checker, outcome, Verdict.ERROR, False, f"{checker} produced no result"
         )
-    else:
-        what = f"every effect of {o.acked} acknowledged operations found"
-    verdict, reason = _judge(outcome, loss, False, what, what)
-    return CheckerVerdict(Checker.FSMETA, outcome, verdict, loss, reason)
-
-
-def _one(
-    expected: Expected, checker: Checker, outcome: Outcome, observed: Observed
-) -> CheckerVerdict:
-    missing = CheckerVerdict(
-        checker, outcome, Verdict.ERROR, False, f"{checker.value} produced no result"
-    )
-    if checker is Checker.ORACLE:
-        return _oracle(expected, outcome, observed.oracle) if observed.oracle else missing
-    if checker is Checker.FIO_VERIFY:
-        return _fio(outcome, observed.fio_verify) if observed.fio_verify else missing
-    if checker is Checker.FSCK:
-        return _fsck(outcome, observed.fsck) if observed.fsck else missing
-    if checker is Checker.ACK_RECORDS:
-        return _ack_records(outcome, observed.ack_records) if observed.ack_records else missing
-    return _fsmeta(outcome, observed.fsmeta) if observed.fsmeta else missing
+    verdict, reason = _judge(outcome, observation)
+    if isinstance(observation, OracleObservation):
+        verdict, reason = _oracle_rule(expected, verdict, reason, observation)
+    return CheckerVerdict(checker, outcome, verdict, observation.loss, reason)
 
 
 # ---------------------------------------------------------------- per cell
@@ -365,7 +335,7 @@ def judge(expected: Expected, observed: Observed) -> CellVerdict:
     if expected.loss_must_be_detected:
         detectors = [r for r in results if r.loss_detected]
         if detectors:
-            names = ", ".join(r.checker.value for r in detectors)
+            names = ", ".join(r.checker for r in detectors)
             return CellVerdict(
                 Verdict.PASS,
                 f"loss detected as expected by {names}: {detectors[0].reason}{unavailable}",
@@ -394,7 +364,7 @@ def judge(expected: Expected, observed: Observed) -> CellVerdict:
         first = failures[0]
         return CellVerdict(
             Verdict.FAIL,
-            f"{first.checker.value}: {first.reason} (the contract keeps {expected.promise.value})"
+            f"{first.checker}: {first.reason} (the contract keeps {expected.promise.value})"
             f"{unavailable}",
             expected,
             results,
@@ -402,7 +372,7 @@ def judge(expected: Expected, observed: Observed) -> CellVerdict:
     if errors:
         return CellVerdict(Verdict.ERROR, errors[0].reason, expected, results)
     lost = [r for r in results if r.loss_detected]
-    note = f"; allowed loss: {lost[0].checker.value}: {lost[0].reason}" if lost else ""
+    note = f"; allowed loss: {lost[0].checker}: {lost[0].reason}" if lost else ""
     o = observed.oracle
     if expected.model_must_revert and o is not None and o.writes > o.writes_durable:
         note += f"; lose-all reverted all {o.writes - o.writes_durable} unflushed writes"

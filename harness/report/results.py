@@ -2,7 +2,9 @@
 
 Everything else under `harness.report` (JUnit, Markdown, HTML, plots) is
 rendered from a `RunResults` alone, so `powercut report DIR` can render them
-again from `DIR/results.json`.
+again from `DIR/results.json`. This package never judges: the runner
+(`harness.crash.record`) builds each `CellResult` from its verdict, and the
+report only renders what it is given.
 
 results.json, schema "powercut-results" version 1
 -------------------------------------------------
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import enum
 import json
 import os
 import socket
@@ -57,10 +60,17 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.crash.matrix import Cell
-from harness.crash.scenario import Checker
-from harness.crash.verdict import CellVerdict, Observed, Outcome, Verdict, expected_for_cell
 from harness.errors import ConfigError
+
+
+class Verdict(enum.Enum):
+    """A cell's verdict (and a checker's): the one vocabulary of runs, reports and tests."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    ERROR = "error"  # the cell could not be run or a checker produced nothing
+    SKIPPED = "skipped"
+
 
 SCHEMA = "powercut-results"
 SCHEMA_VERSION = 1
@@ -264,127 +274,6 @@ def load_results(directory_or_file: Path | str) -> RunResults:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
     return RunResults.from_json(data, str(path))
-
-
-# ------------------------------------------------------------ building results
-
-
-def _details(observation: Any) -> dict[str, Any]:
-    if observation is None:
-        return {}
-    raw = dataclasses.asdict(observation)
-    return json.loads(json.dumps(raw, default=str))
-
-
-_OBSERVATION_OF = {
-    "oracle": "oracle",
-    "fio-verify": "fio_verify",
-    "fsck": "fsck",
-    "ack-records": "ack_records",
-    "fsmeta": "fsmeta",
-}
-
-
-def cell_result(
-    cell: Cell,
-    verdict: CellVerdict,
-    observed: Observed,
-    *,
-    timings: Mapping[str, float] | None = None,
-    artifacts: Mapping[str, str] | None = None,
-    reproduce: str | None = None,
-) -> CellResult:
-    """The result of a cell that ran to a verdict: what the runner records."""
-    expected = verdict.expected
-    acknowledged = durable = lost = corrupt = 0
-    unit = "sectors"
-    if observed.oracle is not None:
-        acknowledged, durable = observed.oracle.writes, observed.oracle.writes_durable
-        lost, corrupt = observed.oracle.lost, observed.oracle.corrupt
-    elif observed.ack_records is not None:
-        unit = "records"
-        acknowledged = observed.ack_records.acked
-        intact = expected.checkers.get(Checker.ACK_RECORDS) is Outcome.INTACT
-        durable = acknowledged if intact else 0
-        lost = observed.ack_records.missing
-    elif observed.fsmeta is not None:
-        unit = "files"
-        acknowledged = durable = observed.fsmeta.acked
-        lost = observed.fsmeta.check.failure_count
-    checkers = tuple(
-        CheckerResult(
-            name=r.checker.value,
-            expected=r.expected.value,
-            verdict=r.verdict.value,
-            loss_detected=r.loss_detected,
-            reason=r.reason,
-            details=_details(getattr(observed, _OBSERVATION_OF[r.checker.value])),
-        )
-        for r in verdict.checkers
-    )
-    return CellResult(
-        **_identity(
-            cell,
-            expected.summary if expected.loss_must_be_detected else "contract",
-            expected.promise.value,
-        ),
-        verdict=verdict.verdict.value,
-        reason=verdict.reason,
-        writes_acknowledged=acknowledged,
-        writes_durable=durable,
-        lost=lost,
-        corrupt=corrupt,
-        loss_unit=unit,
-        checkers=checkers,
-        timings=dict(timings or {}),
-        artifacts=dict(artifacts or {}),
-        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
-    )
-
-
-def error_result(
-    cell: Cell,
-    reason: str,
-    *,
-    verdict: Verdict = Verdict.ERROR,
-    timings: Mapping[str, float] | None = None,
-    artifacts: Mapping[str, str] | None = None,
-    reproduce: str | None = None,
-) -> CellResult:
-    """The result of a cell that did not reach a verdict (harness error, Ctrl-C: skipped)."""
-    expected = expected_for_cell(cell)
-    return CellResult(
-        **_identity(
-            cell,
-            "loss detected" if expected.loss_must_be_detected else "contract",
-            expected.promise.value,
-        ),
-        verdict=verdict.value,
-        reason=reason,
-        timings=dict(timings or {}),
-        artifacts=dict(artifacts or {}),
-        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
-    )
-
-
-def _identity(cell: Cell, expected: str, promise: str) -> dict[str, Any]:
-    return {
-        "id": cell.id,
-        "scenario": cell.scenario,
-        "scenario_path": cell.scenario_path,
-        "mode": cell.mode.value,
-        "fault": cell.fault.value,
-        "policy": cell.policy.value if cell.policy else None,
-        "policy_seed": cell.policy_seed,
-        "workload": cell.workload.name,
-        "workload_kind": cell.workload.kind.value,
-        "cut": cell.cut.label,
-        "cut_at": cell.cut_at,
-        "repetition": cell.repetition,
-        "seed": cell.seed,
-        "expected": expected,
-        "promise": promise,
-    }
 
 
 def run_results(

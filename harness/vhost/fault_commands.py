@@ -21,8 +21,8 @@ from harness.block.backend import BlockBackend
 from harness.block.drivers.blkdebug import BlkdebugNode, Rule
 from harness.block.drivers.log_writes import LogWritesNode
 from harness.block.node import BlockNode
+from harness.control import ControlServer
 from harness.errors import ConfigError
-from harness.vhost.control import ControlServer
 
 
 def _pick(backend: BlockBackend, kind: type[BlockNode], request: Mapping[str, Any]) -> Any:

@@ -109,8 +109,11 @@ class _Pending:
     buffers: list[tuple[int, int]] = field(default_factory=list)  # allocations to free
 
 
-class GuestMemory:
-    """Shared memfd regions plus a first-fit allocator over them."""
+class FrontendMemory:
+    """The frontend's side of guest RAM: shared memfd regions plus a first-fit allocator.
+
+    (The backend maps the same regions through `harness.vhost.memory.GuestMemory`.)
+    """
 
     def __init__(self, sizes: Sequence[int] = (64 << 20,), gap: int = 1 << 20) -> None:
         self.regions: list[GuestRegion] = []
@@ -191,7 +194,7 @@ class GuestMemory:
 class DriverQueue:
     """The driver side of one split ring in test guest memory."""
 
-    def __init__(self, mem: GuestMemory, index: int, num: int, event_idx: bool) -> None:
+    def __init__(self, mem: FrontendMemory, index: int, num: int, event_idx: bool) -> None:
         self.mem = mem
         self.index = index
         self.num = num
@@ -287,7 +290,7 @@ class VhostUserFrontend:
                         f"no vhost-user backend listening on {self.path} after {connect_timeout}s"
                     ) from None
                 time.sleep(0.02)
-        self.mem = GuestMemory(memory_sizes)
+        self.mem = FrontendMemory(memory_sizes)
         self.queues: list[DriverQueue] = []
         self.features = 0
         self.protocol_features = 0

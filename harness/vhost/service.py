@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Protocol
 
-from harness.vhost.control import ControlServer
+from harness.control import ControlServer
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import enum
-import importlib.util
 import logging
 import signal
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from harness.block.cache import CacheMode, cache_settings, parse_cache_mode
+from harness.block.options import format_dotted
 from harness.errors import ConfigError
 from harness.proc import ManagedProcess
 from harness.vm.spec import Disk, FileDisk, VhostUserDisk
@@ -147,19 +147,36 @@ class QsdBackend(_ProcessBackend):
 
     def argv(self) -> list[str]:
         s = cache_settings(self.cache)
-        on = {True: "on", False: "off"}
-        ro = on[self.read_only]
+        file_node = {
+            "driver": "file",
+            "filename": str(self.image),
+            "node-name": "file0",
+            "read-only": self.read_only,
+            "cache": {"direct": s.direct, "no-flush": s.no_flush},
+        }
+        export = {
+            "type": "vhost-user-blk",
+            "id": "export0",
+            "node-name": self.name,
+            "addr": {"type": "unix", "path": str(self.socket)},
+            "writable": not self.read_only,
+            "writethrough": not s.write_cache,
+            "num-queues": self.num_queues,
+        }
+        raw = {
+            "driver": "raw",
+            "file": "file0",
+            "node-name": self.name,
+            "read-only": self.read_only,
+        }
         return [
             QSD,
             "--blockdev",
-            f"driver=file,filename={self.image},node-name=file0,read-only={ro},"
-            f"cache.direct={on[s.direct]},cache.no-flush={on[s.no_flush]}",
+            format_dotted(file_node),
             "--blockdev",
-            f"driver=raw,file=file0,node-name={self.name},read-only={ro}",
+            format_dotted(raw),
             "--export",
-            f"type=vhost-user-blk,id=export0,node-name={self.name},addr.type=unix,"
-            f"addr.path={self.socket},writable={on[not self.read_only]},"
-            f"writethrough={on[not s.write_cache]},num-queues={self.num_queues}",
+            format_dotted(export),
         ]
 
 
@@ -170,11 +187,6 @@ class PowercutBackend(_ProcessBackend):
     process_name = "powercut-serve"
 
     def argv(self) -> list[str]:
-        if importlib.util.find_spec("harness.commands.serve") is None:
-            raise ConfigError(
-                "the powercut vhost-user backend (harness.vhost, `powercut serve`) "
-                "is not available yet; use --backend qemu-storage-daemon or builtin"
-            )
         argv = [
             sys.executable,
             "-m",

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from restart_load import fio_verify_command, wait_until
 
-from harness.vhost.pytest_fixtures import DiskFactory
+from harness.testing.disk import DiskFactory
 
 pytestmark = pytest.mark.vm
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness.crash.plan import add_run_arguments, plan_from_args
+from harness.commands.run import add_run_arguments, plan_from_args
 from harness.crash.runner import run_plan
 from harness.proc import live_processes
 from harness.report.results import CellResult, load_results

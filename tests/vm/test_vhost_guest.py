@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from harness.vhost.pytest_fixtures import PowercutDisk
+from harness.testing.disk import PowercutDisk
 
 pytestmark = pytest.mark.vm
 

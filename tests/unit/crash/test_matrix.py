@@ -10,10 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.matrix import derive_seed, expand, expand_all, select
-from harness.crash.scenario import FaultModel, load_scenario, parse_scenario
+from harness.durability.contract import FaultModel
 from harness.durability.cut import CutPolicy
 from harness.errors import ConfigError
+from harness.scenario.cells import derive_seed, expand, expand_all, select
+from harness.scenario.parse import load_scenario, parse_scenario
 
 ROOT = Path(__file__).parents[3]
 

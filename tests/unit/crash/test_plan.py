@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.block.cache import CacheMode
-from harness.crash.plan import add_run_arguments, plan_from_args
+from harness.commands.run import add_run_arguments, plan_from_args
 from harness.errors import ConfigError, ScenarioError
 
 ROOT = Path(__file__).parents[3]

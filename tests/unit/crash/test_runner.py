@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from harness.block import open_backend
+from harness.commands.run import add_run_arguments, plan_from_args
 from harness.crash import runner as runner_mod
-from harness.crash.plan import RunPlan, add_run_arguments, plan_from_args
-from harness.crash.scenario import BlkdebugRule, FaultModel
-from harness.crash.session import CrashBackend, fault_blockdev, make_disk, parse_fault
+from harness.crash.plan import RunPlan
+from harness.crash.session import CrashBackend, fault_blockdev
+from harness.durability.contract import FaultModel, parse_fault
 from harness.durability.cut import apply_cut
 from harness.durability.journal import read_journal
 from harness.durability.oracle import check
@@ -21,7 +22,9 @@ from harness.durability.writelog import read_log
 from harness.errors import ConfigError
 from harness.proc import live_processes
 from harness.report.results import load_results
+from harness.scenario.model import BlkdebugRule
 from harness.vm.image import GuestImage
+from harness.workloads.filesystem import make_disk
 
 ROOT = Path(__file__).parents[3]
 BLOCK = 4096
@@ -71,7 +74,7 @@ def test_fault_graph_with_a_lying_flush_loses_flushed_data(tmp_path: Path) -> No
 
 def test_mkfs_runs_offline_with_the_directories_the_workload_needs(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
-    make_disk(image, 32 << 20, ext4=True, directories=["fsmeta"])
+    make_disk(image, 32 << 20, filesystem="ext4", directories=["fsmeta"])
     assert image.stat().st_size == 32 << 20
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr

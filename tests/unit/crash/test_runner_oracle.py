@@ -12,11 +12,14 @@ from pathlib import Path
 
 from harness.block import open_backend
 from harness.block.cache import CacheMode
-from harness.crash.scenario import AckRecordsSpec, Checker, FaultModel, WorkloadKind, WorkloadSpec
-from harness.crash.session import fault_blockdev, make_disk
+from harness.crash.session import fault_blockdev
 from harness.crash.verdict import Observed, OracleObservation, Verdict, expected_for, judge
+from harness.durability.contract import FaultModel
 from harness.durability.cut import CutPolicy, apply_cut
 from harness.durability.oracle import check
+from harness.scenario.model import WorkloadSpec
+from harness.workloads.ackrecords import AckRecords
+from harness.workloads.filesystem import make_disk
 
 BLOCK = 4096
 
@@ -64,7 +67,7 @@ def test_data_written_after_the_last_flush_completed_counts_as_unflushed(tmp_pat
 
 
 def _judge_lose_all(may: int, unflushed: int | None) -> Verdict:
-    workload = WorkloadSpec("w", WorkloadKind.ACK_RECORDS, AckRecordsSpec(), (Checker.ORACLE,))
+    workload = WorkloadSpec("w", AckRecords(), ("oracle",))
     expected = expected_for(
         CacheMode.WRITEBACK, FaultModel.HOST_POWER_CUT, CutPolicy.LOSE_ALL, workload
     )

@@ -11,21 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.scenario import (
-    AckRecordsSpec,
-    Checker,
-    Expectation,
-    FaultModel,
-    FioVerifySpec,
-    SyncMode,
-    TriggerKind,
-    WorkloadKind,
-    load_scenario,
-    parse_scenario,
-    parse_size,
-)
+from harness.block.options import parse_size
+from harness.durability.contract import FaultModel
 from harness.durability.cut import CutPolicy
 from harness.errors import ScenarioError
+from harness.scenario.model import Expectation, TriggerKind
+from harness.scenario.parse import load_scenario, parse_scenario
+from harness.workloads.ackrecords import AckRecords, SyncMode
+from harness.workloads.fio_verify import FioVerify
 
 SCENARIOS = sorted((Path(__file__).parents[3] / "scenarios").glob("*.toml"))
 
@@ -75,7 +68,7 @@ def test_matrix_covers_all_modes_host_power_cut_fio_and_ack_records() -> None:
     matrix = load_scenario(Path(SCENARIOS[0]).parent / "matrix.toml")
     assert set(matrix.modes) == set(CacheMode)
     assert [f.model for f in matrix.faults] == [FaultModel.HOST_POWER_CUT]
-    assert {w.kind for w in matrix.workloads} == {WorkloadKind.FIO_VERIFY, WorkloadKind.ACK_RECORDS}
+    assert {w.kind for w in matrix.workloads} == {"fio-verify", "ack-records"}
 
 
 def test_negative_controls_expect_a_violation() -> None:
@@ -105,8 +98,8 @@ def test_minimal_scenario_parses_with_defaults() -> None:
     assert s.name == "t" and s.image == "default" and s.disk_size == 256 << 20
     assert s.repetitions == 1 and s.expect is Expectation.CONTRACT
     (workload,) = s.workloads
-    assert workload.params == AckRecordsSpec(records=10, record_size=4096, sync=SyncMode.FSYNC)
-    assert workload.checkers == (Checker.ORACLE, Checker.ACK_RECORDS, Checker.FSCK)
+    assert workload.workload == AckRecords(records=10, record_size=4096, sync=SyncMode.FSYNC)
+    assert workload.checkers == ("oracle", "ack-records", "fsck")
     assert s.faults[0].policies == (CutPolicy.LOSE_ALL,)
     assert s.cuts[0].kind is TriggerKind.AFTER_ACKED_WRITES and s.cuts[0].value == 5
 
@@ -178,7 +171,7 @@ def test_checker_that_cannot_judge_the_workload_is_rejected() -> None:
 
 def test_scenario_checkers_restrict_each_workload() -> None:
     s = parse_scenario('checkers = ["oracle", "ack-records"]\n' + MINIMAL)
-    assert s.workloads[0].checkers == (Checker.ORACLE, Checker.ACK_RECORDS)
+    assert s.workloads[0].checkers == ("oracle", "ack-records")
 
 
 def test_missing_fault_and_workload_are_errors() -> None:
@@ -201,8 +194,8 @@ def test_fio_options_pass_through_but_runner_options_are_reserved() -> None:
         'kind = "fio-verify"\n[workload.fio]\nbs = "4k"\niodepth = 16\nfsync = 1',
     )
     s = parse_scenario(text)
-    params = s.workloads[0].params
-    assert isinstance(params, FioVerifySpec)
+    params = s.workloads[0].workload
+    assert isinstance(params, FioVerify)
     assert params.as_dict() == {"bs": "4k", "iodepth": 16, "fsync": 1}
     assert params.syncs_every_write
     msg = error_of(text.replace("fsync = 1", "verify_state_save = 1"))

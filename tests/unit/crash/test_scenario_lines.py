@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 
-from harness.crash.tomlines import LineIndex
+from harness.scenario.tomlines import LineIndex
 
 DOC = '''\
 # comment

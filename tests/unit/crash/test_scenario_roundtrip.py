@@ -8,19 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.matrix import expand
-from harness.crash.scenario import (
-    APPLICABLE_CHECKERS,
-    AckRecordsSpec,
-    FaultModel,
-    FioVerifySpec,
-    FsMetaSpec,
-    SyncMode,
-    TriggerKind,
-    WorkloadKind,
-    parse_scenario,
-)
+from harness.durability.contract import FaultModel
 from harness.durability.cut import CutPolicy
+from harness.scenario.cells import expand
+from harness.scenario.model import TriggerKind
+from harness.scenario.parse import parse_scenario
+from harness.workloads.ackrecords import AckRecords, SyncMode
+from harness.workloads.fio_verify import FioVerify
+from harness.workloads.fsmeta import FsMeta
+from harness.workloads.registry import workload_class
 
 
 def toml_value(v: Any) -> str:
@@ -58,11 +54,17 @@ def faults(draw: st.DrawFn) -> dict[str, Any]:
     return out
 
 
+def _checkers(kind: str) -> list[str]:
+    cls = workload_class(kind)
+    assert cls is not None
+    return list(cls.checkers)
+
+
 @st.composite
 def workloads(draw: st.DrawFn) -> dict[str, Any]:
-    kind = draw(st.sampled_from(list(WorkloadKind)))
-    out: dict[str, Any] = {"kind": kind.value}
-    if kind is WorkloadKind.FIO_VERIFY:
+    kind = draw(st.sampled_from(["fio-verify", "ack-records", "ext4-metadata"]))
+    out: dict[str, Any] = {"kind": kind}
+    if kind == "fio-verify":
         out["fio"] = draw(
             st.dictionaries(
                 st.sampled_from(["bs", "iodepth", "fsync", "direct", "rw"]),
@@ -70,7 +72,7 @@ def workloads(draw: st.DrawFn) -> dict[str, Any]:
                 max_size=4,
             )
         )
-    elif kind is WorkloadKind.ACK_RECORDS:
+    elif kind == "ack-records":
         out["records"] = draw(st.integers(0, 10**6))
         out["record-size"] = draw(st.integers(64, 1 << 20))
         out["sync"] = draw(st.sampled_from([s.value for s in SyncMode]))
@@ -79,10 +81,8 @@ def workloads(draw: st.DrawFn) -> dict[str, Any]:
         out["files"] = draw(st.integers(1, 4096))
         out["max-size"] = draw(st.integers(1, 1 << 20))
     if draw(st.booleans()):
-        applicable = APPLICABLE_CHECKERS[kind]
-        out["checkers"] = [
-            c.value for c in draw(st.lists(st.sampled_from(applicable), min_size=1, unique=True))
-        ]
+        applicable = _checkers(kind)
+        out["checkers"] = draw(st.lists(st.sampled_from(applicable), min_size=1, unique=True))
     if draw(st.booleans()):
         out["cut"] = draw(cuts)
     return out
@@ -153,24 +153,24 @@ def test_written_scenarios_parse_back_to_what_was_written(doc: dict[str, Any]) -
         assert [p.value for p in fault.policies] == raw.get("policy", [])
         assert fault.seed == raw.get("seed")
     for w, raw in zip(s.workloads, doc["workload"], strict=True):
-        assert (w.name, w.kind.value) == (raw["name"], raw["kind"])
-        if isinstance(w.params, FioVerifySpec):
-            assert w.params.as_dict() == raw.get("fio", {})
-        elif isinstance(w.params, AckRecordsSpec):
-            assert (w.params.records, w.params.record_size, w.params.sync.value) == (
+        assert (w.name, w.kind) == (raw["name"], raw["kind"])
+        if isinstance(w.workload, FioVerify):
+            assert w.workload.as_dict() == raw.get("fio", {})
+        elif isinstance(w.workload, AckRecords):
+            assert (w.workload.records, w.workload.record_size, w.workload.sync.value) == (
                 raw["records"],
                 raw["record-size"],
                 raw["sync"],
             )
         else:
-            assert isinstance(w.params, FsMetaSpec)
-            assert (w.params.ops, w.params.files, w.params.max_size) == (
+            assert isinstance(w.workload, FsMeta)
+            assert (w.workload.ops, w.workload.files, w.workload.max_size) == (
                 raw["ops"],
                 raw["files"],
                 raw["max-size"],
             )
-        expected_checkers = raw.get("checkers") or [c.value for c in APPLICABLE_CHECKERS[w.kind]]
-        assert [c.value for c in w.checkers] == expected_checkers
+        expected_checkers = raw.get("checkers") or _checkers(w.kind)
+        assert list(w.checkers) == expected_checkers
         assert len(w.cuts) == ("cut" in raw) and all(cut_matches(c, raw["cut"]) for c in w.cuts)
     if doc["cut"]:
         assert all(cut_matches(c, raw) for c, raw in zip(s.cuts, doc["cut"], strict=True))

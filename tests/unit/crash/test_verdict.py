@@ -9,37 +9,32 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.block.cache import CacheMode
-from harness.crash.matrix import expand
-from harness.crash.scenario import (
-    AckRecordsSpec,
-    Checker,
-    Expectation,
-    FaultModel,
-    FioVerifySpec,
-    FsMetaSpec,
-    SyncMode,
-    WorkloadKind,
-    WorkloadSpec,
-    load_scenario,
-)
 from harness.crash.verdict import (
     Expected,
-    FioVerifyObservation,
-    FsckObservation,
     Observed,
     OracleObservation,
     Outcome,
-    Promise,
     Verdict,
     expected_for,
     expected_for_cell,
     judge,
     oracle_mode_for,
-    promise,
 )
-from harness.crash.workloads.ackrecords import AckRecordsCheck, AckRecordsObservation, InvalidRecord
-from harness.crash.workloads.fsmeta import FsMetaCheck, FsMetaFailure, FsMetaObservation
+from harness.durability.contract import FaultModel, Promise, promise
 from harness.durability.cut import CutPolicy
+from harness.scenario.cells import expand
+from harness.scenario.model import Expectation, WorkloadSpec
+from harness.scenario.parse import load_scenario
+from harness.workloads.ackrecords import (
+    AckRecords,
+    AckRecordsCheck,
+    AckRecordsObservation,
+    InvalidRecord,
+    SyncMode,
+)
+from harness.workloads.filesystem import FsckObservation
+from harness.workloads.fio_verify import FioVerify, FioVerifyObservation
+from harness.workloads.fsmeta import FsMeta, FsMetaCheck, FsMetaFailure, FsMetaObservation
 
 ROOT = Path(__file__).parents[3]
 W, N, WT, DS, U = (
@@ -58,39 +53,33 @@ IN, AL, EX = Outcome.INTACT, Outcome.LOSS_ALLOWED, Outcome.LOSS_EXPECTED
 
 ACK = WorkloadSpec(
     "ack-records",
-    WorkloadKind.ACK_RECORDS,
-    AckRecordsSpec(),
-    (Checker.ORACLE, Checker.ACK_RECORDS, Checker.FSCK),
+    AckRecords(),
+    ("oracle", "ack-records", "fsck"),
 )
 ACK_NOSYNC = WorkloadSpec(
     "ack-records",
-    WorkloadKind.ACK_RECORDS,
-    AckRecordsSpec(sync=SyncMode.NONE),
-    (Checker.ORACLE, Checker.ACK_RECORDS, Checker.FSCK),
+    AckRecords(sync=SyncMode.NONE),
+    ("oracle", "ack-records", "fsck"),
 )
 FIO = WorkloadSpec(
     "fio-verify",
-    WorkloadKind.FIO_VERIFY,
-    FioVerifySpec((("fsync", 16),)),
-    (Checker.ORACLE, Checker.FIO_VERIFY),
+    FioVerify((("fsync", 16),)),
+    ("oracle", "fio-verify"),
 )
 FIO_SYNC = WorkloadSpec(
     "fio-verify",
-    WorkloadKind.FIO_VERIFY,
-    FioVerifySpec((("fsync", 1),)),
-    (Checker.ORACLE, Checker.FIO_VERIFY),
+    FioVerify((("fsync", 1),)),
+    ("oracle", "fio-verify"),
 )
 FIO_BUFFERED = WorkloadSpec(
     "fio-verify",
-    WorkloadKind.FIO_VERIFY,
-    FioVerifySpec((("direct", 0),)),
-    (Checker.ORACLE, Checker.FIO_VERIFY),
+    FioVerify((("direct", 0),)),
+    ("oracle", "fio-verify"),
 )
 META = WorkloadSpec(
     "ext4-metadata",
-    WorkloadKind.EXT4_METADATA,
-    FsMetaSpec(),
-    (Checker.ORACLE, Checker.FSMETA, Checker.FSCK),
+    FsMeta(),
+    ("oracle", "fsmeta", "fsck"),
 )
 
 
@@ -121,7 +110,7 @@ TABLE = [
         CutPolicy.LOSE_ALL,
         ACK,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.ACK_RECORDS: IN, Checker.FSCK: IN},
+        {"oracle": IN, "ack-records": IN, "fsck": IN},
         False,
     ),
     (
@@ -130,7 +119,7 @@ TABLE = [
         CutPolicy.LOSE_ALL,
         FIO,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.FIO_VERIFY: IN},
+        {"oracle": IN, "fio-verify": IN},
         False,
     ),
     (
@@ -139,7 +128,7 @@ TABLE = [
         CutPolicy.LOSE_ALL,
         FIO,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.FIO_VERIFY: AL},
+        {"oracle": IN, "fio-verify": AL},
         False,
     ),  # writes after the last fsync may go
     (
@@ -148,7 +137,7 @@ TABLE = [
         CutPolicy.LOSE_ALL,
         FIO_SYNC,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.FIO_VERIFY: IN},
+        {"oracle": IN, "fio-verify": IN},
         False,
     ),
     (
@@ -157,7 +146,7 @@ TABLE = [
         CutPolicy.TORN,
         ACK,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.ACK_RECORDS: IN, Checker.FSCK: IN},
+        {"oracle": IN, "ack-records": IN, "fsck": IN},
         False,
     ),
     (
@@ -166,7 +155,7 @@ TABLE = [
         CutPolicy.LOSE_ALL,
         ACK_NOSYNC,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.ACK_RECORDS: AL, Checker.FSCK: IN},
+        {"oracle": IN, "ack-records": AL, "fsck": IN},
         False,
     ),
     (
@@ -175,7 +164,7 @@ TABLE = [
         CutPolicy.LOSE_ALL,
         ACK,
         Expectation.CONTRACT,
-        {Checker.ORACLE: EX, Checker.ACK_RECORDS: EX, Checker.FSCK: EX},
+        {"oracle": EX, "ack-records": EX, "fsck": EX},
         True,
     ),
     (
@@ -184,7 +173,7 @@ TABLE = [
         CutPolicy.RANDOM,
         FIO,
         Expectation.CONTRACT,
-        {Checker.ORACLE: AL, Checker.FIO_VERIFY: AL},
+        {"oracle": AL, "fio-verify": AL},
         False,
     ),
     (
@@ -193,7 +182,7 @@ TABLE = [
         None,
         ACK,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.ACK_RECORDS: IN, Checker.FSCK: IN},
+        {"oracle": IN, "ack-records": IN, "fsck": IN},
         False,
     ),
     (
@@ -202,7 +191,7 @@ TABLE = [
         None,
         FIO_BUFFERED,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.FIO_VERIFY: AL},
+        {"oracle": IN, "fio-verify": AL},
         False,
     ),  # fio's own page cache dies with the guest
     (
@@ -211,7 +200,7 @@ TABLE = [
         None,
         ACK_NOSYNC,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.ACK_RECORDS: AL, Checker.FSCK: IN},
+        {"oracle": IN, "ack-records": AL, "fsck": IN},
         False,
     ),
     (
@@ -220,7 +209,7 @@ TABLE = [
         None,
         ACK_NOSYNC,
         Expectation.CONTRACT,
-        {Checker.ORACLE: IN, Checker.ACK_RECORDS: IN, Checker.FSCK: IN},
+        {"oracle": IN, "ack-records": IN, "fsck": IN},
         False,
     ),
     (
@@ -229,7 +218,7 @@ TABLE = [
         CutPolicy.LOSE_ALL,
         META,
         Expectation.VIOLATION,
-        {Checker.ORACLE: EX, Checker.FSMETA: EX, Checker.FSCK: EX},
+        {"oracle": EX, "fsmeta": EX, "fsck": EX},
         True,
     ),
 ]
@@ -244,7 +233,7 @@ def test_expected_outcome_per_checker(
     policy: CutPolicy | None,
     workload: WorkloadSpec,
     expect: Expectation,
-    outcomes: dict[Checker, Outcome],
+    outcomes: dict[str, Outcome],
     detect: bool,
 ) -> None:
     e = expected_for(mode, fault, policy, workload, expect=expect)
@@ -300,12 +289,10 @@ CLEAN_FSCK = FsckObservation(mounted=True, exit_code=0)
 def clean(workload: WorkloadSpec) -> Observed:
     return Observed(
         oracle=oracle(),
-        fio_verify=FioVerifyObservation(0, 1000)
-        if workload.kind is WorkloadKind.FIO_VERIFY
-        else None,
-        fsck=CLEAN_FSCK if Checker.FSCK in workload.checkers else None,
-        ack_records=records(200, 203) if workload.kind is WorkloadKind.ACK_RECORDS else None,
-        fsmeta=meta(150, 0) if workload.kind is WorkloadKind.EXT4_METADATA else None,
+        fio_verify=FioVerifyObservation(0, 1000) if workload.kind == "fio-verify" else None,
+        fsck=CLEAN_FSCK if "fsck" in workload.checkers else None,
+        ack_records=records(200, 203) if workload.kind == "ack-records" else None,
+        fsmeta=meta(150, 0) if workload.kind == "ext4-metadata" else None,
         guest_io_errors=0,
     )
 
@@ -447,7 +434,7 @@ def test_shipped_matrix_expectations_match_what_the_matrix_must_show() -> None:
         if cell.mode in (WT, DS):
             assert set(e.checkers.values()) == {IN}, cell.id
         elif cell.mode in (W, N):
-            assert e.checkers[Checker.ORACLE] is IN and e.model_must_revert, cell.id
+            assert e.checkers["oracle"] is IN and e.model_must_revert, cell.id
         else:
             assert e.loss_must_be_detected, cell.id
     for name in ("unsafe-loses-data", "lying-flush"):
@@ -489,7 +476,7 @@ def test_corruption_never_passes_a_contract_cell(
     corrupt: int,
 ) -> None:
     e = _expected(mode, fault, policy, w, expect)
-    obs = Observed(**{**clean(w).__dict__, "oracle": oracle(corrupt=corrupt)})
+    obs = Observed.of({**clean(w).by_checker, "oracle": oracle(corrupt=corrupt)}, 0)
     v = judge(e, obs)
     assert v.verdict is Verdict.PASS if e.loss_must_be_detected else v.verdict is Verdict.FAIL
 

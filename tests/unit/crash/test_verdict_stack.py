@@ -17,20 +17,15 @@ import pytest
 
 from harness.block import open_backend
 from harness.block.cache import CacheMode
-from harness.crash.scenario import (
-    AckRecordsSpec,
-    Checker,
-    Expectation,
-    FaultModel,
-    WorkloadKind,
-    WorkloadSpec,
-)
 from harness.crash.verdict import Observed, OracleObservation, Verdict, expected_for, judge
+from harness.durability.contract import FaultModel
 from harness.durability.cut import CutPolicy, apply_cut
 from harness.durability.oracle import check
+from harness.scenario.model import Expectation, WorkloadSpec
+from harness.workloads.ackrecords import AckRecords
 
 BLOCK = 4096
-WORKLOAD = WorkloadSpec("blocks", WorkloadKind.ACK_RECORDS, AckRecordsSpec(), (Checker.ORACLE,))
+WORKLOAD = WorkloadSpec("blocks", AckRecords(), ("oracle",))
 
 
 def run_and_cut(

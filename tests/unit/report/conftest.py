@@ -8,19 +8,14 @@ from pathlib import Path
 import pytest
 
 from harness.block.cache import CacheMode
-from harness.crash.matrix import Cell, expand
-from harness.crash.scenario import load_scenario
-from harness.crash.verdict import (
-    FioVerifyObservation,
-    FsckObservation,
-    Observed,
-    OracleObservation,
-    Verdict,
-    expected_for_cell,
-    judge,
-)
-from harness.crash.workloads.ackrecords import AckRecordsCheck, AckRecordsObservation, InvalidRecord
-from harness.report.results import CellResult, RunResults, cell_result, error_result
+from harness.crash.record import cell_result, error_result
+from harness.crash.verdict import Observed, OracleObservation, Verdict, expected_for_cell, judge
+from harness.report.results import CellResult, RunResults
+from harness.scenario.cells import Cell, expand
+from harness.scenario.parse import load_scenario
+from harness.workloads.ackrecords import AckRecordsCheck, AckRecordsObservation, InvalidRecord
+from harness.workloads.filesystem import FsckObservation
+from harness.workloads.fio_verify import FioVerifyObservation
 
 ROOT = Path(__file__).parents[3]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.vhost.control import control_request
+from harness.control import control_request
 from harness.durability.writelog import read_log
 from harness.errors import PowercutError
 from harness.proc import ManagedProcess

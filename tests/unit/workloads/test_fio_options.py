@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from harness.crash.scenario import FioVerifySpec
-from harness.crash.workloads import fio
 from harness.errors import GuestError
 from harness.guest.fio import RW, job_file
+from harness.workloads import fio_verify as fio
+from harness.workloads.fio_verify import FioVerify
 
 
 def test_write_phase_saves_verify_state_and_seeds_the_layout() -> None:
-    spec = FioVerifySpec((("bs", "8k"), ("runtime", 30), ("time_based", 1)))
+    spec = FioVerify((("bs", "8k"), ("runtime", 30), ("time_based", 1)))
     opts = fio.write_options(spec, "/dev/vda", seed=42)
     assert opts["bs"] == "8k" and opts["randseed"] == 42 and opts["filename"] == "/dev/vda"
     assert opts["verify_state_save"] == 1 and opts["do_verify"] == 0 and opts["verify"] == "crc32c"
 
 
 def test_verify_phase_loads_state_and_only_verifies() -> None:
-    spec = FioVerifySpec((("bs", "8k"), ("runtime", 30), ("time_based", 1)))
+    spec = FioVerify((("bs", "8k"), ("runtime", 30), ("time_based", 1)))
     opts = fio.verify_options(spec, "/dev/vda", seed=42)
     assert opts["verify_state_load"] == 1 and opts["verify_only"] == 1 and opts["do_verify"] == 1
     assert "runtime" not in opts and "time_based" not in opts
@@ -30,7 +30,7 @@ def test_verify_phase_loads_state_and_only_verifies() -> None:
 
 
 def test_typed_jobs_carry_every_option() -> None:
-    spec = FioVerifySpec((("rw", "randrw"), ("fsync", 16), ("runtime", 30), ("zonemode", "none")))
+    spec = FioVerify((("rw", "randrw"), ("fsync", 16), ("runtime", 30), ("zonemode", "none")))
     job = fio.write_job(spec, "/dev/vda", 5)
     assert (job.rw, job.fsync, job.runtime, job.direct, job.verify) == (
         RW.RANDRW,
@@ -48,7 +48,7 @@ def test_typed_jobs_carry_every_option() -> None:
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 def test_verify_phase_counts_every_bad_block_after_a_real_fio_run(tmp_path: Path) -> None:
     """Write with saved verify state, damage blocks as a lost cache would, verify, parse."""
-    spec = FioVerifySpec((("size", "2M"), ("ioengine", "psync"), ("direct", 0), ("iodepth", 1)))
+    spec = FioVerify((("size", "2M"), ("ioengine", "psync"), ("direct", 0), ("iodepth", 1)))
     disk = tmp_path / "disk"
     (tmp_path / "w.fio").write_text(job_file([fio.write_job(spec, str(disk), 3)]))
     (tmp_path / "v.fio").write_text(job_file([fio.verify_job(spec, str(disk), 3)]))

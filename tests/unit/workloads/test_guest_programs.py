@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.crash.scenario import AckRecordsSpec, FsMetaSpec, SyncMode
-from harness.crash.workloads import ackrecords, fsmeta
-from harness.crash.workloads.stream import AckStream
 from harness.errors import GuestError
+from harness.workloads import ackrecords, fsmeta
+from harness.workloads.ackrecords import AckRecords, SyncMode
+from harness.workloads.fsmeta import FsMeta
+from harness.workloads.stream import AckStream
 
 SRC = Path(__file__).parents[3] / "images" / "guest-src"
 PROGRAMS = sorted(SRC.glob("*.c"))
@@ -61,7 +62,7 @@ def test_every_guest_program_compiles_static_without_warnings(bindir: Path) -> N
 def test_ackrecords_acknowledges_every_record_and_check_finds_them(
     bindir: Path, tmp_path: Path
 ) -> None:
-    spec = AckRecordsSpec(records=40, record_size=512, sync=SyncMode.FDATASYNC)
+    spec = AckRecords(records=40, record_size=512, sync=SyncMode.FDATASYNC)
     path = tmp_path / "records"
     cmd = ackrecords.write_command(spec, str(path), seed=7, program=str(bindir / "ackrecords"))
     out = run(["sh", "-c", cmd])
@@ -78,7 +79,7 @@ def test_ackrecords_acknowledges_every_record_and_check_finds_them(
 def test_ackrecords_check_reports_corrupt_zeroed_and_torn_records(
     bindir: Path, tmp_path: Path
 ) -> None:
-    spec = AckRecordsSpec(records=10, record_size=256, sync=SyncMode.NONE)
+    spec = AckRecords(records=10, record_size=256, sync=SyncMode.NONE)
     path = tmp_path / "records"
     prog = str(bindir / "ackrecords")
     run(["sh", "-c", ackrecords.write_command(spec, str(path), seed=3, program=prog)])
@@ -104,7 +105,7 @@ def test_ackrecords_check_reports_corrupt_zeroed_and_torn_records(
 
 
 def test_ackrecords_check_rejects_records_from_another_seed(bindir: Path, tmp_path: Path) -> None:
-    spec = AckRecordsSpec(records=3, record_size=128, sync=SyncMode.NONE)
+    spec = AckRecords(records=3, record_size=128, sync=SyncMode.NONE)
     path = tmp_path / "records"
     prog = str(bindir / "ackrecords")
     run(["sh", "-c", ackrecords.write_command(spec, str(path), seed=1, program=prog)])
@@ -115,7 +116,7 @@ def test_ackrecords_check_rejects_records_from_another_seed(bindir: Path, tmp_pa
 
 
 def test_ackrecords_check_of_a_missing_file_finds_nothing(bindir: Path, tmp_path: Path) -> None:
-    spec = AckRecordsSpec(record_size=128)
+    spec = AckRecords(record_size=128)
     out = run(
         [
             "sh",
@@ -128,7 +129,7 @@ def test_ackrecords_check_of_a_missing_file_finds_nothing(bindir: Path, tmp_path
 
 
 def test_fsmeta_every_acknowledged_op_checks_out(bindir: Path, tmp_path: Path) -> None:
-    spec = FsMetaSpec(ops=300, files=24, max_size=2048)
+    spec = FsMeta(ops=300, files=24, max_size=2048)
     prog = str(bindir / "fsmeta")
     d = tmp_path / "meta"
     out = run(["sh", "-c", fsmeta.write_command(spec, str(d), seed=5, program=prog)])
@@ -146,7 +147,7 @@ def test_fsmeta_every_acknowledged_op_checks_out(bindir: Path, tmp_path: Path) -
 def test_fsmeta_tolerates_unacknowledged_ops_inside_the_window(
     bindir: Path, tmp_path: Path
 ) -> None:
-    spec = FsMetaSpec(ops=200, files=16, max_size=1024)
+    spec = FsMeta(ops=200, files=16, max_size=1024)
     prog = str(bindir / "fsmeta")
     d = tmp_path / "meta"
     run(["sh", "-c", fsmeta.write_command(spec, str(d), seed=8, program=prog)])
@@ -163,7 +164,7 @@ def test_fsmeta_tolerates_unacknowledged_ops_inside_the_window(
 
 
 def test_fsmeta_detects_a_lost_file_and_a_stray_one(bindir: Path, tmp_path: Path) -> None:
-    spec = FsMetaSpec(ops=120, files=8, max_size=512)
+    spec = FsMeta(ops=120, files=8, max_size=512)
     prog = str(bindir / "fsmeta")
     d = tmp_path / "meta"
     run(["sh", "-c", fsmeta.write_command(spec, str(d), seed=2, program=prog)])
@@ -215,7 +216,7 @@ def test_check_parsers_reject_garbage() -> None:
 def test_ackrecords_check_agrees_with_a_model_of_the_damage(
     bindir: Path, records: int, damage: list[tuple[int, str]]
 ) -> None:
-    spec = AckRecordsSpec(records=records, record_size=128, sync=SyncMode.NONE)
+    spec = AckRecords(records=records, record_size=128, sync=SyncMode.NONE)
     prog = str(bindir / "ackrecords")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r"

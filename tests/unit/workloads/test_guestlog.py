@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from harness.crash.workloads.guestlog import count_io_errors
+from harness.guest.kernel_log import count_io_errors
 
 LOG = """\
 [    1.0] virtio_blk virtio1: [vda] 524288 512-byte logical blocks (268 MB/256 MiB)

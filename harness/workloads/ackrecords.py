@@ -1,30 +1,80 @@
-"""Host side of `ackrecords`: the command lines, the ack stream and the `--check` JSON."""
+"""The ack-records workload: numbered, checksummed records appended with fsync.
+
+The guest program (`images/guest-src/ackrecords.c`) prints one line per
+record it has made durable as it was asked to (fsync, fdatasync or nothing),
+and after the reboot `--check` prints JSON: how many records from 1 on are
+intact. Every acknowledged record must be found wherever the promise covers
+what the guest synced.
+"""
 
 from __future__ import annotations
 
+import enum
 import json
 import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from harness.crash.scenario import AckRecordsSpec
-from harness.crash.workloads.stream import AckStream
+from harness.durability.contract import FaultModel, Promise
 from harness.errors import GuestError
+from harness.workloads.base import (
+    FSCK,
+    MOUNT,
+    ORACLE,
+    FieldReader,
+    GuestContext,
+    Observation,
+    Run,
+    Tally,
+    Workload,
+)
+from harness.workloads.stream import StreamRun
 
 PROGRAM = "/usr/local/bin/ackrecords"
-
-__all__ = [
-    "AckRecordsCheck",
-    "AckRecordsObservation",
-    "AckStream",
-    "InvalidRecord",
-    "check_command",
-    "parse_check",
-    "write_command",
-]
+RECORDS = f"{MOUNT}/records"
 
 
-def write_command(spec: AckRecordsSpec, path: str, seed: int, program: str = PROGRAM) -> str:
+class SyncMode(enum.Enum):
+    FSYNC = "fsync"
+    FDATASYNC = "fdatasync"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class AckRecords(Workload):
+    """`kind = "ack-records"`: `records` (0: until the cut), `record-size`, `sync`."""
+
+    records: int = 0  # 0: until cut
+    record_size: int = 4096
+    sync: SyncMode = SyncMode.FSYNC
+
+    kind = "ack-records"
+    checker = "ack-records"
+    checkers = (ORACLE, "ack-records", FSCK)
+
+    @classmethod
+    def parse(cls, fields: FieldReader) -> AckRecords:
+        return cls(
+            records=fields.integer("records", 0, minimum=0),
+            record_size=fields.size("record-size", 4096, minimum=64),
+            sync=fields.choice("sync", SyncMode, SyncMode.FSYNC),
+        )
+
+    def keeps_acknowledged(self, promise: Promise) -> bool:
+        # A record is acknowledged after its sync returned: kept wherever flushed data is.
+        return self.sync is not SyncMode.NONE and promise is not Promise.NOTHING
+
+    def start(self, ctx: GuestContext, seed: int, fault: FaultModel) -> Run:
+        return StreamRun(ctx, write_command(self, RECORDS, seed), self.kind, fault)
+
+    def check(self, ctx: GuestContext, seed: int, run: Run) -> Observation:
+        text = ctx.ssh.run(check_command(self, RECORDS, seed), timeout=120)
+        with open(ctx.directory / "checks.log", "a") as out:
+            out.write(f"$ ackrecords --check\n{text.stdout}{text.stderr}\n")
+        return AckRecordsObservation(run.acked(), parse_check(text.stdout))
+
+
+def write_command(spec: AckRecords, path: str, seed: int, program: str = PROGRAM) -> str:
     """The guest command that writes records and streams one line per acknowledged record."""
     argv = [
         program,
@@ -41,7 +91,7 @@ def write_command(spec: AckRecordsSpec, path: str, seed: int, program: str = PRO
     return shlex.join(argv)
 
 
-def check_command(spec: AckRecordsSpec, path: str, seed: int, program: str = PROGRAM) -> str:
+def check_command(spec: AckRecords, path: str, seed: int, program: str = PROGRAM) -> str:
     argv = [program, "--check", "--size", str(spec.record_size), "--seed", str(seed), path]
     return shlex.join(argv)
 
@@ -70,7 +120,7 @@ class AckRecordsCheck:
 
 
 @dataclass(frozen=True)
-class AckRecordsObservation:
+class AckRecordsObservation(Observation):
     """The acknowledged records against what was found: the verdict's input."""
 
     acked: int  # the highest sequence number the host received
@@ -84,6 +134,20 @@ class AckRecordsObservation:
     def missing(self) -> int:
         """Acknowledged records not found intact (0 when the file holds all of them)."""
         return max(0, self.acked - self.found)
+
+    @property
+    def loss(self) -> bool:
+        return self.missing > 0
+
+    def summary(self) -> str:
+        if self.loss:
+            bad = self.check.first_invalid_after(self.found)
+            where = f" (record {bad.seq} at offset {bad.offset}: {bad.reason})" if bad else ""
+            return f"records 1..{self.acked} acknowledged, only 1..{self.found} found{where}"
+        return f"all {self.acked} acknowledged records found ({self.check.valid} valid in the file)"
+
+    def tally(self) -> Tally:
+        return Tally(acknowledged=self.acked, lost=self.missing, unit="records")
 
 
 def _field(data: dict[str, Any], key: str, kind: type) -> Any:

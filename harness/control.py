@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import PowercutError
-from harness.vhost.server import listen_unix
+from harness.sockets import listen_unix
 
 log = logging.getLogger(__name__)
 

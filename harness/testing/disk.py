@@ -2,7 +2,7 @@
 
 They compose with the machine fixtures (`vm_factory`, `module_vm_factory`):
 
-    from harness.vhost.pytest_fixtures import powercut_disk  # noqa: F401
+    from harness.testing.disk import powercut_disk  # noqa: F401
 
     def test_mkfs(vm_factory, powercut_disk):
         disk = powercut_disk(vm_factory, cache="writethrough", queues=2, serial="S1")
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from harness.vhost.control import control_request
+from harness.control import control_request
 from harness.vm.backends import PowercutBackend
 
 

@@ -1,5 +1,8 @@
 """Expanding scenarios into cells: one cell is one boot, one cut, one verdict.
 
+No VM is needed to know a run's cells: listing, selecting (`--cell`) and
+collecting them as test items happens here.
+
 The matrix is modes x faults (x policies) x workloads x cuts x repetitions,
 in that order, so that results read mode by mode. Every cell has an id that
 names it (`writeback/host-power-cut.lose-all/ack-records/after-200-acked/r0`)
@@ -16,18 +19,15 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from harness.block.cache import CacheMode
-from harness.crash.scenario import (
+from harness.durability.contract import CacheMode, CutPolicy, FaultModel
+from harness.errors import ConfigError
+from harness.scenario.model import (
     BlkdebugRule,
-    Checker,
     CutSpec,
     Expectation,
-    FaultModel,
     Scenario,
     WorkloadSpec,
 )
-from harness.durability.cut import CutPolicy
-from harness.errors import ConfigError
 
 SEED_BITS = 32  # fits fio's randseed, C's uint32 and JSON numbers everywhere
 
@@ -46,7 +46,7 @@ class Cell:
     workload: WorkloadSpec
     cut: CutSpec
     cut_at: float  # the resolved threshold: seconds, acked writes or flushes
-    checkers: tuple[Checker, ...]
+    checkers: tuple[str, ...]  # checker names (harness.workloads)
     repetition: int
     seed: int  # the cell's own seed: workload data, cut time, policy
     expect: Expectation

@@ -1,0 +1,121 @@
+"""What a scenario file says, as frozen values: the input of `harness.scenario.cells`.
+
+The contract's vocabulary (cache modes, faults, cut policies) is
+`harness.durability.contract`'s; the workloads are `harness.workloads`'
+objects, each holding its own parameters. Only what belongs to no one else
+is defined here: when to cut, what a scenario expects, blkdebug rules.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+from harness.block.drivers.blkdebug import Rule
+from harness.durability.contract import CacheMode, CutPolicy, FaultModel
+from harness.workloads.base import OptionValue, Workload
+
+
+class TriggerKind(enum.Enum):
+    AFTER_SECONDS = "after-seconds"
+    AFTER_ACKED_WRITES = "after-acked-writes"
+    AFTER_FLUSHES = "after-flushes"
+    WINDOW = "window"  # seeded-random time in [a, b] seconds
+
+    @property
+    def timed(self) -> bool:
+        return self in (TriggerKind.AFTER_SECONDS, TriggerKind.WINDOW)
+
+
+class Expectation(enum.Enum):
+    """What a scenario expects, when it differs from the mode's contract."""
+
+    CONTRACT = "contract"  # observed must lie inside the contract (the default)
+    VIOLATION = "violation"  # a negative control: passes only when the loss is detected
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One fault model; a host power cut may list several policies (one cell each)."""
+
+    model: FaultModel
+    policies: tuple[CutPolicy, ...] = ()
+    seed: int | None = None  # fixed policy seed; None derives it from the cell seed
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+@dataclass(frozen=True)
+class CutSpec:
+    """When to cut. `value` is seconds, acked writes or flushes; `window` is [a, b] seconds."""
+
+    kind: TriggerKind
+    value: float = 0.0
+    window: tuple[float, float] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind is TriggerKind.WINDOW:
+            assert self.window is not None
+            return f"window-{_num(self.window[0])}-{_num(self.window[1])}s"
+        if self.kind is TriggerKind.AFTER_SECONDS:
+            return f"after-{_num(self.value)}s"
+        if self.kind is TriggerKind.AFTER_ACKED_WRITES:
+            return f"after-{int(self.value)}-acked"
+        return f"after-{int(self.value)}-flushes"
+
+    def resolve(self, seed: int) -> float:
+        """The concrete threshold for one cell: the window draws a time from `seed`."""
+        if self.window is not None:
+            low, high = self.window
+            return round(random.Random(seed).uniform(low, high), 3)
+        return self.value
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """One `[[workload]]`: its name, the workload object, the checkers that judge it."""
+
+    name: str
+    workload: Workload
+    checkers: tuple[str, ...]
+    cuts: tuple[CutSpec, ...] = ()  # overrides the scenario's cuts for this workload
+
+    @property
+    def kind(self) -> str:
+        return self.workload.kind
+
+
+@dataclass(frozen=True)
+class BlkdebugRule:
+    """One blkdebug rule: the fields of `harness.block.drivers.blkdebug.Rule` (its JSON form)."""
+
+    options: tuple[tuple[str, OptionValue], ...]
+
+    def as_dict(self) -> dict[str, OptionValue]:
+        return dict(self.options)
+
+    def to_rule(self) -> Rule:
+        return Rule.from_json(self.as_dict())
+
+
+@dataclass(frozen=True)
+class Scenario:
+    path: str
+    name: str
+    description: str
+    image: str
+    disk_size: int
+    modes: tuple[CacheMode, ...]
+    faults: tuple[FaultSpec, ...]
+    workloads: tuple[WorkloadSpec, ...]
+    cuts: tuple[CutSpec, ...]
+    repetitions: int = 1
+    seed: int = 0
+    expect: Expectation = Expectation.CONTRACT
+    blkdebug: tuple[BlkdebugRule, ...] = ()
+    timeout: float = 300.0
+    filesystem: str = "ext4"

@@ -1,0 +1,175 @@
+"""Acknowledgement streams: a guest command whose every output line is a promise.
+
+`AckStream` parses lines that arrive in pieces from a guest that may die
+mid-line; `GuestStream` runs the command on its own SSH channel in a thread,
+so the power can be cut at any moment; `StreamRun` is the `Run` of every
+workload built that way (ack-records, ext4-metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import threading
+import time
+from pathlib import Path
+
+from harness.durability.contract import FaultModel
+from harness.errors import GuestError, PowercutError
+from harness.guest.ssh import SSHSession
+from harness.workloads.base import POLL, GuestContext, Run
+
+log = logging.getLogger(__name__)
+
+# Exit statuses of a workload the runner stopped on purpose (SIGKILL, SIGTERM), or
+# whose channel died with the connection.
+_STOPPED = (137, 143, -1)
+
+
+class AckStream:
+    """Collects acknowledged sequence numbers from a workload's stdout.
+
+    Feed it whatever bytes arrive (`feed`); a trailing partial line is kept
+    until its newline comes, and dropped if it never does — a line cut by the
+    power cut was never an acknowledgement. Sequence numbers must rise by one;
+    anything else means the stream is not what the workload prints.
+    """
+
+    def __init__(self, name: str = "workload") -> None:
+        self.name = name
+        self._partial = b""
+        self.highest = 0
+        self.lines = 0
+
+    def feed(self, data: bytes | str) -> list[int]:
+        """Consume a chunk; returns the sequence numbers it completed."""
+        if isinstance(data, str):
+            data = data.encode()
+        buf = self._partial + data
+        *complete, self._partial = buf.split(b"\n")
+        seqs = [self._line(line) for line in complete if line.strip()]
+        return seqs
+
+    def _line(self, line: bytes) -> int:
+        first = line.split(None, 1)[0]
+        try:
+            seq = int(first)
+        except ValueError:
+            raise GuestError(
+                f"{self.name}: acknowledgement line {line[:80]!r} does not start with a number; "
+                "is the guest running the workload this harness version expects?"
+            ) from None
+        if seq != self.highest + 1:
+            raise GuestError(
+                f"{self.name}: acknowledgement {seq} after {self.highest}; "
+                "acknowledgements must count up by one (was the stream mixed with other output?)"
+            )
+        self.highest = seq
+        self.lines += 1
+        return seq
+
+
+class GuestStream:
+    """A guest command in a thread; every acknowledgement line it prints is counted.
+
+    Runs on its own SSH channel so the cut can come at any moment: the
+    command ends when its connection dies with the guest. Every line is
+    also appended to `ack_file` as it arrives.
+    """
+
+    def __init__(self, ssh: SSHSession, command: str, name: str, ack_file: Path) -> None:
+        self.ssh = ssh
+        self.command = command
+        self.stream = AckStream(name)
+        self.ack_file = ack_file
+        self.error: BaseException | None = None
+        self.exit_code: int | None = None
+        self.stderr = ""
+        self.started = 0.0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"guest-{name}", daemon=True)
+
+    def start(self) -> GuestStream:
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with open(self.ack_file, "a", buffering=1) as acks:
+
+                def line(text: str) -> None:
+                    with self._lock:
+                        self.stream.feed(text + "\n")
+                    acks.write(text + "\n")
+
+                result = self.ssh.run(self.command, timeout=3600, on_stdout=line)
+            self.exit_code = result.exit_code
+            self.stderr = result.stderr
+        except (PowercutError, OSError, EOFError) as exc:
+            self.error = exc
+        except Exception as exc:  # noqa: BLE001 - paramiko raises its own kinds when the guest dies
+            self.error = exc
+
+    @property
+    def acked(self) -> int:
+        with self._lock:
+            return self.stream.highest
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def failure(self) -> str | None:
+        """Why the workload itself failed (not because the power was cut)."""
+        if isinstance(self.error, GuestError):
+            return str(self.error)
+        if self.exit_code not in (None, 0, -1):
+            return f"{self.command!r} exited {self.exit_code}: {self.stderr.strip()[-300:]}"
+        return None
+
+
+class StreamRun(Run):
+    """A streaming workload's run: acknowledgements counted as they arrive."""
+
+    # After a backend crash the workload must go on: this many more acknowledgements
+    # (or this many seconds) show that it did, then it is stopped.
+    RESUME_ACKS = 20
+    RESUME_SECONDS = 10.0
+
+    def __init__(self, ctx: GuestContext, command: str, name: str, fault: FaultModel) -> None:
+        super().__init__(fault)
+        self.program = shlex.split(command)[0].rsplit("/", 1)[-1]
+        self.stream = GuestStream(ctx.ssh, command, name, ctx.directory / "acks.txt").start()
+        self.started = self.stream.started
+
+    def acked(self) -> int:
+        return self.stream.acked
+
+    def alive(self) -> bool:
+        return self.stream.alive
+
+    def failure(self) -> str | None:
+        return self.stream.failure()
+
+    def after_cut(self, timeout: float) -> None:
+        # Every acknowledgement the host had received when the power went is a
+        # promise, also those that came in while the cut was being made.
+        self.stream.join(timeout)
+
+    def after_backend_crash(self, ctx: GuestContext, acked_at_crash: int) -> None:
+        resumed = time.monotonic()
+        while (
+            self.stream.alive
+            and self.stream.acked < acked_at_crash + self.RESUME_ACKS
+            and time.monotonic() - resumed < self.RESUME_SECONDS
+        ):
+            time.sleep(POLL)
+        ctx.ssh.run(f"killall {shlex.quote(self.program)} 2>/dev/null; true", timeout=30)
+        self.stream.join(ctx.time_left(60))
+        failure = self.stream.failure()
+        if failure and self.stream.exit_code not in _STOPPED:
+            raise GuestError(f"the workload failed across the backend crash: {failure}")
