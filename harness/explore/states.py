@@ -1,11 +1,14 @@
 """Persistence points and the crash states at each: what the contract lets a power cut leave.
 
 A recorded run's write log is a total order of events (`harness.durability.writelog`).
-A *persistence point* is a place in that order where the workload learnt
-something was durable: each completed flush, each completed FUA write, each
+A *persistence point* is a place in that order where the workload learns
+something is durable: each completed flush, each completed FUA write, each
 acknowledgement of the workload (`Ack`), and the end of the run (where the
 runner cuts). A point is a log record index `at`: the cut happens after every
-record before it.
+record before it. A flush's or FUA write's point is the instant *before* its
+completion: the writes it is about to make durable are still pending there
+(the richest set of states), and the state right after the completion is that
+point's keep-all.
 
 At a point, the writes submitted so far split in two by the promise that
 decides what the disk keeps (`Promise.durable`, as the oracle reads it, with
@@ -177,12 +180,12 @@ class Timeline:
         for r in wlog.requests:
             if not r.completed_ok or r.complete_index is None:
                 continue
+            # Just before the completion: the flush (or FUA write) is still in flight, so the
+            # writes it would make durable are pending; the state just after is keep-all's.
             if r.op == Op.FLUSH:
-                found.setdefault(r.complete_index + 1, []).append(
-                    (PointKind.FLUSH, f"flush {r.seq}")
-                )
+                found.setdefault(r.complete_index, []).append((PointKind.FLUSH, f"flush {r.seq}"))
             elif r.fua:
-                found.setdefault(r.complete_index + 1, []).append((PointKind.FUA, f"fua {r.seq}"))
+                found.setdefault(r.complete_index, []).append((PointKind.FUA, f"fua {r.seq}"))
         for a in acks:
             found.setdefault(a.index, []).append((PointKind.ACK, f"ack {a.token}"))
         found.setdefault(wlog.records, []).append((PointKind.END, "end"))
@@ -303,6 +306,20 @@ class State:
             torn,
             int(raw.get("pending", 0)),
         )
+
+
+def find_state(states: Iterable[dict[str, Any]], state_id: str) -> dict[str, Any]:
+    """The state `state_id` among recorded ones (explore.json's), or a clear error."""
+    ids = []
+    for raw in states:
+        if raw.get("id") == state_id:
+            return raw
+        ids.append(str(raw.get("id")))
+    sample = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+    raise ConfigError(
+        f"no state {state_id!r} in this exploration ({len(ids)} states: {sample or 'none'}); "
+        "state ids look like p3-lose-all-0 (point, policy, number)"
+    )
 
 
 @dataclass(frozen=True)
