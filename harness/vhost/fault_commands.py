@@ -6,6 +6,8 @@
     {"cmd": "blkdebug-remove", "id": 0}
     {"cmd": "blkdebug-clear"}
     {"cmd": "log-mark", "label": "before-commit"}           (a named point in the write log)
+    {"cmd": "state-switch", "delta": "/x/p3-lose-all-0.delta"}  (crash-state: the next state;
+                                                     what the guest wrote is discarded)
 
 Each takes an optional "node" (the node-name) and needs it only when the graph
 has more than one node of that driver. A graph without such a node answers
@@ -19,6 +21,7 @@ from typing import Any
 
 from harness.block.backend import BlockBackend
 from harness.block.drivers.blkdebug import BlkdebugNode, Rule
+from harness.block.drivers.crash_state import CrashStateNode
 from harness.block.drivers.log_writes import LogWritesNode
 from harness.block.node import BlockNode
 from harness.control import ControlServer
@@ -66,8 +69,13 @@ def register_fault_commands(control: ControlServer, backend: BlockBackend) -> No
         node: LogWritesNode = _pick(backend, LogWritesNode, req)
         node.mark(str(req["label"]))
 
+    def switch_state(req: Mapping[str, Any]) -> dict[str, Any]:
+        node: CrashStateNode = _pick(backend, CrashStateNode, req)
+        return node.switch(req.get("delta"))
+
     control.register("blkdebug-rules", lambda req: blkdebug(req).rules())
     control.register("blkdebug-add", lambda req: blkdebug(req).add_rule(_rule(req)))
     control.register("blkdebug-remove", remove)
     control.register("blkdebug-clear", lambda req: blkdebug(req).clear_rules())
     control.register("log-mark", mark)
+    control.register("state-switch", switch_state)
