@@ -46,6 +46,7 @@ from typing import Any
 
 from harness.block.options import parse_bool, parse_dotted
 from harness.errors import ConfigError, PowercutError
+from harness.sockets import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +301,6 @@ def _inherited(fd: int, what: str, family: socket.AddressFamily | None) -> socke
 
 
 def _listener(spec: ExportSpec) -> socket.socket:
-    from harness.vhost.server import listen_unix
-
     if spec.addr_type == "unix":
         return listen_unix(spec.addr)
     return _inherited(int(spec.addr), f"--export {spec.id}", socket.AF_UNIX)
@@ -310,8 +309,6 @@ def _listener(spec: ExportSpec) -> socket.socket:
 def nbd_listener(addr: SocketAddress) -> socket.socket:
     """A listening socket for an NBD server (unix: owner-only, as the vhost sockets)."""
     if addr.type == "unix":
-        from harness.vhost.server import listen_unix
-
         return listen_unix(addr.path)
     if addr.type == "inet":
         try:

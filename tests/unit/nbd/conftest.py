@@ -17,7 +17,7 @@ from harness.block import BlockBackend, open_backend
 from harness.nbd import NbdExport, NbdServer
 from harness.nbd.export import MultiConn
 from harness.proc import ManagedProcess
-from harness.vhost.server import listen_unix
+from harness.sockets import listen_unix
 
 IMAGE_SIZE = 8 << 20
 DAEMON = [sys.executable, "-m", "harness.storage_daemon"]
