@@ -73,8 +73,9 @@ class Ext4Layout:
         ranges: list[tuple[int, int, str, int]] = []
         group = -1
         for line in run.stdout.splitlines():
-            if line.startswith("Group "):
-                group = int(line.split()[1].rstrip(":"))
+            m = re.match(r"Group (\d+):", line)
+            if m:
+                group = int(m.group(1))
             elif group < 0 and ":" in line:
                 key, _, value = line.partition(":")
                 head[key.strip()] = value.strip()
@@ -160,7 +161,7 @@ def attribute_extents(
         for line in out.splitlines():
             parts = line.split("\t")
             if len(parts) == 2 and parts[0].strip().isdigit():
-                paths.setdefault(int(parts[0]), parts[1].strip())
+                paths.setdefault(int(parts[0]), re.sub("/+", "/", parts[1].strip()))
             m = re.match(r"Inode: (\d+)\s+Type: (\S+)", line)
             if m:
                 types[int(m.group(1))] = m.group(2)

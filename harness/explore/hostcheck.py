@@ -432,7 +432,8 @@ class HostChecker:
                     self.scratch.forget()
                     raise
                 if outcome.image_changed:
-                    self.scratch.forget()
+                    self.scratch.forget()  # then hold the state again, as after any check
+                    self.scratch.materialize(state)
                 if cache is not None:
                     cache.fsck[digest] = (state.id, outcome)
                 outcomes.append(outcome)
