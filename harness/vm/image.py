@@ -916,6 +916,12 @@ def build(
     return BuildResult(image, False, time.monotonic() - t0)
 
 
+def _cmdline(p: _Plan) -> str:
+    conf = p.recipe.data["kernel"]
+    extra = conf.get("package_cmdline", "") if p.kernel_file is None else ""
+    return f"{conf['cmdline']} {extra}".strip()
+
+
 def _build(p: _Plan, cache: Path, final: Path, force: bool, say: Progress) -> None:
     images = final.parent
     work = Path(tempfile.mkdtemp(prefix=f".build-{p.recipe_hash}-", dir=images))
@@ -956,7 +962,7 @@ def _build(p: _Plan, cache: Path, final: Path, force: bool, say: Progress) -> No
                 "stubbed_libraries": root_info["stubbed_libraries"],
             },
             "initramfs_modules": modules,
-            "cmdline": p.recipe.data["kernel"]["cmdline"],
+            "cmdline": _cmdline(p),
             "ssh_port": guest.get("ssh_port", 22),
             "fio_server_port": guest.get("fio_server_port", 8765),
             "host_public_key": root_info["host_public_key"],

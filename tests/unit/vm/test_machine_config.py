@@ -157,3 +157,49 @@ def test_tcg_guests_default_to_qemu64_and_a_model_can_be_chosen(tmp_path):
     assert (
         ET.fromstring(domain_xml(_spec(), "x", Accel.TCG, {}, tmp_path / "c")).find("cpu") is None
     )
+
+
+def test_the_root_disk_comes_last_read_only_with_its_serial_in_qemu_and_libvirt(tmp_path):
+    import dataclasses
+
+    spec = dataclasses.replace(
+        _spec(FileDisk(Path("/d/a.img")), VhostUserDisk(Path("/s/b.sock"))),
+        root_disk=Path("/img/root.img"),
+    )
+    argv = qemu_argv(spec, Accel.TCG, {22: 1}, tmp_path)
+    drives = _opt(argv, "-drive")
+    assert drives[-1].startswith("file=/img/root.img,") and "readonly=on" in drives[-1]
+    blk = [d for d in _opt(argv, "-device") if d.startswith(("virtio-blk", "vhost-user-blk"))]
+    assert blk[0].endswith("addr=0x8") and blk[1].endswith("addr=0x9")
+    assert blk[-1] == "virtio-blk-pci,drive=rootdisk,serial=powercut-root,addr=0x1e"
+
+    root = ET.fromstring(domain_xml(spec, "x", Accel.TCG, {22: 1}, tmp_path / "c"))
+    disks = root.findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb", "vdc"]
+    last = disks[-1]
+    assert last.find("source").get("file") == "/img/root.img"
+    assert last.find("readonly") is not None and last.find("serial").text == "powercut-root"
+    assert last.find("address").get("slot") == "0x1e"
+
+
+def test_a_spec_from_an_image_attaches_its_root_disk(tmp_path):
+    from harness.vm.image import GuestImage
+
+    key = tmp_path / "host_key.pub"
+    key.write_text("ssh-ed25519 AAAA\n")
+    image = GuestImage(
+        directory=tmp_path,
+        recipe_hash="h",
+        kernel=tmp_path / "vmlinux",
+        bzimage=tmp_path / "bzImage",
+        initramfs=tmp_path / "initramfs.cpio",
+        ssh_key=tmp_path / "id",
+        ssh_public_key=tmp_path / "id.pub",
+        host_public_key=key,
+        manifest=tmp_path / "manifest.json",
+        cmdline="console=ttyS0",
+        ssh_port=22,
+        fio_server_port=8765,
+        root_disk=tmp_path / "root.img",
+    )
+    assert MachineSpec.from_image(image).root_disk == tmp_path / "root.img"
