@@ -332,6 +332,9 @@ class Bounds:
     policies: tuple[CutPolicy, ...] = DEFAULT_POLICIES
     seed: int = 0
     max_torn_writes: int = 3  # writes torn in one state
+    # Bytes a write tears in (the disk's atomic write unit); 0: the log's sector size, the
+    # contract's granularity. 4096 models a disk that never tears inside a 4 KiB block.
+    tear_unit: int = 0
     points: tuple[int, ...] | None = None  # only these point numbers
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -361,14 +364,28 @@ def enumerate_states(timeline: Timeline, bounds: Bounds) -> Iterator[State]:
     ]
     others = [p for p in policies if p not in canonical]
     emitted = 0
-    per_point: dict[int, set[Any]] = {}
-    for phase in (canonical, others):
-        if not phase:
-            continue
+    seen: dict[int, set[Any]] = {p.number: set() for p in points}
+    # Lose-all and keep-all at every point first ...
+    if canonical:
         for point in points:
-            seen = per_point.setdefault(point.number, set())
-            for state in _at_point(timeline, point, phase, bounds, seen):
+            for state in _at_point(timeline, point, canonical, bounds, seen[point.number]):
                 yield state
+                emitted += 1
+                if emitted >= bounds.max_states:
+                    return
+    if not others:
+        return
+    # ... then the other policies breadth first: a round takes one state per policy at
+    # every point, so a budget spreads over the whole run instead of its first points.
+    live = {p.number: _at_point(timeline, p, others, bounds, seen[p.number]) for p in points}
+    while live:
+        for number in list(live):
+            for _ in range(len(others)):
+                got = next(live[number], None)
+                if got is None:
+                    del live[number]
+                    break
+                yield got
                 emitted += 1
                 if emitted >= bounds.max_states:
                     return
@@ -449,20 +466,22 @@ def _random(
 def _torn(
     pending: list[Write], ss: int, bounds: Bounds, rng: random.Random, state: Any
 ) -> Iterator[State]:
-    def sectors(w: Write) -> list[int]:
-        first = w.offset // ss
-        return list(range(first, -(-(w.offset + w.length) // ss)))
+    unit = max(1, (bounds.tear_unit or ss) // ss)  # sectors that tear together
 
-    tearable = [w for w in pending if len(sectors(w)) >= 2]
+    def units(w: Write) -> list[list[int]]:
+        first, end = w.offset // ss, -(-(w.offset + w.length) // ss)
+        return [list(range(u, min(u + unit, end))) for u in range(first, end, unit)]
+
+    tearable = [w for w in pending if len(units(w)) >= 2]
     if not tearable:
         return
     for k in range(4 * bounds.per_point):
         picked = rng.sample(tearable, rng.randint(1, min(bounds.max_torn_writes, len(tearable))))
         torn: dict[int, set[int]] = {}
         for w in picked:
-            secs = sectors(w)
-            cut = rng.randint(1, len(secs) - 1)
-            torn[w.seq] = set(rng.sample(secs, cut))
+            parts = units(w)
+            cut = rng.randint(1, len(parts) - 1)
+            torn[w.seq] = {s for part in rng.sample(parts, cut) for s in part}
         chosen = {w.seq for w in picked}
         lost = [w.seq for w in pending if w.seq not in chosen and rng.random() < 0.5]
         yield state(CutPolicy.TORN, k, lost, torn)

@@ -197,3 +197,26 @@ def test_identical_images_share_one_content_hash(recorder: Any, tmp_path: Path) 
             assert by_hash.setdefault(digest, content) == content
         assert len(by_hash) < len(states)  # several states do coincide
         assert len(set(by_hash.values())) == len(by_hash)
+
+
+def test_a_tear_unit_tears_whole_units_only(recorder: Any) -> None:
+    rec = recorder()
+    workload(rec)
+    tl = timeline_of(rec.finish())
+    torn = list(enumerate_states(tl, Bounds(policies=(CutPolicy.TORN,), tear_unit=4096)))
+    assert torn
+    for s in torn:
+        for _seq, sectors in s.torn:
+            groups = {sec // 8 for sec in sectors}
+            assert len(sectors) == 8 * len(groups)
+
+
+def test_a_small_budget_reaches_every_point_before_going_deep(recorder: Any) -> None:
+    rec = recorder()
+    workload(rec)
+    tl = timeline_of(rec.finish())
+    busy = [p for p in tl.points if len(tl.pending(p)) >= 2]
+    canonical = sum(2 if tl.pending(p) else 1 for p in tl.points)
+    head = list(enumerate_states(tl, Bounds(max_states=canonical + 3 * len(busy))))
+    for p in busy:
+        assert any(s.point == p and s.policy is CutPolicy.PREFIX for s in head)
