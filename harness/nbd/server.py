@@ -156,6 +156,10 @@ class NbdServer:
                 self._next_id += 1
                 cid = self._next_id
                 self.connections += 1
+                if conn.family in (socket.AF_INET, socket.AF_INET6):
+                    # Replies are small and often back to back: no Nagle delay (as QEMU).
+                    with contextlib.suppress(OSError):
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 channel = Channel(conn, f"client {cid}{_peer_suffix(conn)}")
                 self._clients[cid] = channel
                 thread = threading.Thread(
