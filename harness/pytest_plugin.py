@@ -50,6 +50,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="accelerator for test VMs (default: $POWERCUT_ACCEL, else probe)",
     )
     group.addoption(
+        "--guest-package",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Debian package to add to the guest image (repeatable)",
+    )
+    group.addoption(
+        "--guest-kernel", default=None, metavar="PATH", help="boot test guests with this kernel"
+    )
+    group.addoption(
+        "--guest-modules", default=None, metavar="PATH", help="its lib/modules/RELEASE tree"
+    )
+    group.addoption(
         "--keep-failed",
         action="store_true",
         default=False,
@@ -141,11 +154,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def guest_image() -> Any:
-    """The guest image for the repository's recipe, built once (and cached across runs)."""
+def guest_image(request: pytest.FixtureRequest) -> Any:
+    """The guest image for the repository's recipe, built once (and cached across runs).
+
+    `--guest-package`, `--guest-kernel` and `--guest-modules` change what it is made of;
+    `harness.vm.image.ensure_image(packages, kernel, modules)` makes others in a test.
+    """
     from harness.vm.image import ensure_image
 
-    return ensure_image()
+    kernel = request.config.getoption("--guest-kernel")
+    modules = request.config.getoption("--guest-modules")
+    return ensure_image(
+        request.config.getoption("--guest-package"),
+        Path(kernel) if kernel else None,
+        Path(modules) if modules else None,
+    )
 
 
 @pytest.fixture(scope="session")
