@@ -8,6 +8,11 @@
                    the filesystem checker with journal recovery on a throwaway view
     minimize.py    delta debugging over the lost and torn writes of a failing state
     attribute.py   what a write's blocks hold on ext4 (debugfs icheck/ncheck)
+    ext4traffic.py real ext4 traffic through the block stack without a VM (benchmarks, tests)
+
+The checker guest's disk is the `crash-state` block driver
+(`harness/block/drivers/crash_state.py`), switched by the serve control
+socket's `state-switch` command to each state's delta (`StateBuilder.delta`).
 
 Imports go one way: this package reads `harness.durability` and drives
 `harness.block`; it knows nothing of scenarios, workloads, machines or reports.

@@ -535,11 +535,12 @@ def explore_host(
                     found[i] = result
                     if on_result is not None:
                         on_result(result)
-                if errors:
+                if errors or stop.is_set():
                     return
         except BaseException as exc:  # noqa: BLE001 - re-raised by the caller's thread below
             errors.append(exc)
 
+    stop = threading.Event()
     if len(checkers) == 1:
         run(0)
     else:
@@ -548,8 +549,17 @@ def explore_host(
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:
+            # Interrupted (Ctrl-C): let each worker finish the state in hand, whose checker
+            # process then exits, so nothing is left running; what was checked is kept
+            # by `on_result`.
+            stop.set()
+            for t in threads:
+                t.join()
+            raise
     if errors:
         raise errors[0]
     results = [found[i] for i in sorted(found)]

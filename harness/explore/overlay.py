@@ -32,11 +32,13 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from harness.durability.contract import Promise
 from harness.durability.delta import write_delta
 from harness.durability.writelog import Op
 from harness.errors import ConfigError, JournalError
-from harness.explore.recording import sparse_copy
+from harness.explore.recording import Recording, sparse_copy
 from harness.explore.states import Point, State, Timeline
 
 MASK = (1 << 128) - 1
@@ -313,6 +315,19 @@ class StateBuilder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def replay_state(
+    recording: Recording, keep: Promise, state: dict[str, Any], out: Path | str
+) -> Path:
+    """`powercut explore replay`: rebuild one recorded state (explore.json's) as an image.
+
+    `keep` must be the promise the states were enumerated under (the exploration
+    records it), so the state's point and pending writes mean what they meant.
+    """
+    timeline = Timeline(recording.read_log(), keep, recording.acks)
+    with StateBuilder(timeline, recording.log, recording.base) as builder:
+        return builder.replay(State.from_json(state, timeline), out)
 
 
 def _write_runs(fd: int, table: SectorTable, items: Iterator[tuple[int, Version | None]]) -> int:

@@ -43,7 +43,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.durability.contract import CutPolicy, Promise, parse_policy
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
+    Promise,
+    host_cut_promise,
+    parse_policy,
+)
 from harness.durability.writelog import Op, WriteLog
 from harness.errors import ConfigError
 from harness.explore.recording import Ack
@@ -56,6 +62,17 @@ DEFAULT_POLICIES = (
     CutPolicy.RANDOM,
     CutPolicy.TORN,
 )
+
+
+def disk_promise(mode: CacheMode | str, *, lying_flush: bool = False) -> Promise:
+    """What a disk in `mode` really keeps across a host power cut: the states to enumerate.
+
+    Unsafe's flushes never reach the disk, nor do a lying disk's (blkdebug
+    `lying-flush`, which the log cannot see: its flushes complete), so such a
+    disk keeps nothing; judge its states by `reference_promise` (what its
+    flushes told the guest) to catch it.
+    """
+    return Promise.NOTHING if lying_flush else host_cut_promise(mode)
 
 
 class PointKind(enum.Enum):

@@ -70,3 +70,38 @@ def test_a_lying_flush_is_caught(recorder: Any, tmp_path: Path) -> None:
         end = [s for s in enumerate_states(tl, Bounds()) if s.point == tl.points[-1]]
         images = {builder.replay(s, tmp_path / "x.img").read_bytes() for s in end}
     assert snap.image.read_bytes() in images
+
+
+def test_the_disk_promise_of_unsafe_and_of_a_lying_disk_is_nothing() -> None:
+    from harness.explore.states import disk_promise
+
+    assert disk_promise("unsafe") is Promise.NOTHING
+    assert disk_promise("writeback", lying_flush=True) is Promise.NOTHING
+    assert disk_promise("writeback") is Promise.FLUSHED
+    assert disk_promise("directsync") is Promise.EVERY_COMPLETED
+
+
+def test_an_interrupted_exploration_keeps_what_it_checked(recorder: Any) -> None:
+    import pytest
+
+    rec = recorder(mode="writeback")
+    acked_records(rec, 12)
+    recording = rec.finish()
+    tl = Timeline(recording.read_log(), Promise.FLUSHED, recording.acks)
+    states = list(enumerate_states(tl, Bounds(max_states=200)))
+    seen: list[Any] = []
+
+    def on_result(result: Any) -> None:
+        seen.append(result)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    checkers = [HostChecker(tl, recording.log, recording.base, Promise.FLUSHED) for _ in range(2)]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            explore_host(checkers, states, on_result=on_result)
+    finally:
+        for hc in checkers:
+            hc.close()
+    assert 5 <= len(seen) < len(states)
+    assert all(not hc.scratch.path.exists() for hc in checkers)

@@ -90,3 +90,17 @@ def test_a_delta_patches_any_window(tmp_path: Path) -> None:
     buf = bytearray(1000)
     delta.patch(1500, memoryview(buf))  # bytes 1500..2500: the end of sector 2, sector 3, 4
     assert buf[:36] == b"a" * 36 and buf[36:548] == b"b" * 512 and buf[548:] == bytes(452)
+
+
+def test_replay_rebuilds_a_recorded_state_from_its_json(recorder: Any, tmp_path: Path) -> None:
+    from harness.explore.overlay import replay_state
+    from harness.explore.recording import open_recording
+
+    rec = recorder()
+    workload(rec)
+    recording = rec.finish()
+    tl = Timeline(recording.read_log(), Promise.FLUSHED, recording.acks)
+    state = next(s for s in enumerate_states(tl, Bounds()) if s.torn)
+    raw = state.to_json()
+    out = replay_state(open_recording(recording.root), Promise.FLUSHED, raw, tmp_path / "s.img")
+    assert out.read_bytes() == _expected(recording, tl, state)
