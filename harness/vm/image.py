@@ -766,6 +766,40 @@ def _install_modules(k: _Kernel, trees: list[str], root: Path) -> None:
     _run(["depmod", "-b", str(root), k.release], "indexing the guest's modules (depmod)")
 
 
+def _debian_root(p: _Plan, cache: Path, target: Path) -> None:
+    """mmdebstrap's root for the plan's package set, made once per set and copied.
+
+    The bare Debian root depends only on the suite, variant and resolved
+    package versions, not on the kernel or the recipe's other files, so it is
+    kept in `<cache>/roots/<key>/`: another kernel, or an edit to init or
+    guest-files, rebuilds the image in seconds instead of re-running mmdebstrap.
+    """
+    conf = p.recipe.root
+    suite, variant = conf.get("suite", "bookworm"), conf.get("variant", "essential")
+    key = hashlib.sha256(
+        f"{rootfs.ROOTFS_VERSION} {suite} {variant} {p.resolution.digest()}".encode()
+    ).hexdigest()[:16]
+    roots = cache / "roots"
+    stored = roots / key
+    with _build_lock(roots, key):
+        if not (stored / "var" / "lib" / "dpkg" / "status").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".make-{key}-", dir=roots))
+            try:
+                rootfs.make_root(
+                    suite,
+                    variant,
+                    p.resolution.requested,
+                    tmp / "root",
+                    cache / "debs",
+                    tmp / "mmdebstrap.log",
+                )
+                shutil.rmtree(stored, ignore_errors=True)
+                os.rename(tmp / "root", stored)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    _run(["cp", "-a", "--reflink=auto", str(stored), str(target)], "copying the Debian root")
+
+
 def _build_root(
     p: _Plan, k: _Kernel, work: Path, out: Path, cache: Path, say: Progress
 ) -> dict[str, Any]:
@@ -773,14 +807,7 @@ def _build_root(
     conf = recipe.root
     root = work / "root"
     say(f"making the Debian root ({len(p.resolution.requested)} packages, mmdebstrap)")
-    rootfs.make_root(
-        conf.get("suite", "bookworm"),
-        conf.get("variant", "essential"),
-        p.resolution.requested,
-        root,
-        cache / "debs",
-        work / "mmdebstrap.log",
-    )
+    _debian_root(p, cache, root)
     installed = rootfs.installed_versions(root)
     say("adding the harness's files to the root")
     _install_modules(k, list(recipe.data["kernel"].get("module_trees", ["kernel"])), root)

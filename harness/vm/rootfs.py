@@ -30,6 +30,8 @@ SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 APT_LISTS = Path("/var/lib/apt/lists")
 ROOT_SERIAL = "powercut-root"
 FORMATS = ("erofs", "erofs-lz4", "squashfs")
+# Bump when mmdebstrap_argv changes what a root holds for the same packages.
+ROOTFS_VERSION = 1
 
 Runner = Callable[[list[str], str], str]
 
