@@ -254,3 +254,51 @@ def test_a_cached_image_refuses_a_filesystem_its_kernel_lacks_without_booting():
         ConfigError, match=r"^kernel: .*6\.9\.0.* lacks xfs \(filesystem xfs: CONFIG"
     ):
         img.check_features(["xfs"])
+
+
+# -- the image's cache key ------------------------------------------------------
+
+
+@pytest.fixture
+def offline_plan(monkeypatch, tmp_path):
+    """plan() with apt replaced: each package resolves to itself at version 1."""
+    from harness.vm import image
+
+    versions = {"sqlite3": "1"}
+
+    def resolve(packages, *, memo_dir=None, field="packages", essential=True):
+        wanted = pkgs.normalize(packages, field)
+        return pkgs.Resolution(wanted, {p: versions.get(p, "1") for p in wanted})
+
+    monkeypatch.setattr(pkgs, "resolve", resolve)
+    monkeypatch.setattr(image, "resolve_kernel_package", lambda meta: ("linux-image-x", "6.1"))
+    monkeypatch.setattr(pkgs, "lists_digest", lambda lists=None: "lists")
+    recipe = image.Recipe.load()
+
+    def key(**kw):
+        return image.plan(recipe, tmp_path, **kw).recipe_hash
+
+    return key, versions
+
+
+def test_the_image_key_follows_packages_versions_and_kernel(offline_plan, tmp_path):
+    key, versions = offline_plan
+    base = key()
+    with_sqlite = key(packages=["sqlite3"])
+    assert with_sqlite == key(packages=["sqlite3", "sqlite3"]) != base
+    versions["sqlite3"] = "2"  # the archive moved on: a new image
+    assert key(packages=["sqlite3"]) != with_sqlite
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k1")
+    first = key(kernel=kernel)
+    assert first != base
+    kernel.write_bytes(b"k2")
+    assert key(kernel=kernel) != first
+
+
+def test_modules_without_a_kernel_and_a_missing_kernel_are_config_errors(offline_plan, tmp_path):
+    key, _ = offline_plan
+    with pytest.raises(ConfigError, match=r"^modules: a modules tree needs its kernel"):
+        key(modules=tmp_path)
+    with pytest.raises(ConfigError, match=r"^kernel: no kernel file"):
+        key(kernel=tmp_path / "missing")
