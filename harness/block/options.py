@@ -131,6 +131,11 @@ def flatten(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def escape_value(value: object) -> str:
+    """A value inside QEMU's `key=value,...` syntax (QemuOpts and keyval): a comma doubled."""
+    return str(value).replace(",", ",,")
+
+
 def format_dotted(options: Mapping[str, Any]) -> str:
     """The dotted `--blockdev` form of nested (or flat) options; `parse_dotted` reads it back.
 
@@ -144,7 +149,7 @@ def format_dotted(options: Mapping[str, Any]) -> str:
             raise ConfigError(f"blockdev option name {key!r} cannot hold ',' or '='")
         if isinstance(value, bool):
             value = "on" if value else "off"
-        parts.append(f"{key}={str(value).replace(',', ',,')}")
+        parts.append(f"{key}={escape_value(value)}")
     return ",".join(parts)
 
 

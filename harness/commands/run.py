@@ -24,12 +24,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from harness.crash.images import CellImages
 from harness.crash.plan import ACCELS, RunPlan, command_line, make_plan
 from harness.crash.runner import RunObserver, run_plan
 from harness.report.console import STYLE, print_results
 from harness.report.results import CellResult
 from harness.scenario.cells import Cell
-from harness.vm.image import ensure_image
 
 NAME = "run"
 HELP = "run power-cut scenarios and judge every cell against its cache mode's contract"
@@ -75,6 +75,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--cell", metavar="ID", help="only the cell with this id, or the cells under this id prefix"
     )
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    parser.add_argument(
+        "--kernel",
+        metavar="PATH",
+        help="boot every cell on this kernel (bzImage or vmlinux) instead of the scenarios' own",
+    )
+    parser.add_argument(
+        "--modules",
+        metavar="DIR",
+        help="the --kernel's lib/modules/VERSION tree (when its drivers are modules)",
+    )
 
 
 def plan_from_args(args: argparse.Namespace) -> RunPlan:
@@ -87,6 +97,8 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
         repeat=args.repeat,
         cell=args.cell,
         accel=args.accel,
+        kernel=args.kernel,
+        modules=args.modules,
     )
 
 
@@ -136,12 +148,16 @@ def run(args: argparse.Namespace) -> int:
         transient=True,
     ) as progress:
         build = progress.add_task("guest image", total=None)
-        image = ensure_image()
+        images = CellImages()
+        images.prepare(
+            plan.cells,
+            lambda what: progress.update(build, description=f"guest image: {what}"),
+        )
         progress.remove_task(build)
         outcome = run_plan(
             plan,
             command=command_line(argv),
-            image=image,
+            images=images,
             observer=_Display(progress, len(plan.cells), console),
         )
     print_results(outcome.results, console)

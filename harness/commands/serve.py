@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.block import BlockBackend, open_backend
-from harness.block.options import to_flat
+from harness.block.options import format_dotted, to_flat
 from harness.block.throttle import BUCKETS
 from harness.control import ControlServer
 from harness.errors import ConfigError
@@ -116,10 +116,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any] | str:
     if args.blockdev:
         spec: str = args.blockdev
         if extra:
-            spec += "," + ",".join(f"{k}={v}" for k, v in extra.items())
+            spec += "," + format_dotted(extra)
         return spec
-    if not extra:
-        return str(args.image)
+    # IMAGE is always a file name, whatever it holds ('=' and ',' included), never options.
     return {
         "driver": "raw",
         "file": {"driver": "file", "filename": args.image},

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -202,6 +203,7 @@ class CellRunner:
                     accel=self.accel,
                     filesystem=cell.filesystem if self.workload.needs_filesystem else None,
                     directories=self.workload.directories,
+                    mkfs_options=cell.disk.mkfs_options,
                     blkdebug=cell.blkdebug,
                     name="cell",
                 )
@@ -298,15 +300,23 @@ class CellRunner:
         return Observed.of(observations)
 
     def _start(self, session: CellSession, guest: _Guest) -> Run:
-        if self.workload.needs_filesystem and not self._mount(guest):
-            raise GuestError(
-                f"could not mount the fresh {self.cell.filesystem} on {filesystem.DEVICE}; "
-                f"console log {self.directory}"
-            )
-        return self.workload.start(guest, self.cell.seed, self.cell.fault)
+        cell = self.cell
+        if self.workload.needs_filesystem:
+            if not self._mount(guest):
+                options = f" -o {cell.disk.mount_options}" if cell.disk.mount_options else ""
+                raise GuestError(
+                    f"could not mount the fresh {cell.filesystem} on {filesystem.DEVICE}"
+                    f"{options}; see the console log in {self.directory}"
+                )
+            filesystem.make_directories(guest.ssh, cell.filesystem, self.workload.directories)
+        for guest_path, host_path in cell.guest_files:
+            parent = guest_path.rsplit("/", 1)[0] or "/"
+            guest.ssh.run(f"mkdir -p {shlex.quote(parent)}", timeout=60, check=True)
+            guest.ssh.put(host_path, guest_path, mode=Path(host_path).stat().st_mode & 0o7777)
+        return self.workload.start(guest, cell.seed, cell.fault)
 
     def _mount(self, guest: _Guest) -> bool:
-        return filesystem.mount(guest.ssh, self.cell.filesystem)
+        return filesystem.mount(guest.ssh, self.cell.filesystem, self.cell.disk.mount_options)
 
     def _wait_for_cut(self, session: CellSession, run: Run) -> None:
         """Block until the cell's cut moment (or the workload ended by itself)."""
@@ -320,7 +330,10 @@ class CellRunner:
         )
         base_flushes = session.requests("FLUSH") if trigger is TriggerKind.AFTER_FLUSHES else 0
         while True:
-            if trigger.timed:
+            if trigger is TriggerKind.AFTER_EXIT:
+                if not run.alive():
+                    return
+            elif trigger.timed:
                 if time.monotonic() - run.started >= cell.cut_at:
                     return
             elif trigger is TriggerKind.AFTER_ACKED_WRITES:
@@ -329,7 +342,7 @@ class CellRunner:
                     return
             elif session.requests("FLUSH") - base_flushes >= cell.cut_at:
                 return
-            if not run.alive():
+            if not run.alive() and trigger is not TriggerKind.AFTER_EXIT:
                 log.warning("cell %s: the workload ended before the cut moment", cell.id)
                 self.notes["early_end"] = True
                 return
@@ -345,7 +358,7 @@ class CellRunner:
             observations[own] = self.workload.check(guest, cell.seed, run)
         if FSCK in cell.checkers:
             with open(self.directory / "checks.log", "a") as out:
-                observations[FSCK] = filesystem.fsck(guest.ssh, mounted, out)
+                observations[FSCK] = filesystem.fsck(guest.ssh, mounted, out, cell.filesystem)
         return observations
 
     # -- a backend crash -------------------------------------------------------------------

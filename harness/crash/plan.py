@@ -8,6 +8,7 @@ here to its verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Sequence
@@ -73,9 +74,14 @@ def make_plan(
     repeat: int | None = None,
     cell: str | None = None,
     accel: str = "auto",
+    kernel: str | Path | None = None,
+    modules: str | Path | None = None,
 ) -> RunPlan:
-    """Load and validate every scenario, then expand the cells the options select."""
-    loaded = tuple(load_scenario(p) for p in scenarios)
+    """Load and validate every scenario, then expand the cells the options select.
+
+    `kernel` (and `modules`) replace every scenario's own kernel.
+    """
+    loaded = tuple(_with_kernel(load_scenario(p), kernel, modules) for p in scenarios)
     if seed is not None and seed < 0:
         raise ConfigError(f"--seed must be >= 0, not {seed}")
     if accel not in ACCELS:
@@ -86,6 +92,25 @@ def make_plan(
         wanted = ", ".join(m.value for m in chosen or [])
         raise ConfigError(f"no cells to run: the scenarios have no cell in mode(s) {wanted}")
     return RunPlan(loaded, cells, Path(out), accel, seed, repeat)
+
+
+def _with_kernel(
+    scenario: Scenario, kernel: str | Path | None, modules: str | Path | None
+) -> Scenario:
+    if kernel is None:
+        if modules is not None:
+            raise ConfigError("--modules needs --kernel")
+        return scenario
+    path = Path(kernel).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"--kernel {kernel}: no such file")
+    tree = Path(modules).expanduser().resolve() if modules is not None else None
+    if tree is not None and not tree.is_dir():
+        raise ConfigError(f"--modules {modules}: not a directory")
+    guest = dataclasses.replace(
+        scenario.guest, kernel=str(path), modules=str(tree) if tree else None
+    )
+    return dataclasses.replace(scenario, guest=guest)
 
 
 def command_line(argv: Sequence[str]) -> str:

@@ -23,15 +23,23 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.crash.cell_run import CellRunner
+from harness.crash.images import CellImages
 from harness.crash.session import CrashSession, PowerCut
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.errors import ConfigError
 from harness.guest.ssh import SSHSession
+from harness.report.results import CellResult
+from harness.scenario.cells import single_cell
+from harness.scenario.model import CutSpec, DiskSpec, Expectation, GuestSpec
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
+from harness.workloads.base import Workload
+from harness.workloads.command import DEFAULT_ACK, Command
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ class PowerCutHelper:
         self.workdir = Path(workdir)
         self.session: CrashSession | None = None
         self.cuts: list[PowerCut] = []
+        self.results: list[CellResult] = []
 
     def boot(
         self,
@@ -109,17 +118,98 @@ class PowerCutHelper:
 
     def all_logs(self) -> dict[str, Path]:
         """What the plugin attaches to a failed test's report."""
-        if self.session is None:
-            return {}
-        logs = {
-            "crash console": self.session.machine.console_log.path,
-            "crash backend": self.session.backend_log,
-        }
+        logs: dict[str, Path] = {}
+        if self.session is not None:
+            logs["crash console"] = self.session.machine.console_log.path
+            logs["crash backend"] = self.session.backend_log
+        for index, result in enumerate(self.results):
+            for name in ("console_log", "backend_log", "checks_log"):
+                if name in result.artifacts:
+                    path = Path(result.artifacts[name])
+                    logs[f"cell{index} {name}"] = (
+                        path if path.is_absolute() else self.workdir / path
+                    )
         return {k: v for k, v in logs.items() if v.exists()}
 
     def close(self) -> None:
         if self.session is not None:
             self.session.close()
+
+    # -- one whole cell: your workload, the cut, the reboot, the check, the verdict ----------
+
+    def run(
+        self,
+        workload: Workload,
+        *,
+        mode: CacheMode | str = CacheMode.WRITEBACK,
+        fault: FaultModel | str = "host",
+        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        cut: CutSpec | None = None,
+        filesystem: str = "ext4",
+        mkfs_options: Sequence[str] = (),
+        mount_options: str = "",
+        packages: Sequence[str] = (),
+        kernel: Path | str | None = None,
+        modules: Path | str | None = None,
+        guest_files: Mapping[str, Path | str] | None = None,
+        disk_size: int | None = None,
+        expect: Expectation | str = Expectation.CONTRACT,
+        seed: int = 0,
+        timeout: float = 600.0,
+    ) -> CellResult:
+        """Run `workload` as one cell of a scenario would, and return its judged result.
+
+        The defaults cut the power right after the workload's run exits (for a
+        `Command`) and lose everything not yet durable. `result.passed`,
+        `result.reason` and `result.explanation` say what happened.
+        """
+        cell = single_cell(
+            workload,
+            name=self.workdir.name,
+            mode=mode,
+            fault=fault,
+            policy=policy,
+            cut=cut,
+            filesystem=filesystem,
+            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            guest=GuestSpec(
+                tuple(packages),
+                str(Path(kernel).resolve()) if kernel else None,
+                str(Path(modules).resolve()) if modules else None,
+            ),
+            guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
+            disk_size=disk_size,
+            expect=expect,
+            seed=seed,
+            timeout=timeout,
+        )
+        image = CellImages(default=self.image)(cell)
+        index = len(self.results)
+        runner = CellRunner(
+            cell,
+            self.workdir / f"cell{index}",
+            image,
+            accel=self.accel,
+            out=self.workdir,
+            reproduce=f"(pytest) {cell.id}",
+        )
+        result = runner.run()
+        self.results.append(result)
+        log.info("cell %s: %s — %s %s", cell.id, result.verdict, result.reason, result.explanation)
+        return result
+
+    def command(
+        self,
+        run: str,
+        check: str,
+        *,
+        setup: str | None = None,
+        ack: str | None = None,
+        **cell: Any,
+    ) -> CellResult:
+        """`run(Command(run, check, setup, ack), **cell)`: your guest commands as the workload."""
+        workload = Command(run, check, setup, ack or DEFAULT_ACK)
+        return self.run(workload, **cell)
 
 
 def make_helper(image: Any, accel: Any, name: str) -> PowerCutHelper:

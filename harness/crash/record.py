@@ -75,6 +75,7 @@ def cell_result(
         timings=dict(timings or {}),
         artifacts=dict(artifacts or {}),
         reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
+        explanation=verdict.explanation,
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness.crash.cell_run import CellRunner, SessionFactory
+from harness.crash.images import CellImages
 from harness.crash.plan import RunPlan
 from harness.crash.record import error_result
 from harness.crash.session import CrashSession
@@ -29,7 +30,7 @@ from harness.report.results import (
 )
 from harness.scenario.cells import Cell
 from harness.vm.accel import choose_accel
-from harness.vm.image import GuestImage, ensure_image
+from harness.vm.image import GuestImage
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,19 @@ def run_plan(
     *,
     command: str,
     image: GuestImage | None = None,
+    images: CellImages | None = None,
     observer: RunObserver | None = None,
     session_factory: SessionFactory = CrashSession,
 ) -> RunOutcome:
-    """Run every cell of `plan`; write DIR/results.json, junit.xml, report.md/html, plots."""
+    """Run every cell of `plan`; write DIR/results.json, junit.xml, report.md/html, plots.
+
+    `images` gives each cell its guest image (default: built as the cells ask,
+    with `image` standing for the default one).
+    """
     observer = observer or RunObserver()
-    image = image or ensure_image()
-    accel = choose_accel(None if plan.accel == "auto" else plan.accel, image.kernel)
+    images = images or CellImages(default=image)
+    images.prepare(plan.cells)
+    accel = choose_accel(None if plan.accel == "auto" else plan.accel, images(plan.cells[0]).kernel)
     started = utc_now()
     plan.out.mkdir(parents=True, exist_ok=True)
     results: list[CellResult] = []
@@ -89,7 +96,7 @@ def run_plan(
         runner = CellRunner(
             cell,
             plan.cell_directory(index, cell),
-            image,
+            images(cell),
             accel=accel,
             out=plan.out,
             reproduce=plan.reproduce(cell),

@@ -154,6 +154,7 @@ class CrashSession:
         accel: Accel | str | None = None,
         filesystem: str | None = None,
         directories: Sequence[str] = (),
+        mkfs_options: Sequence[str] = (),
         blkdebug: Sequence[BlkdebugRule] = (),
         memory_mib: int = 512,
         name: str = "cell",
@@ -170,7 +171,13 @@ class CrashSession:
         # how they survive a backend crash), so leftovers of an earlier run must go.
         for stale in (self.journal, self.write_log, self.directory / "cut.json"):
             stale.unlink(missing_ok=True)
-        make_disk(self.disk, disk_size, filesystem=filesystem, directories=directories)
+        make_disk(
+            self.disk,
+            disk_size,
+            filesystem=filesystem,
+            directories=directories,
+            mkfs_options=mkfs_options,
+        )
         if blkdebug:
             self.blkdebug_config = self.directory / "blkdebug.json"
             self.blkdebug_config.write_text(

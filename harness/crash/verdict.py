@@ -27,6 +27,7 @@ The runner gives the oracle `expected.reference` as the promise to check
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from harness.durability.oracle import OracleReport
 from harness.report.results import Verdict
 from harness.scenario.cells import Cell
 from harness.scenario.model import Expectation, WorkloadSpec
-from harness.workloads.base import ORACLE, Observation, Tally
+from harness.workloads.base import FSCK, ORACLE, Observation, Tally
 
 __all__ = [
     "CellVerdict",
@@ -165,6 +166,8 @@ class OracleObservation(Observation):
     # (OracleReport.unflushed); None when unknown, and then `may` stands in for it.
     unflushed: int | None = None
     contract: str = "writeback"  # the cache mode whose contract was checked (Promise.mode_name)
+    flushes: int = 0  # flushes the guest sent that completed
+    fua_writes: int = 0  # completed writes the guest sent with FUA
 
     @classmethod
     def from_report(cls, report: OracleReport) -> OracleObservation:
@@ -178,6 +181,8 @@ class OracleObservation(Observation):
             corrupt=report.corrupt,
             unflushed=report.unflushed,
             contract=report.mode,
+            flushes=report.flushes_completed,
+            fua_writes=report.fua_writes,
         )
 
     @property
@@ -265,6 +270,7 @@ class CellVerdict:
     reason: str
     expected: Expected
     checkers: tuple[CheckerVerdict, ...] = field(default=())
+    explanation: str = ""  # who lost what, when a workload's data went missing (`explain`)
 
     @property
     def passed(self) -> bool:
@@ -321,6 +327,51 @@ def _one(expected: Expected, checker: str, outcome: Outcome, observed: Observed)
 
 
 def judge(expected: Expected, observed: Observed) -> CellVerdict:
+    """Compare what the checkers observed with what the cell expected, and explain a loss."""
+    verdict = _judge_cell(expected, observed)
+    explanation = explain(expected, observed, verdict.checkers)
+    return dataclasses.replace(verdict, explanation=explanation) if explanation else verdict
+
+
+def explain(expected: Expected, observed: Observed, results: tuple[CheckerVerdict, ...]) -> str:
+    """Who lost the data, in words, when a workload's checker found acknowledged data missing.
+
+    The oracle says whether the *disk* kept its contract. If it did, the loss
+    is the application's (or its filesystem configuration's): it acknowledged
+    what it never made durable. If it did not, the disk broke its promise.
+    """
+    lost = [r for r in results if r.loss_detected and r.checker not in (ORACLE, FSCK)]
+    if not lost:
+        return ""
+    workload = observed.get(lost[0].checker)
+    tally = workload.tally() if workload is not None else None
+    figures = (
+        f"{tally.acknowledged} {tally.unit} acknowledged, "
+        f"{tally.acknowledged - tally.lost} found, {tally.lost} lost"
+        if tally is not None
+        else lost[0].reason
+    )
+    o = observed.oracle
+    if o is None:
+        return (
+            f"{lost[0].checker} found acknowledged data missing ({figures}); the oracle did "
+            "not run, so whether the disk kept its contract is unknown"
+        )
+    sent = f"the guest sent {o.flushes} flushes and {o.fua_writes} FUA writes"
+    durable = f"{o.writes_durable} of {o.writes} writes were durable by {o.contract}'s contract"
+    if o.loss:
+        return (
+            f"the disk broke its contract: {o.lost} sectors lost and {o.corrupt} corrupt "
+            f"against {o.contract}'s contract ({durable}; {sent}); "
+            f"the application's loss follows from it ({figures})"
+        )
+    return (
+        "the disk kept its contract, so the application (or its filesystem configuration) "
+        f"acknowledged data it never made durable: {sent}; {durable}; {figures}"
+    )
+
+
+def _judge_cell(expected: Expected, observed: Observed) -> CellVerdict:
     """Compare what the checkers observed with what the cell expected.
 
     Evidence beats silence: a checker that saw a violation (or, in a negative

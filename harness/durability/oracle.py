@@ -83,6 +83,7 @@ class OracleReport:
     # Of `writes` (every logged write, in flight at the cut or not), those that completed:
     # the ones the guest was told about.
     writes_completed: int = 0
+    fua_writes: int = 0  # completed writes the guest sent with FUA
 
     @property
     def ok(self) -> bool:
@@ -319,6 +320,7 @@ def check(
         violations=violations,
         unflushed=late[0],
         writes_completed=completed,
+        fua_writes=sum(1 for r in wlog.requests if r.op != Op.FLUSH and r.fua and r.completed_ok),
     )
 
 

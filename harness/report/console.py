@@ -40,6 +40,10 @@ def print_results(results: RunResults, console: Console | None = None) -> None:
         if cell.verdict in ("fail", "error"):
             console.print(Text(f"{cell.verdict.upper()} {cell.id}", style=STYLE[cell.verdict]))
             console.print(f"  {cell.reason}", markup=False, highlight=False, soft_wrap=True)
+            if cell.explanation:
+                console.print(
+                    f"  why: {cell.explanation}", markup=False, highlight=False, soft_wrap=True
+                )
             console.print(
                 f"  reproduce: {cell.reproduce}", markup=False, highlight=False, soft_wrap=True
             )

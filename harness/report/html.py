@@ -23,6 +23,7 @@ th { background: #f3f3f3; }
 td.pass { background: #d8f0da; } td.fail { background: #f9c9c9; } td.error { background: #ffe0b2; }
 td.skipped { background: #eee; color: #777; }
 .verdict { font-weight: 700; } .small { font-size: .85em; color: #444; }
+.why { font-style: italic; }
 code, pre { font: 12px ui-monospace, monospace; }
 pre { background: #f6f6f6; padding: .5em; overflow-x: auto; }
 .neg { font-size: .8em; background: #ede7f6; color: #4527a0; border-radius: 3px; padding: 0 .3em; }
@@ -76,12 +77,14 @@ def _cells(cells: Sequence[CellResult]) -> str:
             for name, path in sorted(c.artifacts.items())
         )
         timings = ", ".join(f"{escape(k)} {v:.1f}s" for k, v in c.timings.items())
+        explanation = f"<p class='why'>{escape(c.explanation)}</p>" if c.explanation else ""
         rows.append(
             f"<tr><td class='{c.verdict}'><span class='verdict'>{escape(c.verdict)}</span></td>"
             f"<td><code>{escape(c.id)}</code><br>"
             f"<span class='small'>{escape(c.scenario)}</span></td>"
             f"<td>{escape(c.expected)}</td>"
-            f"<td>{escape(c.reason)}<details><summary>details</summary><ul>{checkers}</ul>"
+            f"<td>{escape(c.reason)}{explanation}"
+            f"<details><summary>details</summary><ul>{checkers}</ul>"
             f"<p class='small'>seed {c.seed}; writes acknowledged {c.writes_acknowledged}, durable "
             f"{c.writes_durable}; lost {c.lost} {escape(c.loss_unit)}, corrupt {c.corrupt}</p>"
             f"<p class='small'>{timings}</p><ul>{artifacts}</ul>"

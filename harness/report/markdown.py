@@ -60,13 +60,16 @@ def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
     for c in results.cells:
         out.append(
             f"| `{_md(c.id)}` | {_md(c.expected)} | {ICON[c.verdict]} {c.verdict} "
-            f"| {_md(c.reason)} | {c.seed} | {c.total_seconds:.1f} |"
+            f"| {_md(c.reason)}{_md(' — why: ' + c.explanation) if c.explanation else ''} "
+            f"| {c.seed} | {c.total_seconds:.1f} |"
         )
     bad = [c for c in results.cells if c.verdict in ("fail", "error")]
     if bad:
         out += ["", "## Failures", ""]
         for c in bad:
             out += [f"### `{c.id}` ({c.scenario})", "", f"{c.verdict.upper()}: {c.reason}", ""]
+            if c.explanation:
+                out += [f"Why: {c.explanation}", ""]
             out += [
                 f"- {ch.name} (expected {ch.expected}): {ch.verdict} — {ch.reason}"
                 for ch in c.checkers

@@ -44,6 +44,9 @@ A JSON object:
   ``artifacts``       object: name → path relative to the results directory
                       (console_log, backend_log, write_log, journal, ...)
   ``reproduce``       the one command line that runs this cell again
+  ``explanation``     when a workload found acknowledged data missing: whether the disk
+                      kept its contract (then the application acknowledged what it never
+                      made durable) or broke it, with the figures ("" otherwise)
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class CellResult:
     timings: Mapping[str, float] = field(default_factory=dict)
     artifacts: Mapping[str, str] = field(default_factory=dict)
     reproduce: str = ""
+    # Who lost the data, in words, when a workload found acknowledged data missing.
+    explanation: str = ""
 
     @property
     def fault_label(self) -> str:

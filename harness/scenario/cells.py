@@ -17,17 +17,29 @@ import hashlib
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from harness.durability.contract import CacheMode, CutPolicy, FaultModel
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
+    FaultModel,
+    parse_cache_mode,
+    parse_fault,
+    parse_policy,
+)
 from harness.errors import ConfigError
 from harness.scenario.model import (
     BlkdebugRule,
     CutSpec,
+    DiskSpec,
     Expectation,
+    GuestSpec,
     Scenario,
+    TriggerKind,
     WorkloadSpec,
 )
+from harness.workloads.base import Workload
+from harness.workloads.filesystem import default_size
 
 SEED_BITS = 32  # fits fio's randseed, C's uint32 and JSON numbers everywhere
 
@@ -55,6 +67,9 @@ class Cell:
     disk_size: int = 256 << 20
     filesystem: str = "ext4"
     blkdebug: tuple[BlkdebugRule, ...] = ()  # rules for a blkdebug filter in the backend
+    guest: GuestSpec = field(default_factory=GuestSpec)
+    disk: DiskSpec = field(default_factory=DiskSpec)
+    guest_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def fault_label(self) -> str:
@@ -153,9 +168,68 @@ def expand(
                                     disk_size=scenario.disk_size,
                                     filesystem=scenario.filesystem,
                                     blkdebug=scenario.blkdebug,
+                                    guest=scenario.guest,
+                                    disk=scenario.disk,
+                                    guest_files=scenario.guest_files,
                                 )
                             )
     return cells
+
+
+def single_cell(
+    workload: Workload,
+    *,
+    name: str = "test",
+    mode: CacheMode | str = CacheMode.WRITEBACK,
+    fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
+    policy: CutPolicy | str | None = CutPolicy.LOSE_ALL,
+    cut: CutSpec | None = None,
+    checkers: tuple[str, ...] | None = None,
+    filesystem: str = "ext4",
+    disk: DiskSpec | None = None,
+    guest: GuestSpec | None = None,
+    guest_files: tuple[tuple[str, str], ...] = (),
+    disk_size: int | None = None,
+    expect: Expectation | str = Expectation.CONTRACT,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> Cell:
+    """One cell without a scenario file (the pytest `power_cut.run`), as `expand` would make it.
+
+    The default cut is right after the workload's run exits, or after 5 s for
+    a workload that cuts itself by time.
+    """
+    mode, fault = parse_cache_mode(mode), parse_fault(fault)
+    chosen = parse_policy(policy) if fault is FaultModel.HOST_POWER_CUT and policy else None
+    if cut is None:
+        timed = workload.refuse(timed_cut=False, fault=fault) is not None
+        cut = CutSpec(TriggerKind.AFTER_SECONDS, 5.0) if timed else CutSpec(TriggerKind.AFTER_EXIT)
+    spec = WorkloadSpec(workload.kind, workload, checkers or workload.checkers)
+    label = f"{fault.value}.{chosen.value}" if chosen else fault.value
+    ident = cell_id(mode, label, spec.name, cut.label, 0)
+    disk = disk or DiskSpec(filesystem)
+    return Cell(
+        scenario=name,
+        scenario_path=name,
+        scenario_seed=seed,
+        mode=mode,
+        fault=fault,
+        policy=chosen,
+        policy_seed=derive_seed(seed, name, ident, "policy") if chosen else None,
+        workload=spec,
+        cut=cut,
+        cut_at=cut.resolve(derive_seed(seed, name, ident, "cut")),
+        checkers=spec.checkers,
+        repetition=0,
+        seed=derive_seed(seed, name, ident),
+        expect=Expectation(expect) if isinstance(expect, str) else expect,
+        timeout=timeout,
+        disk_size=disk_size or default_size(disk.filesystem),
+        filesystem=disk.filesystem,
+        guest=guest or GuestSpec(),
+        disk=disk,
+        guest_files=guest_files,
+    )
 
 
 _REP = re.compile(r"/r(\d+)$")

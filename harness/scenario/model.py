@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from harness.block.drivers.blkdebug import Rule
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
@@ -22,6 +22,7 @@ class TriggerKind(enum.Enum):
     AFTER_ACKED_WRITES = "after-acked-writes"
     AFTER_FLUSHES = "after-flushes"
     WINDOW = "window"  # seeded-random time in [a, b] seconds
+    AFTER_EXIT = "after-exit"  # right after the workload's run exits (it must exit 0)
 
     @property
     def timed(self) -> bool:
@@ -65,6 +66,8 @@ class CutSpec:
             return f"after-{_num(self.value)}s"
         if self.kind is TriggerKind.AFTER_ACKED_WRITES:
             return f"after-{int(self.value)}-acked"
+        if self.kind is TriggerKind.AFTER_EXIT:
+            return "after-exit"
         return f"after-{int(self.value)}-flushes"
 
     def resolve(self, seed: int) -> float:
@@ -103,6 +106,31 @@ class BlkdebugRule:
 
 
 @dataclass(frozen=True)
+class GuestSpec:
+    """What the guest is made of beyond the default image: Debian packages, your own kernel."""
+
+    packages: tuple[str, ...] = ()
+    kernel: str | None = None  # a bzImage or vmlinux (absolute path)
+    modules: str | None = None  # its lib/modules/VERSION tree (absolute path)
+
+    @property
+    def label(self) -> str:
+        parts = list(self.packages)
+        if self.kernel:
+            parts.append(f"kernel {self.kernel}")
+        return ", ".join(parts) or "the default guest"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """The filesystem a workload runs on: made on the host, mounted in the guest."""
+
+    filesystem: str = "ext4"
+    mkfs_options: tuple[str, ...] = ()  # extra mkfs arguments
+    mount_options: str = ""  # mount -o OPTIONS (e.g. "nobarrier")
+
+
+@dataclass(frozen=True)
 class Scenario:
     path: str
     name: str
@@ -119,3 +147,7 @@ class Scenario:
     blkdebug: tuple[BlkdebugRule, ...] = ()
     timeout: float = 300.0
     filesystem: str = "ext4"
+    guest: GuestSpec = field(default_factory=GuestSpec)
+    disk: DiskSpec = field(default_factory=DiskSpec)
+    # Files copied into the guest before the workload's setup: (guest path, host path).
+    guest_files: tuple[tuple[str, str], ...] = ()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -27,18 +28,22 @@ from harness.errors import ConfigError, ScenarioError
 from harness.scenario.model import (
     BlkdebugRule,
     CutSpec,
+    DiskSpec,
     Expectation,
     FaultSpec,
+    GuestSpec,
     Scenario,
     TriggerKind,
     WorkloadSpec,
 )
 from harness.scenario.table import Context, Table, choices_text, describe
 from harness.scenario.tomlines import LineIndex
+from harness.workloads import filesystem as fs
 from harness.workloads.base import OptionValue
 from harness.workloads.registry import kinds, workload_class
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.\-]+$")  # Debian Policy 5.6.1
 
 
 def _parse_mode(name: str) -> CacheMode:
@@ -97,6 +102,11 @@ def _parse_cut(t: Table) -> CutSpec:
         seconds = t.number(kind.value, 0.0, minimum=0.0)
         t.finish()
         return CutSpec(kind, value=seconds)
+    if kind is TriggerKind.AFTER_EXIT:
+        if t.raw(kind.value) is not True:
+            raise t.error(kind.value, "must be true (cut right after the workload's run exits)")
+        t.finish()
+        return CutSpec(kind)
     count = t.integer(kind.value, 0, minimum=1)
     t.finish()
     return CutSpec(kind, value=float(count))
@@ -199,7 +209,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("name", f"must be letters, digits, '.', '_' or '-', not {name!r}")
     description = top.string("description", "")
     image = top.string("image", "default")
-    disk_size = top.size("disk-size", 256 << 20, minimum=1 << 20)
     modes = top.choices("modes", CacheMode, (CacheMode.WRITEBACK,), _parse_mode)
     if top.has("mode"):
         raise top.error("mode", "is spelled 'modes' (one mode or a list)")
@@ -208,10 +217,24 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     expect = top.choice("expect", Expectation, Expectation.CONTRACT)
     timeout = top.number("timeout", 300.0, minimum=1.0)
     filesystem = top.string("filesystem", "ext4")
-    if filesystem != "ext4":
+    if filesystem not in fs.NAMES:
+        raise top.error("filesystem", f"must be one of {', '.join(fs.NAMES)}, not {filesystem!r}")
+    disk_size = top.size("disk-size", fs.default_size(filesystem), minimum=1 << 20)
+    if top.has("disk-size") and disk_size < fs.get(filesystem).min_size:
         raise top.error(
-            "filesystem", f'must be "ext4" (the only one the guest image has), not {filesystem!r}'
+            "disk-size",
+            f"must be at least {fs.get(filesystem).min_size >> 20}M for {filesystem}, "
+            f"not {disk_size}",
         )
+    disk = DiskSpec(filesystem, _mkfs_options(top), _mount_options(top))
+    guest = GuestSpec(
+        packages=_packages(top),
+        kernel=_host_path(top, "kernel", path),
+        modules=_host_path(top, "modules", path, directory=True),
+    )
+    if guest.modules and not guest.kernel:
+        raise top.error("modules", "needs a kernel: give `kernel = PATH` too")
+    guest_files = _guest_files(top, path)
     scenario_checkers = (
         _checker_names(top, "checkers") if top.has("checkers") else top.raw("checkers")
     )
@@ -269,7 +292,88 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         blkdebug=blkdebug,
         timeout=timeout,
         filesystem=filesystem,
+        guest=guest,
+        disk=disk,
+        guest_files=guest_files,
     )
+
+
+def _packages(top: Table) -> tuple[str, ...]:
+    value = top.raw("packages")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise top.error(
+            "packages", f"must be a list of Debian package names, not {describe(value)}"
+        )
+    bad = [v for v in value if not _PACKAGE.match(v)]
+    if bad:
+        raise top.error(
+            "packages",
+            f"holds {', '.join(map(repr, bad))}, which is not a Debian package name "
+            "(lower-case letters, digits, + - . and at least two characters)",
+        )
+    return tuple(dict.fromkeys(value))
+
+
+def _host_path(top: Table, key: str, scenario: str, *, directory: bool = False) -> str | None:
+    """A path on the host, relative to the scenario file's directory; it must exist."""
+    value = top.optional_string(key)
+    if value is None:
+        return None
+    base = Path(scenario).parent if scenario != "<scenario>" else Path.cwd()
+    path = (base / Path(value).expanduser()).resolve()
+    if directory and not path.is_dir():
+        raise top.error(key, f"must name a directory; {path} is not one")
+    if not directory and not path.is_file():
+        raise top.error(key, f"must name a file; {path} does not exist")
+    return str(path)
+
+
+def _mkfs_options(top: Table) -> tuple[str, ...]:
+    value = top.raw("mkfs-options")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as exc:
+            raise top.error("mkfs-options", f"does not parse as arguments: {exc}") from None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise top.error("mkfs-options", f"must be a string or a list of strings, not {describe(value)}")
+
+
+def _mount_options(top: Table) -> str:
+    value = top.optional_string("mount-options") or ""
+    if any(c.isspace() for c in value) or value.startswith(","):
+        raise top.error(
+            "mount-options", f"must be mount's -o list (comma-separated, no spaces), not {value!r}"
+        )
+    return value
+
+
+def _guest_files(top: Table, scenario: str) -> tuple[tuple[str, str], ...]:
+    table = top.table("guest-files")
+    if table is None:
+        return ()
+    base = Path(scenario).parent if scenario != "<scenario>" else Path.cwd()
+    files: list[tuple[str, str]] = []
+    for guest_path, value in table.data.items():
+        table.raw(guest_path)
+        if not guest_path.startswith("/"):
+            raise table.error(
+                guest_path, 'must be an absolute path in the guest (a key like "/opt/app.py")'
+            )
+        if not isinstance(value, str):
+            raise table.error(
+                guest_path, f"must be a path relative to the scenario file, not {describe(value)}"
+            )
+        host = (base / value).resolve()
+        if not host.is_file():
+            raise table.error(guest_path, f"names {host}, which is not a file")
+        files.append((guest_path, str(host)))
+    return tuple(files)
 
 
 def load_scenario(path: str | Path) -> Scenario:

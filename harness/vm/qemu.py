@@ -10,6 +10,7 @@ from pathlib import Path
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from harness.block.options import escape_value as q
 from harness.errors import MachineError, PowercutError, ProcessError
 from harness.proc import ManagedProcess
 from harness.vm.accel import QEMU, choose_accel
@@ -68,11 +69,11 @@ def qemu_argv(
         "-append",
         spec.cmdline,
         "-chardev",
-        f"file,id=con,path={workdir / 'console.log'},append=on",
+        f"file,id=con,path={q(workdir / 'console.log')},append=on",
         "-serial",
         "chardev:con",
         "-qmp",
-        f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
+        f"unix:{q(workdir / 'qmp.sock')},server=on,wait=off",
         # A hardware RNG lets the guest's crng start without waiting for jitter entropy.
         "-device",
         f"virtio-rng-pci,addr={_RNG_SLOT:#x}",
@@ -91,7 +92,7 @@ def qemu_argv(
         if isinstance(disk, VhostUserDisk):
             argv += [
                 "-chardev",
-                f"socket,id=vu{i},path={disk.socket},reconnect={disk.reconnect}",
+                f"socket,id=vu{i},path={q(disk.socket)},reconnect={disk.reconnect}",
                 "-device",
                 f"vhost-user-blk-pci,chardev=vu{i},num-queues={disk.num_queues},{slot}",
             ]
@@ -99,7 +100,7 @@ def qemu_argv(
             ro = "on" if disk.read_only else "off"
             argv += [
                 "-drive",
-                f"file={disk.path},if=none,id=disk{i},format={disk.format},"
+                f"file={q(disk.path)},if=none,id=disk{i},format={disk.format},"
                 f"cache={disk.cache.value},readonly={ro},discard=unmap",
                 "-device",
                 f"virtio-blk-pci,drive=disk{i},{slot}",
@@ -108,7 +109,7 @@ def qemu_argv(
         argv += [
             "-drive",
             # Read-only and shared by every guest booted from the image.
-            f"file={spec.root_disk},if=none,id=rootdisk,format=raw,readonly=on,cache=writeback",
+            f"file={q(spec.root_disk)},if=none,id=rootdisk,format=raw,readonly=on,cache=writeback",
             "-device",
             f"virtio-blk-pci,drive=rootdisk,serial={ROOT_DISK_SERIAL},addr={ROOT_DISK_SLOT:#x}",
         ]

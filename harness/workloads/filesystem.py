@@ -1,14 +1,19 @@
 """The filesystem under a workload: made on the host, mounted in the guest, checked after a cut.
 
 mkfs runs on the host before the crash-test session starts, so a power cut
-can never revert the mkfs itself, only what the guest did; inode tables and
-the journal are initialised then, so the guest's lazy-init thread adds no
-writes of its own. After the reboot the runner mounts it (the journal
-replays) and the `FSCK` checker runs the filesystem's own checker.
+can never revert the mkfs itself, only what the guest did; with ext4 the
+inode tables and the journal are initialised then, so the guest's lazy-init
+thread adds no writes of its own. After the reboot the runner mounts it (the
+journal or log replays) and the `FSCK` checker unmounts it and runs the
+filesystem's own checker read-only.
+
+One row per filesystem in `FILESYSTEMS`; the guest image carries the tools
+and the kernel modules of all four.
 """
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -17,23 +22,72 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from harness.errors import ConfigError, PowercutError
+from harness.errors import ConfigError
 from harness.guest.ssh import SSHSession
 from harness.workloads.base import DEVICE, MOUNT, Observation
 
-EXT4 = "ext4"
-FILESYSTEMS = (EXT4,)
+
+@dataclass(frozen=True)
+class Filesystem:
+    name: str
+    mkfs: tuple[str, ...]  # the host command, before the scenario's options and the image
+    min_size: int  # the smallest image its mkfs accepts
+    fsck: str  # the guest's read-only checker, on the unmounted device
+    clean: tuple[int, ...]  # the checker's exit codes that mean "no damage"
+    # How mkfs puts directories into the new filesystem (None: made in the guest, then synced).
+    populate: str | None = None
+
+
+FILESYSTEMS: dict[str, Filesystem] = {
+    fs.name: fs
+    for fs in (
+        Filesystem(
+            "ext4",
+            ("mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard"),
+            1 << 20,
+            "e2fsck -fn",
+            (0, 1),  # 1: errors corrected — impossible with -n, so it means clean
+            populate="-d",
+        ),
+        # mkfs.xfs refuses filesystems under 300 MB (xfsprogs 5.19 and later).
+        Filesystem("xfs", ("mkfs.xfs", "-f", "-q", "-K"), 300 << 20, "xfs_repair -n", (0,)),
+        Filesystem(
+            "btrfs", ("mkfs.btrfs", "-f", "-q", "-K"), 128 << 20, "btrfs check --readonly", (0,)
+        ),
+        Filesystem(
+            "f2fs", ("mkfs.f2fs", "-f", "-q", "-t", "0"), 64 << 20, "fsck.f2fs --dry-run", (0,)
+        ),
+    )
+}
+NAMES = tuple(FILESYSTEMS)
+
+
+def get(name: str) -> Filesystem:
+    try:
+        return FILESYSTEMS[name]
+    except KeyError:
+        raise ConfigError(
+            f"filesystem {name!r} is not supported; use one of {', '.join(NAMES)}"
+        ) from None
+
+
+def default_size(name: str, wanted: int = 256 << 20) -> int:
+    """`wanted`, or the filesystem's minimum when that is larger (rounded up to 64 MiB)."""
+    minimum = get(name).min_size
+    return max(wanted, -(-minimum // (64 << 20)) * (64 << 20))
 
 
 @dataclass(frozen=True)
 class FsckObservation(Observation):
-    mounted: bool  # the filesystem mounted (journal replay succeeded)
-    exit_code: int  # e2fsck -fn: 0 clean, 1 fixed (not with -n), >= 2 damage left
+    mounted: bool  # the filesystem mounted (its journal or log replayed)
+    exit_code: int  # the checker's exit status
     output_tail: str = ""
+    command: str = "e2fsck -fn"  # the checker that ran
+    clean_codes: tuple[int, ...] = (0, 1)
 
     @property
     def clean(self) -> bool:
-        return self.mounted and self.exit_code in (0, 1)
+        return self.mounted and self.exit_code in self.clean_codes
 
     @property
     def loss(self) -> bool:
@@ -43,51 +97,82 @@ class FsckObservation(Observation):
         if not self.mounted:
             return "the filesystem did not mount (journal replay failed)"
         if not self.clean:
-            return f"e2fsck -fn exited {self.exit_code}: the filesystem is damaged"
-        return f"mounted; e2fsck -fn exited {self.exit_code}"
+            return f"{self.command} exited {self.exit_code}: the filesystem is damaged"
+        return f"mounted; {self.command} exited {self.exit_code}"
 
 
 def make_disk(
-    path: Path, size: int, *, filesystem: str | None = None, directories: Sequence[str] = ()
+    path: Path,
+    size: int,
+    *,
+    filesystem: str | None = None,
+    directories: Sequence[str] = (),
+    mkfs_options: Sequence[str] = (),
 ) -> None:
-    """A fresh sparse image; with `filesystem`, made here on the host with `directories` in it."""
+    """A fresh sparse image; with `filesystem`, made here on the host with `directories` in it.
+
+    Filesystems whose mkfs cannot populate (`populate` None) get their
+    directories in the guest instead (`make_directories`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.truncate(size)
     if filesystem is None:
         return
-    if filesystem not in FILESYSTEMS:
-        raise ConfigError(f"filesystem {filesystem!r} is not supported; use one of {FILESYSTEMS}")
-    argv = ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard"]
+    fs = get(filesystem)
+    if size < fs.min_size:
+        raise ConfigError(
+            f"disk-size {size} is too small for {fs.name}: its mkfs needs at least "
+            f"{fs.min_size >> 20} MiB"
+        )
+    argv = [*fs.mkfs, *mkfs_options]
     root: Path | None = None
     try:
-        if directories:
+        if directories and fs.populate is not None:
             root = Path(tempfile.mkdtemp(prefix="powercut-mkfs-"))
             for d in directories:
                 (root / d).mkdir(parents=True, exist_ok=True)
-            argv += ["-d", str(root)]
+            argv += [fs.populate, str(root)]
         proc = subprocess.run(
             [*argv, str(path)], capture_output=True, text=True, timeout=120, check=False
         )
     except FileNotFoundError:
-        raise ConfigError("mkfs.ext4 is not installed on the host; run ci/bootstrap") from None
+        raise ConfigError(
+            f"{fs.mkfs[0]} is not installed on the host; run ci/bootstrap (or powercut setup)"
+        ) from None
     finally:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
     if proc.returncode != 0:
-        raise PowercutError(f"mkfs.ext4 {path} failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise ConfigError(
+            f"{shlex.join(argv)} {path} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"
+            " (check mkfs-options)"
+        )
 
 
-def mount(ssh: SSHSession, filesystem: str = EXT4) -> bool:
-    """Mount the disk under test at `MOUNT` (replaying the journal); False if it will not."""
-    return ssh.run(f"mkdir -p {MOUNT} && mount -t {filesystem} {DEVICE} {MOUNT}", timeout=120).ok
+def mount(ssh: SSHSession, filesystem: str = "ext4", options: str = "") -> bool:
+    """Mount the disk under test at `MOUNT` (replaying its journal); False if it will not."""
+    opts = f" -o {shlex.quote(options)}" if options else ""
+    command = f"mkdir -p {MOUNT} && mount -t {shlex.quote(filesystem)}{opts} {DEVICE} {MOUNT}"
+    return ssh.run(command, timeout=120).ok
 
 
-def fsck(ssh: SSHSession, mounted: bool, out: TextIO) -> FsckObservation:
+def make_directories(ssh: SSHSession, filesystem: str, directories: Sequence[str]) -> None:
+    """Directories a populating mkfs would have made, made (and synced) in the guest instead."""
+    if not directories or get(filesystem).populate is not None:
+        return
+    paths = " ".join(shlex.quote(f"{MOUNT}/{d}") for d in directories)
+    ssh.run(f"mkdir -p {paths} && sync", timeout=120, check=True)
+
+
+def fsck(ssh: SSHSession, mounted: bool, out: TextIO, filesystem: str = "ext4") -> FsckObservation:
     """Unmount (if mounted) and run the filesystem's checker read-only; its output goes to `out`."""
+    fs = get(filesystem)
     if mounted:
         ssh.run(f"umount {MOUNT}", timeout=120, check=True)
-    result = ssh.run(f"e2fsck -fn {DEVICE}", timeout=300)
+    result = ssh.run(f"{fs.fsck} {DEVICE}", timeout=300)
     text = result.stdout + result.stderr
-    out.write(f"$ e2fsck -fn {DEVICE}  (exit {result.exit_code})\n{text}\n")
-    return FsckObservation(mounted, result.exit_code, "\n".join(text.splitlines()[-10:]))
+    out.write(f"$ {fs.fsck} {DEVICE}  (exit {result.exit_code})\n{text}\n")
+    return FsckObservation(
+        mounted, result.exit_code, "\n".join(text.splitlines()[-10:]), fs.fsck, fs.clean
+    )

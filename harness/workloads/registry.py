@@ -9,10 +9,11 @@ from __future__ import annotations
 from harness.errors import ConfigError
 from harness.workloads.ackrecords import AckRecords
 from harness.workloads.base import Workload
+from harness.workloads.command import Command
 from harness.workloads.fio_verify import FioVerify
 from harness.workloads.fsmeta import FsMeta
 
-BUILTIN: tuple[type[Workload], ...] = (FioVerify, AckRecords, FsMeta)
+BUILTIN: tuple[type[Workload], ...] = (FioVerify, AckRecords, FsMeta, Command)
 
 _KINDS: dict[str, type[Workload]] = {cls.kind: cls for cls in BUILTIN}
 

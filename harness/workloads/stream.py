@@ -9,10 +9,13 @@ workload built that way (ack-records, ext4-metadata).
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from harness.durability.contract import FaultModel
 from harness.errors import GuestError, PowercutError
@@ -68,6 +71,57 @@ class AckStream:
         self.lines += 1
         return seq
 
+    @property
+    def count(self) -> int:
+        """How many acknowledgements so far."""
+        return self.highest
+
+
+class TokenStream:
+    """Collects the tokens a user's command acknowledges: every line `pattern` matches.
+
+    `pattern` has exactly one group, the token (`ack (\\S+)` by default). Other
+    lines are the command's own output and are ignored; a token acknowledged
+    twice counts once. As with `AckStream`, a line the cut left unfinished
+    was never an acknowledgement.
+    """
+
+    def __init__(self, pattern: re.Pattern[str], name: str = "workload") -> None:
+        self.pattern = pattern
+        self.name = name
+        self._partial = b""
+        self.tokens: list[str] = []
+        self._seen: set[str] = set()
+        self.lines = 0
+
+    def feed(self, data: bytes | str) -> list[str]:
+        if isinstance(data, str):
+            data = data.encode()
+        buf = self._partial + data
+        *complete, self._partial = buf.split(b"\n")
+        new = []
+        for raw in complete:
+            self.lines += 1
+            match = self.pattern.search(raw.decode(errors="replace").rstrip("\r"))
+            if match and match.group(1) not in self._seen:
+                self._seen.add(match.group(1))
+                self.tokens.append(match.group(1))
+                new.append(match.group(1))
+        return new
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+
+class Acknowledgements(Protocol):
+    """What a stream of acknowledgement lines offers (`AckStream`, `TokenStream`)."""
+
+    def feed(self, data: bytes | str) -> Sequence[object]: ...
+
+    @property
+    def count(self) -> int: ...
+
 
 class GuestStream:
     """A guest command in a thread; every acknowledgement line it prints is counted.
@@ -77,10 +131,17 @@ class GuestStream:
     also appended to `ack_file` as it arrives.
     """
 
-    def __init__(self, ssh: SSHSession, command: str, name: str, ack_file: Path) -> None:
+    def __init__(
+        self,
+        ssh: SSHSession,
+        command: str,
+        name: str,
+        ack_file: Path,
+        stream: Acknowledgements | None = None,
+    ) -> None:
         self.ssh = ssh
         self.command = command
-        self.stream = AckStream(name)
+        self.stream: Acknowledgements = stream if stream is not None else AckStream(name)
         self.ack_file = ack_file
         self.error: BaseException | None = None
         self.exit_code: int | None = None
@@ -114,7 +175,7 @@ class GuestStream:
     @property
     def acked(self) -> int:
         with self._lock:
-            return self.stream.highest
+            return self.stream.count
 
     @property
     def alive(self) -> bool:
@@ -140,10 +201,23 @@ class StreamRun(Run):
     RESUME_ACKS = 20
     RESUME_SECONDS = 10.0
 
-    def __init__(self, ctx: GuestContext, command: str, name: str, fault: FaultModel) -> None:
+    def __init__(
+        self,
+        ctx: GuestContext,
+        command: str,
+        name: str,
+        fault: FaultModel,
+        *,
+        stream: Acknowledgements | None = None,
+        stop: str | None = None,
+    ) -> None:
         super().__init__(fault)
-        self.program = shlex.split(command)[0].rsplit("/", 1)[-1]
-        self.stream = GuestStream(ctx.ssh, command, name, ctx.directory / "acks.txt").start()
+        program = shlex.split(command)[0].rsplit("/", 1)[-1]
+        # How to stop it once the backend is back (after a backend crash).
+        self.stop_command = stop or f"killall {shlex.quote(program)} 2>/dev/null; true"
+        self.stream = GuestStream(
+            ctx.ssh, command, name, ctx.directory / "acks.txt", stream
+        ).start()
         self.started = self.stream.started
 
     def acked(self) -> int:
@@ -168,7 +242,7 @@ class StreamRun(Run):
             and time.monotonic() - resumed < self.RESUME_SECONDS
         ):
             time.sleep(POLL)
-        ctx.ssh.run(f"killall {shlex.quote(self.program)} 2>/dev/null; true", timeout=30)
+        ctx.ssh.run(self.stop_command, timeout=30)
         self.stream.join(ctx.time_left(60))
         failure = self.stream.failure()
         if failure and self.stream.exit_code not in _STOPPED:
