@@ -209,8 +209,9 @@ class Ext4Checker:
 class ReadOnlyChecker:
     """A checker that never writes the image, for filesystems whose host tool cannot recover.
 
-    * xfs: `xfs_repair -n` cannot replay the log and refuses a dirty one; such a
-      state is reported as not judged (ok None) — the checker guest's mount does it.
+    * xfs: `xfs_repair -n` cannot replay the log; on a dirty one it warns of
+      spurious inconsistencies, so such a state is reported as not judged (ok
+      None) — the checker guest's mount replays the log and judges it.
     * btrfs: `btrfs check --readonly` checks the last committed transaction; the
       fsync log tree is replayed only by a mount, so fsync'd-but-uncommitted data
       is the checker guest's to judge.
@@ -252,7 +253,9 @@ def checker_for(fstype: str | None, workdir: Path | str) -> FsChecker | None:
     if fstype in ("ext2", "ext3", "ext4"):
         return Ext4Checker(workdir)
     if fstype == "xfs":
-        return ReadOnlyChecker("xfs_repair", ["xfs_repair", "-n", "-f"], "log needs to be replayed")
+        return ReadOnlyChecker(
+            "xfs_repair", ["xfs_repair", "-n", "-f"], "valuable metadata changes in a log"
+        )
     if fstype == "btrfs":
         return ReadOnlyChecker("btrfs-check", ["btrfs", "check", "--readonly"])
     if fstype == "f2fs":
