@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from harness.durability.contract import Promise
-from harness.explore.attribute import attribute_extents
+from harness.explore.attribute import attribute_extents, loss_report
 from harness.explore.ext4traffic import Ext4Traffic
 from harness.explore.hostcheck import Ext4Checker, HostChecker, Verdict, explore_host
 from harness.explore.minimize import minimize_state
@@ -117,6 +117,9 @@ def test_nobarrier_ext4_fails_within_the_first_hundred_states_and_shrinks(
     roles = attribute_extents(recording.base, extents)
     assert len(roles) == len(extents) and all(roles)
     assert all(r.describe() for blocks in roles for r in blocks)
+    report = loss_report(tl, minimized.state, recording.base)
+    assert [e["seq"] for e in report] == list(lost)
+    assert all(e["holds"] and "flush_epoch" in e and "submit_index" in e for e in report)
 
 
 def test_attribution_names_metadata_files_directories_and_the_journal(ext4_base: Path) -> None:
