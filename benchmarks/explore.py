@@ -116,20 +116,22 @@ def explore(rec: Recording, states: int, workers: int, seed: int, tmp: Path) -> 
     todo = list(enumerate_states(tl, bounds))
     enum_s = time.perf_counter() - t0
     checkers = []
-    for w in range(workers):
-        work = Path(tempfile.mkdtemp(prefix=f"explore-bench-{w}-", dir=_shm(tmp)))
-        checkers.append(
-            HostChecker(
-                tl, rec.log, rec.base, Promise.FLUSHED, fsck=Ext4Checker(work), workdir=work
+    with tempfile.TemporaryDirectory(prefix="explore-bench-", dir=_shm(tmp)) as shm:
+        for w in range(workers):
+            work = Path(shm) / str(w)
+            work.mkdir()
+            checkers.append(
+                HostChecker(
+                    tl, rec.log, rec.base, Promise.FLUSHED, fsck=Ext4Checker(work), workdir=work
+                )
             )
-        )
-    try:
-        t0 = time.perf_counter()
-        result = explore_host(checkers, todo)
-        wall = time.perf_counter() - t0
-    finally:
-        for hc in checkers:
-            hc.close()
+        try:
+            t0 = time.perf_counter()
+            result = explore_host(checkers, todo)
+            wall = time.perf_counter() - t0
+        finally:
+            for hc in checkers:
+                hc.close()
     fsck = [o.seconds for r in result.results for o in r.outcomes if o.seconds]
     return {
         "workers": workers,
@@ -162,7 +164,11 @@ def _shm(tmp: Path) -> str:
 
 def runner_way(rec: Recording, info: dict[str, Any], n: int, tmp: Path) -> dict[str, Any]:
     """Per state, what the runner does host-side after a cut: copy, cut, oracle, fsck."""
-    work = Path(tempfile.mkdtemp(prefix="explore-bench-runner-", dir=_shm(tmp)))
+    with tempfile.TemporaryDirectory(prefix="explore-bench-", dir=_shm(tmp)) as shm:
+        return _runner_way(rec, info, n, Path(shm))
+
+
+def _runner_way(rec: Recording, info: dict[str, Any], n: int, work: Path) -> dict[str, Any]:
     conf = work / "e2fsck.conf"
     conf.write_text("[options]\n\tbroken_system_clock = 1\n")
     env = {**os.environ, "E2FSCK_CONFIG": str(conf)}
@@ -176,9 +182,6 @@ def runner_way(rec: Recording, info: dict[str, Any], n: int, tmp: Path) -> dict[
         check(img, rec.log, Promise.FLUSHED)
         subprocess.run(["e2fsck", "-p", "-f", str(img)], capture_output=True, env=env, check=False)
     wall = time.perf_counter() - t0
-    for p in work.iterdir():
-        p.unlink()
-    work.rmdir()
     return {"states": n, "seconds": round(wall, 3), "states_per_s": round(n / wall, 2)}
 
 
@@ -192,10 +195,12 @@ def negative_control(
     if first is None:
         return out
     tl = Timeline(rec.read_log(), Promise.FLUSHED, rec.acks)
-    work = Path(tempfile.mkdtemp(prefix="explore-bench-min-", dir=_shm(tmp)))
-    with HostChecker(
-        tl, rec.log, rec.base, Promise.FLUSHED, fsck=Ext4Checker(work), workdir=work
-    ) as hc:
+    with (
+        tempfile.TemporaryDirectory(prefix="explore-bench-", dir=_shm(tmp)) as work,
+        HostChecker(
+            tl, rec.log, rec.base, Promise.FLUSHED, fsck=Ext4Checker(work), workdir=work
+        ) as hc,
+    ):
         t0 = time.perf_counter()
         m = minimize_state(first.state, lambda s: hc.check(s).failed, max_checks=100)
         min_s = time.perf_counter() - t0
