@@ -25,10 +25,10 @@ def test_image_build_json_names_files_that_exist_and_is_cached(guest_image):
     data = json.loads(out)
     assert data["cache_hit"] is True  # the session fixture built it already
     assert data["recipe_hash"] == guest_image.recipe_hash
-    for key in ("kernel", "initramfs", "ssh_key", "manifest"):
+    for key in ("kernel", "initramfs", "root_disk", "ssh_key", "manifest"):
         assert Path(data[key]).is_file(), key
     manifest = json.loads(Path(data["manifest"]).read_text())
-    assert manifest["kernel_package"]["name"].startswith("linux-image-")
+    assert manifest["kernel"]["package"].startswith("linux-image-")
     assert "fio" in manifest["packages"] and "busybox-static" in manifest["packages"]
 
 
