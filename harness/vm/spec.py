@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,7 +44,22 @@ class FileDisk:
         object.__setattr__(self, "cache", parse_cache_mode(self.cache))
 
 
-Disk = VhostUserDisk | FileDisk
+@dataclass(frozen=True)
+class BlockdevDisk:
+    """QEMU's own block graph under a virtio-blk-pci device: QEMU as the system under test.
+
+    `blockdevs` are `-blockdev` values (dotted, children before their parents),
+    `node` the node the device attaches to; the cache mode is in the nodes'
+    `cache.direct`/`cache.no-flush` and in the device's `write-cache`, as
+    libvirt spells a `-drive cache=MODE` out.
+    """
+
+    blockdevs: tuple[str, ...]
+    node: str
+    write_cache: bool = True
+
+
+Disk = VhostUserDisk | FileDisk | BlockdevDisk
 
 
 @dataclass(frozen=True)
@@ -83,11 +99,24 @@ class MachineSpec:
         cpus: int = 1,
         memory_mib: int = 512,
         name: str = "powercut",
+        needs: Iterable[str] = (),
     ) -> MachineSpec:
+        """A machine booting `image`, with its root disk attached after `disks`.
+
+        `needs` are kernel features the guest must have (a scenario's
+        filesystem, e.g. "xfs"): one the image's kernel is known to lack is a
+        ConfigError here, before boot; one that could not be checked at build
+        time is checked by the guest's init, which stops with a FATAL line on
+        the console naming it.
+        """
+        needs = tuple(needs)
+        image.check_features(needs)
+        unchecked = [n for n in needs if image.kernel_features.get(n, "unknown") == "unknown"]
         return cls(
             kernel=image.kernel,
             initramfs=image.initramfs,
             append=image.cmdline,
+            extra_append=f"powercut.needs={','.join(unchecked)}" if unchecked else "",
             ssh_key=image.ssh_key,
             host_public_key=image.host_public_key.read_text().strip(),
             cpus=cpus,

@@ -8,7 +8,9 @@ also serves as the kernel that lacks a filesystem (it has no f2fs).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, MachineError
 from harness.pytest_plugin import VMFactory
 from harness.vm.image import cache_root, ensure_image, fetch_deb, resolve_kernel_package
+from harness.vm.qemu import QemuMachine
 from harness.vm.spec import FileDisk
 
 pytestmark = pytest.mark.vm
@@ -153,3 +156,29 @@ def test_an_unknown_package_is_refused_before_anything_is_built(tmp_path):
     assert cli.returncode == 1
     assert "packages: no package no-such-package-xyz" in cli.stderr
     assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+
+def test_init_stops_with_a_clear_line_when_a_needed_filesystem_is_missing(vm_factory):
+    # What MachineSpec.from_image(needs=...) sends when the build could not check.
+    spec = dataclasses.replace(
+        vm_factory.spec(name="needs"), extra_append="powercut.needs=f2fs,nofs"
+    )
+    with QemuMachine(spec, accel=vm_factory.accel, workdir=vm_factory.tmpdir / "needs") as machine:
+        with pytest.raises(MachineError, match="FATAL: the kernel has no nofs filesystem"):
+            machine.boot(timeout=300)
+        assert "no f2fs" not in machine.console_log.text  # f2fs loaded as a module
+
+
+def test_a_kernel_that_cannot_be_checked_is_stopped_by_init_naming_what_is_missing(
+    image_factories, tmp_path
+):
+    vmlinuz, _ = debian_kernel("cloud")
+    bare = tmp_path / "vmlinuz"  # no config beside it, no modules tree
+    shutil.copyfile(vmlinuz, bare)
+    factory = image_factories(kernel=bare)
+    assert factory.image.kernel_features["erofs"] == "unknown"
+    machine = factory(boot=False, name="bare")
+    with pytest.raises(
+        MachineError, match=r"FATAL: the kernel has no erofs filesystem \(CONFIG_EROFS"
+    ):
+        machine.boot(timeout=300)

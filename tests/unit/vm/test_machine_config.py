@@ -203,3 +203,35 @@ def test_a_spec_from_an_image_attaches_its_root_disk(tmp_path):
         root_disk=tmp_path / "root.img",
     )
     assert MachineSpec.from_image(image).root_disk == tmp_path / "root.img"
+    assert MachineSpec.from_image(image).extra_append == ""
+
+
+def test_needs_refuse_a_known_missing_feature_and_send_unknown_ones_to_init(tmp_path):
+    import dataclasses
+
+    from harness.errors import ConfigError
+    from harness.vm.image import GuestImage
+
+    key = tmp_path / "host_key.pub"
+    key.write_text("ssh-ed25519 AAAA\n")
+    image = GuestImage(
+        directory=tmp_path,
+        recipe_hash="h",
+        kernel=tmp_path / "vmlinux",
+        bzimage=tmp_path / "bzImage",
+        initramfs=tmp_path / "initramfs.cpio",
+        ssh_key=tmp_path / "id",
+        ssh_public_key=tmp_path / "id.pub",
+        host_public_key=key,
+        manifest=tmp_path / "manifest.json",
+        cmdline="console=ttyS0",
+        ssh_port=22,
+        fio_server_port=8765,
+        kernel_features={"ext4": "built in", "xfs": "module", "f2fs": "missing"},
+    )
+    assert MachineSpec.from_image(image, needs=("ext4", "xfs")).extra_append == ""
+    with pytest.raises(ConfigError, match="lacks f2fs"):
+        MachineSpec.from_image(image, needs=("f2fs",))
+    unknown = dataclasses.replace(image, kernel_features={})
+    spec = MachineSpec.from_image(unknown, needs=("btrfs", "xfs"))
+    assert spec.cmdline == "console=ttyS0 powercut.needs=btrfs,xfs"
