@@ -686,6 +686,7 @@ class _Kernel:
 
 
 def _prepare_kernel(p: _Plan, work: Path, out: Path, cache: Path, say: Progress) -> _Kernel:
+    modules_path: Path | None
     if p.kernel_file is None:
         assert p.kernel_package is not None and p.kernel_version is not None
         say(f"fetching {p.kernel_package} {p.kernel_version}")
@@ -698,7 +699,7 @@ def _prepare_kernel(p: _Plan, work: Path, out: Path, cache: Path, say: Progress)
         kernel_path, modules_path = vmlinuz, kroot / "lib" / "modules" / vmlinuz.name[8:]
     else:
         kernel_path = p.kernel_file
-        modules_path = p.modules_dir  # type: ignore[assignment]
+        modules_path = p.modules_dir
     say("reading the kernel")
     info = kern.read_kernel(kernel_path)
     tree = kern.ModulesTree.read(modules_path) if modules_path is not None else None
