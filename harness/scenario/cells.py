@@ -13,6 +13,7 @@ adding a mode to a scenario does not reshuffle the other cells.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shlex
@@ -70,6 +71,7 @@ class Cell:
     guest: GuestSpec = field(default_factory=GuestSpec)
     disk: DiskSpec = field(default_factory=DiskSpec)
     guest_files: tuple[tuple[str, str], ...] = ()
+    label: str = ""  # the workload's part of the id (with its filesystem, when several)
 
     @property
     def fault_label(self) -> str:
@@ -78,7 +80,11 @@ class Cell:
     @property
     def id(self) -> str:
         return cell_id(
-            self.mode, self.fault_label, self.workload.name, self.cut.label, self.repetition
+            self.mode,
+            self.fault_label,
+            self.label or self.workload.name,
+            self.cut.label,
+            self.repetition,
         )
 
     def reproduce_command(self, out: str = "results/repro", accel: str | None = None) -> str:
@@ -122,58 +128,86 @@ def expand(
     if repetitions < 1:
         raise ConfigError(f"--repeat must be at least 1, not {repetitions}")
     chosen_modes = [m for m in scenario.modes if modes is None or m in modes]
+    # Several filesystems are a matrix dimension, named in the workload's part of the id.
+    named_fs = len(scenario.filesystems) > 1
     cells: list[Cell] = []
     for mode in chosen_modes:
         for fault in scenario.faults:
             policies: Iterable[CutPolicy | None] = fault.policies or (None,)
             for policy in policies:
                 for workload in scenario.workloads:
-                    for cut in workload.cuts or scenario.cuts:
-                        for rep in range(repetitions):
-                            label = (
-                                f"{fault.model.value}.{policy.value}"
-                                if policy
-                                else fault.model.value
-                            )
-                            ident = cell_id(mode, label, workload.name, cut.label, rep)
-                            cell_seed = derive_seed(scenario_seed, scenario.name, ident)
-                            policy_seed = None
-                            if policy is not None:
-                                policy_seed = (
-                                    fault.seed
-                                    if fault.seed is not None
-                                    else derive_seed(scenario_seed, scenario.name, ident, "policy")
+                    filesystems = (
+                        scenario.filesystems if workload.workload.needs_filesystem else ("",)
+                    )
+                    for fs in filesystems:
+                        label = f"{workload.name}@{fs}" if named_fs and fs else workload.name
+                        for cut in workload.cuts or scenario.cuts:
+                            for rep in range(repetitions):
+                                cells.append(
+                                    _cell(
+                                        scenario,
+                                        scenario_seed,
+                                        mode,
+                                        fault.model,
+                                        policy,
+                                        fault.seed,
+                                        workload,
+                                        label,
+                                        fs or scenario.filesystems[0],
+                                        cut,
+                                        rep,
+                                    )
                                 )
-                            cut_at = cut.resolve(
-                                derive_seed(scenario_seed, scenario.name, ident, "cut")
-                            )
-                            cells.append(
-                                Cell(
-                                    scenario=scenario.name,
-                                    scenario_path=scenario.path,
-                                    scenario_seed=scenario_seed,
-                                    mode=mode,
-                                    fault=fault.model,
-                                    policy=policy,
-                                    policy_seed=policy_seed,
-                                    workload=workload,
-                                    cut=cut,
-                                    cut_at=cut_at,
-                                    checkers=workload.checkers,
-                                    repetition=rep,
-                                    seed=cell_seed,
-                                    expect=scenario.expect,
-                                    timeout=scenario.timeout,
-                                    image=scenario.image,
-                                    disk_size=scenario.disk_size,
-                                    filesystem=scenario.filesystem,
-                                    blkdebug=scenario.blkdebug,
-                                    guest=scenario.guest,
-                                    disk=scenario.disk,
-                                    guest_files=scenario.guest_files,
-                                )
-                            )
     return cells
+
+
+def _cell(
+    scenario: Scenario,
+    scenario_seed: int,
+    mode: CacheMode,
+    fault: FaultModel,
+    policy: CutPolicy | None,
+    fixed_policy_seed: int | None,
+    workload: WorkloadSpec,
+    label: str,
+    filesystem: str,
+    cut: CutSpec,
+    rep: int,
+) -> Cell:
+    fault_label = f"{fault.value}.{policy.value}" if policy else fault.value
+    ident = cell_id(mode, fault_label, label, cut.label, rep)
+    policy_seed = None
+    if policy is not None:
+        policy_seed = (
+            fixed_policy_seed
+            if fixed_policy_seed is not None
+            else derive_seed(scenario_seed, scenario.name, ident, "policy")
+        )
+    return Cell(
+        scenario=scenario.name,
+        scenario_path=scenario.path,
+        scenario_seed=scenario_seed,
+        mode=mode,
+        fault=fault,
+        policy=policy,
+        policy_seed=policy_seed,
+        workload=workload,
+        cut=cut,
+        cut_at=cut.resolve(derive_seed(scenario_seed, scenario.name, ident, "cut")),
+        checkers=workload.checkers,
+        repetition=rep,
+        seed=derive_seed(scenario_seed, scenario.name, ident),
+        expect=scenario.expect,
+        timeout=scenario.timeout,
+        image=scenario.image,
+        disk_size=scenario.disk_size,
+        filesystem=filesystem,
+        blkdebug=scenario.blkdebug,
+        guest=scenario.guest,
+        disk=dataclasses.replace(scenario.disk, filesystem=filesystem),
+        guest_files=scenario.guest_files,
+        label=label,
+    )
 
 
 def single_cell(

@@ -146,7 +146,7 @@ class Scenario:
     expect: Expectation = Expectation.CONTRACT
     blkdebug: tuple[BlkdebugRule, ...] = ()
     timeout: float = 300.0
-    filesystem: str = "ext4"
+    filesystems: tuple[str, ...] = ("ext4",)  # several: a matrix dimension
     guest: GuestSpec = field(default_factory=GuestSpec)
     disk: DiskSpec = field(default_factory=DiskSpec)
     # Files copied into the guest before the workload's setup: (guest path, host path).

@@ -216,17 +216,19 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     seed = top.integer("seed", 0, minimum=0)
     expect = top.choice("expect", Expectation, Expectation.CONTRACT)
     timeout = top.number("timeout", 300.0, minimum=1.0)
-    filesystem = top.string("filesystem", "ext4")
-    if filesystem not in fs.NAMES:
-        raise top.error("filesystem", f"must be one of {', '.join(fs.NAMES)}, not {filesystem!r}")
-    disk_size = top.size("disk-size", fs.default_size(filesystem), minimum=1 << 20)
-    if top.has("disk-size") and disk_size < fs.get(filesystem).min_size:
+    filesystems = _filesystems(top)
+    largest = max(filesystems, key=lambda name: fs.get(name).min_size)
+    disk_size = top.size("disk-size", fs.default_size(largest), minimum=1 << 20)
+    if top.has("disk-size") and disk_size < fs.get(largest).min_size:
         raise top.error(
             "disk-size",
-            f"must be at least {fs.get(filesystem).min_size >> 20}M for {filesystem}, "
-            f"not {disk_size}",
+            f"must be at least {fs.get(largest).min_size >> 20}M for {largest}, not {disk_size}",
         )
-    disk = DiskSpec(filesystem, _mkfs_options(top), _mount_options(top))
+    disk = DiskSpec(filesystems[0], _mkfs_options(top), _mount_options(top))
+    if len(filesystems) > 1 and disk.mkfs_options:
+        raise top.error(
+            "mkfs-options", "apply to one filesystem; list a single filesystem to use them"
+        )
     guest = GuestSpec(
         packages=_packages(top),
         kernel=_host_path(top, "kernel", path),
@@ -291,11 +293,24 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         expect=expect,
         blkdebug=blkdebug,
         timeout=timeout,
-        filesystem=filesystem,
+        filesystems=filesystems,
         guest=guest,
         disk=disk,
         guest_files=guest_files,
     )
+
+
+def _filesystems(top: Table) -> tuple[str, ...]:
+    value = top.raw("filesystem", "ext4")
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise top.error("filesystem", f"must not be empty; one or more of: {', '.join(fs.NAMES)}")
+    for item in items:
+        if item not in fs.NAMES:
+            raise top.error("filesystem", f"must be one of {', '.join(fs.NAMES)}, not {item!r}")
+    if len(set(items)) != len(items):
+        raise top.error("filesystem", f"lists a value twice: {items}")
+    return tuple(items)
 
 
 def _packages(top: Table) -> tuple[str, ...]:

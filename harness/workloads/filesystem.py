@@ -165,11 +165,32 @@ def make_directories(ssh: SSHSession, filesystem: str, directories: Sequence[str
     ssh.run(f"mkdir -p {paths} && sync", timeout=120, check=True)
 
 
+# Kill whatever still holds the mount (a daemon the workload's check started, say), then
+# unmount; a killed process takes a moment to let go, so the unmount is tried again.
+_RELEASE = f"""
+for p in /proc/[0-9]*; do
+  pid=${{p#/proc/}}; [ "$pid" = "$$" ] && continue
+  for f in $p/cwd $p/root $p/fd/*; do
+    case "$(readlink "$f" 2>/dev/null)" in
+      {MOUNT}|{MOUNT}/*) kill -KILL "$pid" 2>/dev/null; break;;
+    esac
+  done
+done
+for i in $(seq 100); do umount {MOUNT} 2>/dev/null && exit 0; sleep 0.1; done
+umount {MOUNT}
+"""
+
+
+def unmount(ssh: SSHSession) -> None:
+    """Unmount `MOUNT`, first stopping any process that still uses it."""
+    ssh.run(_RELEASE, timeout=120, check=True)
+
+
 def fsck(ssh: SSHSession, mounted: bool, out: TextIO, filesystem: str = "ext4") -> FsckObservation:
     """Unmount (if mounted) and run the filesystem's checker read-only; its output goes to `out`."""
     fs = get(filesystem)
     if mounted:
-        ssh.run(f"umount {MOUNT}", timeout=120, check=True)
+        unmount(ssh)
     result = ssh.run(f"{fs.fsck} {DEVICE}", timeout=300)
     text = result.stdout + result.stderr
     out.write(f"$ {fs.fsck} {DEVICE}  (exit {result.exit_code})\n{text}\n")

@@ -1,4 +1,6 @@
-"""The ext4-metadata workload: create, write, rename and unlink with file and directory fsync.
+"""The fs-metadata workload: create, write, rename and unlink with file and directory fsync.
+
+(Called ext4-metadata while ext4 was the only filesystem; that name still works.)
 
 The guest program (`images/guest-src/fsmeta.c`) prints one line per
 operation it has made durable, and after the reboot `--check` replays the
@@ -35,13 +37,13 @@ DIRECTORY = "fsmeta"  # made in the fresh filesystem, so the workload's first fs
 
 @dataclass(frozen=True)
 class FsMeta(Workload):
-    """`kind = "ext4-metadata"`: `ops` (0: until the cut), `files`, `max-size`."""
+    """`kind = "fs-metadata"`: `ops` (0: until the cut), `files`, `max-size`."""
 
     ops: int = 0  # 0: until cut
     files: int = 32
     max_size: int = 16384
 
-    kind = "ext4-metadata"
+    kind = "fs-metadata"
     checker = "fsmeta"
     checkers = (ORACLE, "fsmeta", FSCK)
 

@@ -16,6 +16,8 @@ from harness.workloads.fsmeta import FsMeta
 BUILTIN: tuple[type[Workload], ...] = (FioVerify, AckRecords, FsMeta, Command)
 
 _KINDS: dict[str, type[Workload]] = {cls.kind: cls for cls in BUILTIN}
+# Names a kind had before; scenarios may still use them.
+ALIASES = {"ext4-metadata": FsMeta.kind}
 
 
 def register(cls: type[Workload]) -> type[Workload]:
@@ -35,7 +37,7 @@ def unregister(kind: str) -> None:
 
 
 def workload_class(kind: str) -> type[Workload] | None:
-    return _KINDS.get(kind)
+    return _KINDS.get(ALIASES.get(kind, kind))
 
 
 def kinds() -> list[str]:

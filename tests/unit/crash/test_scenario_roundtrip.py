@@ -16,7 +16,7 @@ from harness.scenario.parse import parse_scenario
 from harness.workloads.ackrecords import AckRecords, SyncMode
 from harness.workloads.fio_verify import FioVerify
 from harness.workloads.fsmeta import FsMeta
-from harness.workloads.registry import workload_class
+from harness.workloads.registry import ALIASES, workload_class
 
 
 def toml_value(v: Any) -> str:
@@ -62,7 +62,7 @@ def _checkers(kind: str) -> list[str]:
 
 @st.composite
 def workloads(draw: st.DrawFn) -> dict[str, Any]:
-    kind = draw(st.sampled_from(["fio-verify", "ack-records", "ext4-metadata"]))
+    kind = draw(st.sampled_from(["fio-verify", "ack-records", "fs-metadata", "ext4-metadata"]))
     out: dict[str, Any] = {"kind": kind}
     if kind == "fio-verify":
         out["fio"] = draw(
@@ -153,7 +153,7 @@ def test_written_scenarios_parse_back_to_what_was_written(doc: dict[str, Any]) -
         assert [p.value for p in fault.policies] == raw.get("policy", [])
         assert fault.seed == raw.get("seed")
     for w, raw in zip(s.workloads, doc["workload"], strict=True):
-        assert (w.name, w.kind) == (raw["name"], raw["kind"])
+        assert (w.name, w.kind) == (raw["name"], ALIASES.get(raw["kind"], raw["kind"]))
         if isinstance(w.workload, FioVerify):
             assert w.workload.as_dict() == raw.get("fio", {})
         elif isinstance(w.workload, AckRecords):

@@ -292,7 +292,7 @@ def clean(workload: WorkloadSpec) -> Observed:
         fio_verify=FioVerifyObservation(0, 1000) if workload.kind == "fio-verify" else None,
         fsck=CLEAN_FSCK if "fsck" in workload.checkers else None,
         ack_records=records(200, 203) if workload.kind == "ack-records" else None,
-        fsmeta=meta(150, 0) if workload.kind == "ext4-metadata" else None,
+        fsmeta=meta(150, 0) if workload.kind == "fs-metadata" else None,
         guest_io_errors=0,
     )
 
