@@ -47,5 +47,11 @@ def print_results(results: RunResults, console: Console | None = None) -> None:
             console.print(
                 f"  reproduce: {cell.reproduce}", markup=False, highlight=False, soft_wrap=True
             )
+    if results.missing:
+        console.print(
+            Text(f"{len(results.missing)} cells never ran:", style="bold yellow"),
+        )
+        for key in results.missing:
+            console.print(f"  {key}", markup=False, highlight=False, soft_wrap=True)
     style = "bold green" if results.ok else "bold red"
     console.print(Text(("PASSED: " if results.ok else "FAILED: ") + results.summary, style=style))

@@ -112,15 +112,30 @@ def render_html(results: RunResults, plots: Sequence[Path] = ()) -> str:
         ("finished", results.finished),
         ("powercut", results.powercut_version),
     ]
+    if results.shard is not None:
+        meta.append(("shard", f"{results.shard.label} of {len(results.shard.plan)} cells"))
     meta += [(f"host {k}", str(v)) for k, v in results.host.items() if v not in (None, "")]
     meta_html = "".join(f"<li>{escape(k)}: <code>{escape(v)}</code></li>" for k, v in meta if v)
     plots_html = "".join(_img(p) for p in plots if p.exists())
+    partial = (
+        ""
+        if results.complete
+        else "<p><b>Partial:</b> the run had not ended when these results were written.</p>"
+    )
+    never = ""
+    if results.missing:
+        items = "".join(
+            f"<li><code>{escape(k.id)}</code> <span class='small'>{escape(k.scenario)}</span></li>"
+            for k in results.missing
+        )
+        never = f"<h2>Never ran ({len(results.missing)})</h2><ul>{items}</ul>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>powercut results</title>
 <style>{CSS}</style></head>
 <body>
 <h1>powercut results</h1>
 <p><span class="status {status_class}">{status}</span> {escape(results.summary)}</p>
+{partial}
 <ul class="small">{meta_html}</ul>
 <h2>Matrix</h2>
 <p class="small">Cache modes down, fault and workload across. A square passes when what the
@@ -130,5 +145,6 @@ detected.</p>
 {"<h2>Plots</h2>" + plots_html if plots_html else ""}
 <h2>Cells</h2>
 {_cells(results.cells)}
+{never}
 </body></html>
 """

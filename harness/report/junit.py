@@ -12,7 +12,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
 
-from harness.report.results import CellResult, RunResults
+from harness.report.results import CellKey, CellResult, RunResults
+
+NEVER_RAN = "never ran: the run stopped before this cell (see results.json 'planned')"
 
 
 def _testcase(cell: CellResult, base: Path | None) -> ET.Element:
@@ -48,6 +50,15 @@ def _testcase(cell: CellResult, base: Path | None) -> ET.Element:
     return case
 
 
+def _never_ran(key: CellKey) -> ET.Element:
+    mode = key.id.split("/", 1)[0]
+    case = ET.Element(
+        "testcase", {"classname": f"powercut.{key.scenario}.{mode}", "name": key.id, "time": "0"}
+    )
+    ET.SubElement(case, "skipped", {"message": NEVER_RAN})
+    return case
+
+
 def _sorted(artifacts: Mapping[str, str]) -> list[tuple[str, str]]:
     return sorted(artifacts.items())
 
@@ -62,14 +73,21 @@ def render_junit(results: RunResults, base: Path | None = None) -> str:
     by_scenario: dict[str, list[CellResult]] = {}
     for cell in results.cells:
         by_scenario.setdefault(cell.scenario, []).append(cell)
+    # Cells that never ran (the run died, or is still going) are skipped tests, so a
+    # CI job killed at its time limit still shows every cell it was given.
+    missing: dict[str, list[CellKey]] = {}
+    for absent in results.missing:
+        missing.setdefault(absent.scenario, []).append(absent)
+        by_scenario.setdefault(absent.scenario, [])
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     total_time = 0.0
     for scenario, cells in by_scenario.items():
+        unrun = missing.get(scenario, [])
         counts = {
-            "tests": len(cells),
+            "tests": len(cells) + len(unrun),
             "failures": sum(c.verdict == "fail" for c in cells),
             "errors": sum(c.verdict == "error" for c in cells),
-            "skipped": sum(c.verdict == "skipped" for c in cells),
+            "skipped": sum(c.verdict == "skipped" for c in cells) + len(unrun),
         }
         seconds = sum(c.total_seconds for c in cells)
         suite = ET.SubElement(
@@ -91,6 +109,8 @@ def render_junit(results: RunResults, base: Path | None = None) -> str:
             ET.SubElement(props, "property", {"name": key, "value": str(value)})
         for cell in cells:
             suite.append(_testcase(cell, base))
+        for unrun_key in unrun:
+            suite.append(_never_ran(unrun_key))
         for k, v in counts.items():
             totals[k] += v
         total_time += seconds

@@ -37,6 +37,8 @@ def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
     out = ["# powercut results", ""]
     status = "PASSED" if results.ok else "FAILED"
     out.append(f"**{status}** — {results.summary}.")
+    if not results.complete:
+        out += ["", "_Partial: the run had not ended when these results were written._"]
     out.append("")
     meta = [
         ("command", f"`{results.command}`" if results.command else ""),
@@ -44,6 +46,8 @@ def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
         ("finished", results.finished),
         ("powercut", results.powercut_version),
     ]
+    if results.shard is not None:
+        meta.append(("shard", f"{results.shard.label} of {len(results.shard.plan)} cells"))
     meta += [(f"host {k}", str(v)) for k, v in results.host.items() if v not in (None, "")]
     out += [f"- {k}: {v}" for k, v in meta if v]
     out += ["", "## Matrix", "", *matrix_table(results.cells), ""]
@@ -63,6 +67,9 @@ def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
             f"| {_md(c.reason)}{_md(' — why: ' + c.explanation) if c.explanation else ''} "
             f"| {c.seed} | {c.total_seconds:.1f} |"
         )
+    if results.missing:
+        out += ["", f"## Never ran ({len(results.missing)})", ""]
+        out += [f"- `{_md(k.id)}` ({_md(k.scenario)})" for k in results.missing]
     bad = [c for c in results.cells if c.verdict in ("fail", "error")]
     if bad:
         out += ["", "## Failures", ""]

@@ -1,4 +1,10 @@
-"""Render every report of a run into its directory (`powercut run` and `powercut report`)."""
+"""Render every report of a run into its directory (`powercut run` and `powercut report`).
+
+`write_progress` is what a run calls after every cell: results.json and
+junit.xml, each replaced atomically, so a run killed at a CI time limit
+leaves every verdict it reached (and names the cells it never ran);
+`render_all` adds the Markdown, HTML and plots at the end.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +56,13 @@ def render_all(results: RunResults, directory: Path | str, *, write_json: bool =
     )
     log.info("reports written to %s (%s)", out, results.summary)
     return rendered
+
+
+def write_progress(results: RunResults, directory: Path | str) -> None:
+    """results.json and junit.xml as they stand now (cheap: no plots)."""
+    out = Path(directory)
+    write_results(results, out)
+    _write(out / "junit.xml", render_junit(results, base=out.resolve()))
 
 
 def rerender(directory: Path | str) -> tuple[RunResults, Rendered]:

@@ -17,6 +17,14 @@ A JSON object:
 ``started``/``finished``  ISO 8601 UTC timestamps
 ``command``           the command line that ran
 ``host``              object: ``hostname``, ``cores``, ``accel`` (kvm/tcg), free-form extras
+``scenarios``         array: ``name``, ``path``, ``sha256`` (of the file) of every scenario
+                      the run read — what `powercut report --merge` compares
+``planned``           array of ``{"scenario", "id"}``: every cell this run was asked to run,
+                      in order; a cell here but not in ``cells`` never ran (the run died)
+``shard``             null, or ``{"index": K, "count": N, "plan": [{"scenario", "id"}...]}``
+                      for `powercut run --shard K/N`: ``plan`` is the whole run before the split
+``complete``          false while the run is going (results.json is rewritten after every
+                      cell), true once it ended, interrupted or not
 ``cells``             array of cell objects, in run order:
 
   ``id``              cell id, ``mode/fault[.policy]/workload/cut/rN``
@@ -47,6 +55,9 @@ A JSON object:
   ``explanation``     when a workload found acknowledged data missing: whether the disk
                       kept its contract (then the application acknowledged what it never
                       made durable) or broke it, with the figures ("" otherwise)
+
+``scenarios``, ``planned``, ``shard`` and ``complete`` came later within version 1:
+a file without them reads as a complete run of exactly its cells.
 """
 
 from __future__ import annotations
@@ -140,6 +151,49 @@ class CellResult:
         return float(sum(self.timings.values()))
 
 
+@dataclass(frozen=True, order=True)
+class CellKey:
+    """A cell's identity across runs, shards and merges: its scenario's name and its id."""
+
+    scenario: str
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.scenario}: {self.id}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"scenario": self.scenario, "id": self.id}
+
+
+@dataclass(frozen=True)
+class ScenarioRef:
+    """A scenario file a run read: merges compare these (name and content, not the path)."""
+
+    name: str
+    path: str
+    sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`--shard K/N`: this run is share K (1-based) of N of `plan`."""
+
+    index: int
+    count: int
+    plan: tuple[CellKey, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def key_of(cell: CellResult) -> CellKey:
+    return CellKey(cell.scenario, cell.id)
+
+
 @dataclass(frozen=True)
 class RunResults:
     cells: tuple[CellResult, ...]
@@ -148,14 +202,32 @@ class RunResults:
     command: str = ""
     host: Mapping[str, Any] = field(default_factory=dict)
     powercut_version: str = __version__
+    scenarios: tuple[ScenarioRef, ...] = ()
+    # None: exactly the cells there are (a file from before these fields).
+    planned: tuple[CellKey, ...] | None = None
+    shard: Shard | None = None
+    complete: bool = True
+
+    @property
+    def planned_keys(self) -> tuple[CellKey, ...]:
+        if self.planned is None:
+            return tuple(key_of(c) for c in self.cells)
+        return self.planned
+
+    @property
+    def missing(self) -> tuple[CellKey, ...]:
+        """Cells the run was asked for that have no result: they never ran."""
+        done = {key_of(c) for c in self.cells}
+        return tuple(k for k in self.planned_keys if k not in done)
 
     def count(self, verdict: Verdict) -> int:
         return sum(1 for c in self.cells if c.verdict == verdict.value)
 
     @property
     def ok(self) -> bool:
-        """True when every cell passed (or was skipped): the exit status of `powercut run`."""
-        return all(c.verdict in (Verdict.PASS.value, Verdict.SKIPPED.value) for c in self.cells)
+        """True when every cell passed (or was skipped) and none is missing: the exit status."""
+        passed = all(c.verdict in (Verdict.PASS.value, Verdict.SKIPPED.value) for c in self.cells)
+        return passed and not self.missing
 
     @property
     def summary(self) -> str:
@@ -163,6 +235,8 @@ class RunResults:
         for v in (Verdict.FAIL, Verdict.ERROR, Verdict.SKIPPED):
             if self.count(v):
                 parts.append(f"{self.count(v)} {'failed' if v is Verdict.FAIL else v.value}")
+        if missing := len(self.missing):
+            parts.append(f"{missing} never ran")
         return ", ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -174,6 +248,16 @@ class RunResults:
             "finished": self.finished,
             "command": self.command,
             "host": dict(self.host),
+            "scenarios": [r.to_json() for r in self.scenarios],
+            "planned": [k.to_json() for k in self.planned_keys],
+            "shard": None
+            if self.shard is None
+            else {
+                "index": self.shard.index,
+                "count": self.shard.count,
+                "plan": [k.to_json() for k in self.shard.plan],
+            },
+            "complete": self.complete,
             "cells": [_cell_json(c) for c in self.cells],
         }
 
@@ -191,6 +275,8 @@ class RunResults:
         if not isinstance(cells_data, list):
             raise ConfigError(f"{source}: field 'cells' must be an array")
         cells = tuple(_cell_from_json(c, f"{source}: cells[{i}]") for i, c in enumerate(cells_data))
+        planned = data.get("planned")
+        shard = data.get("shard")
         return cls(
             cells=cells,
             started=str(data.get("started", "")),
@@ -198,7 +284,57 @@ class RunResults:
             command=str(data.get("command", "")),
             host=dict(data.get("host") or {}),
             powercut_version=str(data.get("powercut_version", "")),
+            scenarios=tuple(
+                _scenario_from_json(s, f"{source}: scenarios[{i}]")
+                for i, s in enumerate(_array(data, "scenarios", source))
+            ),
+            planned=_planned(planned, cells, source),
+            shard=None if shard is None else _shard_from_json(shard, f"{source}: shard"),
+            complete=bool(data.get("complete", True)),
         )
+
+
+def _planned(value: Any, cells: tuple[CellResult, ...], source: str) -> tuple[CellKey, ...] | None:
+    if value is None:
+        return None
+    keys = _keys(value, f"{source}: planned")
+    # Exactly the cells there are: the same as saying nothing.
+    return None if keys == tuple(key_of(c) for c in cells) else keys
+
+
+def _array(data: dict[str, Any], name: str, source: str) -> list[Any]:
+    value = data.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: field {name!r} must be an array")
+    return value
+
+
+def _keys(value: Any, where: str) -> tuple[CellKey, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be an array of {{scenario, id}} objects")
+    keys = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not {"scenario", "id"} <= item.keys():
+            raise ConfigError(f"{where}[{i}] must be an object with 'scenario' and 'id'")
+        keys.append(CellKey(str(item["scenario"]), str(item["id"])))
+    return tuple(keys)
+
+
+def _scenario_from_json(value: Any, where: str) -> ScenarioRef:
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{where} must be an object with 'name', 'path' and 'sha256'")
+    sha = value.get("sha256")
+    return ScenarioRef(str(value["name"]), str(value.get("path", "")), str(sha) if sha else None)
+
+
+def _shard_from_json(value: Any, where: str) -> Shard:
+    try:
+        index, count = int(value["index"]), int(value["count"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{where} must be an object with integer 'index' and 'count'") from None
+    return Shard(index, count, _keys(value.get("plan", []), f"{where}.plan"))
 
 
 def _cell_json(cell: CellResult) -> dict[str, Any]:
@@ -257,9 +393,10 @@ def write_results(results: RunResults, directory: Path | str) -> Path:
     path = Path(directory) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(
-        json.dumps(results.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8"
-    )
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(results.to_json(), indent=2, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 
@@ -282,8 +419,24 @@ def load_results(directory_or_file: Path | str) -> RunResults:
 
 
 def run_results(
-    cells: Sequence[CellResult], *, started: str, command: str, host: Mapping[str, Any]
+    cells: Sequence[CellResult],
+    *,
+    started: str,
+    command: str,
+    host: Mapping[str, Any],
+    scenarios: Sequence[ScenarioRef] = (),
+    planned: Sequence[CellKey] | None = None,
+    shard: Shard | None = None,
+    complete: bool = True,
 ) -> RunResults:
     return RunResults(
-        cells=tuple(cells), started=started, finished=utc_now(), command=command, host=dict(host)
+        cells=tuple(cells),
+        started=started,
+        finished=utc_now() if complete else "",
+        command=command,
+        host=dict(host),
+        scenarios=tuple(scenarios),
+        planned=None if planned is None else tuple(planned),
+        shard=shard,
+        complete=complete,
     )
