@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from harness.block.drivers.blkdebug import Rule
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
+from harness.scenario.explore import ExploreSpec
 from harness.workloads.base import OptionValue, Workload
 
 
@@ -151,3 +152,4 @@ class Scenario:
     disk: DiskSpec = field(default_factory=DiskSpec)
     # Files copied into the guest before the workload's setup: (guest path, host path).
     guest_files: tuple[tuple[str, str], ...] = ()
+    explore: ExploreSpec | None = None  # the `[explore]` table (`powercut explore`)

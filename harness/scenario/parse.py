@@ -25,6 +25,7 @@ from harness.durability.contract import (
     parse_cache_mode,
 )
 from harness.errors import ConfigError, ScenarioError
+from harness.scenario.explore import parse_explore
 from harness.scenario.model import (
     BlkdebugRule,
     CutSpec,
@@ -277,6 +278,8 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("cut", f"lists the same cut twice: {labels}")
 
     blkdebug = tuple(_parse_blkdebug(t) for t in top.tables("blkdebug"))
+    explore_table = top.table("explore")
+    explore = parse_explore(explore_table) if explore_table is not None else None
     top.finish()
     return Scenario(
         path=path,
@@ -297,6 +300,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         guest=guest,
         disk=disk,
         guest_files=guest_files,
+        explore=explore,
     )
 
 
