@@ -1,11 +1,21 @@
-"""pytest fixtures for powercut: guest images, machines and guests.
+"""powercut's pytest plugin: fixtures, markers, options, and scenario files as tests.
 
 Registered through the `pytest11` entry point, so any project that installs
-powercut gets `guest_image`, `vm_factory`, `vm` and `guest`. A failing test
-that booted machines gets their console logs (and any backend log registered
-with `vm_factory.add_log`) attached to its report; at the end of the session
-every process, socket and temporary directory the fixtures created must be
-gone, or the session fails.
+powercut gets `guest_image`, `vm_factory`, `vm`, `guest`, `power_cut` and
+`powercut_disk`, the markers `vm`, `libvirt` and `soak` (registered here, so
+`--strict-markers` accepts them), its options in `pytest --help` (group
+"powercut"), and scenario TOML files collected as tests, one per cell
+(`harness.pytest_scenarios`). A failing test that booted machines gets
+their console logs (and any backend log registered with `vm_factory.add_log`)
+attached to its report; at the end of the session every process, socket and
+temporary directory the fixtures created must be gone, or the session fails.
+
+Under pytest-xdist (`-n N`) every worker builds or finds the same cached
+images (one builder at a time, by a lock in the image cache), probes KVM one
+at a time, and gives its cells their own ports, sockets and directories; the
+controller writes the scenario results; and tests marked `libvirt` go to
+one worker (`xdist_group`, with `--dist loadgroup`, which `-n` alone
+selects here), since the libvirt daemon a worker starts ends with it.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from typing import Any
 import pytest
 
 from harness import hygiene
+from harness import pytest_scenarios as scenarios
 from harness.proc import live_processes
 
 # A powercut backend on a disk image (mode, queues, serial, fault drivers via a
@@ -36,6 +47,14 @@ _created_dirs: set[Path] = set()
 _kept_dirs: set[Path] = set()
 _BEFORE = pytest.StashKey[tuple[set[Any], set[Path]]]()
 _HYGIENE_MARK = pytest.StashKey[int]()
+
+MARKERS = (
+    "vm: boots real QEMU guests (deselect with -m 'not vm')",
+    "libvirt: needs a libvirt daemon (run in one xdist worker)",
+    "soak: long soak runs, skipped unless --soak is given",
+)
+LIBVIRT_GROUP = "powercut-libvirt"
+_SCENARIO_RESULTS = pytest.StashKey[Any]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,9 +87,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="keep the work dirs (console logs, disks) of failed VM tests",
     )
+    scenarios.add_options(parser)
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """Scenario TOML files: each cell a test (see harness.pytest_scenarios for which files)."""
+    return scenarios.collect_file(file_path, parent)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            if item.get_closest_marker("libvirt") is not None:
+                item.add_marker(pytest.mark.xdist_group(LIBVIRT_GROUP))
     if config.getoption("--soak"):
         return
     skip = pytest.mark.skip(reason="soak test: pass --soak to run it")
@@ -79,10 +108,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    scenarios.collection_finish(session)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    results = config.stash.get(_SCENARIO_RESULTS, None)
+    if results is not None:
+        out = scenarios.results_dir(config)
+        terminalreporter.write_line(
+            f"powercut: {results.summary}; reports in {out} (report.html, report.md, "
+            "junit.xml, results.json)"
+        )
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome: Any = yield
     report: pytest.TestReport = outcome.get_result()
+    scenarios.attach_result(item, report)
     if not report.failed:
         return
     logs: dict[str, Path] = {}
@@ -119,6 +163,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    results = scenarios.session_finish(session)
+    if results is not None:
+        session.config.stash[_SCENARIO_RESULTS] = results
     procs_before, dirs_before = session.config.stash.get(_BEFORE, (set(), set()))
     # Daemons we started on purpose (libvirtd when none ran) end with the session.
     libvirtd = sys.modules.get("harness.vm.libvirtd")
@@ -173,9 +220,7 @@ def guest_image(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(scope="session")
 def powercut_accel(request: pytest.FixtureRequest, guest_image: Any) -> Any:
-    from harness.vm.accel import choose_accel
-
-    return choose_accel(request.config.getoption("--accel"), guest_image.kernel)
+    return scenarios.choose_accel_once(request.config.getoption("--accel"), guest_image.kernel)
 
 
 class VMFactory:
@@ -332,5 +377,14 @@ def power_cut(
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
     if os.environ.get("POWERCUT_ACCEL") is None and config.getoption("--accel"):
         os.environ["POWERCUT_ACCEL"] = config.getoption("--accel")
+    scenarios.configure(config)
+    config.pluginmanager.register(scenarios.ReportHooks(config), "powercut-scenario-results")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(scenarios.XdistHooks(config), "powercut-xdist")
+        # libvirt tests share one worker (see above): -n alone means --dist loadgroup here.
+        if getattr(config.option, "dist", "no") == "load":
+            config.option.dist = "loadgroup"

@@ -21,6 +21,7 @@ HARNESS = ROOT / "harness"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("commands", "pytest_plugin"),
+    ("pytest_scenarios",),  # scenario cells as pytest items; the plugin's, above the run
     ("storage_daemon",),  # an entry point of its own; `powercut serve` reuses its exports
     ("crash", "testing"),
     ("explore",),
