@@ -148,6 +148,16 @@ def test_backend_crash_under_fio_loses_nothing_and_the_guest_sees_no_io_error(
     assert "crash" in result.timings
 
 
+def _terminal_sigint() -> None:
+    """The SIGINT disposition a terminal's foreground job has.
+
+    A background job of a non-interactive shell (`nohup pytest ... &`, some CI
+    runners) starts with SIGINT ignored, every child inherits that, and Python
+    then keeps ignoring it: the run would never see the Ctrl-C this test sends.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_run_cleanly_and_leaves_nothing_running(
     tmp_path: Path, powercut_accel: Any
 ) -> None:
@@ -165,7 +175,13 @@ def test_ctrl_c_stops_the_run_cleanly_and_leaves_nothing_running(
         "--accel",
         powercut_accel.value,
     ]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_terminal_sigint,
+    )
     try:
         # Interrupt while the first cell's guest is up (the backend has a frontend).
         deadline = time.monotonic() + 300
