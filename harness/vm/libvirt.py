@@ -99,6 +99,11 @@ def domain_xml(
             ET.SubElement(d, "source", file=str(disk.path))
             if disk.read_only:
                 ET.SubElement(d, "readonly")
+        else:
+            raise MachineError(
+                f"a libvirt machine cannot attach {type(disk).__name__} (a raw -blockdev "
+                "graph); boot it with QemuMachine"
+            )
         ET.SubElement(d, "target", dev=target, bus="virtio")
     if spec.root_disk is not None:
         # Last, at the slot QemuMachine uses too: the disks under test keep vda, vdb, ...

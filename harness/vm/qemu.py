@@ -19,6 +19,7 @@ from harness.vm.spec import (
     ROOT_DISK_SERIAL,
     ROOT_DISK_SLOT,
     Accel,
+    BlockdevDisk,
     FileDisk,
     MachineSpec,
     VhostUserDisk,
@@ -104,6 +105,16 @@ def qemu_argv(
                 f"cache={disk.cache.value},readonly={ro},discard=unmap",
                 "-device",
                 f"virtio-blk-pci,drive=disk{i},{slot}",
+            ]
+        elif isinstance(disk, BlockdevDisk):
+            for blockdev in disk.blockdevs:
+                argv += ["-blockdev", blockdev]
+            wce = "on" if disk.write_cache else "off"
+            # werror=report: QEMU's default stops the VM on ENOSPC, which would hang a test.
+            argv += [
+                "-device",
+                f"virtio-blk-pci,drive={disk.node},write-cache={wce},"
+                f"werror=report,rerror=report,{slot}",
             ]
     if spec.root_disk is not None:
         argv += [
