@@ -27,8 +27,8 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from harness.vm.backends import PowercutBackend
 from harness.vm.image import GuestImage
 from harness.vm.qemu import QemuMachine
 from harness.vm.spec import Accel, MachineSpec, VhostUserDisk
+from harness.workloads.base import Observation
 from harness.workloads.filesystem import make_disk
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ class PowerCut:
     cut: CutResult | None  # host power cut only
     oracle: oracle.OracleReport | None
     seconds: float
+    # Host-side checkers that ran on the image the cut left, by checker name (qemu-img-check).
+    checks: Mapping[str, Observation] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

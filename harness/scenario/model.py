@@ -122,13 +122,33 @@ class GuestSpec:
         return ", ".join(parts) or "the default guest"
 
 
+class Backend(enum.Enum):
+    """Whose block layer serves the guest's disk (on the powercut fault drivers either way)."""
+
+    POWERCUT = "powercut"  # this project's stack reproduces QEMU's cache modes (vhost-user-blk)
+    QEMU = "qemu"  # QEMU's own format driver and cache mode, over NBD to the powercut disk
+    QSD = "qemu-storage-daemon"  # the same graph in qsd, exported to QEMU as vhost-user-blk
+
+
+class ImageFormat(enum.Enum):
+    """The image format QEMU's block layer puts on the disk (powercut serves raw only)."""
+
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
 @dataclass(frozen=True)
 class DiskSpec:
-    """The filesystem a workload runs on: made on the host, mounted in the guest."""
+    """The disk under a workload: its filesystem (made on the host, mounted in the guest)
+    and whose block layer, in which image format, serves it."""
 
     filesystem: str = "ext4"
     mkfs_options: tuple[str, ...] = ()  # extra mkfs arguments
     mount_options: str = ""  # mount -o OPTIONS (e.g. "nobarrier")
+    backend: Backend = Backend.POWERCUT
+    format: ImageFormat = ImageFormat.RAW
+    # qcow2 creation options (`qemu-img create -o`), e.g. (("lazy_refcounts", "on"),).
+    format_options: tuple[tuple[str, OptionValue], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,14 @@ from harness.durability.contract import (
 from harness.errors import ConfigError, ScenarioError
 from harness.scenario.explore import parse_explore
 from harness.scenario.model import (
+    Backend,
     BlkdebugRule,
     CutSpec,
     DiskSpec,
     Expectation,
     FaultSpec,
     GuestSpec,
+    ImageFormat,
     Scenario,
     TriggerKind,
     WorkloadSpec,
@@ -40,7 +42,7 @@ from harness.scenario.model import (
 from harness.scenario.table import Context, Table, choices_text, describe
 from harness.scenario.tomlines import LineIndex
 from harness.workloads import filesystem as fs
-from harness.workloads.base import OptionValue
+from harness.workloads.base import QEMU_IMG_CHECK, OptionValue
 from harness.workloads.registry import kinds, workload_class
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -113,7 +115,9 @@ def _parse_cut(t: Table) -> CutSpec:
     return CutSpec(kind, value=float(count))
 
 
-def _parse_workload(t: Table, scenario_checkers: tuple[str, ...] | None) -> WorkloadSpec:
+def _parse_workload(
+    t: Table, scenario_checkers: tuple[str, ...] | None, disk_checkers: tuple[str, ...] = ()
+) -> WorkloadSpec:
     kind = t.string("kind", None) if t.has("kind") else None
     if kind is None:
         raise t.error("kind", f"is required; one of: {', '.join(kinds())}")
@@ -124,7 +128,7 @@ def _parse_workload(t: Table, scenario_checkers: tuple[str, ...] | None) -> Work
     if not _NAME.match(name):
         raise t.error("name", f"must be letters, digits, '.', '_' or '-', not {name!r}")
     workload = cls.parse(t)
-    applicable = cls.checkers
+    applicable = cls.checkers + disk_checkers  # the disk's own (qemu-img-check on qcow2)
     own = _checker_names(t, "checkers") if t.has("checkers") else t.raw("checkers")
     chosen = own if own is not None else scenario_checkers
     if chosen is None:
@@ -154,7 +158,45 @@ def _known_checkers() -> list[str]:
         cls = workload_class(kind)
         assert cls is not None
         names += [c for c in cls.checkers if c not in names]
-    return names
+    return [*names, QEMU_IMG_CHECK]
+
+
+# `qemu-img create -o` options of qcow2 a scenario may set; the others name files
+# (backing_file, data_file), secrets (encrypt.*) or the size, which the harness owns.
+QCOW2_OPTIONS = (
+    "cluster_size",
+    "compat",
+    "compression_type",
+    "extended_l2",
+    "lazy_refcounts",
+    "preallocation",
+    "refcount_bits",
+)
+
+
+def _disk_backend(top: Table) -> tuple[Backend, ImageFormat, tuple[tuple[str, OptionValue], ...]]:
+    """`backend`, `format` and `format-options`: whose block layer serves the disk, and how."""
+    backend = top.choice("backend", Backend, Backend.POWERCUT)
+    image_format = top.choice("format", ImageFormat, ImageFormat.RAW)
+    if image_format is not ImageFormat.RAW and backend is Backend.POWERCUT:
+        raise top.error(
+            "format",
+            f'= "{image_format.value}" needs backend = "qemu" or "qemu-storage-daemon": '
+            "powercut's own stack serves raw images only (QEMU's format driver is what "
+            "such a scenario tests)",
+        )
+    options = top.options("format-options")
+    if options and image_format is not ImageFormat.QCOW2:
+        raise top.error("format-options", 'apply to format = "qcow2" only')
+    table = top.table("format-options")
+    for name, _value in options:
+        if name not in QCOW2_OPTIONS:
+            assert table is not None
+            raise table.error(
+                name,
+                f"is not a qcow2 option a scenario may set; valid: {', '.join(QCOW2_OPTIONS)}",
+            )
+    return backend, image_format, options
 
 
 def _checker_names(t: Table, key: str) -> tuple[str, ...]:
@@ -238,6 +280,11 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     if guest.modules and not guest.kernel:
         raise top.error("modules", "needs a kernel: give `kernel = PATH` too")
     guest_files = _guest_files(top, path)
+    backend, image_format, format_options = _disk_backend(top)
+    disk = dataclasses.replace(
+        disk, backend=backend, format=image_format, format_options=format_options
+    )
+    disk_checkers = (QEMU_IMG_CHECK,) if image_format is ImageFormat.QCOW2 else ()
     scenario_checkers = (
         _checker_names(top, "checkers") if top.has("checkers") else top.raw("checkers")
     )
@@ -248,6 +295,13 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             f"{path}: a [[fault]] table is required (model = one of: {choices_text(FaultModel)})"
         )
     faults = tuple(_parse_fault(t) for t in fault_tables)
+    for table, fault in zip(fault_tables, faults, strict=True):
+        if fault.model is FaultModel.BACKEND_CRASH and backend is not Backend.POWERCUT:
+            raise table.error(
+                "model",
+                f'"backend-crash" needs backend = "powercut", not {backend.value!r}: a '
+                "restart of the NBD disk under QEMU's NBD client is not built",
+            )
     if len(set(faults)) != len(faults):
         raise top.error("fault", "lists the same fault twice")
 
@@ -256,7 +310,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise ScenarioError(
             f"{path}: a [[workload]] table is required (kind = one of: {', '.join(kinds())})"
         )
-    workloads = tuple(_parse_workload(t, scenario_checkers) for t in workload_tables)
+    workloads = tuple(_parse_workload(t, scenario_checkers, disk_checkers) for t in workload_tables)
     names = [w.name for w in workloads]
     for i, n in enumerate(names):
         if n in names[:i]:

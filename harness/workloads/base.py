@@ -15,9 +15,10 @@ A workload is one object (one module in this package, registered in
 
 The runner (`harness.crash.cell_run`), the verdict (`harness.crash.verdict`)
 and the results (`harness.crash.record`) dispatch through this interface and
-nothing else, so a new workload touches no other module. Two checkers are not
+nothing else, so a new workload touches no other module. Three checkers are not
 any workload's own: the durability oracle (`ORACLE`, host side, on the image
-the cut left) and the filesystem's checker (`FSCK`, `harness.workloads.filesystem`).
+the cut left), the filesystem's checker (`FSCK`, `harness.workloads.filesystem`)
+and, on a qcow2 disk, `qemu-img check` (`QEMU_IMG_CHECK`, `harness.workloads.qemu_img`).
 
 See docs/architecture.md, "Adding a workload".
 """
@@ -39,6 +40,7 @@ from harness.guest.ssh import SSHSession
 
 ORACLE = "oracle"  # the durability oracle on the image, from the write log
 FSCK = "fsck"  # mount (journal replay), then the filesystem's own checker
+QEMU_IMG_CHECK = "qemu-img-check"  # host side, on a qcow2 image after the cut (qemu_img.py)
 
 MOUNT = "/mnt"  # where the runner mounts the filesystem under test in the guest
 DEVICE = "/dev/vda"  # the disk under test, in the guest

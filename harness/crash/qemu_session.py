@@ -1,0 +1,478 @@
+"""QEMU's own block layer as the system under test, on a powercut disk that loses its cache.
+
+`CrashSession` serves the guest from this project's block stack, which
+reproduces QEMU's cache modes. `QemuSession` puts QEMU's *own* block layer
+there instead — its format driver (raw or qcow2, with qcow2's metadata
+caches), its cache mode, its FUA emulation and flush chain — on an NBD
+connection to the powercut disk:
+
+    guest ── virtio-blk ── QEMU: -blockdev qcow2|raw (cache.direct, cache.no-flush)
+                                   └─ -blockdev nbd ──┐         device write-cache=on|off
+    backend = "qemu-storage-daemon": the same two nodes in qsd, exported as vhost-user-blk
+                                                      │ NBD (FUA, flush passed through)
+    powercut serve --nbd, cache none:  log-writes → [blkdebug →] powerfail → file
+
+The powercut disk must be a faithful disk, so that only QEMU's cache mode
+decides what is durable: it is served with `cache=none` (`DISK_CACHE`), the
+one mode whose semantics are a disk's with a volatile write cache — the
+write cache is on toward QEMU (a write is volatile until QEMU flushes it or
+sends it with FUA; no FUA emulation of its own, which writethrough and
+directsync would add, making every write durable and hiding QEMU's
+mistakes), every flush is honoured (unsafe would drop QEMU's flushes and
+blame QEMU for it), and O_DIRECT keeps the powercut process's own host page
+cache out of the picture (writeback would add one; powerfail models the
+only volatile cache there is).
+
+What the oracle checks at that disk: with `format = "raw"` QEMU maps the
+guest's requests one to one onto the disk, FUA and flushes included, so the
+guest's contract (the cell's cache mode, `harness.durability.contract`) is
+checked on the disk's write log — a QEMU that dropped a FUA or a flush
+would break it. With qcow2, QEMU adds writes of its own (metadata, copy on
+write) and emulates FUA by a flush after the write, so a write that
+completed at the disk was not necessarily acknowledged to the guest: there
+the oracle checks the disk's own contract (`DISK_CACHE`), and what the
+guest was promised is judged by the workload's checkers and by
+`qemu-img check` (`harness.workloads.qemu_img`), which runs on the host on
+the image as the cut left it.
+
+A host power cut freezes the powercut disk (SIGSTOP) at the instant QEMU
+(and qemu-storage-daemon) is killed, so requests in flight stop half-done,
+then applies the offline cut to the journal. The reboot serves the same
+file with no fault drivers through the same QEMU graph, so QEMU replays (or
+repairs) the qcow2 metadata itself. The image for qcow2 is made on the host:
+mkfs on a raw file, `qemu-img convert` into qcow2 (`create_qcow2`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.block.cache import cache_settings
+from harness.block.options import format_dotted
+from harness.control import control_request
+from harness.crash.session import CrashSession, PowerCut, fault_blockdev
+from harness.durability import oracle
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
+    FaultModel,
+    Promise,
+    parse_cache_mode,
+    parse_fault,
+    parse_policy,
+    reference_promise,
+)
+from harness.durability.cut import CutResult, apply_cut
+from harness.errors import ConfigError, MachineError, PowercutError
+from harness.guest.ssh import SSHSession
+from harness.nbd.process import NbdExportProcess
+from harness.scenario.cells import Cell
+from harness.scenario.model import Backend, BlkdebugRule, ImageFormat
+from harness.vm.backends import QsdBackend
+from harness.vm.image import GuestImage
+from harness.vm.qemu import QemuMachine
+from harness.vm.spec import Accel, BlockdevDisk, Disk, MachineSpec, VhostUserDisk
+from harness.workloads.base import DEVICE, QEMU_IMG_CHECK, Observation
+from harness.workloads.filesystem import make_disk
+from harness.workloads.qemu_img import check_image, create_qcow2
+
+log = logging.getLogger(__name__)
+
+# The powercut disk's own cache mode under QEMU: a disk with a volatile write cache that
+# honours every flush and FUA and adds no page cache of its own (see the module docstring).
+DISK_CACHE = CacheMode.NONE
+EXPORT = "disk"
+FORMAT_NODE = "vda0"  # QEMU's node the guest's device (or qsd's export) sits on
+PROTOCOL_NODE = "proto0"
+
+# The cut runner's request names (virtio-blk's) to the NBD export's.
+_NBD_REQUESTS = {"OUT": "WRITE", "IN": "READ", "FLUSH": "FLUSH", "DISCARD": "TRIM"}
+
+
+def qemu_blockdevs(
+    fmt: ImageFormat, mode: CacheMode, socket: Path, export: str = EXPORT
+) -> tuple[str, ...]:
+    """QEMU's `-blockdev` nodes for `mode` on the NBD export: protocol, then format.
+
+    The cache mode spelled out as libvirt does for `-drive cache=MODE`:
+    `cache.direct` and `cache.no-flush` on both nodes, the write cache on the
+    device (or qsd's export).
+    """
+    s = cache_settings(mode)
+    cache = {"direct": s.direct, "no-flush": s.no_flush}
+    protocol = {
+        "driver": "nbd",
+        "node-name": PROTOCOL_NODE,
+        "server": {"type": "unix", "path": str(socket)},
+        "export": export,
+        "cache": cache,
+        "discard": "unmap",
+    }
+    top = {
+        "driver": fmt.value,
+        "node-name": FORMAT_NODE,
+        "file": PROTOCOL_NODE,
+        "cache": cache,
+        "discard": "unmap",
+    }
+    return format_dotted(protocol), format_dotted(top)
+
+
+class _QsdOnNbd(QsdBackend):
+    """qemu-storage-daemon exporting QEMU's graph on the NBD disk as vhost-user-blk."""
+
+    def __init__(
+        self, workdir: Path, blockdevs: tuple[str, ...], write_cache: bool, log_path: Path
+    ) -> None:
+        super().__init__(Path("/dev/null"), workdir, name="qsd0")
+        self.blockdevs = blockdevs
+        self.write_cache = write_cache
+        self.log_path = log_path
+
+    def argv(self) -> list[str]:
+        export = {
+            "type": "vhost-user-blk",
+            "id": "export0",
+            "node-name": FORMAT_NODE,
+            "addr": {"type": "unix", "path": str(self.socket)},
+            "writable": True,
+            "writethrough": not self.write_cache,
+        }
+        argv = [self.process_name]
+        for blockdev in self.blockdevs:
+            argv += ["--blockdev", blockdev]
+        return [*argv, "--export", format_dotted(export)]
+
+
+class QemuSession:
+    """A guest on QEMU's block graph over the powercut NBD disk; the `CellSession` interface."""
+
+    def __init__(
+        self,
+        directory: Path,
+        image: GuestImage,
+        mode: CacheMode | str,
+        *,
+        backend: Backend | str = Backend.QEMU,
+        format: ImageFormat | str = ImageFormat.RAW,
+        format_options: Sequence[tuple[str, Any]] = (),
+        host_checkers: Sequence[str] = (),
+        disk_size: int = 256 << 20,
+        accel: Accel | str | None = None,
+        filesystem: str | None = None,
+        directories: Sequence[str] = (),
+        mkfs_options: Sequence[str] = (),
+        blkdebug: Sequence[BlkdebugRule] = (),
+        memory_mib: int = 512,
+        name: str = "cell",
+    ) -> None:
+        self.directory = Path(directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.guest_image = image
+        self.mode = parse_cache_mode(mode)
+        self.backend_kind = Backend(backend)
+        self.format = ImageFormat(format)
+        if self.backend_kind is Backend.POWERCUT:
+            raise ConfigError("QemuSession runs QEMU's block layer; use CrashSession for powercut")
+        self.host_checkers = tuple(host_checkers)
+        self.qcow2 = self.format is ImageFormat.QCOW2
+        self.disk = self.directory / ("disk.qcow2" if self.qcow2 else "disk.img")
+        self.journal = self.directory / "disk.journal"
+        self.write_log = self.directory / "writes.log"
+        for stale in (self.journal, self.write_log, self.directory / "cut.json"):
+            stale.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        if self.qcow2:
+            raw = self.directory / "mkfs.raw"
+            make_disk(
+                raw,
+                disk_size,
+                filesystem=filesystem,
+                directories=directories,
+                mkfs_options=mkfs_options,
+            )
+            self.disk.unlink(missing_ok=True)
+            options = tuple((k, _option_text(v)) for k, v in format_options)
+            create_qcow2(raw, self.disk, options)
+        else:
+            make_disk(
+                self.disk,
+                disk_size,
+                filesystem=filesystem,
+                directories=directories,
+                mkfs_options=mkfs_options,
+            )
+        self.make_seconds = time.monotonic() - t0
+        self.blkdebug_config: Path | None = None
+        if blkdebug:
+            self.blkdebug_config = self.directory / "blkdebug.json"
+            self.blkdebug_config.write_text(
+                json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
+            )
+        self.settings = cache_settings(self.mode)
+        # Sockets live in a short private dir (108-byte unix paths); logs in the cell's.
+        self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
+        try:
+            self.nbd = self._nbd(faulty=True)
+            self.blockdevs = qemu_blockdevs(self.format, self.mode, self.nbd.socket)
+            self.qsd: _QsdOnNbd | None = None
+            disk: Disk
+            if self.backend_kind is Backend.QSD:
+                self.qsd = self._qsd()
+                disk = VhostUserDisk(self.qsd.socket, reconnect=0)
+            else:
+                disk = BlockdevDisk(self.blockdevs, FORMAT_NODE, self.settings.write_cache)
+            spec = MachineSpec.from_image(image, disks=(disk,), memory_mib=memory_mib, name=name)
+            self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
+        except BaseException:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            raise
+        self.cuts: list[PowerCut] = []
+
+    # -- the processes ---------------------------------------------------------------
+
+    def _nbd(self, *, faulty: bool) -> NbdExportProcess:
+        if faulty:
+            graph = fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config)
+        else:  # after the cut: the same file, no fault drivers
+            graph = format_dotted(
+                {"driver": "raw", "file": {"driver": "file", "filename": str(self.disk)}}
+            )
+        nbd = NbdExportProcess(
+            graph, self.rundir, export=EXPORT, cache=DISK_CACHE.value, name="nbd"
+        )
+        nbd.log_path = self.directory / ("backend.log" if faulty else "backend-plain.log")
+        return nbd
+
+    def _qsd(self) -> _QsdOnNbd:
+        qsd = _QsdOnNbd(
+            self.rundir,
+            self.blockdevs,
+            self.settings.write_cache,
+            self.directory / "qemu-storage-daemon.log",
+        )
+        return qsd
+
+    @property
+    def backend_log(self) -> Path:
+        return self.directory / "backend.log"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    def artifacts(self) -> dict[str, Path]:
+        out = {
+            "console_log": self.console_log,
+            "qemu_log": self.directory / "qemu.log",
+            "backend_log": self.backend_log,
+            "backend_plain_log": self.directory / "backend-plain.log",
+            "qsd_log": self.directory / "qemu-storage-daemon.log",
+            "write_log": self.write_log,
+            "journal": self.journal,
+        }
+        for name in ("cut.json", "oracle.json", "blkdebug.json", "qemu-img-check.log"):
+            out[name.replace(".", "_").replace("-", "_")] = self.directory / name
+        return {k: v for k, v in out.items() if v.exists()}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def boot(self, timeout: float = 120.0) -> SSHSession:
+        """Start the NBD disk (and qsd) if they are not serving, and boot the guest."""
+        if not self.nbd.running:
+            self.nbd.start()
+        if self.qsd is not None and not (self.qsd.proc is not None and self.qsd.proc.running):
+            self.qsd.start()
+        ssh = self.machine.boot(timeout)
+        if self.qsd is not None:
+            # qsd 7.2's vhost-user-blk export shows the guest no write cache whatever its
+            # `writethrough` (docs: facts.md), so the guest would never flush a write-back
+            # export. The guest's cache_type write reaches qsd as VHOST_USER_SET_CONFIG and
+            # sets its BlockBackend's write cache: both sides then agree on the mode.
+            name = DEVICE.removeprefix("/dev/")
+            wanted = "write back" if self.settings.write_cache else "write through"
+            ssh.run(f"echo '{wanted}' > /sys/block/{name}/cache_type", timeout=60, check=True)
+        return ssh
+
+    @property
+    def ssh(self) -> SSHSession:
+        return self.machine.ssh
+
+    def host_port(self, guest_port: int) -> int:
+        return self.machine.host_port(guest_port)
+
+    @property
+    def fio_server_port(self) -> int | None:
+        return self.machine.spec.fio_server_port
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = control_request(self.nbd.control_socket, {"cmd": "stats"}, 5)
+        return result
+
+    def requests(self, kind: str) -> int:
+        """Requests of `kind` (OUT, FLUSH, ...) that reached the powercut disk; -1 if unknown.
+
+        These are QEMU's requests to the disk, not the guest's to QEMU: with
+        qcow2 they include its metadata writes and the flushes it adds.
+        """
+        try:
+            counts = self.stats().get("nbd", {}).get("requests", {})
+            return int(counts.get(_NBD_REQUESTS.get(kind, kind), 0))
+        except (OSError, ValueError, PowercutError):
+            return -1
+
+    def power_off(self) -> None:
+        self.machine.power_cut()
+
+    def crash_backend(self, timeout: float = 60.0) -> float:
+        raise ConfigError(
+            f"a backend crash is not supported with backend = {self.backend_kind.value!r}: "
+            "restarting the NBD disk under QEMU's NBD client (which reruns paused requests "
+            "only with reconnect-delay) is not built"
+        )
+
+    def _stop_qemu_side(self, *, kill: bool) -> None:
+        if self.qsd is not None:
+            if kill:
+                self.qsd.kill()
+            self.qsd.stop()
+
+    def power_cut(
+        self,
+        fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
+        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        seed: int = 0,
+        *,
+        check: bool = True,
+    ) -> PowerCut:
+        """Cut the power; run the oracle and the host-side checkers on the image the cut left."""
+        model = parse_fault(fault)
+        if model is FaultModel.BACKEND_CRASH:
+            raise ConfigError("a backend crash is not a power cut: use crash_backend()")
+        t0 = time.monotonic()
+        host = model is FaultModel.HOST_POWER_CUT
+        if host:
+            # One instant for the whole host: the disk stops mid-request first, so neither
+            # QEMU nor qsd can get anything more made durable while they are being killed.
+            self.nbd.freeze()
+            if self.qsd is not None:
+                self.qsd.freeze()
+        self.machine.power_cut()
+        cut: CutResult | None = None
+        chosen: CutPolicy | None = None
+        if host:
+            chosen = parse_policy(policy)
+            self._stop_qemu_side(kill=True)
+            self.nbd.kill()
+            self.nbd.stop()
+            cut = apply_cut(self.disk, self.journal, chosen, seed)
+            (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
+        else:  # the guest's power: QEMU is gone, the host (qsd, the disk) stops cleanly
+            self._stop_qemu_side(kill=False)
+            self.nbd.stop()
+        contract = reference_promise(self.oracle_mode, model, chosen)
+        report = self.check_oracle(contract) if check else None
+        result = PowerCut(
+            model,
+            chosen,
+            seed if chosen else None,
+            contract.mode_name,
+            cut,
+            report,
+            time.monotonic() - t0,
+            checks=self.host_checks(),
+        )
+        self.cuts.append(result)
+        return result
+
+    @property
+    def oracle_mode(self) -> CacheMode:
+        """The cache mode whose contract holds at the powercut disk (see the module docstring)."""
+        return self.mode if self.format is ImageFormat.RAW else DISK_CACHE
+
+    def check_oracle(self, contract: Promise) -> oracle.OracleReport:
+        report = oracle.check(self.disk, self.write_log, contract)
+        (self.directory / "oracle.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        log.info("oracle: %s", report.summary())
+        return report
+
+    def host_checks(self) -> dict[str, Observation]:
+        """The host-side checkers this cell asked for, on the image as the cut left it."""
+        found: dict[str, Observation] = {}
+        if self.qcow2 and QEMU_IMG_CHECK in self.host_checkers:
+            with open(self.directory / "qemu-img-check.log", "a") as out:
+                obs = check_image(self.disk, self.directory / "repair-scratch.qcow2", out)
+            log.info("qemu-img check: %s", obs.summary())
+            found[QEMU_IMG_CHECK] = obs
+        return found
+
+    def reboot(self, timeout: float = 120.0) -> SSHSession:
+        """Serve the same file with no fault drivers, through the same QEMU graph, and boot."""
+        if self.machine.running:
+            raise MachineError("the guest is still running: power_cut() or shutdown() first")
+        self._stop_qemu_side(kill=False)
+        self.nbd.stop()
+        self.nbd = self._nbd(faulty=False)  # the same socket path: the machine's graph stands
+        if self.qsd is not None:
+            self.qsd = self._qsd()
+        return self.boot(timeout)
+
+    def shutdown(self) -> None:
+        self.machine.shutdown()
+        self._stop_qemu_side(kill=False)
+        self.nbd.stop()
+
+    def close(self) -> None:
+        try:
+            self.machine.close()
+        finally:
+            try:
+                self._stop_qemu_side(kill=False)
+            finally:
+                self.nbd.stop()
+                for src, dst in (
+                    (self.machine.console_log.path, self.console_log),
+                    (self.machine.qemu_log, self.directory / "qemu.log"),
+                ):
+                    with contextlib.suppress(OSError):
+                        shutil.copyfile(src, dst)
+                shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> QemuSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _option_text(value: object) -> str:
+    """A format option as `qemu-img -o` spells it (booleans as on/off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def session_for(cell: Cell) -> Any:
+    """The session class (a factory taking `CrashSession`'s arguments) for `cell`'s backend."""
+    disk = cell.disk
+    if disk.backend is Backend.POWERCUT:
+        return CrashSession
+    return functools.partial(
+        QemuSession,
+        backend=disk.backend,
+        format=disk.format,
+        format_options=disk.format_options,
+        host_checkers=cell.checkers,
+    )
+
+
+__all__ = ["DISK_CACHE", "QemuSession", "qemu_blockdevs", "session_for"]
