@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from harness.crash.qemu_session import session_for
 from harness.crash.record import cell_result, error_result
-from harness.crash.session import CrashSession, PowerCut
+from harness.crash.session import PowerCut
 from harness.crash.verdict import Observed, OracleObservation, expected_for_cell, judge
 from harness.durability.contract import FaultModel, Promise
 from harness.durability.oracle import OracleReport
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 class CellSession(Protocol):
-    """What a cell needs of its machine and disk (`CrashSession` is the real one)."""
+    """What a cell needs of its machine and disk (`CrashSession` and `QemuSession` are real)."""
 
     def __enter__(self) -> CellSession: ...
 
@@ -167,7 +168,7 @@ class CellRunner:
         out: Path,
         reproduce: str,
         on_phase: Callable[[str], None] | None = None,
-        session_factory: SessionFactory = CrashSession,
+        session_factory: SessionFactory | None = None,
     ) -> None:
         self.cell = cell
         # Absolute: fio's client and the backend run in other working directories.
@@ -177,7 +178,8 @@ class CellRunner:
         self.out = Path(out).resolve()
         self.reproduce = reproduce
         self.on_phase = on_phase or (lambda _p: None)
-        self.session_factory = session_factory
+        # The cell's backend picks the session: powercut's stack, or QEMU's own on its disk.
+        self.session_factory = session_factory or session_for(cell)
         self.timer = Timer()
         self.deadline = Deadline(cell.timeout)
         self.expected = expected_for_cell(cell)
@@ -288,6 +290,7 @@ class CellRunner:
         observations: dict[str, Observation] = {}
         if cut.oracle is not None:
             observations[ORACLE] = OracleObservation.from_report(cut.oracle)
+        observations.update(cut.checks)  # host-side checkers on the image the cut left
         self.on_phase("reboot")
         with self.timer.phase("reboot"):
             session.reboot(self.deadline.left(180))
