@@ -44,7 +44,6 @@ from harness.crash.cell_run import CellRunner, SessionFactory
 from harness.crash.images import CellImages
 from harness.crash.plan import RunPlan, expected_seconds
 from harness.crash.record import error_result
-from harness.crash.session import CrashSession
 from harness.errors import ConfigError
 from harness.report.render import Rendered, render_all, write_progress
 from harness.report.results import (
@@ -120,7 +119,7 @@ class CellTask:
     out: Path
     reproduce: str
     keep_images: KeepImages = KeepImages.FAILED
-    session_factory: SessionFactory = CrashSession
+    session_factory: SessionFactory | None = None  # None: the cell's backend picks (session_for)
 
 
 # (task, on_phase) -> (result, interrupted); a module-level function, so workers can use it.
@@ -211,7 +210,7 @@ def run_plan(
     image: GuestImage | None = None,
     images: CellImages | None = None,
     observer: RunObserver | None = None,
-    session_factory: SessionFactory = CrashSession,
+    session_factory: SessionFactory | None = None,
     jobs: int = 1,
     keep_images: KeepImages = KeepImages.FAILED,
     cell_run: CellRun = run_cell_task,
