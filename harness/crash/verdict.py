@@ -359,6 +359,12 @@ def explain(expected: Expected, observed: Observed, results: tuple[CheckerVerdic
         )
     sent = f"the guest sent {o.flushes} flushes and {o.fua_writes} FUA writes"
     durable = f"{o.writes_durable} of {o.writes} writes were durable by {o.contract}'s contract"
+    if o.loss and expected.promise is Promise.NOTHING:
+        return (
+            f"the disk lost data the guest saw flushed, as cache=unsafe may (its flushes never "
+            f"reach stable storage): {o.lost} sectors lost against what the completed flushes "
+            f"promised ({durable}; {sent}); the application's loss follows from it ({figures})"
+        )
     if o.loss:
         return (
             f"the disk broke its contract: {o.lost} sectors lost and {o.corrupt} corrupt "

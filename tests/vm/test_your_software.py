@@ -6,21 +6,13 @@ the `power_cut` fixture or of a scenario file would write.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from harness.commands.run import add_run_arguments, plan_from_args
-from harness.crash.runner import run_plan
-from harness.proc import live_processes
-from harness.report.results import CellResult, load_results
+from scenario_cells import checker, run_scenario_cell
 
 pytestmark = pytest.mark.vm
-
-ROOT = Path(__file__).parents[2]
-SCENARIOS = ROOT / "scenarios"
 
 SQLITE_SETUP = "sqlite3 app.db 'pragma journal_mode=wal; create table t(n integer primary key)'"
 SQLITE_CHECK = (
@@ -31,10 +23,6 @@ SQLITE_CHECK = (
 def sqlite_run(rows: int, pragma: str = "") -> str:
     insert = f'sqlite3 app.db "{pragma}insert into t values($i)"'
     return f"for i in $(seq {rows}); do {insert} && echo ack $i; done"
-
-
-def checker(result: CellResult, name: str) -> Any:
-    return next(c for c in result.checkers if c.name == name)
 
 
 def test_your_database_in_three_lines(power_cut: Any) -> None:
@@ -68,23 +56,6 @@ def test_a_run_that_fails_before_the_cut_is_an_error_with_its_stderr(power_cut: 
     result = power_cut.command(run="echo ack 1; echo no space left >&2; exit 3", check="true")
     assert result.verdict == "error"
     assert "exited 3" in result.reason and "no space left" in result.reason
-
-
-def run_scenario_cell(
-    tmp_path: Path, image: Any, accel: Any, scenario: str, cell: str
-) -> CellResult:
-    parser = argparse.ArgumentParser()
-    add_run_arguments(parser)
-    out = tmp_path / "out"
-    args = parser.parse_args(
-        [str(SCENARIOS / scenario), "--out", str(out), "--cell", cell, "--accel", accel.value]
-    )
-    plan = plan_from_args(args)
-    assert len(plan.cells) == 1
-    before = set(live_processes())
-    run_plan(plan, command="pytest", image=image)
-    assert not set(live_processes()) - before, "the runner left processes behind"
-    return load_results(out).cells[0]
 
 
 def test_ext4_mounted_nobarrier_loses_fsynced_records_and_the_report_says_why(

@@ -206,3 +206,10 @@ def test_nothing_lost_needs_no_explanation() -> None:
     e = expected_for(CacheMode.WRITEBACK, FaultModel.HOST_POWER_CUT, CutPolicy.LOSE_ALL, APP)
     v = judge(e, Observed(oracle=oracle(), check=app(10, 10), fsck=CLEAN_FSCK))
     assert v.verdict is Verdict.PASS and v.explanation == ""
+
+
+def test_unsafe_losing_flushed_data_is_what_unsafe_may_do_not_a_broken_contract() -> None:
+    e = expected_for(CacheMode.UNSAFE, FaultModel.HOST_POWER_CUT, CutPolicy.LOSE_ALL, APP)
+    v = judge(e, Observed(oracle=oracle(lost=40), check=app(10, 0), fsck=CLEAN_FSCK))
+    assert v.verdict is Verdict.PASS and v.reason.startswith("loss detected as expected")
+    assert v.explanation.startswith("the disk lost data the guest saw flushed, as cache=unsafe may")
