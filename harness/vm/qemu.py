@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 
 from qemu.qmp import QMPError
@@ -137,7 +138,22 @@ class _Monitor(QEMUMonitorProtocol):
     def connect_within(self, timeout: float) -> None:
         self._qmp.await_greeting = True
         self._qmp.negotiate = True
-        self._sync(self._qmp.connect(self._address), timeout)
+        # QEMU binds the socket (the path appears) a moment before it listens; a connect
+        # in between is refused. Rare on an idle machine, common with cells in parallel.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sync(self._qmp.connect(self._address), max(0.1, deadline - time.monotonic()))
+                return
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+            except QMPError as exc:
+                if not isinstance(exc.__cause__, ConnectionRefusedError):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)
 
 
 class QemuMachine(Machine):
