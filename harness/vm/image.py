@@ -60,9 +60,10 @@ log = logging.getLogger(__name__)
 # Bump when the builder's output changes for the same inputs.
 BUILDER_VERSION = 3
 XZ_MAGIC = kern.XZ_MAGIC
-# The recipe, init scripts and guest sources. The one place that says where
-# they live: moving them into the package as package data changes only this.
-REPO_IMAGES = Path(__file__).resolve().parents[2] / "images"
+# The recipe, init scripts and guest sources: package data (harness/data/images, in
+# the repository a link to the top-level images/), so an installed powercut builds
+# guests too. The one place that says where they live.
+REPO_IMAGES = Path(__file__).parents[1] / "data" / "images"
 
 Progress = Callable[[str], None]
 
