@@ -20,6 +20,7 @@ its report.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -28,17 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from harness.crash.cell_run import CellRunner
+from harness.crash.explore_run import CellExploration, CellExplorer, ExploreDoc, ExploreOptions
 from harness.crash.images import CellImages
 from harness.crash.session import CrashSession, PowerCut
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.errors import ConfigError
 from harness.guest.ssh import SSHSession
+from harness.report.explore import render_explore
 from harness.report.results import CellResult
 from harness.scenario.cells import single_cell
-from harness.scenario.model import CutSpec, DiskSpec, Expectation, GuestSpec
+from harness.scenario.explore import ExploreSpec
+from harness.scenario.model import BlkdebugRule, CutSpec, DiskSpec, Expectation, GuestSpec
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
-from harness.workloads.base import Workload
+from harness.workloads.base import OptionValue, Workload
 from harness.workloads.command import DEFAULT_ACK, Command
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ class PowerCutHelper:
         self.session: CrashSession | None = None
         self.cuts: list[PowerCut] = []
         self.results: list[CellResult] = []
+        self.explorations: list[CellExploration] = []
 
     def boot(
         self,
@@ -196,6 +201,81 @@ class PowerCutHelper:
         result = runner.run()
         self.results.append(result)
         log.info("cell %s: %s — %s %s", cell.id, result.verdict, result.reason, result.explanation)
+        return result
+
+    # -- many crash states from one recorded run ------------------------------------------
+
+    def explore(
+        self,
+        workload: Workload,
+        *,
+        mode: CacheMode | str = CacheMode.WRITEBACK,
+        cut: CutSpec | None = None,
+        filesystem: str = "ext4",
+        mkfs_options: Sequence[str] = (),
+        mount_options: str = "",
+        packages: Sequence[str] = (),
+        guest_files: Mapping[str, Path | str] | None = None,
+        disk_size: int | None = None,
+        blkdebug: Sequence[Mapping[str, OptionValue]] = (),
+        expect: Expectation | str = Expectation.CONTRACT,
+        seed: int = 0,
+        timeout: float = 600.0,
+        max_states: int = 200,
+        guest_check: bool = True,
+        spec: ExploreSpec | None = None,
+        workers: int = 1,
+    ) -> CellExploration:
+        """Record `workload` once, then check the crash states its mode's contract allows.
+
+        The same exploration `powercut explore` makes of one cell (its
+        `[explore]` table is `spec`, or `max_states` and `guest_check`):
+        `result.passed`, `result.reason`, `result.failing` and `result.breaking`
+        (the states that fail, and those that fail where the contract says they
+        must not), `result.replay(state_id, image)` rebuilds one as an image.
+        """
+        cell = single_cell(
+            workload,
+            name=self.workdir.name,
+            mode=mode,
+            fault="host",
+            policy=CutPolicy.LOSE_ALL,
+            cut=cut,
+            filesystem=filesystem,
+            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            guest=GuestSpec(tuple(packages)),
+            guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
+            disk_size=disk_size,
+            expect=expect,
+            seed=seed,
+            timeout=timeout,
+        )
+        if blkdebug:
+            rules = tuple(BlkdebugRule(tuple(rule.items())) for rule in blkdebug)
+            cell = dataclasses.replace(cell, blkdebug=rules)
+        if spec is None:
+            spec = ExploreSpec(max_states=max_states, guest_check=guest_check)
+        image = CellImages(default=self.image)(cell)
+        out = self.workdir / f"explore{len(self.explorations)}"
+        doc = ExploreDoc(out, f"(pytest) explore {cell.id}")
+        explorer = CellExplorer(
+            cell,
+            spec,
+            out / "cells" / "000",
+            image,
+            out=out,
+            index=0,
+            options=ExploreOptions(workers=workers),
+            accel=self.accel,
+            doc=doc,
+        )
+        try:
+            result = explorer.run()
+        finally:
+            doc.finish()
+        render_explore(out, doc.data)
+        self.explorations.append(result)
+        log.info("explore %s: %s — %s", cell.id, result.entry["verdict"], result.reason)
         return result
 
     def command(

@@ -270,6 +270,14 @@ class SSHSession:
         """Start `command` and return at once (for poweroff, reboot, daemons)."""
         self._open(command).shutdown_write()
 
+    def open_channel(self, command: str) -> paramiko.Channel:
+        """Start `command` on a channel of its own and hand the channel over.
+
+        For a long-lived helper that talks over its stdin and stdout
+        (`harness.guest.checker`): one channel instead of one per command.
+        """
+        return self._open(command)
+
     def check_output(self, command: str, timeout: float = 60.0) -> str:
         """stdout of `command`; CommandError (command, exit code, stderr) if it fails."""
         return self.run(command, timeout, check=True).stdout

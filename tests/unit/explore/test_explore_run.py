@@ -1,0 +1,470 @@
+"""`powercut explore`'s orchestration on recordings made in-process (no VM).
+
+A recording made through the real fault stack stands in for the guest's run;
+the checker guest is a fake that rebuilds each state from the delta it is
+given, so the in-guest path (which states go to the guest, once per image and
+acknowledgement count, with the run as of their point) is checked here, and
+the VM tests check the real guest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.cli import main
+from harness.crash.explore_guest import GuestCheck, mount_request, plain_argv
+from harness.crash.explore_record import RecordedRun
+from harness.crash.explore_run import (
+    DOC_NAME,
+    CellExplorer,
+    ExploreDoc,
+    ExploreOptions,
+    find_recorded_state,
+    load_doc,
+    replay,
+)
+from harness.durability.contract import Promise
+from harness.durability.delta import read_delta
+from harness.durability.oracle import check as oracle_check
+from harness.errors import ConfigError, JournalError
+from harness.explore.ext4traffic import Ext4Traffic
+from harness.explore.hostcheck import log_as_of
+from harness.explore.overlay import StateBuilder
+from harness.explore.recording import Recording, open_recording
+from harness.explore.states import Timeline
+from harness.report.explore import render_explore
+from harness.scenario.cells import single_cell
+from harness.scenario.explore import ExploreSpec
+from harness.scenario.model import DiskSpec
+from harness.workloads.ackrecords import AckRecords
+from harness.workloads.base import ORACLE, Observation
+
+from .conftest import pattern
+
+RECORD = 4096
+
+
+def acked_records(rec: Any, n: int = 6, *, flush: bool = True) -> None:
+    """An application appending records: write, [flush,] ack (a nobarrier one skips the flush)."""
+    for i in range(n):
+        rec.write(i * RECORD, pattern(100 + i))
+        if flush:
+            rec.flush()
+        rec.ack(str(i + 1))
+
+
+def recorded(rec: Any, recording: Recording) -> RecordedRun:
+    return RecordedRun(
+        recording=recording,
+        final_image=rec.image,
+        journal=rec.journal,
+        stream_kind="count",
+        stream_name="ack-records",
+        token_pattern=None,
+        timings={},
+    )
+
+
+@dataclass(frozen=True)
+class RecordsSeen(Observation):
+    """What a fake `ackrecords --check` finds: records 1..found intact of `acked`."""
+
+    acked: int
+    found: int
+
+    @property
+    def loss(self) -> bool:
+        return self.found < self.acked
+
+    def summary(self) -> str:
+        return f"{self.found} of {self.acked} acknowledged records found"
+
+
+class FakeGuest:
+    """The checker guest, without a VM: rebuilds each state from base + delta and reads it."""
+
+    instances: list[FakeGuest] = []
+
+    def __init__(
+        self, directory: Path, image: Any, base: Path, workload: Any, seed: int, **kw: Any
+    ):
+        self.base = Path(base).read_bytes()
+        self.ssh = None
+        self.boot_seconds = 0.0
+        self.checked: list[tuple[str, int]] = []  # (md5 of the state it was shown, acked)
+        self.started = self.closed = False
+        FakeGuest.instances.append(self)
+
+    def start(self) -> None:
+        self.started = True
+
+    def check(self, delta: Path, run: Any, *, guest_fsck: bool, verify: bool) -> GuestCheck:
+        image = bytearray(self.base)
+        for sector, data in read_delta(delta).iter_sectors():
+            image[sector * 512 : sector * 512 + 512] = data
+        acked = run.acked()
+        self.checked.append((hashlib.md5(image).hexdigest(), acked))
+        found = 0
+        while found < acked and image[found * RECORD : (found + 1) * RECORD] == pattern(
+            100 + found
+        ):
+            found += 1
+        return GuestCheck(True, RecordsSeen(acked, found))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def explore(
+    tmp_path: Path,
+    rec: Any,
+    recording: Recording,
+    *,
+    mode: str = "writeback",
+    expect: str = "contract",
+    guest: bool = True,
+    spec: ExploreSpec | None = None,
+    checkers: tuple[str, ...] = (ORACLE, "ack-records"),
+    blkdebug: bool = False,
+) -> tuple[CellExplorer, dict[str, Any]]:
+    cell = single_cell(
+        AckRecords(records=6),
+        mode=mode,
+        filesystem="ext4",
+        disk=DiskSpec("ext4"),
+        checkers=checkers,
+        expect=expect,
+    )
+    if blkdebug:
+        import dataclasses
+
+        from harness.scenario.model import BlkdebugRule
+
+        rule = BlkdebugRule((("op", "flush"), ("action", "lying-flush")))
+        cell = dataclasses.replace(cell, blkdebug=(rule,))
+    out = tmp_path / "out"
+    doc = ExploreDoc(out, "test")
+    explorer = CellExplorer(
+        cell,
+        spec or ExploreSpec(max_states=200, minimize=2),
+        out / "cells" / "000",
+        None,
+        out=out,
+        index=0,
+        options=ExploreOptions(guest=guest, guest_factory=FakeGuest, full_every=1),
+        doc=doc,
+    )
+    explorer.explore(recorded(rec, recording))
+    doc.finish()
+    return explorer, json.loads((out / DOC_NAME).read_text())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fakes() -> None:
+    FakeGuest.instances.clear()
+
+
+def test_explore_json_holds_every_state_with_its_checks_and_the_totals(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder()
+    acked_records(rec)
+    _explorer, doc = explore(tmp_path, rec, rec.finish(), guest=False)
+    assert doc["complete"] and doc["ok"] and not doc["interrupted"]
+    cell = doc["cells"][0]
+    assert cell["status"] == "done" and cell["verdict"] == "pass", cell["reason"]
+    for key in ("states_explored", "states_unique", "states_failing", "check_seconds"):
+        assert doc[key] == cell[key]
+    assert cell["states_explored"] == len(cell["states"]) > 12
+    assert cell["states_unique"] <= cell["states_explored"]
+    assert cell["states_failing"] == 0
+    for state in cell["states"]:
+        assert state["verdict"] == "pass"
+        assert {"id", "point", "lost", "torn", "checks", "acked"} <= state.keys()
+        assert state["checks"][0]["checker"] == ORACLE and state["checks"][0]["ok"]
+    # The runner's own lose-all and keep-all cuts at the end are explored states.
+    assert cell["runner_cuts"]["lose-all"]["same_image"]
+    assert cell["runner_cuts"]["keep-all"]["same_image"]
+    assert cell["states"][0]["id"].endswith("lose-all-0")
+    assert cell["keep"] == "FLUSHED" and cell["judge"] == "FLUSHED"
+
+
+def test_every_explored_state_is_inside_the_contract_the_oracle_agrees(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder()
+    acked_records(rec, 8)
+    for i in range(3):  # never flushed: prefix, random and torn states at the end
+        rec.write((40 + 4 * i) * RECORD, pattern(7 + i, 3 * RECORD))
+    recording = rec.finish()
+    explorer, doc = explore(tmp_path, rec, recording, guest=False)
+    states = doc["cells"][0]["states"]
+    assert {s["policy"] for s in states} == {"lose-all", "keep-all", "prefix", "random", "torn"}
+    assert all(s["oracle"]["ok"] for s in states)
+    # And the whole oracle, on every state rebuilt as an image, with the log as of its point.
+    wlog = recording.read_log()
+    timeline = Timeline(wlog, Promise.FLUSHED, recording.acks)
+    with StateBuilder(timeline, recording.log, recording.base) as builder:
+        for s in states:
+            image = builder.replay(explorer.state_of(s["id"]), tmp_path / "s.img")
+            report = oracle_check(image, log_as_of(wlog, s["point"]["at"]), Promise.FLUSHED)
+            assert report.ok, (s["id"], report.summary())
+
+
+def test_the_guest_sees_each_passing_state_once_with_the_acks_true_at_its_point(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder()
+    acked_records(rec)
+    recording = rec.finish()
+    explorer, doc = explore(tmp_path, rec, recording)
+    (guest,) = FakeGuest.instances
+    assert guest.started and guest.closed
+    cell = doc["cells"][0]
+    assert cell["verdict"] == "pass", cell["reason"]
+    checked = [s for s in cell["states"] if "same_as" not in (s["guest"] or {})]
+    assert len(guest.checked) == len(checked) == cell["guest"]["checks"]
+    # Each state the guest saw is exactly the state, with the acks received by its point.
+    timeline = Timeline(recording.read_log(), Promise.FLUSHED, recording.acks)
+    with StateBuilder(timeline, recording.log, recording.base) as builder:
+        for (md5, acked), state in zip(guest.checked, checked, strict=True):
+            image = builder.replay(explorer.state_of(state["id"]), tmp_path / "s.img")
+            assert hashlib.md5(image.read_bytes()).hexdigest() == md5
+            assert acked == state["acked"]
+            assert acked == sum(1 for a in recording.acks if a.index <= state["point"]["at"])
+    # Identical images at the same acknowledgement count went to the guest once.
+    keys = [(s["digest"], s["acked"]) for s in checked]
+    assert len(keys) == len(set(keys))
+    assert cell["guest"]["checks"] + cell["guest"]["same_image"] == cell["states_explored"]
+
+
+def test_acks_without_a_flush_are_caught_in_the_guest_and_shrunk_to_the_write(
+    recorder: Any, tmp_path: Path
+) -> None:
+    """The nobarrier shape: acknowledged, never flushed; the disk keeps its promise."""
+    rec = recorder()
+    acked_records(rec, 4, flush=False)
+    _explorer, doc = explore(tmp_path, rec, rec.finish())
+    cell = doc["cells"][0]
+    assert cell["verdict"] == "fail"
+    broken = [s for s in cell["states"] if s["contract_broken"]]
+    assert broken and all(s["verdict"] == "fail" for s in broken)
+    assert broken[0]["broken_by"] == ["ack-records"]
+    assert all(s["oracle"]["ok"] for s in broken)  # the disk lost nothing it promised
+    shrunk = [s["minimized"] for s in broken if "minimized" in s]
+    assert len(shrunk) == 2
+    for m in shrunk:
+        assert m["by"] == "guest" and m["losses_after"] == 1 <= m["losses_before"]
+        (write,) = m["writes"]
+        assert write["loss"] == "lost" and write["length"] == RECORD
+        assert write["offset"] % RECORD == 0 and "flush_epoch" in write
+    assert broken[0]["replay"].startswith("powercut explore replay ")
+
+
+def test_negative_controls_pass_when_loss_is_found_and_judge_by_the_promise(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder(mode="unsafe")
+    acked_records(rec)
+    recording = rec.finish()
+    _e, doc = explore(tmp_path / "a", rec, recording, mode="unsafe", guest=False)
+    cell = doc["cells"][0]
+    # Unsafe promises nothing: its losses are allowed (the cell passes), and still seen.
+    assert cell["states_failing"] > 0 and cell["states_breaking_contract"] == 0
+    assert cell["verdict"] == "pass"
+    assert cell["keep"] == "NOTHING" and cell["judge"] == "FLUSHED"
+    failing = [s for s in cell["states"] if s["verdict"] != "pass"]
+    assert all(s["verdict"] == "violation" for s in failing)
+    assert cell["states"].index(failing[0]) < 100
+    _e, doc = explore(
+        tmp_path / "b", rec, recording, mode="unsafe", expect="violation", guest=False
+    )
+    assert doc["cells"][0]["verdict"] == "pass"
+
+
+def test_a_lying_flush_breaks_the_writeback_contract(recorder: Any, tmp_path: Path) -> None:
+    rec = recorder(mode="writeback", blkdebug="flush:lying-flush")
+    acked_records(rec)
+    _e, doc = explore(tmp_path, rec, rec.finish(), guest=False, blkdebug=True)
+    cell = doc["cells"][0]
+    assert cell["lying_flush"] and cell["keep"] == "NOTHING"
+    assert cell["verdict"] == "fail" and cell["states_breaking_contract"] > 0
+    first = next(s for s in cell["states"] if s["contract_broken"])
+    assert first["broken_by"] == [ORACLE] and cell["states"].index(first) < 100
+    assert first["minimized"]["by"] == "host"
+
+
+def test_replay_rebuilds_explored_and_minimized_states(recorder: Any, tmp_path: Path) -> None:
+    rec = recorder()
+    acked_records(rec, 4, flush=False)
+    recording = rec.finish()
+    explorer, doc = explore(tmp_path, rec, recording)
+    out = tmp_path / "out"
+    state = next(s for s in doc["cells"][0]["states"] if "minimized" in s)
+    timeline = Timeline(recording.read_log(), Promise.FLUSHED, recording.acks)
+    for ident in (state["id"], state["minimized"]["id"]):
+        image = replay(out, ident, tmp_path / f"{ident}.img")
+        want = explorer.state_of(ident) if ident == state["id"] else None
+        if want is not None:
+            with StateBuilder(timeline, recording.log, recording.base) as builder:
+                assert builder.replay(want, tmp_path / "w.img").read_bytes() == image.read_bytes()
+    # The CLI, and the command each failing state carries.
+    command = state["replay"].split()
+    assert command[:3] == ["powercut", "explore", "replay"]
+    assert main([*command[1:-1], str(tmp_path / "cli.img")]) == 0
+    assert (tmp_path / "cli.img").read_bytes() == (tmp_path / f"{state['id']}.img").read_bytes()
+
+
+def test_replay_bad_input_is_a_clear_error(recorder: Any, tmp_path: Path) -> None:
+    rec = recorder()
+    acked_records(rec, 3)
+    recording = rec.finish()
+    explore(tmp_path, rec, recording, guest=False)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"no state 'p999-lose-all-0'.*look like"):
+        replay(out, "p999-lose-all-0", tmp_path / "x.img")
+    with pytest.raises(ConfigError, match="no exploration"):
+        replay(tmp_path, "p0-lose-all-0", tmp_path / "x.img")
+    with pytest.raises(ConfigError, match="no cell 7"):
+        find_recorded_state(load_doc(out), "7/p0-lose-all-0")
+    first = load_doc(out)["cells"][0]["states"][0]["id"]
+    with open(recording.base, "r+b") as f:  # the base changed since the recording
+        f.seek(8192)
+        f.write(b"changed")
+    with pytest.raises(ConfigError, match="changed since the recording"):
+        replay(out, first, tmp_path / "x.img")
+    assert main(["explore", "replay", str(out), "--out", "x.img"]) == 1  # no --state
+
+
+def test_a_log_without_data_cannot_be_explored(recorder: Any, tmp_path: Path) -> None:
+    rec = recorder(log_data=False)
+    acked_records(rec, 2)
+    if not rec.backend.root.closed:
+        rec.backend.graph.close()
+    from harness.durability.writelog import read_log
+    from harness.explore.recording import write_recording
+
+    with pytest.raises(JournalError, match=r"without data.*log-data=on"):
+        write_recording(rec.root, mode="writeback", acks=[])
+    # A recording whose log was swapped for one without data is refused when read.
+    good = recorder()
+    acked_records(good, 2)
+    recording = good.finish()
+    shutil.copyfile(rec.root / "write.log", recording.log)
+    assert read_log(recording.log).records
+    with pytest.raises(JournalError, match="without data"):
+        explore(tmp_path, good, open_recording(recording.root, verify_base=False), guest=False)
+
+
+def test_a_budget_of_zero_is_refused_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match="budget must be at least 1"):
+        CellExplorer.check_budget(ExploreSpec(), ExploreOptions(max_states=0))
+    CellExplorer.check_budget(ExploreSpec(), ExploreOptions(max_states=1))
+
+
+def test_an_interrupted_exploration_keeps_what_it_checked(recorder: Any, tmp_path: Path) -> None:
+    """Ctrl-C while the checker guest boots: the host side stops, explore.json keeps its states."""
+    rec = recorder()
+    acked_records(rec, 12)
+    recording = rec.finish()
+    out = tmp_path / "out"
+    doc = ExploreDoc(out, "test", interval=0.0)
+
+    class Interrupting(FakeGuest):
+        def start(self) -> None:
+            deadline = time.monotonic() + 60
+            while len(doc.data["cells"][0]["states"]) < 5:
+                assert time.monotonic() < deadline, "the host side never got going"
+                time.sleep(0.001)
+            raise KeyboardInterrupt
+
+    cell = single_cell(AckRecords(records=12), checkers=(ORACLE, "ack-records"))
+    explorer = CellExplorer(
+        cell,
+        ExploreSpec(max_states=300),
+        out / "cells" / "000",
+        None,
+        out=out,
+        index=0,
+        options=ExploreOptions(guest_factory=Interrupting, full_every=1),
+        doc=doc,
+    )
+    threads = threading.active_count()
+    with pytest.raises(KeyboardInterrupt):
+        explorer.explore(recorded(rec, recording))
+    doc.finish(interrupted=True)
+    saved = load_doc(out)
+    assert saved["interrupted"] and not saved["complete"] and saved["ok"] is False
+    states = saved["cells"][0]["states"]
+    assert 5 <= len(states) < 300
+    assert FakeGuest.instances[0].closed
+    assert threading.active_count() == threads  # the host-side thread stopped
+    assert not list(Path("/dev/shm").glob("powercut-explore-*"))
+
+
+def test_ext4_host_and_guest_paths_on_real_ext4_traffic(recorder: Any, tmp_path: Path) -> None:
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs e2fsprogs")
+    base = tmp_path / "ext4.img"
+    with open(base, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(base)], check=True)
+    rec = recorder(base=base)
+    Ext4Traffic(
+        rec.backend, rec.root / "base.img", seed=5, barriers=True, on_ack=lambda s: rec.ack(str(s))
+    ).run(6)
+    _e, doc = explore(
+        tmp_path,
+        rec,
+        rec.finish(),
+        guest=False,
+        checkers=(ORACLE, "ack-records", "fsck"),
+        spec=ExploreSpec(max_states=80, tear_unit=4096),
+    )
+    cell = doc["cells"][0]
+    assert cell["verdict"] == "pass", cell["reason"]
+    fsck = [c for s in cell["states"] for c in s["checks"] if c["checker"] == "e2fsck"]
+    assert len(fsck) == cell["states_explored"] and all(c["ok"] for c in fsck)
+
+
+def test_the_report_has_an_exploration_section_and_a_timeline_plot(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder()
+    acked_records(rec, 4, flush=False)
+    _e, doc = explore(tmp_path, rec, rec.finish())
+    html = render_explore(tmp_path / "out").read_text()
+    assert "<h2>Exploration</h2>" in html and "data:image/png;base64," in html
+    first = next(s for s in doc["cells"][0]["states"] if s["contract_broken"])
+    assert first["id"] in html and "powercut explore replay" in html
+    assert (tmp_path / "out" / "plots" / "explore-timeline.png").stat().st_size > 1000
+
+
+def test_commands_go_to_the_guest_without_a_shell_when_a_shell_would_just_run_them() -> None:
+    assert plain_argv("/usr/local/bin/ackrecords --check --size 4096 /mnt/records") == [
+        "/usr/local/bin/ackrecords",
+        "--check",
+        "--size",
+        "4096",
+        "/mnt/records",
+    ]
+    assert plain_argv("prog 'a b'") == ["prog", "a b"]
+    for command in ("cd /mnt && ls", "echo x", "ls *", "X=1 prog", "prog $HOME", "a | b", ""):
+        assert plain_argv(command) is None, command
+
+
+def test_mount_options_become_flags_and_filesystem_data() -> None:
+    m = mount_request("ext4", "noatime,nobarrier,ro,data=journal")
+    assert m["flags"] == 1 | 1024 and m["data"] == "nobarrier,data=journal"
+    assert m["type"] == "ext4" and m["device"] == "/dev/vda" and m["dir"] == "/mnt"
+    assert mount_request("xfs")["flags"] == 0 and mount_request("xfs")["data"] == ""
