@@ -56,7 +56,7 @@ use Digest::MD5 ();
 
 my ($SYS_ioctl, $SYS_mount, $SYS_umount2) = (16, 165, 166);
 my $BLKFLSBUF = 0x1261;
-my ($EBUSY, $EINVAL) = (16, 22);
+my ($ENOENT, $EBUSY, $EINVAL) = (2, 16, 22);
 my ($OUT, $ERR, $IN) = map { "/run/powercut-checker.$_" } qw(out err in);
 my $json = JSON::PP->new->utf8->canonical;
 my ($T, $F) = (JSON::PP::true, JSON::PP::false);
@@ -174,7 +174,7 @@ sub release {
         for my $try (1 .. 100) {
             if (syscall($SYS_umount2, $dir, 0) == 0) { $done = 1; last; }
             my $errno = $! + 0;
-            if ($errno == $EINVAL) { $done = 1; last; }    # not mounted
+            if ($errno == $EINVAL || $errno == $ENOENT) { $done = 1; last; }    # not mounted
             if ($errno != $EBUSY) { $err = "umount $dir: $!"; last; }
             kill_users($dir);
             Time::HiRes::sleep(0.05);
