@@ -456,6 +456,7 @@ class CellExplorer:
         """Steps 2-5 on a recording (a unit test may hand one made without a VM)."""
         rec = recorded.recording
         self.recorded = recorded
+        self.directory.mkdir(parents=True, exist_ok=True)
         wlog = rec.read_log()
         timeline = Timeline(wlog, self.keep, rec.acks)
         self.timeline = timeline
