@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.status import Status
 
+from harness.crash.explore_record import unexplorable
 from harness.crash.explore_run import (
     CellExplorer,
     ExploreDoc,
@@ -113,10 +114,16 @@ def run(args: argparse.Namespace) -> int:
         cells = [c for c in cells if explore_id(c).startswith(args.cell)]
         if not cells:
             raise ConfigError(f"--cell {args.cell!r} matches no cell to explore (try --list)")
+    skipped = [(c, why) for c in cells if (why := unexplorable(c))]
+    cells = [c for c in cells if not unexplorable(c)]
     if args.list:
         for c in cells:
             console.print(f"{c.scenario}: {explore_id(c)}  seed={c.seed}", markup=False)
+        for c, why in skipped:
+            console.print(f"{c.scenario}: {explore_id(c)}  skipped: {why}", markup=False)
         return 0
+    if not cells:
+        raise ConfigError(f"no cell can be explored: {skipped[0][1]}")
     options = ExploreOptions(
         workers=args.workers,
         guest=False if args.host_only else None,
@@ -131,10 +138,14 @@ def run(args: argparse.Namespace) -> int:
     accel = choose_accel(None if plan.accel == "auto" else plan.accel, images(cells[0]).kernel)
     out = Path(args.out)
     doc = ExploreDoc(out, command_line(sys.argv[1:]))
+    for c, why in skipped:
+        console.print(f"[yellow]SKIP [/] {c.scenario}: {explore_id(c)}: {why}", soft_wrap=True)
+        skip = {"id": explore_id(c), "scenario": c.scenario, "status": "skipped", "reason": why}
+        doc.add_cell({**skip, "index": len(doc.data["cells"]), "verdict": "skipped", "states": []})
     interrupted = False
     try:
-        for index, cell in enumerate(cells):
-            prefix = f"{index}/" if len(cells) > 1 else None
+        for index, cell in enumerate(cells, start=len(skipped)):
+            prefix = f"{index}/" if len(cells) + len(skipped) > 1 else None
             label = f"{cell.scenario}: {explore_id(cell)}"
             with console.status(label) as status:
 

@@ -239,6 +239,23 @@ def recorded_run(recording: Recording, directory: Path) -> RecordedRun:
     )
 
 
+def unexplorable(cell: Cell) -> str | None:
+    """Why a cell cannot be explored, if it cannot (known before anything boots)."""
+    workload = cell.workload.workload
+    if not workload.counts_acknowledgements:
+        return (
+            f"the {workload.kind} workload cannot be explored: exploration checks what a "
+            "workload acknowledged at each point, and this one acknowledges nothing"
+        )
+    backend = getattr(cell.disk, "backend", None)
+    if backend is not None and getattr(backend, "value", "powercut") != "powercut":
+        return (
+            f"backend {backend.value!r} cannot be explored: exploration records through "
+            'powercut\'s own stack (backend = "powercut")'
+        )
+    return None
+
+
 class RecordingRunner(CellRunner):
     """Runs a cell's workload once, to its cut moment, into a recording."""
 
@@ -249,17 +266,9 @@ class RecordingRunner(CellRunner):
 
     def record(self) -> RecordedRun:
         cell = self.cell
-        if not self.workload.counts_acknowledgements or self.workload.kind == "fio-verify":
-            raise ConfigError(
-                f"the {self.workload.kind} workload cannot be explored: exploration checks what "
-                "a workload acknowledged at each point, and this one acknowledges nothing"
-            )
-        backend = getattr(cell.disk, "backend", None)
-        if backend is not None and getattr(backend, "value", "powercut") != "powercut":
-            raise ConfigError(
-                f"cell {cell.id}: backend {backend.value!r} cannot be explored; exploration "
-                'records through powercut\'s own stack (backend = "powercut")'
-            )
+        refusal = unexplorable(cell)
+        if refusal:
+            raise ConfigError(refusal)
         refusal = self.workload.refuse(timed_cut=cell.cut.kind.timed, fault=cell.fault)
         if refusal:
             raise ConfigError(refusal)

@@ -176,11 +176,11 @@ class ExploreDoc:
             cells = self.data["cells"]
             self.data["finished"] = utc_now()
             self.data["interrupted"] = interrupted
-            self.data["complete"] = not interrupted and all(
-                c.get("status") == "done" for c in cells
-            )
+            done = all(c.get("status") in ("done", "skipped") for c in cells)
+            self.data["complete"] = not interrupted and done
+            judged = [c for c in cells if c.get("status") != "skipped"]
             self.data["ok"] = (
-                not interrupted and bool(cells) and all(c.get("verdict") == "pass" for c in cells)
+                not interrupted and bool(judged) and all(c.get("verdict") == "pass" for c in judged)
             )
         return self.save(force=True)
 

@@ -468,3 +468,43 @@ def test_mount_options_become_flags_and_filesystem_data() -> None:
     assert m["flags"] == 1 | 1024 and m["data"] == "nobarrier,data=journal"
     assert m["type"] == "ext4" and m["device"] == "/dev/vda" and m["dir"] == "/mnt"
     assert mount_request("xfs")["flags"] == 0 and mount_request("xfs")["data"] == ""
+
+
+FIO_AND_RECORDS = """\
+name = "mixed"
+[[fault]]
+model = "host-power-cut"
+[[workload]]
+kind = "ack-records"
+[[workload]]
+kind = "fio-verify"
+[cut]
+after-seconds = 2
+"""
+
+
+def test_the_command_lists_what_it_explores_and_refuses_bad_input_before_booting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = tmp_path / "mixed.toml"
+    scenario.write_text(FIO_AND_RECORDS)
+    out = str(tmp_path / "out")
+    assert main(["explore", str(scenario), "--out", out, "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "writeback/explore/ack-records/after-2s/r0" in listed
+    assert "fio-verify/after-2s/r0 skipped: the fio-verify workload cannot be explored" in (
+        " ".join(listed.split())
+    )
+    # A budget of zero, a scenario with nothing to explore, an unknown cell: errors, no VM.
+    assert main(["explore", str(scenario), "--out", out, "--max-states", "0"]) == 1
+    assert "budget must be at least 1 state" in capsys.readouterr().err
+    only_fio = tmp_path / "fio.toml"
+    only_fio.write_text(FIO_AND_RECORDS.replace('kind = "ack-records"\n[[workload]]\n', ""))
+    assert main(["explore", str(only_fio), "--out", out]) == 1
+    assert "no cell can be explored" in capsys.readouterr().err
+    assert main(["explore", str(scenario), "--out", out, "--cell", "nope/"]) == 1
+    assert "matches no cell" in capsys.readouterr().err
+    scenario.write_text(FIO_AND_RECORDS + "[explore]\nmax-states = 0\n")
+    assert main(["explore", str(scenario), "--out", out]) == 1
+    assert "the exploration budget must be at least 1 state" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
