@@ -134,6 +134,12 @@ class PowerCutHelper:
                     logs[f"cell{index} {name}"] = (
                         path if path.is_absolute() else self.workdir / path
                     )
+        for index, exploration in enumerate(self.explorations):
+            if exploration.out is not None:
+                cell = exploration.out / "cells" / "000"
+                logs[f"explore{index} recording console"] = cell / "console.log"
+                logs[f"explore{index} checker console"] = cell / "checker" / "console.log"
+                logs[f"explore{index} explore.json"] = exploration.out / "explore.json"
         return {k: v for k, v in logs.items() if v.exists()}
 
     def close(self) -> None:
