@@ -59,7 +59,9 @@ def test_collect_only_lists_every_cell_and_nothing_else(project: pytest.Pytester
     result = project.runpytest_subprocess("--collect-only", "-q", "scenarios/")
     lines = [line for line in result.outlines if "::" in line]
     assert len(lines) == 10 + 10 + 2, result.stdout.str()
-    assert "scenarios/matrix.toml::writeback/host-power-cut.lose-all/fio-verify/after-4s/r0" in lines
+    assert (
+        "scenarios/matrix.toml::writeback/host-power-cut.lose-all/fio-verify/after-4s/r0" in lines
+    )
     assert not [line for line in lines if "settings.toml" in line or "pyproject" in line]
     assert result.ret == 0
 
@@ -76,7 +78,8 @@ def test_a_broken_scenario_is_a_collection_error_that_names_the_line(
     project: pytest.Pytester,
 ) -> None:
     (project.path / "scenarios" / "broken.toml").write_text(
-        'modes = ["fast"]\n[[fault]]\nmodel = "host-power-cut"\n[[workload]]\nkind = "ack-records"\n'
+        'modes = ["fast"]\n[[fault]]\nmodel = "host-power-cut"\n'
+        '[[workload]]\nkind = "ack-records"\n'
     )
     result = project.runpytest_subprocess("--collect-only", "-q", "scenarios/broken.toml")
     result.stdout.fnmatch_lines(["*broken.toml:1: field 'modes' must be one of*got 'fast'*"])
@@ -114,7 +117,9 @@ def test_verdicts_are_outcomes_and_a_failure_carries_reason_evidence_and_reprodu
 
 def test_k_x_and_last_failed_select_cells(project: pytest.Pytester, tmp_path: Path) -> None:
     out = str(tmp_path / "r")
-    k = project.runpytest_subprocess("scenarios/", "-k", "writeback and records", "--powercut-out", out)
+    k = project.runpytest_subprocess(
+        "scenarios/", "-k", "writeback and records", "--powercut-out", out
+    )
     k.assert_outcomes(passed=3)  # matrix, guest-crash and lying-flush each have one
     x = project.runpytest_subprocess("scenarios/matrix.toml", "-x", "--powercut-out", out)
     x.assert_outcomes(passed=8, failed=1)
