@@ -13,6 +13,7 @@ a user's pytest file with the plugin (`power_cut`, `pytest.mark.vm` under
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -79,9 +80,28 @@ def make_venv(env: Path, *, with_pip: bool = False) -> Path:
     _run([base, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(env)], work)
     where = "import sysconfig; print(sysconfig.get_path('purelib'))"
     purelib = Path(_run([str(env / "bin" / "python"), "-c", where], work).stdout.strip())
-    # This environment's packages (rich, paramiko, pytest, ...) as the new one's dependencies.
-    (purelib / "_powercut_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # This environment's packages (rich, paramiko, pytest, ...) as the new one's dependencies,
+    # each site directory seen through links that leave this environment's own powercut out:
+    # pip would take its dist-info for an installed powercut and install nothing.
+    ours = _powercut_entries()
+    deps = []
+    for number, site_dir in enumerate(map(Path, site.getsitepackages())):
+        if not site_dir.is_dir():
+            continue
+        view = env / f"deps-{number}"
+        view.mkdir()
+        for entry in site_dir.iterdir():
+            if entry.name not in ours and not entry.name.endswith(".pth"):
+                (view / entry.name).symlink_to(entry)
+        deps.append(str(view))
+    (purelib / "_powercut_deps.pth").write_text("\n".join(deps) + "\n")
     return env
+
+
+def _powercut_entries() -> set[str]:
+    """Top-level names in site-packages that belong to this environment's powercut."""
+    files = importlib.metadata.distribution("powercut").files or []
+    return {file.parts[0] for file in files} | {"harness"}
 
 
 @pytest.fixture(scope="module")

@@ -198,9 +198,14 @@ def test_a_run_killed_after_two_cells_keeps_their_results_and_names_the_rest(
     ran = {c.id for c in results.cells}
     assert len(ran) >= 2 and len(results.missing) == 10 - len(ran)
     assert results.cells[0].verdict == "pass"
-    # JUnit too: every planned cell is a test case; those that never ran are skipped.
+    # JUnit too: every planned cell is a test case; those that never ran are skipped. The two
+    # files are written one after the other, so the kill may fall between them: junit.xml may
+    # lag results.json by the one cell recorded last, never more, and is whole on its own.
     junit = (out / "junit.xml").read_text()
-    assert junit.count("<testcase") == 10 and junit.count("never ran") == len(results.missing)
+    never_ran = junit.count("never ran")
+    assert junit.count("<testcase") == 10
+    assert never_ran in (len(results.missing), len(results.missing) + 1), junit
+    assert junit.count("<testcase") - never_ran >= 2
     # A worker must not outlive the run it worked for.
     workers = [int(p.read_text()) for p in out.glob("started-*")]
     end = time.monotonic() + 30
