@@ -45,12 +45,9 @@ mkfs on a raw file, `qemu-img convert` into qcow2 (`create_qcow2`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,19 +56,10 @@ from typing import Any
 from harness.block.cache import cache_settings
 from harness.block.options import format_dotted
 from harness.control import control_request
-from harness.crash.session import CrashSession, PowerCut, fault_blockdev
-from harness.durability import oracle
+from harness.crash.session import CrashSession, DiskSession, fault_blockdev
 from harness.durability.contract import (
     CacheMode,
-    CutPolicy,
-    FaultModel,
-    Promise,
-    parse_cache_mode,
-    parse_fault,
-    parse_policy,
-    reference_promise,
 )
-from harness.durability.cut import CutResult, apply_cut
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
 from harness.nbd.process import NbdExportProcess
@@ -79,8 +67,7 @@ from harness.scenario.cells import Cell
 from harness.scenario.model import Backend, BlkdebugRule, ImageFormat
 from harness.vm.backends import QsdBackend
 from harness.vm.image import GuestImage
-from harness.vm.qemu import QemuMachine
-from harness.vm.spec import Accel, BlockdevDisk, Disk, MachineSpec, VhostUserDisk
+from harness.vm.spec import Accel, BlockdevDisk, Disk, VhostUserDisk
 from harness.workloads.base import DEVICE, QEMU_IMG_CHECK, Observation
 from harness.workloads.filesystem import make_disk
 from harness.workloads.qemu_img import check_image, create_qcow2
@@ -153,7 +140,7 @@ class _QsdOnNbd(QsdBackend):
         return [*argv, "--export", format_dotted(export)]
 
 
-class QemuSession:
+class QemuSession(DiskSession):
     """A guest on QEMU's block graph over the powercut NBD disk; the `CellSession` interface."""
 
     def __init__(
@@ -175,53 +162,30 @@ class QemuSession:
         memory_mib: int = 512,
         name: str = "cell",
     ) -> None:
-        self.directory = Path(directory).resolve()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.guest_image = image
-        self.mode = parse_cache_mode(mode)
         self.backend_kind = Backend(backend)
         self.format = ImageFormat(format)
         if self.backend_kind is Backend.POWERCUT:
             raise ConfigError("QemuSession runs QEMU's block layer; use CrashSession for powercut")
         self.host_checkers = tuple(host_checkers)
         self.qcow2 = self.format is ImageFormat.QCOW2
-        self.disk = self.directory / ("disk.qcow2" if self.qcow2 else "disk.img")
-        self.journal = self.directory / "disk.journal"
-        self.write_log = self.directory / "writes.log"
-        for stale in (self.journal, self.write_log, self.directory / "cut.json"):
-            stale.unlink(missing_ok=True)
-        t0 = time.monotonic()
-        if self.qcow2:
-            raw = self.directory / "mkfs.raw"
-            make_disk(
-                raw,
-                disk_size,
-                filesystem=filesystem,
-                directories=directories,
-                mkfs_options=mkfs_options,
-            )
-            self.disk.unlink(missing_ok=True)
-            options = tuple((k, _option_text(v)) for k, v in format_options)
-            create_qcow2(raw, self.disk, options)
-        else:
-            make_disk(
-                self.disk,
-                disk_size,
-                filesystem=filesystem,
-                directories=directories,
-                mkfs_options=mkfs_options,
-            )
-        self.make_seconds = time.monotonic() - t0
-        self.blkdebug_config: Path | None = None
-        if blkdebug:
-            self.blkdebug_config = self.directory / "blkdebug.json"
-            self.blkdebug_config.write_text(
-                json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
-            )
-        self.settings = cache_settings(self.mode)
-        # Sockets live in a short private dir (108-byte unix paths); logs in the cell's.
-        self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
+        self.disk = Path(directory).resolve() / ("disk.qcow2" if self.qcow2 else "disk.img")
+        self._prepare(directory, image, mode)
         try:
+            t0 = time.monotonic()
+            make_disk(
+                self.directory / "mkfs.raw" if self.qcow2 else self.disk,
+                disk_size,
+                filesystem=filesystem,
+                directories=directories,
+                mkfs_options=mkfs_options,
+            )
+            if self.qcow2:
+                self.disk.unlink(missing_ok=True)
+                options = tuple((k, _option_text(v)) for k, v in format_options)
+                create_qcow2(self.directory / "mkfs.raw", self.disk, options)
+            self.make_seconds = time.monotonic() - t0
+            self._write_blkdebug(blkdebug)
+            self.settings = cache_settings(self.mode)
             self.nbd = self._nbd(faulty=True)
             self.blockdevs = qemu_blockdevs(self.format, self.mode, self.nbd.socket)
             self.qsd: _QsdOnNbd | None = None
@@ -231,12 +195,10 @@ class QemuSession:
                 disk = VhostUserDisk(self.qsd.socket, reconnect=0)
             else:
                 disk = BlockdevDisk(self.blockdevs, FORMAT_NODE, self.settings.write_cache)
-            spec = MachineSpec.from_image(image, disks=(disk,), memory_mib=memory_mib, name=name)
-            self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
+            self._start_machine(disk, accel, memory_mib, name)
         except BaseException:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
-        self.cuts: list[PowerCut] = []
 
     # -- the processes ---------------------------------------------------------------
 
@@ -262,13 +224,30 @@ class QemuSession:
         )
         return qsd
 
+    def _freeze_host(self) -> None:
+        # The disk stops mid-request first, so neither QEMU nor qsd can get anything more
+        # made durable while they are being killed.
+        self.nbd.freeze()
+        if self.qsd is not None:
+            self.qsd.freeze()
+
+    def _kill_host(self) -> None:
+        if self.qsd is not None:
+            self.qsd.kill()
+            self.qsd.stop()
+        self.nbd.kill()
+        self.nbd.stop()
+
+    def _stop_host(self) -> None:
+        try:
+            if self.qsd is not None:
+                self.qsd.stop()
+        finally:
+            self.nbd.stop()
+
     @property
     def backend_log(self) -> Path:
         return self.directory / "backend.log"
-
-    @property
-    def console_log(self) -> Path:
-        return self.directory / "console.log"
 
     def artifacts(self) -> dict[str, Path]:
         out = {
@@ -303,17 +282,6 @@ class QemuSession:
             ssh.run(f"echo '{wanted}' > /sys/block/{name}/cache_type", timeout=60, check=True)
         return ssh
 
-    @property
-    def ssh(self) -> SSHSession:
-        return self.machine.ssh
-
-    def host_port(self, guest_port: int) -> int:
-        return self.machine.host_port(guest_port)
-
-    @property
-    def fio_server_port(self) -> int | None:
-        return self.machine.spec.fio_server_port
-
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = control_request(self.nbd.control_socket, {"cmd": "stats"}, 5)
         return result
@@ -330,9 +298,6 @@ class QemuSession:
         except (OSError, ValueError, PowercutError):
             return -1
 
-    def power_off(self) -> None:
-        self.machine.power_cut()
-
     def crash_backend(self, timeout: float = 60.0) -> float:
         raise ConfigError(
             f"a backend crash is not supported with backend = {self.backend_kind.value!r}: "
@@ -340,70 +305,10 @@ class QemuSession:
             "only with reconnect-delay) is not built"
         )
 
-    def _stop_qemu_side(self, *, kill: bool) -> None:
-        if self.qsd is not None:
-            if kill:
-                self.qsd.kill()
-            self.qsd.stop()
-
-    def power_cut(
-        self,
-        fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
-        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
-        seed: int = 0,
-        *,
-        check: bool = True,
-    ) -> PowerCut:
-        """Cut the power; run the oracle and the host-side checkers on the image the cut left."""
-        model = parse_fault(fault)
-        if model is FaultModel.BACKEND_CRASH:
-            raise ConfigError("a backend crash is not a power cut: use crash_backend()")
-        t0 = time.monotonic()
-        host = model is FaultModel.HOST_POWER_CUT
-        if host:
-            # One instant for the whole host: the disk stops mid-request first, so neither
-            # QEMU nor qsd can get anything more made durable while they are being killed.
-            self.nbd.freeze()
-            if self.qsd is not None:
-                self.qsd.freeze()
-        self.machine.power_cut()
-        cut: CutResult | None = None
-        chosen: CutPolicy | None = None
-        if host:
-            chosen = parse_policy(policy)
-            self._stop_qemu_side(kill=True)
-            self.nbd.kill()
-            self.nbd.stop()
-            cut = apply_cut(self.disk, self.journal, chosen, seed)
-            (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
-        else:  # the guest's power: QEMU is gone, the host (qsd, the disk) stops cleanly
-            self._stop_qemu_side(kill=False)
-            self.nbd.stop()
-        contract = reference_promise(self.oracle_mode, model, chosen)
-        report = self.check_oracle(contract) if check else None
-        result = PowerCut(
-            model,
-            chosen,
-            seed if chosen else None,
-            contract.mode_name,
-            cut,
-            report,
-            time.monotonic() - t0,
-            checks=self.host_checks(),
-        )
-        self.cuts.append(result)
-        return result
-
     @property
     def oracle_mode(self) -> CacheMode:
         """The cache mode whose contract holds at the powercut disk (see the module docstring)."""
         return self.mode if self.format is ImageFormat.RAW else DISK_CACHE
-
-    def check_oracle(self, contract: Promise) -> oracle.OracleReport:
-        report = oracle.check(self.disk, self.write_log, contract)
-        (self.directory / "oracle.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
-        log.info("oracle: %s", report.summary())
-        return report
 
     def host_checks(self) -> dict[str, Observation]:
         """The host-side checkers this cell asked for, on the image as the cut left it."""
@@ -419,39 +324,11 @@ class QemuSession:
         """Serve the same file with no fault drivers, through the same QEMU graph, and boot."""
         if self.machine.running:
             raise MachineError("the guest is still running: power_cut() or shutdown() first")
-        self._stop_qemu_side(kill=False)
-        self.nbd.stop()
+        self._stop_host()
         self.nbd = self._nbd(faulty=False)  # the same socket path: the machine's graph stands
         if self.qsd is not None:
             self.qsd = self._qsd()
         return self.boot(timeout)
-
-    def shutdown(self) -> None:
-        self.machine.shutdown()
-        self._stop_qemu_side(kill=False)
-        self.nbd.stop()
-
-    def close(self) -> None:
-        try:
-            self.machine.close()
-        finally:
-            try:
-                self._stop_qemu_side(kill=False)
-            finally:
-                self.nbd.stop()
-                for src, dst in (
-                    (self.machine.console_log.path, self.console_log),
-                    (self.machine.qemu_log, self.directory / "qemu.log"),
-                ):
-                    with contextlib.suppress(OSError):
-                        shutil.copyfile(src, dst)
-                shutil.rmtree(self.rundir, ignore_errors=True)
-
-    def __enter__(self) -> QemuSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _option_text(value: object) -> str:

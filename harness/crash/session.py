@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from harness.block.options import format_dotted
 from harness.control import control_request
@@ -52,7 +52,7 @@ from harness.scenario.model import BlkdebugRule
 from harness.vm.backends import PowercutBackend
 from harness.vm.image import GuestImage
 from harness.vm.qemu import QemuMachine
-from harness.vm.spec import Accel, MachineSpec, VhostUserDisk
+from harness.vm.spec import Accel, Disk, MachineSpec, VhostUserDisk
 from harness.workloads.base import Observation
 from harness.workloads.filesystem import make_disk
 
@@ -144,8 +144,188 @@ class PowerCut:
         return self.oracle is None or self.oracle.ok
 
 
-class CrashSession:
-    """A guest on a crash-test disk; a context manager that leaves nothing running."""
+class DiskSession:
+    """What every crash session shares: the cell's files, the machine, the cut and the oracle.
+
+    A subclass builds its disk and its serving processes, then calls
+    `_start_machine`; it says how the host's side of the disk freezes, dies
+    and stops (`_freeze_host`, `_kill_host`, `_stop_host`) and may add
+    host-side checks of the image a cut left (`host_checks`).
+    """
+
+    directory: Path
+    mode: CacheMode
+    disk: Path
+    machine: QemuMachine
+    rundir: Path
+
+    def _prepare(self, directory: Path, image: GuestImage, mode: CacheMode | str) -> None:
+        self.directory = Path(directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.guest_image = image
+        self.mode = parse_cache_mode(mode)
+        self.journal = self.directory / "disk.journal"
+        self.write_log = self.directory / "writes.log"
+        # A fresh start: the write log and the journal continue existing files (that is
+        # how they survive a backend crash), so leftovers of an earlier run must go.
+        for stale in (self.journal, self.write_log, self.directory / "cut.json"):
+            stale.unlink(missing_ok=True)
+        self.blkdebug_config: Path | None = None
+        self.cuts: list[PowerCut] = []
+        # Sockets (vhost-user, control, QMP, NBD) live in a short private dir: unix socket
+        # paths must fit 108 bytes, and a results directory can be deep.
+        self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
+
+    def _write_blkdebug(self, blkdebug: Sequence[BlkdebugRule]) -> None:
+        if blkdebug:
+            self.blkdebug_config = self.directory / "blkdebug.json"
+            self.blkdebug_config.write_text(
+                json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
+            )
+
+    def _start_machine(
+        self, disk: Disk, accel: Accel | str | None, memory_mib: int, name: str
+    ) -> None:
+        spec = MachineSpec.from_image(
+            self.guest_image, disks=(disk,), memory_mib=memory_mib, name=name
+        )
+        self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
+
+    # -- the host's side of the disk (the subclass's processes) ------------------
+
+    def _freeze_host(self) -> None:
+        """Stop the disk mid-request: nothing in flight may complete once the cut begins."""
+        raise NotImplementedError
+
+    def _kill_host(self) -> None:
+        """The host's power is gone: kill the frozen processes."""
+        raise NotImplementedError
+
+    def _stop_host(self) -> None:
+        """Stop the host's processes cleanly (they have nothing to lose)."""
+        raise NotImplementedError
+
+    # -- paths worth keeping ---------------------------------------------------
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    # -- the guest ---------------------------------------------------------------
+
+    @property
+    def ssh(self) -> SSHSession:
+        return self.machine.ssh
+
+    def host_port(self, guest_port: int) -> int:
+        return self.machine.host_port(guest_port)
+
+    @property
+    def fio_server_port(self) -> int | None:
+        return self.machine.spec.fio_server_port
+
+    def power_off(self) -> None:
+        """Pull the plug on the guest (no fault: used once a cell has what it needs)."""
+        self.machine.power_cut()
+
+    # -- the cut -------------------------------------------------------------------
+
+    def power_cut(
+        self,
+        fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
+        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        seed: int = 0,
+        *,
+        check: bool = True,
+    ) -> PowerCut:
+        """Cut the power; then (with `check`) judge the image as the cut left it.
+
+        The oracle and the host-side checks run before any reboot: the
+        guest's recovery (journal replay) would change the image the
+        contract is about.
+        """
+        model = parse_fault(fault)
+        if model is FaultModel.BACKEND_CRASH:
+            raise ConfigError("a backend crash is not a power cut: use crash_backend()")
+        t0 = time.monotonic()
+        host = model is FaultModel.HOST_POWER_CUT
+        if host:
+            # The host's power goes for QEMU and the disk at one instant: the disk must
+            # not finish (and make durable) what was in flight while QEMU is being killed.
+            self._freeze_host()
+        self.machine.power_cut()
+        cut: CutResult | None = None
+        chosen: CutPolicy | None = None
+        if host:
+            chosen = parse_policy(policy)
+            self._kill_host()
+            cut = apply_cut(self.disk, self.journal, chosen, seed)
+            (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
+        else:
+            self._stop_host()  # the host stays up: a clean stop, nothing reverted
+        contract = reference_promise(self.oracle_mode, model, chosen)
+        report = self.check_oracle(contract) if check else None
+        result = PowerCut(
+            model,
+            chosen,
+            seed if chosen else None,
+            contract.mode_name,
+            cut,
+            report,
+            time.monotonic() - t0,
+            checks=self.host_checks(),
+        )
+        self.cuts.append(result)
+        return result
+
+    @property
+    def oracle_mode(self) -> CacheMode:
+        """The cache mode whose contract holds at the disk the write log records."""
+        return self.mode
+
+    def host_checks(self) -> dict[str, Observation]:
+        """Host-side checkers on the image as the cut left it, by checker name (none here)."""
+        return {}
+
+    def check_oracle(self, contract: Promise) -> oracle.OracleReport:
+        """The oracle on the image as it is now, against `contract` (written to oracle.json)."""
+        report = oracle.check(self.disk, self.write_log, contract)
+        (self.directory / "oracle.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        log.info("oracle: %s", report.summary())
+        return report
+
+    # -- the end ---------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """A clean end: sync and power off the guest, then stop the host's processes."""
+        self.machine.shutdown()
+        self._stop_host()
+
+    def close(self) -> None:
+        try:
+            self.machine.close()
+        finally:
+            try:
+                self._stop_host()
+            finally:
+                # The machine's logs join the other artifacts; its run dir goes.
+                for src, dst in (
+                    (self.machine.console_log.path, self.console_log),
+                    (self.machine.qemu_log, self.directory / "qemu.log"),
+                ):
+                    with contextlib.suppress(OSError):
+                        shutil.copyfile(src, dst)
+                shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CrashSession(DiskSession):
+    """A guest on a crash-test disk served by powercut; leaves nothing running when closed."""
 
     def __init__(
         self,
@@ -162,35 +342,18 @@ class CrashSession:
         memory_mib: int = 512,
         name: str = "cell",
     ) -> None:
-        self.directory = Path(directory).resolve()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.guest_image = image
-        self.mode = parse_cache_mode(mode)
-        self.disk = self.directory / "disk.img"
-        self.journal = self.directory / "disk.journal"
-        self.write_log = self.directory / "writes.log"
-        self.blkdebug_config: Path | None = None
-        # A fresh start: the write log and the journal continue existing files (that is
-        # how they survive a backend crash), so leftovers of an earlier run must go.
-        for stale in (self.journal, self.write_log, self.directory / "cut.json"):
-            stale.unlink(missing_ok=True)
-        make_disk(
-            self.disk,
-            disk_size,
-            filesystem=filesystem,
-            directories=directories,
-            mkfs_options=mkfs_options,
-        )
-        if blkdebug:
-            self.blkdebug_config = self.directory / "blkdebug.json"
-            self.blkdebug_config.write_text(
-                json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
-            )
-        # Sockets (vhost-user, control, QMP) live in a short private dir: unix socket
-        # paths must fit 108 bytes, and a results directory can be deep.
-        self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
-        self.socket = self.rundir / f"{DISK_NAME}.sock"
+        self.disk = Path(directory).resolve() / "disk.img"
+        self._prepare(directory, image, mode)
         try:
+            make_disk(
+                self.disk,
+                disk_size,
+                filesystem=filesystem,
+                directories=directories,
+                mkfs_options=mkfs_options,
+            )
+            self._write_blkdebug(blkdebug)
+            self.socket = self.rundir / f"{DISK_NAME}.sock"
             self.backend = CrashBackend(
                 self.disk,
                 self.directory,
@@ -201,19 +364,12 @@ class CrashSession:
                 name=DISK_NAME,
                 socket=self.socket,
             )
-            disk = VhostUserDisk(self.socket, reconnect=1)
-            spec = MachineSpec.from_image(image, disks=(disk,), memory_mib=memory_mib, name=name)
-            self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
+            self._start_machine(VhostUserDisk(self.socket, reconnect=1), accel, memory_mib, name)
         except BaseException:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
-        self.cuts: list[PowerCut] = []
 
     # -- paths worth keeping ---------------------------------------------------
-
-    @property
-    def console_log(self) -> Path:
-        return self.directory / "console.log"
 
     @property
     def backend_log(self) -> Path:
@@ -240,27 +396,12 @@ class CrashSession:
             self.backend.start()
         return self.machine.boot(timeout)
 
-    @property
-    def ssh(self) -> SSHSession:
-        return self.machine.ssh
-
-    def host_port(self, guest_port: int) -> int:
-        return self.machine.host_port(guest_port)
-
-    @property
-    def fio_server_port(self) -> int | None:
-        return self.machine.spec.fio_server_port
-
     def requests(self, kind: str) -> int:
         """Requests of `kind` (OUT, FLUSH, ...) the backend has served; -1 when it cannot say."""
         try:
             return int(self.backend.stats().get("requests", {}).get(kind, 0))
         except (OSError, ValueError, PowercutError):
             return -1
-
-    def power_off(self) -> None:
-        """Pull the plug on the guest (no fault: used once a cell has what it needs)."""
-        self.machine.power_cut()
 
     def crash_backend(self, timeout: float = 60.0) -> float:
         """SIGKILL the backend and start it again while the guest runs; seconds until back.
@@ -284,60 +425,13 @@ class CrashSession:
             time.sleep(0.05)
         return time.monotonic() - t0
 
-    def power_cut(
-        self,
-        fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
-        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
-        seed: int = 0,
-        *,
-        check: bool = True,
-    ) -> PowerCut:
-        """Cut the power; then (with `check`) run the oracle on the image as the cut left it.
+    def _freeze_host(self) -> None:
+        self.backend.freeze()
 
-        The oracle runs before any reboot: the guest's recovery (journal
-        replay) would change the image the contract is about.
-        """
-        model = parse_fault(fault)
-        if model is FaultModel.BACKEND_CRASH:
-            raise ConfigError("a backend crash is not a power cut: use crash_backend()")
-        t0 = time.monotonic()
-        if model is FaultModel.HOST_POWER_CUT:
-            # The host's power goes for QEMU and the backend at one instant: the
-            # backend must not finish (and make durable) what was in flight while
-            # QEMU is being killed.
-            self.backend.freeze()
-        self.machine.power_cut()
-        cut: CutResult | None = None
-        chosen: CutPolicy | None = None
-        if model is FaultModel.HOST_POWER_CUT:
-            chosen = parse_policy(policy)
-            self.backend.kill()
-            cut = apply_cut(self.disk, self.journal, chosen, seed)
-            (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
-        else:
-            self.backend.stop()  # the host stays up: a clean stop, nothing reverted
-        contract = reference_promise(self.mode, model, chosen)
-        report = self.check_oracle(contract) if check else None
-        result = PowerCut(
-            model,
-            chosen,
-            seed if chosen else None,
-            contract.mode_name,
-            cut,
-            report,
-            time.monotonic() - t0,
-        )
-        self.cuts.append(result)
-        return result
+    def _kill_host(self) -> None:
+        self.backend.kill()
 
-    def check_oracle(self, contract: Promise) -> oracle.OracleReport:
-        """The oracle on the image as it is now, against `contract` (written to oracle.json)."""
-        report = oracle.check(self.disk, self.write_log, contract)
-        (self.directory / "oracle.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
-        log.info("oracle: %s", report.summary())
-        return report
-
-    def stop_backend(self) -> None:
+    def _stop_host(self) -> None:
         self.backend.stop()
 
     def reboot(self, timeout: float = 120.0) -> SSHSession:
@@ -354,28 +448,3 @@ class CrashSession:
             socket=self.socket,
         )
         return self.boot(timeout)
-
-    def shutdown(self) -> None:
-        """A clean end: sync and power off the guest, then stop the backend."""
-        self.machine.shutdown()
-        self.backend.stop()
-
-    def close(self) -> None:
-        try:
-            self.machine.close()
-        finally:
-            self.backend.stop()
-            # The machine's logs join the other artifacts; its run dir goes.
-            for src, dst in (
-                (self.machine.console_log.path, self.console_log),
-                (self.machine.qemu_log, self.directory / "qemu.log"),
-            ):
-                with contextlib.suppress(OSError):
-                    shutil.copyfile(src, dst)
-            shutil.rmtree(self.rundir, ignore_errors=True)
-
-    def __enter__(self) -> CrashSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -6,7 +6,6 @@ A few cells only (each boots twice under TCG); the whole matrix is the demo
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
@@ -16,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scenario_cells import checker, run_scenario_cell
 
-from harness.commands.run import add_run_arguments, plan_from_args
-from harness.crash.runner import run_plan
-from harness.proc import live_processes
-from harness.report.results import CellResult, load_results
+from harness.report.results import load_results
 
 pytestmark = pytest.mark.vm
 
@@ -28,39 +25,10 @@ ROOT = Path(__file__).parents[2]
 SCENARIOS = ROOT / "scenarios"
 
 
-def run_cell(tmp_path: Path, image: Any, accel: Any, scenario: str, cell: str) -> CellResult:
-    parser = argparse.ArgumentParser()
-    add_run_arguments(parser)
-    out = tmp_path / "out"
-    args = parser.parse_args(
-        [str(SCENARIOS / scenario), "--out", str(out), "--cell", cell, "--accel", accel.value]
-    )
-    plan = plan_from_args(args)
-    assert len(plan.cells) == 1
-    # Session-long daemons (libvirtd, started for the libvirt tests) may be alive already.
-    before = set(live_processes())
-    outcome = run_plan(plan, command="pytest", image=image)
-    left = set(live_processes()) - before
-    assert not left, f"the runner left processes behind: {left}"
-    results = load_results(out)
-    assert {"junit.xml", "report.html", "report.md", "results.json"} <= {
-        p.name for p in out.iterdir()
-    }
-    result = results.cells[0]
-    assert outcome.ok == (result.verdict == "pass")
-    for name in ("console_log", "backend_log", "write_log"):
-        assert (out / result.artifacts[name]).exists(), name
-    return result
-
-
-def checker(result: CellResult, name: str) -> Any:
-    return next(c for c in result.checkers if c.name == name)
-
-
 def test_writethrough_keeps_every_acknowledged_record_across_a_host_power_cut(
     tmp_path: Path, guest_image: Any, powercut_accel: Any
 ) -> None:
-    result = run_cell(
+    result = run_scenario_cell(
         tmp_path,
         guest_image,
         powercut_accel,
@@ -80,7 +48,7 @@ def test_writethrough_keeps_every_acknowledged_record_across_a_host_power_cut(
 def test_writeback_lose_all_loses_only_unflushed_fio_writes(
     tmp_path: Path, guest_image: Any, powercut_accel: Any
 ) -> None:
-    result = run_cell(
+    result = run_scenario_cell(
         tmp_path,
         guest_image,
         powercut_accel,
@@ -104,7 +72,7 @@ def test_writeback_lose_all_loses_only_unflushed_fio_writes(
 def test_lying_flush_negative_control_passes_only_because_the_loss_is_detected(
     tmp_path: Path, guest_image: Any, powercut_accel: Any
 ) -> None:
-    result = run_cell(
+    result = run_scenario_cell(
         tmp_path,
         guest_image,
         powercut_accel,
@@ -119,7 +87,7 @@ def test_lying_flush_negative_control_passes_only_because_the_loss_is_detected(
 def test_guest_power_cut_loses_nothing_the_backend_completed(
     tmp_path: Path, guest_image: Any, powercut_accel: Any
 ) -> None:
-    result = run_cell(
+    result = run_scenario_cell(
         tmp_path,
         guest_image,
         powercut_accel,
@@ -134,7 +102,7 @@ def test_guest_power_cut_loses_nothing_the_backend_completed(
 def test_backend_crash_under_fio_loses_nothing_and_the_guest_sees_no_io_error(
     tmp_path: Path, guest_image: Any, powercut_accel: Any
 ) -> None:
-    result = run_cell(
+    result = run_scenario_cell(
         tmp_path,
         guest_image,
         powercut_accel,
