@@ -89,9 +89,13 @@ def together(task: CellTask, on_phase: Callable[[str], None]) -> tuple[CellResul
 
 
 def until_interrupted(task: CellTask, on_phase: Callable[[str], None]) -> tuple[CellResult, bool]:
-    """Runs until Ctrl-C, then reports itself skipped as a real cell does."""
-    _start(task, on_phase)
+    """Runs until Ctrl-C, then reports itself skipped as a real cell does.
+
+    The Ctrl-C can come as soon as the started file exists, so it is caught
+    from there on, as `run_cell_task` catches it around a whole real cell.
+    """
     try:
+        _start(task, on_phase)
         _wait_for(lambda: False)
     except KeyboardInterrupt:
         (task.out / f"cleaned-{task.index}").write_text("")
