@@ -15,12 +15,22 @@ its changes through `write_cache_changed()`; every SUBMIT carries the state at t
 time (or "unknown" until it is reported). The FUA flag is recorded either way,
 and it is what the durability contract reads: without a write cache every
 write arrives as FUA.
+
+A write is checksummed and passed down from one private copy of its data, never
+from the caller's buffers: those are the guest's memory, and a guest may change
+them while the request is in flight (Linux redirties a page under writeback
+without waiting unless the device asks for stable pages, and virtio-blk does
+not). Checksumming the guest's buffer and then writing it could put on the image
+a version no record names — a "corrupt" sector for the oracle that the guest
+never caused. The copy is what a device that transfers the data at submission
+writes; a page-aligned per-thread buffer, so `cache.direct` still needs no bounce.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import threading
 import zlib
 from collections.abc import Mapping
@@ -60,6 +70,7 @@ _WRITE = Op.WRITE
 _NONE_OP = Op.NONE
 _FULL = b"\xff" * 4096  # a run of fully seen bitmap bytes
 PREIMAGE_CHUNK = 1 << 20  # bytes read at a time for the initial CRCs of a large request
+SNAPSHOT_KEEP = 4 << 20  # largest per-thread snapshot buffer kept between writes
 
 
 @register_driver
@@ -104,6 +115,7 @@ class LogWritesNode(BlockNode):
         if flags.direct:
             lflags |= LogFlags.DIRECT
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # each thread's snapshot buffer (see the docstring)
         self.writer = LogWriter(self.log_path, LogHeader(self.sector_size, lflags, 0))
         self._seq = self.writer.next_seq
         # Unknown until the BlockBackend above reports it (at open and on every switch);
@@ -180,8 +192,30 @@ class LogWritesNode(BlockNode):
     def driver_preadv(self, offset: int, iov: IOVec) -> None:
         self.child.preadv(offset, iov)
 
+    def _snapshot(self, iov: IOVec) -> memoryview:
+        """The request's data, copied once out of the caller's buffers (see the docstring)."""
+        length = len(iov[0]) if len(iov) == 1 else sum(map(len, iov))
+        scratch = self._scratch
+        area: mmap.mmap | None = getattr(scratch, "area", None)
+        if area is None or len(area) < length:
+            area = mmap.mmap(-1, max(length, mmap.PAGESIZE))  # page-aligned: O_DIRECT as is
+            if length <= SNAPSHOT_KEEP:
+                scratch.area = area
+        buf = memoryview(area)[:length]
+        if len(iov) == 1:
+            buf[:] = iov[0]
+        else:
+            pos = 0
+            for view in iov:
+                n = len(view)
+                buf[pos : pos + n] = view
+                pos += n
+        return buf
+
     def driver_pwritev(self, offset: int, iov: IOVec, flags: RequestFlags) -> None:
-        buf: bytes | memoryview = iov[0] if len(iov) == 1 else b"".join(iov)
+        # One snapshot is checksummed, logged and written: the guest may change its buffers
+        # while the request is in flight.
+        buf = self._snapshot(iov)
         length = len(buf)
         ss = self.sector_size
         fua = flags is not _NO_FLAGS and RequestFlags.FUA in flags
@@ -197,8 +231,7 @@ class LogWritesNode(BlockNode):
                     self._packers[count] = sector_packer(count, ss)
             else:
                 # aligned_sector_crcs, inlined: this line is most of a logged write's CPU.
-                mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-                crcs = packer[0](*map(_crc32, map(mv.__getitem__, packer[1])))
+                crcs = packer[0](*map(_crc32, map(buf.__getitem__, packer[1])))
         # No span CRC: the reader derives it from the sector CRCs (writelog.span_crc).
         with self._lock:
             rflags = self._wce_bits | (_FUA if fua else 0)
@@ -225,7 +258,7 @@ class LogWritesNode(BlockNode):
             self._seq = seq + 1
             self.writer.append(_SUBMIT, _WRITE, rflags, seq, offset, length, payload)
         try:
-            self.child.pwritev(offset, iov, flags)
+            self.child.pwritev(offset, [buf], flags)
         except BaseException as exc:
             self._failed(seq, exc)
             raise
