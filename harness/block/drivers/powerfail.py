@@ -214,6 +214,7 @@ class PowerfailNode(BlockNode):
                 self._waiting -= 1
             held.append(key)
         holding = True
+        seq: int | None = None
         try:
             # The pre-image is in the journal before the image changes: a crash between
             # the two leaves an entry whose revert is a no-op, never a change without one.
@@ -230,6 +231,9 @@ class PowerfailNode(BlockNode):
                 with self._state:
                     seq = self._next_seq
                     self._next_seq = seq + 1
+                    # Owed from the first piece on: a flush between pieces must not start
+                    # the journal over and drop the pieces already taken.
+                    self._inflight.add(seq)
                 pos = start
                 while pos < end:
                     n = min(PREIMAGE_CHUNK, end - pos)
@@ -238,8 +242,6 @@ class PowerfailNode(BlockNode):
                     with self._state:
                         self.journal.preimage(seq, kind, pos, pre)
                     pos += n
-                with self._state:
-                    self._inflight.add(seq)
             failed = True
             try:
                 apply(*args)
@@ -258,6 +260,10 @@ class PowerfailNode(BlockNode):
         finally:
             if holding:  # no pre-image (nothing applied), or its completion not recorded
                 with self._state:
+                    if seq in self._inflight:  # pieces taken, then a read failed: nothing applied
+                        self._completed = index = self._completed + 1
+                        self.journal.complete(seq, index, True)
+                        self._inflight.discard(seq)
                     held.remove(key)
                     if self._waiting:
                         self._ranges_free.notify_all()

@@ -8,13 +8,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.block import open_backend
+from harness.block.drivers import powerfail
 from harness.durability.cut import apply_cut
 from harness.durability.journal import JOURNAL_HEADER, read_journal
-from harness.errors import JournalError
+from harness.errors import BlockError, JournalError
 
 from .conftest import crash
 from .stack import Paths, open_stack, stack_options
@@ -252,3 +254,70 @@ def test_journal_stays_small_while_writes_are_always_in_flight(paths: Paths) -> 
     data = paths.image.read_bytes()
     assert data[200 * 512 : 201 * 512] == b"\x5a" * 512
     assert check(paths.image, paths.log, "writeback").ok
+
+
+def test_a_flush_while_a_large_write_takes_its_preimage_keeps_it_revertible(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write taking its pre-image in pieces is owed from the first piece on.
+
+    A flush that lands between the pieces, with nothing else owed, must not
+    start the journal over and drop the pieces already taken: the cut could
+    no longer lose that write.
+    """
+    monkeypatch.setattr(powerfail, "PREIMAGE_CHUNK", 4096)
+    before = paths.image.read_bytes()
+    be = open_stack(paths, powerfail={"journal-compact": 0})
+    pf = be.node("pf")
+    child = pf.child  # type: ignore[attr-defined]
+    reads = []
+    real_preadv = child.preadv
+
+    def preadv(offset: int, iov: Any) -> None:
+        reads.append(offset)
+        real_preadv(offset, iov)
+        if offset == 4096:  # the big write's second piece: its first is in the journal
+            pf.driver_flush()  # type: ignore[attr-defined]
+
+    try:
+        be.write(65536, b"A" * 512)  # completed, not yet durable: the flush has work to do
+        child.preadv = preadv
+        be.write(0, b"B" * 16384)
+        child.preadv = real_preadv
+    finally:
+        crash(be)
+    assert 4096 in reads, reads
+    apply_cut(paths.image, paths.journal, "lose-all", 0)
+    data = paths.image.read_bytes()
+    kept = [i for i in range(0, 16384, 4096) if data[i : i + 4096] != before[i : i + 4096]]
+    assert not kept, f"pieces of the large write survived a lose-all cut at {kept}"
+    assert data[65536:66048] == b"A" * 512  # made durable by the flush
+
+
+def test_a_large_write_whose_preimage_cannot_be_read_is_owed_no_longer(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its pieces taken so far complete as failed (nothing was applied), so a flush settles them."""
+    monkeypatch.setattr(powerfail, "PREIMAGE_CHUNK", 4096)
+    be = open_stack(paths, powerfail={"journal-compact": 0})
+    pf = be.node("pf")
+    child = pf.child  # type: ignore[attr-defined]
+    real_preadv = child.preadv
+
+    def preadv(offset: int, iov: Any) -> None:
+        if offset == 4096:
+            raise OSError(5, "Input/output error")
+        real_preadv(offset, iov)
+
+    try:
+        child.preadv = preadv
+        with pytest.raises(BlockError, match="Input/output error"):
+            be.write(0, b"B" * 16384)
+        child.preadv = real_preadv
+        assert not pf._inflight  # type: ignore[attr-defined]
+        be.flush()
+        assert pf.durable_index == pf.completed_index == 1  # type: ignore[attr-defined]
+    finally:
+        crash(be)
+    state, _ = read_journal(paths.journal)
+    assert state.preimages == []  # nothing owed: the durable flush started the journal over
