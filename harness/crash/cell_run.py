@@ -46,7 +46,7 @@ from harness.scenario.model import TriggerKind
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads import filesystem
-from harness.workloads.base import FSCK, ORACLE, POLL, Observation, Run
+from harness.workloads.base import FSCK, ORACLE, POLL, Observation, Run, Workload
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,17 @@ class CellSession(Protocol):
 
 
 SessionFactory = Callable[..., CellSession]
+
+
+def disk_arguments(cell: Cell, workload: Workload) -> dict[str, Any]:
+    """How a session prepares `cell`'s disk for `workload` (size, filesystem, faults)."""
+    return {
+        "disk_size": cell.disk_size,
+        "filesystem": cell.filesystem if workload.needs_filesystem else None,
+        "directories": workload.directories,
+        "mkfs_options": cell.disk.mkfs_options,
+        "blkdebug": cell.blkdebug,
+    }
 
 
 @dataclass
@@ -201,13 +212,9 @@ class CellRunner:
                     self.directory,
                     self.image,
                     cell.mode,
-                    disk_size=cell.disk_size,
                     accel=self.accel,
-                    filesystem=cell.filesystem if self.workload.needs_filesystem else None,
-                    directories=self.workload.directories,
-                    mkfs_options=cell.disk.mkfs_options,
-                    blkdebug=cell.blkdebug,
                     name="cell",
+                    **disk_arguments(cell, self.workload),
                 )
             with session:
                 observed = self._run_in(session)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.block.options import format_dotted
-from harness.crash.cell_run import CellRunner, _Guest
+from harness.crash.cell_run import CellRunner, _Guest, disk_arguments
 from harness.crash.session import CrashSession, fault_graph
 from harness.durability.contract import CutPolicy, FaultModel
 from harness.durability.cut import apply_cut
@@ -279,13 +279,9 @@ class RecordingRunner(CellRunner):
                 self.directory,
                 self.image,
                 cell.mode,
-                disk_size=cell.disk_size,
                 accel=self.accel,
-                filesystem=cell.filesystem if self.workload.needs_filesystem else None,
-                directories=self.workload.directories,
-                mkfs_options=cell.disk.mkfs_options,
-                blkdebug=cell.blkdebug,
                 name="record",
+                **disk_arguments(cell, self.workload),
             )
         clock = AckClock()
         with session:
