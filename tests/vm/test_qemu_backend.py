@@ -159,7 +159,9 @@ def test_qcow2_on_qemu_storage_daemon_writeback_keeps_every_synced_record(
 
 DIFFERENTIAL = {
     "writeback": "writes without FUA, made durable by flushes",
+    "none": "writes without FUA, made durable by flushes",
     "writethrough": "every write FUA",
+    "directsync": "every write FUA",
     "unsafe": "no flush reaches the disk",
 }
 
