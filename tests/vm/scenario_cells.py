@@ -16,9 +16,12 @@ SCENARIOS = ROOT / "scenarios"
 
 
 def run_scenario_cell(
-    tmp_path: Path, image: Any, accel: Any, scenario: str, cell: str
+    tmp_path: Path, image: Any, accel: Any, scenario: str | Path, cell: str
 ) -> CellResult:
-    """`powercut run scenarios/SCENARIO --cell CELL` into tmp_path/out; leaves nothing running."""
+    """`powercut run scenarios/SCENARIO --cell CELL` into tmp_path/out; leaves nothing running.
+
+    SCENARIO is a shipped file's name or any scenario's path.
+    """
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     out = tmp_path / "out"
@@ -41,6 +44,11 @@ def run_scenario_cell(
     for name in ("console_log", "backend_log", "write_log"):
         assert (out / result.artifacts[name]).exists(), name
     return result
+
+
+def cell_directory(tmp_path: Path, result: CellResult) -> Path:
+    """The cell's own directory (its write log, journal, disk) of a `run_scenario_cell` run."""
+    return (tmp_path / "out" / result.artifacts["write_log"]).parent
 
 
 def checker(result: CellResult, name: str) -> Any:

@@ -3,15 +3,11 @@
 A few cells only (each boots twice under TCG): one qcow2 cell on QEMU, one on
 qemu-storage-daemon, and the differential — the same raw scenario on
 powercut's own stack and on QEMU, compared per cache mode by verdict and by
-the flushes and FUA writes that reached the disk. writeback, writethrough and
-unsafe are the three behaviours at the disk (none and directsync differ from
-them only in O_DIRECT); `powercut run scenarios/differential.toml` runs all
-five.
+the flushes and FUA writes that reached the disk, in all five cache modes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import dataclass
@@ -19,37 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scenario_cells import SCENARIOS, cell_directory, checker, run_scenario_cell
 
-from harness.commands.run import add_run_arguments, plan_from_args
-from harness.crash.runner import run_plan
 from harness.durability.writelog import LogFlags, Op, WriteLog, read_log
-from harness.proc import live_processes
-from harness.report.results import CellResult, load_results
+from harness.report.results import CellResult
 
 pytestmark = pytest.mark.vm
-
-SCENARIOS = Path(__file__).parents[2] / "scenarios"
-
-
-def run_cell(
-    tmp_path: Path, image: Any, accel: Any, scenario: Path, cell: str
-) -> tuple[CellResult, Path]:
-    """One cell through `powercut run`'s plan and runner; (its result, its directory)."""
-    parser = argparse.ArgumentParser()
-    add_run_arguments(parser)
-    out = tmp_path / "out"
-    args = parser.parse_args(
-        [str(scenario), "--out", str(out), "--cell", cell, "--accel", accel.value]
-    )
-    plan = plan_from_args(args)
-    assert len(plan.cells) == 1
-    before = set(live_processes())
-    run_plan(plan, command="pytest", image=image)
-    left = set(live_processes()) - before
-    assert not left, f"the runner left processes behind: {left}"
-    result = load_results(out).cells[0]
-    directory = (out / result.artifacts["write_log"]).parent
-    return result, directory
 
 
 def with_backend(tmp_path: Path, source: str, backend: str) -> Path:
@@ -60,10 +31,6 @@ def with_backend(tmp_path: Path, source: str, backend: str) -> Path:
     path = tmp_path / f"{backend}-{source}"
     path.write_text(text)
     return path
-
-
-def checker(result: CellResult, name: str) -> Any:
-    return next(c for c in result.checkers if c.name == name)
 
 
 @dataclass(frozen=True)
@@ -112,13 +79,14 @@ def disk_pattern(wlog: WriteLog) -> DiskPattern:
 def test_qcow2_on_qemu_writeback_keeps_every_synced_record_and_a_sound_image(
     tmp_path: Path, guest_image: Any, powercut_accel: Any
 ) -> None:
-    result, directory = run_cell(
+    result = run_scenario_cell(
         tmp_path,
         guest_image,
         powercut_accel,
-        SCENARIOS / "qcow2.toml",
+        "qcow2.toml",
         "writeback/host-power-cut.lose-all/ack-records/after-200-acked/r0",
     )
+    directory = cell_directory(tmp_path, result)
     assert result.verdict == "pass", result.reason
     assert checker(result, "ack-records").details["acked"] >= 200
     img = checker(result, "qemu-img-check")
@@ -141,13 +109,14 @@ def test_qcow2_on_qemu_storage_daemon_writeback_keeps_every_synced_record(
     tmp_path: Path, guest_image: Any, powercut_accel: Any
 ) -> None:
     scenario = with_backend(tmp_path, "qcow2.toml", "qemu-storage-daemon")
-    result, directory = run_cell(
+    result = run_scenario_cell(
         tmp_path,
         guest_image,
         powercut_accel,
         scenario,
         "writeback/host-power-cut.lose-all/ack-records/after-200-acked/r0",
     )
+    directory = cell_directory(tmp_path, result)
     assert result.verdict == "pass", result.reason
     assert checker(result, "qemu-img-check").verdict == "pass"
     assert checker(result, "ack-records").details["acked"] >= 200
@@ -175,9 +144,8 @@ def test_the_same_raw_scenario_on_powercut_and_on_qemu_agrees_per_cache_mode(
     patterns: dict[str, DiskPattern] = {}
     for backend in ("powercut", "qemu"):
         scenario = with_backend(tmp_path, "differential.toml", backend)
-        result, directory = run_cell(
-            tmp_path / backend, guest_image, powercut_accel, scenario, cell
-        )
+        result = run_scenario_cell(tmp_path / backend, guest_image, powercut_accel, scenario, cell)
+        directory = cell_directory(tmp_path / backend, result)
         results[backend] = result
         patterns[backend] = disk_pattern(read_log(directory / "writes.log"))
         (tmp_path / f"{backend}.json").write_text(json.dumps(patterns[backend].__dict__))
