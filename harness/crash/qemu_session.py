@@ -168,8 +168,7 @@ class QemuSession(DiskSession):
             raise ConfigError("QemuSession runs QEMU's block layer; use CrashSession for powercut")
         self.host_checkers = tuple(host_checkers)
         self.qcow2 = self.format is ImageFormat.QCOW2
-        self.disk = Path(directory).resolve() / ("disk.qcow2" if self.qcow2 else "disk.img")
-        self._prepare(directory, image, mode)
+        self._prepare(directory, image, mode, "disk.qcow2" if self.qcow2 else "disk.img")
         try:
             t0 = time.monotonic()
             make_disk(

@@ -159,9 +159,12 @@ class DiskSession:
     machine: QemuMachine
     rundir: Path
 
-    def _prepare(self, directory: Path, image: GuestImage, mode: CacheMode | str) -> None:
+    def _prepare(
+        self, directory: Path, image: GuestImage, mode: CacheMode | str, disk_name: str
+    ) -> None:
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.disk = self.directory / disk_name
         self.guest_image = image
         self.mode = parse_cache_mode(mode)
         self.journal = self.directory / "disk.journal"
@@ -342,8 +345,7 @@ class CrashSession(DiskSession):
         memory_mib: int = 512,
         name: str = "cell",
     ) -> None:
-        self.disk = Path(directory).resolve() / "disk.img"
-        self._prepare(directory, image, mode)
+        self._prepare(directory, image, mode, "disk.img")
         try:
             make_disk(
                 self.disk,
