@@ -1,0 +1,209 @@
+"""The guest's clock on the host's: where each traced call falls between persistence points.
+
+The write log and the acknowledgements are stamped with the host's
+CLOCK_MONOTONIC; strace stamps calls with the guest's CLOCK_REALTIME. The
+two differ by an offset `d = host - guest` that this module bounds, never
+guesses: a guest time `g` happened at a host time in `[g + lo, g + hi]`.
+
+- Round trips (`sample_offset`): the host notes its clock, asks a process in
+  the guest for its clock, notes its clock again; the guest read its clock in
+  between, so `d` lies in `[sent - g, received - g]`. Over many round trips
+  the intersection holds (the error bound is half the shortest round trip).
+  Sampled before and after the run; a guest clock that drifted between the
+  two makes the intervals disjoint, and then their hull is used (wider, still
+  true).
+- Causality from above (`tighten_upper`): a line of the trace reached the
+  host after strace printed it, which was after the call returned, so
+  `d <= arrival - printed` for every line (`TraceStream.arrival_bounds`). The
+  workload's own `write(1, "ack 7\\n")` is the same kind of sample: the host
+  had the acknowledgement after the guest wrote it.
+- Causality from below (`tighten_lower`, `fsync_samples`): an fsync that
+  made something durable returned after the flush it caused completed on the
+  host: `d >= flush_completed - fsync_returned`. Only fsyncs of files on the
+  disk under test whose window holds a flush count, and the flush taken is
+  the earliest that can be the fsync's, so the bound stays a bound when a
+  flush of another process sits in the window.
+
+Under TCG (measured, `python -m benchmarks trace`), round trips alone bound
+the offset to a few ms; the lines' arrivals tighten the upper side.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import GuestError
+
+if TYPE_CHECKING:
+    from harness.guest.ssh import SSHSession
+
+# Reads a line, answers with CLOCK_REALTIME in ns (clock_gettime(2) itself: x86_64 number 228,
+# a 16-byte timespec), exactly, without floating point.
+_CLOCK_HELPER = (
+    'perl -e \'$|=1; while (<STDIN>) { my $ts = "\\0" x 16; '
+    'syscall(228, 0, $ts) == 0 or die "clock_gettime: $!"; '
+    'my ($s, $ns) = unpack("q q", $ts); print $s * 1000000000 + $ns, "\\n" }\''
+)
+
+
+@dataclass(frozen=True)
+class ClockBounds:
+    """`host = guest + d`, `lo_ns <= d <= hi_ns` (host CLOCK_MONOTONIC, guest CLOCK_REALTIME)."""
+
+    lo_ns: int
+    hi_ns: int
+    samples: int = 0
+    consistent: bool = True  # False: bounds crossed (drift); the hull was kept
+
+    @property
+    def width_ns(self) -> int:
+        return self.hi_ns - self.lo_ns
+
+    @property
+    def midpoint(self) -> int:
+        return (self.lo_ns + self.hi_ns) // 2
+
+    @property
+    def error_ns(self) -> int:
+        """Half the width: how far the midpoint can be from the truth."""
+        return (self.hi_ns - self.lo_ns + 1) // 2
+
+    def to_host(self, guest_ns: int) -> tuple[int, int]:
+        """The host interval in which a guest instant happened."""
+        return guest_ns + self.lo_ns, guest_ns + self.hi_ns
+
+    def intersect(self, other: ClockBounds) -> ClockBounds:
+        lo, hi = max(self.lo_ns, other.lo_ns), min(self.hi_ns, other.hi_ns)
+        n = self.samples + other.samples
+        if lo <= hi:
+            return ClockBounds(lo, hi, n, self.consistent and other.consistent)
+        return ClockBounds(
+            min(self.lo_ns, other.lo_ns), max(self.hi_ns, other.hi_ns), n, consistent=False
+        )
+
+    def tighten_upper(self, samples: Iterable[tuple[int, int]]) -> ClockBounds:
+        """(guest ns, host ns) where the guest instant came first: `d <= host - guest`."""
+        hi, n = self.hi_ns, 0
+        for guest, host in samples:
+            hi = min(hi, host - guest)
+            n += 1
+        if hi < self.lo_ns:
+            return ClockBounds(self.lo_ns, self.hi_ns, self.samples + n, consistent=False)
+        return ClockBounds(self.lo_ns, hi, self.samples + n, self.consistent)
+
+    def tighten_lower(self, samples: Iterable[tuple[int, int]]) -> ClockBounds:
+        """(guest ns, host ns) where the host instant came first: `d >= host - guest`."""
+        lo, n = self.lo_ns, 0
+        for guest, host in samples:
+            lo = max(lo, host - guest)
+            n += 1
+        if lo > self.hi_ns:
+            return ClockBounds(self.lo_ns, self.hi_ns, self.samples + n, consistent=False)
+        return ClockBounds(lo, self.hi_ns, self.samples + n, self.consistent)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lo_ns": self.lo_ns,
+            "hi_ns": self.hi_ns,
+            "width_ms": round(self.width_ns / 1e6, 3),
+            "error_ms": round(self.error_ns / 1e6, 3),
+            "samples": self.samples,
+            "consistent": self.consistent,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClockBounds:
+        return cls(
+            int(raw["lo_ns"]),
+            int(raw["hi_ns"]),
+            int(raw.get("samples", 0)),
+            bool(raw.get("consistent", True)),
+        )
+
+
+def bounds_from_round_trips(trips: Sequence[tuple[int, int, int]]) -> ClockBounds:
+    """(host sent ns, guest ns, host received ns) per round trip → the offset's bounds."""
+    if not trips:
+        raise GuestError("no clock round trips to bound the guest clock with")
+    lo = max(sent - guest for sent, guest, _ in trips)
+    hi = min(received - guest for _, guest, received in trips)
+    if lo <= hi:
+        return ClockBounds(lo, hi, len(trips))
+    # Crossed: the guest clock moved against the host's between trips. The hull is true.
+    lo = min(sent - guest for sent, guest, _ in trips)
+    hi = max(received - guest for _, guest, received in trips)
+    return ClockBounds(lo, hi, len(trips), consistent=False)
+
+
+def sample_round_trips(
+    ssh: SSHSession, count: int = 20, timeout: float = 30.0
+) -> list[tuple[int, int, int]]:
+    """`count` round trips (host sent ns, guest ns, host received ns) to one Perl process.
+
+    The process is asked once before the trips that count: its first answer
+    waits for Perl to start (a second or more under TCG) and bounds nothing.
+    """
+    chan = ssh.open_channel(_CLOCK_HELPER)
+    trips: list[tuple[int, int, int]] = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        for _ in range(count + 1):
+            sent = time.monotonic_ns()
+            chan.sendall(b"\n")
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GuestError(f"the guest's clock helper did not answer within {timeout} s")
+                select.select([chan], [], [], left)
+                data = chan.recv(4096) if chan.recv_ready() else b""
+                if not data and (chan.exit_status_ready() or chan.closed):
+                    err = chan.recv_stderr(4096).decode(errors="replace")
+                    raise GuestError(f"the guest's clock helper exited: {err.strip()}")
+                buf += data
+            received = time.monotonic_ns()
+            line, buf = buf.split(b"\n", 1)
+            trips.append((sent, int(line), received))
+    finally:
+        chan.close()
+    return trips[1:]
+
+
+def sample_offset(ssh: SSHSession, count: int = 20, timeout: float = 30.0) -> ClockBounds:
+    """Bound the offset by `count` round trips to one Perl process on its own channel."""
+    return bounds_from_round_trips(sample_round_trips(ssh, count, timeout))
+
+
+def fsync_samples(
+    syncs: Iterable[tuple[int, int]],
+    flushes: Sequence[tuple[int, int]],
+    bounds: ClockBounds,
+) -> list[tuple[int, int]]:
+    """Lower-bound samples from fsyncs that each waited for a flush of the disk.
+
+    `syncs`: (entered, returned) guest ns of successful fsync/fdatasync/sync
+    calls on files of the disk under test; `flushes`: (submitted, completed)
+    host ns of the log's flushes. A flush that can be the call's started after
+    the call entered (`submitted >= entered + lo`) and completed before it
+    returned (`completed <= returned + hi`); the call returned after the
+    earliest such completion, so `d >= completed - returned` for that one.
+    Calls with no such flush (nothing to flush, another filesystem) give none.
+    """
+    out: list[tuple[int, int]] = []
+    ordered = sorted(flushes)
+    for entered, returned in syncs:
+        earliest: int | None = None
+        for submitted, completed in ordered:
+            if submitted < entered + bounds.lo_ns:
+                continue
+            if submitted > returned + bounds.hi_ns:
+                break
+            if completed <= returned + bounds.hi_ns:
+                earliest = completed if earliest is None else min(earliest, completed)
+        if earliest is not None:
+            out.append((returned, earliest))
+    return out
