@@ -1,7 +1,8 @@
 """The guest's clock on the host's: where each traced call falls between persistence points.
 
 The write log and the acknowledgements are stamped with the host's
-CLOCK_MONOTONIC; strace stamps calls with the guest's CLOCK_REALTIME. The
+CLOCK_MONOTONIC; the tracer stamps calls with a guest clock (tracefs: the
+guest's CLOCK_MONOTONIC; strace: its CLOCK_REALTIME). The
 two differ by an offset `d = host - guest` that this module bounds, never
 guesses: a guest time `g` happened at a host time in `[g + lo, g + hi]`.
 
@@ -41,18 +42,23 @@ from harness.errors import GuestError
 if TYPE_CHECKING:
     from harness.guest.ssh import SSHSession
 
-# Reads a line, answers with CLOCK_REALTIME in ns (clock_gettime(2) itself: x86_64 number 228,
-# a 16-byte timespec), exactly, without floating point.
-_CLOCK_HELPER = (
-    'perl -e \'$|=1; while (<STDIN>) { my $ts = "\\0" x 16; '
-    'syscall(228, 0, $ts) == 0 or die "clock_gettime: $!"; '
-    'my ($s, $ns) = unpack("q q", $ts); print $s * 1000000000 + $ns, "\\n" }\''
-)
+CLOCK_REALTIME = 0  # strace's --timestamps=unix
+CLOCK_MONOTONIC = 1  # tracefs's `mono` trace clock
+
+
+def _clock_helper(clock_id: int) -> str:
+    """Reads a line, answers with the clock in ns (clock_gettime(2) itself: x86_64 number
+    228, a 16-byte timespec), exactly, without floating point."""
+    return (
+        'perl -e \'$|=1; while (<STDIN>) { my $ts = "\\0" x 16; '
+        f'syscall(228, {int(clock_id)}, $ts) == 0 or die "clock_gettime: $!"; '
+        'my ($s, $ns) = unpack("q q", $ts); print $s * 1000000000 + $ns, "\\n" }\''
+    )
 
 
 @dataclass(frozen=True)
 class ClockBounds:
-    """`host = guest + d`, `lo_ns <= d <= hi_ns` (host CLOCK_MONOTONIC, guest CLOCK_REALTIME)."""
+    """`host = guest + d`, `lo_ns <= d <= hi_ns` (host CLOCK_MONOTONIC, the tracer's clock)."""
 
     lo_ns: int
     hi_ns: int
@@ -140,14 +146,14 @@ def bounds_from_round_trips(trips: Sequence[tuple[int, int, int]]) -> ClockBound
 
 
 def sample_round_trips(
-    ssh: SSHSession, count: int = 20, timeout: float = 30.0
+    ssh: SSHSession, count: int = 20, timeout: float = 30.0, clock_id: int = CLOCK_REALTIME
 ) -> list[tuple[int, int, int]]:
     """`count` round trips (host sent ns, guest ns, host received ns) to one Perl process.
 
     The process is asked once before the trips that count: its first answer
     waits for Perl to start (a second or more under TCG) and bounds nothing.
     """
-    chan = ssh.open_channel(_CLOCK_HELPER)
+    chan = ssh.open_channel(_clock_helper(clock_id))
     trips: list[tuple[int, int, int]] = []
     buf = b""
     deadline = time.monotonic() + timeout
@@ -173,9 +179,11 @@ def sample_round_trips(
     return trips[1:]
 
 
-def sample_offset(ssh: SSHSession, count: int = 20, timeout: float = 30.0) -> ClockBounds:
+def sample_offset(
+    ssh: SSHSession, count: int = 20, timeout: float = 30.0, clock_id: int = CLOCK_REALTIME
+) -> ClockBounds:
     """Bound the offset by `count` round trips to one Perl process on its own channel."""
-    return bounds_from_round_trips(sample_round_trips(ssh, count, timeout))
+    return bounds_from_round_trips(sample_round_trips(ssh, count, timeout, clock_id))
 
 
 def fsync_samples(

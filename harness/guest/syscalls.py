@@ -602,7 +602,8 @@ class _Pending:
 class StraceParser:
     """Feeds on strace output as it arrives (any chunks); `trace()` is what it made of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, initial_cwd: str | None = None) -> None:
+        self.initial_cwd = initial_cwd  # of a process whose parent the trace does not show
         self._partial = b""
         self._lines = 0
         self._calls: list[tuple[int, int, Call]] = []  # (enter_ns, line, call)
@@ -682,7 +683,7 @@ class StraceParser:
     def _proc(self, pid: int) -> _ProcState:
         state = self._procs.get(pid)
         if state is None:
-            state = self._procs[pid] = _ProcState()
+            state = self._procs[pid] = _ProcState(self.initial_cwd)
             self._info.setdefault(pid, Process(pid))
         return state
 
@@ -872,8 +873,11 @@ class StraceParser:
                 if _int(arg(1)) not in (F_DUPFD, F_DUPFD_CLOEXEC):
                     return None
                 call = replace(call, kind=CallKind.DUP)
-            if ok and call.result is not None and path is not None:
-                state.fds[call.result] = (path, state.fds.get(fd or -1, (path, 0))[1])
+            if ok and call.result is not None:
+                if path is not None:
+                    state.fds[call.result] = (path, state.fds.get(fd or -1, (path, 0))[1])
+                else:
+                    state.fds.pop(call.result, None)  # now a pipe or socket: no file
             return replace(call, fd=fd, path=path)
         if kind is CallKind.CHDIR:
             if name == "fchdir":
