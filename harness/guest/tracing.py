@@ -35,6 +35,7 @@ from harness.errors import GuestError
 from harness.guest import tracefs
 from harness.guest.clock import CLOCK_MONOTONIC, CLOCK_REALTIME
 from harness.guest.syscalls import StraceParser, Trace, printed_at, strace_command
+from harness.guest.tracefs import batching_reader
 
 if TYPE_CHECKING:
     from harness.guest.ssh import SSHSession
@@ -117,7 +118,7 @@ class TraceStream:
     def _reader(self) -> str:
         if self.mechanism is Mechanism.TRACEFS:
             return tracefs.reader_command()
-        return f"exec cat {_quote(FIFO)}"
+        return batching_reader(FIFO)
 
     def _run(self) -> None:
         try:

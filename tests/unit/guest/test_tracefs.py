@@ -68,4 +68,4 @@ def test_the_scripts_name_the_instance_and_what_is_missing() -> None:
     assert "syscalls/sys_enter_fsync syscalls/sys_exit_fsync" in script
     cmd = traced_command("cd /mnt && echo 'x'")
     assert "set_event_pid" in cmd and cmd.endswith("'cd /mnt && echo '\\''x'\\'''")
-    assert reader_command().endswith(f"exec cat {INSTANCE}/trace_pipe")
+    assert reader_command().endswith(f"'{INSTANCE}/trace_pipe'")
