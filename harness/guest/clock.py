@@ -25,8 +25,16 @@ guesses: a guest time `g` happened at a host time in `[g + lo, g + hi]`.
   the earliest that can be the fsync's, so the bound stays a bound when a
   flush of another process sits in the window.
 
-Under TCG (measured, `python -m benchmarks trace`), round trips alone bound
-the offset to a few ms; the lines' arrivals tighten the upper side.
+Under TCG (measured, `python -m benchmarks trace`, docs/tracing.md), round
+trips bound the offset to about ±0.3-0.6 ms. Twice the offset did not hold
+still: an exploratory run's two batches of round trips were 30.9 s apart,
+and a VM test once placed a call 2.08 s before the host started the program
+(the line arrivals after the change tightened the bound for the calls before
+it). A jump of the guest clock explains both; why it jumps is not
+established (TCG keeps the guest TSC monotonic over host TSCs that may not
+agree is one candidate). So bounds that disagree keep their hull and say
+`consistent: False`, are not tightened further, and `causal_upper` bounds
+each instant from above by the arrival of a later line, which no jump breaks.
 """
 
 from __future__ import annotations
@@ -92,7 +100,13 @@ class ClockBounds:
         )
 
     def tighten_upper(self, samples: Iterable[tuple[int, int]]) -> ClockBounds:
-        """(guest ns, host ns) where the guest instant came first: `d <= host - guest`."""
+        """(guest ns, host ns) where the guest instant came first: `d <= host - guest`.
+
+        Bounds that are not consistent (the guest clock jumped between the
+        round trips) are returned as they are: samples from after a jump would
+        pull the bound below what held before it."""
+        if not self.consistent:
+            return self
         hi, n = self.hi_ns, 0
         for guest, host in samples:
             hi = min(hi, host - guest)
@@ -103,6 +117,8 @@ class ClockBounds:
 
     def tighten_lower(self, samples: Iterable[tuple[int, int]]) -> ClockBounds:
         """(guest ns, host ns) where the host instant came first: `d >= host - guest`."""
+        if not self.consistent:
+            return self
         lo, n = self.lo_ns, 0
         for guest, host in samples:
             lo = max(lo, host - guest)
@@ -184,6 +200,18 @@ def sample_offset(
 ) -> ClockBounds:
     """Bound the offset by `count` round trips to one Perl process on its own channel."""
     return bounds_from_round_trips(sample_round_trips(ssh, count, timeout, clock_id))
+
+
+def causal_upper(samples: Sequence[tuple[int, int]], guest_ns: int) -> int | None:
+    """The host time by which a guest instant had surely happened, with no offset at all.
+
+    A line the guest recorded at or after `guest_ns` (its clock never goes
+    back) reached the host at its arrival, so the instant came before the
+    earliest such arrival. This holds across a jump of the guest clock, which
+    the offset's bounds cannot survive (`consistent` False).
+    """
+    arrivals = [host for guest, host in samples if guest >= guest_ns]
+    return min(arrivals) if arrivals else None
 
 
 def fsync_samples(

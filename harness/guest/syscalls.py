@@ -1,38 +1,30 @@
-"""A workload's file system calls as strace saw them in the guest: the model and the parser.
-
-Why strace (measured in the guest under TCG: `python -m benchmarks trace`,
-`benchmarks/results/trace-*.json`, and docs/tracing.md): with `--seccomp-bpf`
-only the calls asked for stop the tracee, `-f` follows the whole process tree
-from its first instruction, and `-yy` prints the path behind every file
-descriptor and behind `AT_FDCWD` as the kernel resolves it (`/proc/PID/fd`),
-so a relative name, a renamed file or a descriptor inherited across
-`fork`/`exec` needs no bookkeeping to be right. The kernel needs nothing
-beyond ptrace and seccomp filters, which every kernel a guest boots has; the
-kernel's own syscall tracepoints give pointers, not paths, and reading paths
-through kprobe/eprobe `ustring` fetch-args, perf's `vfs_getname` probe or
-bpftrace needs tracefs, kprobe events, BTF or debug info that a user's own
-kernel (`--kernel`) may lack.
+"""A workload's file system calls: the model, and strace's output parsed as it streams in.
 
 The model is what the explanation needs (harness/explore/causes.py): one
 `Call` per system call with its kind, process, the paths it resolves to, the
 descriptor, flags, offset and length, the result, and its enter and exit
-times on the guest's clock (strace's `--timestamps=unix,ns`: CLOCK_REALTIME;
-`harness.guest.clock` maps them to the host's CLOCK_MONOTONIC, the clock of
-the write log and of the acknowledgements).
+times on the tracer's guest clock (`harness.guest.clock` maps them to the
+host's CLOCK_MONOTONIC, the clock of the write log and of the
+acknowledgements). Two mechanisms produce it (docs/tracing.md has the
+measurements): the kernel's syscall tracepoints (`harness.guest.tracefs`,
+the default), whose events are turned into the lines strace would print,
+and strace itself (`strace_command`: `-f` follows the whole tree from its
+first instruction, `--seccomp-bpf` stops only the calls asked for, `-y`
+prints the path behind every descriptor and behind `AT_FDCWD`).
 
-The parser (`StraceParser`) takes the output as it streams in, in pieces:
-a line is parsed when its newline arrives, and a last line without one (the
-power was cut while strace wrote it) is dropped and counted in `truncated`.
+The parser (`StraceParser`) takes the output as it arrives, in pieces: a
+line is parsed when its newline arrives, and a last line without one (the
+power was cut while it was written) is dropped and counted in `truncated`.
 Calls interrupted by another process's output (`<unfinished ...>`, then
 `<... NAME resumed>`) are joined; a call that never resumed keeps
 `exit_ns=None`. Paths come from strace's `<...>` annotations when it printed
-them; otherwise from the parser's own fd table and working directory per
-process (inherited at `clone`, cleared of close-on-exec descriptors at
-`execve`), so a trace made without `-yy` still resolves what it can and says
-what it cannot (a relative `path`).
+them; otherwise (tracepoints, or strace without `-y`) from the parser's own
+descriptor table, working directory and shared mappings per process,
+inherited at `clone`, close-on-exec descriptors dropped at `execve`; a path
+it cannot resolve stays relative rather than guessed.
 
-This module imports nothing but the standard library and `harness.errors`:
-the explanation engine (in `harness.explore`) and the guest side both read it.
+This module imports nothing but the standard library: the explanation engine
+(in `harness.explore`) and the guest side both read it.
 """
 
 from __future__ import annotations
@@ -40,11 +32,9 @@ from __future__ import annotations
 import enum
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
-
-from harness.errors import GuestError
 
 # What is traced: every call that changes a file, a directory entry or what is
 # durable, and the calls the parser needs to follow descriptors, mappings and
@@ -977,24 +967,3 @@ def parse_strace(text: str | bytes | Iterable[str]) -> Trace:
         for line in text:
             parser.line(line)
     return parser.trace()
-
-
-def require_strace(output: str) -> None:
-    """Refuse a guest without strace with a message that says how to get it."""
-    if "not found" in output or "No such file" in output:
-        raise GuestError(
-            "the guest has no strace, which traces the workload's system calls: add "
-            '"strace" to the scenario\'s packages (the default image has it), or turn '
-            "tracing off"
-        )
-
-
-def iter_writes_to(trace: Trace, path: str) -> Iterator[Call]:
-    """The successful writes, truncates and fallocates of one file, in order."""
-    for c in trace.calls:
-        if (
-            c.ok
-            and c.path == path
-            and c.kind in (CallKind.WRITE, CallKind.TRUNCATE, CallKind.FALLOCATE)
-        ):
-            yield c

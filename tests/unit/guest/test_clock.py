@@ -7,7 +7,12 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.guest.clock import ClockBounds, bounds_from_round_trips, fsync_samples
+from harness.guest.clock import (
+    ClockBounds,
+    bounds_from_round_trips,
+    causal_upper,
+    fsync_samples,
+)
 from harness.guest.syscalls import Trace, parse_strace
 
 
@@ -45,6 +50,16 @@ def test_causality_tightens_both_sides_and_refuses_a_contradiction() -> None:
     assert ClockBounds.from_json(json.loads(json.dumps(down.to_json()))) == ClockBounds(
         -10, 20, down.samples, True
     )
+
+
+def test_after_a_jump_only_causality_bounds_an_instant() -> None:
+    before, after = ClockBounds(-10, 10), ClockBounds(-2010, -1990)  # the guest jumped 2 s ahead
+    both = before.intersect(after)
+    assert not both.consistent and (both.lo_ns, both.hi_ns) == (-2010, 10)
+    late_lines = [(5000, 3005)]  # recorded after the jump: would say d <= -1995
+    assert both.tighten_upper(late_lines) == both  # not applied across the jump
+    assert causal_upper([(100, 120), (5000, 3005), (200, 230)], 150) == 230
+    assert causal_upper([(100, 120)], 150) is None
 
 
 def test_an_fsync_is_bounded_by_the_earliest_flush_that_can_be_its_own() -> None:
