@@ -216,14 +216,15 @@ def _command(mechanism: str, run: str) -> str:
     raise ValueError(mechanism)
 
 
-def _one(ssh: SSHSession, mechanism: str, workload: str, n: int) -> dict[str, Any]:
+def _one(ssh: SSHSession, mechanism: str, workload: str, n: int, work: Path) -> dict[str, Any]:
     _fresh_fs(ssh, workload)
     run = (FSYNC_LOOP if workload == "fsync-loop" else SQLITE_RUN).replace("{n}", str(n))
     run = f"cd /mnt && {run}"
     out: dict[str, Any] = {}
     stream: TraceStream | None = None
     reader: _Reader | None = None
-    text = Path(tempfile.mkdtemp(prefix="powercut-bench-trace-")) / "trace.txt"
+    text = work / "trace.txt"
+    text.unlink(missing_ok=True)
     if mechanism in ("strace", "strace-all"):
         stream = TraceStream(ssh, text, Mechanism.STRACE).start()
         calls = TRACED + OPTIONAL_CALLS if mechanism == "strace-all" else TRACED
@@ -337,7 +338,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks trace")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fsyncs", type=int, default=200)
-    parser.add_argument("--inserts", type=int, default=100)
+    parser.add_argument("--inserts", type=int, default=30)
     parser.add_argument("--mechanisms", default=",".join(MECHANISMS))
     parser.add_argument("--workloads", default="fsync-loop,sqlite")
     parser.add_argument("--bpftrace-startup", action="store_true")
@@ -345,8 +346,18 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     mechanisms = args.mechanisms.split(",")
     workloads = args.workloads.split(",")
+    with tempfile.TemporaryDirectory(prefix="powercut-bench-trace-") as tmp:
+        return _run(args, mechanisms, workloads, Path(tmp), argv)
+
+
+def _run(
+    args: argparse.Namespace,
+    mechanisms: list[str],
+    workloads: list[str],
+    work: Path,
+    argv: list[str],
+) -> int:
     image = ensure_image(PACKAGES)
-    work = Path(tempfile.mkdtemp(prefix="powercut-bench-trace-"))
     disk = work / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(256 << 20)
@@ -377,7 +388,7 @@ def main(argv: list[str]) -> int:
                 n = args.fsyncs if workload == "fsync-loop" else args.inserts
                 order = mechanisms if r % 2 == 0 else list(reversed(mechanisms))
                 for mechanism in order:
-                    one = _one(ssh, mechanism, workload, n)
+                    one = _one(ssh, mechanism, workload, n, work)
                     samples = one.pop("samples", None)
                     runs[workload][mechanism].append(one)
                     print(f"round {r} {workload} {mechanism}: {one}", flush=True)
@@ -385,7 +396,10 @@ def main(argv: list[str]) -> int:
         report["clock"] = {}
         for mech in (Mechanism.TRACEFS, Mechanism.STRACE):
             _fresh_fs(ssh, "fsync-loop")
-            report["clock"][mech.value] = _clock(ssh, work, mech)
+            try:
+                report["clock"][mech.value] = _clock(ssh, work, mech)
+            except Exception as exc:  # noqa: BLE001 - keep the runs' figures whatever happens here
+                report["clock"][mech.value] = {"error": f"{type(exc).__name__}: {exc}"}
     summary: dict[str, Any] = {}
     for workload, per in runs.items():
         med = {m: statistics.median(x["seconds"] for x in v) for m, v in per.items() if v}

@@ -869,6 +869,8 @@ class StraceParser:
                 else:
                     state.fds.pop(call.result, None)  # now a pipe or socket: no file
             return replace(call, fd=fd, path=path)
+        if kind is CallKind.SYNC:
+            return call
         if kind is CallKind.CHDIR:
             if name == "fchdir":
                 fd, path = self._fd_arg(pid, arg(0))

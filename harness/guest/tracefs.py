@@ -48,6 +48,20 @@ READER_PID = "/run/powercut-trace-reader.pid"
 # needs to follow descriptors and the working directory. Forks come from sched_process_fork.
 TRACEFS_CALLS = (*FILE_CALLS, "dup", "dup2", "dup3", "fcntl", "chdir", "fchdir", "execve")
 _GETNAME = ("getname", "getname_flags", "getname_uflags")
+# Where the kernel may inline getname into the syscall (mkdir, rmdir and unlink on Debian's
+# 6.1 leave no kretprobe event), the tracepoint's own pointer is read too (`ustring`: it can
+# fault, so the kernel's copy wins when there is one). Not for open, openat and execve: the
+# dynamic loader makes them by the dozen, and their getname is never inlined (fs/open.c,
+# fs/exec.c call it from another file).
+PATH_ARGS = {
+    "creat": ("pathname",), "truncate": ("path",),
+    "rename": ("oldname", "newname"), "renameat": ("oldname", "newname"),
+    "renameat2": ("oldname", "newname"), "link": ("oldname", "newname"),
+    "linkat": ("oldname", "newname"), "symlink": ("oldname", "newname"),
+    "symlinkat": ("oldname", "newname"), "unlink": ("pathname",), "unlinkat": ("pathname",),
+    "mkdir": ("pathname",), "mkdirat": ("pathname",), "rmdir": ("pathname",),
+    "chdir": ("filename",),
+}  # fmt: skip
 
 
 def setup_script(calls: tuple[str, ...] = TRACEFS_CALLS) -> str:
@@ -69,18 +83,22 @@ T={TRACEFS}
 grep -q 'e\\[:' $T/README 2>/dev/null || missing "eprobes (Linux 5.15 or later)"
 I={INSTANCE}
 if [ -d $I ]; then echo 0 > $I/tracing_on; echo 0 > $I/events/enable; rmdir $I; fi
-echo '-:powercut/wdata' >> $T/dynamic_events 2>/dev/null
+for e in wdata {" ".join(f"u_{c}" for c in PATH_ARGS)}; do
+  echo "-:powercut/$e" >> $T/dynamic_events 2>/dev/null
+done
 for g in {" ".join(_GETNAME)}; do echo "-:powercut/$g" >> $T/kprobe_events 2>/dev/null; done
 {probes}
 echo 'e:powercut/wdata syscalls.sys_enter_write fd=$fd count=$count buf=+u0($buf):ustring \
 if fd < 3' >> $T/dynamic_events || missing "eprobes on syscall tracepoints"
+{_path_probes()}
 mkdir $I || missing "tracing instances"
 echo 0 > $I/tracing_on
 echo mono > $I/trace_clock
 echo 4096 > $I/buffer_size_kb
 echo 1 > $I/options/event-fork
 for e in {enables} sched/sched_process_fork powercut/wdata \
-         {" ".join(f"powercut/{g}" for g in _GETNAME)}; do
+         {" ".join(f"powercut/{g}" for g in _GETNAME)} \
+         {" ".join(f"powercut/u_{c}" for c in PATH_ARGS)}; do
   [ -e $I/events/$e/enable ] && echo 1 > $I/events/$e/enable
 done
 # fcntl only where it makes a descriptor (F_DUPFD, F_DUPFD_CLOEXEC): SQLite takes its locks
@@ -89,6 +107,17 @@ done
   echo 'cmd == 0 || cmd == 1030' > $I/events/syscalls/sys_enter_fcntl/filter
 echo ready
 """
+
+
+def _path_probes() -> str:
+    lines = []
+    for call, fields in PATH_ARGS.items():
+        args = " ".join(f"{f}=+u0(${f}):ustring" for f in fields)
+        lines.append(
+            f"[ -d $T/events/syscalls/sys_enter_{call} ] && echo 'e:powercut/u_{call} "
+            f"syscalls.sys_enter_{call} {args}' >> $T/dynamic_events"
+        )
+    return "\n".join(lines)
 
 
 def traced_command(command: str) -> str:
@@ -144,6 +173,7 @@ _ENTER = re.compile(r"sys_(\w+)\((.*)\)")
 _EXIT = re.compile(r"sys_(\w+) -> 0x([0-9a-f]+)")
 _FIELD = re.compile(r"(\w+): ([0-9a-f]+)")
 _FORK = re.compile(r"comm=.* pid=(\d+) child_comm=.* child_pid=(\d+)")
+_USTRING = re.compile(r'(\w+)="([^"]*)"')
 _NAME = re.compile(r'\(.*?<- (\w+)\) ptr=0x([0-9a-f]+) name="(.*)" uptr=0x([0-9a-f]+)$')
 _WDATA = re.compile(r'\(.*?\) fd=0x([0-9a-f]+) count=0x([0-9a-f]+) buf="(.*)', re.DOTALL)
 # Arguments that are descriptors (printed as signed ints) and paths (filled from getname).
@@ -169,6 +199,7 @@ class _Open:
     enter_us: int
     names: dict[int, str] = field(default_factory=dict)  # user pointer -> the kernel's copy
     seen: set[int] = field(default_factory=set)  # struct filename pointers already taken
+    fallback: dict[str, str] = field(default_factory=dict)  # field -> the user string read
     data: bytes | None = None
 
 
@@ -224,6 +255,11 @@ class TracefsConverter:
                 if ptr not in pending.seen:
                     pending.seen.add(ptr)
                     pending.names.setdefault(uptr, n.group(3))
+        elif event.startswith("u_"):
+            pending = self._open.get(pid)
+            if pending is not None and pending.name == event[2:]:
+                for fname, text in _USTRING.findall(rest):
+                    pending.fallback.setdefault(fname, text)
         elif event == "wdata":
             w = _WDATA.search(rest)
             if w is not None:
@@ -283,6 +319,8 @@ class TracefsConverter:
                 args.append(str(_signed(raw & 0xFFFFFFFF, 32)))
             elif name in _PATH_FIELDS:
                 text = p.names.get(raw)
+                if text is None and p.fallback.get(name, "(fault)") != "(fault)":
+                    text = p.fallback[name]
                 args.append("NULL" if text is None else '"' + _escape(text) + '"')
             elif name == "buf" and p.name in ("write", "pwrite64"):
                 args.append('"' + _escape_bytes(p.data or b"") + '"')

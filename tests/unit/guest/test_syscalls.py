@@ -71,6 +71,7 @@ def test_real_lines_give_each_call_its_paths_flags_and_times() -> None:
     assert ("rename", "/mnt/m", "/mnt/m2") in by
     assert ("link", "/mnt/m2", "/mnt/m3") in by
     assert ("mkdir", "/mnt/dd", None) in by
+    assert ("sync", None, None) in by  # no argument, but a persistence point all the same
     rmdir = next(c for c in trace.calls if c.name == "unlinkat")
     assert rmdir.kind is CallKind.RMDIR and rmdir.path == "/mnt/dd"
     opened = next(c for c in trace.calls if c.path == "/mnt/m" and c.kind is CallKind.OPEN)

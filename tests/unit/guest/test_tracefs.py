@@ -52,6 +52,21 @@ def test_descriptors_follow_dup2_and_a_restored_stdout_is_no_file() -> None:
     assert parents[178] == 166 and parents[179] == 166
 
 
+def test_where_no_getname_fired_the_tracepoints_own_string_names_the_path() -> None:
+    conv = TracefsConverter(cwd="/mnt")
+    conv.feed(
+        "  perl-9 [000] ...1. 5.000100: sys_mkdir(pathname: 55aa, mode: 1ff)\n"
+        '  perl-9 [000] ...2. 5.000101: u_mkdir: (syscalls.sys_enter_mkdir) pathname="e"\n'
+        "  perl-9 [000] ...1. 5.000200: sys_mkdir -> 0x0\n"
+        "  perl-9 [000] ...1. 5.000300: sys_unlink(pathname: 55ab)\n"
+        "  perl-9 [000] ...2. 5.000301: u_unlink: (syscalls.sys_enter_unlink) pathname=(fault)\n"
+        "  perl-9 [000] ...1. 5.000400: sys_unlink -> 0x0\n"
+    )
+    mkdir, unlink = conv.trace().calls
+    assert (mkdir.name, mkdir.path) == ("mkdir", "/mnt/e")
+    assert (unlink.name, unlink.path) == ("unlink", None)  # faulted: unknown, not guessed
+
+
 def test_a_call_still_open_when_the_trace_ends_never_returned() -> None:
     conv = TracefsConverter()
     cut = EXCERPT[: EXCERPT.index("sys_fsync -> 0x0")]
