@@ -395,8 +395,8 @@ def _run(
                     del samples
         report["clock"] = {}
         for mech in (Mechanism.TRACEFS, Mechanism.STRACE):
-            _fresh_fs(ssh, "fsync-loop")
             try:
+                _fresh_fs(ssh, "fsync-loop")
                 report["clock"][mech.value] = _clock(ssh, work, mech)
             except Exception as exc:  # noqa: BLE001 - keep the runs' figures whatever happens here
                 report["clock"][mech.value] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -407,6 +407,16 @@ def _run(
             "median_seconds": med,
             "ratio_to_off": {m: round(s / med["off"], 3) for m, s in med.items()}
             if "off" in med
+            else {},
+            # Round by round (the same round's off): how noisy the medians' ratio is.
+            "round_ratios_to_off": {
+                m: [
+                    round(a["seconds"] / b["seconds"], 2)
+                    for a, b in zip(v, per["off"], strict=True)
+                ]
+                for m, v in per.items()
+            }
+            if "off" in per
             else {},
         }
     report["runs"] = runs

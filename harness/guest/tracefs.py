@@ -3,10 +3,11 @@
 Measured in the guest under TCG (`python -m benchmarks trace`, docs/tracing.md):
 strace stops the tracee twice per traced call, which a process-per-transaction
 workload (the shipped sqlite scenario: a sqlite3 exec per insert, ~60 traced
-calls each, most of them the dynamic loader's) pays 2.3-2.4x for; the kernel's
-tracepoints write each event into a ring buffer without stopping anyone and
-cost that run phase nothing measurable. Tracepoints see the calls' arguments
-as numbers, though, so three things are added:
+calls each, most of them the dynamic loader's) pays 2.0-3.5x for (medians of
+three runs); the kernel's tracepoints write each event into a ring buffer
+without stopping anyone: 1.1-1.5x on the same run phase (medians of two runs;
+single rounds 0.8-2.0x on a loaded machine; docs/tracing.md). Tracepoints see
+the calls' arguments as numbers, though, so three things are added:
 
 - names: a syscall tracepoint holds a pointer, and reading user memory from it
   (eprobe `ustring`) fails whenever the page is not resident ("(fault)": 270
