@@ -274,7 +274,7 @@ def in_guests(tmp: Path, states: int, records: int, seed: int) -> dict[str, Any]
     from harness.crash.plan import make_plan
     from harness.crash.runner import run_plan
     from harness.explore.recording import open_recording
-    from harness.vm.image import ensure_image
+    from harness.vm.build import ensure_image
 
     tmp.mkdir(parents=True, exist_ok=True)
     scenario = tmp / "explore-bench.toml"

@@ -144,7 +144,7 @@ def run_guest(
 ) -> dict[str, Any]:
     from harness.vm.accel import choose_accel
     from harness.vm.backends import make_backend
-    from harness.vm.image import ensure_image
+    from harness.vm.build import ensure_image
     from harness.vm.qemu import QemuMachine
     from harness.vm.spec import MachineSpec
 

@@ -263,7 +263,7 @@ def test_a_cached_image_refuses_a_filesystem_its_kernel_lacks_without_booting():
 @pytest.fixture
 def offline_plan(monkeypatch, tmp_path):
     """plan() with apt replaced: each package resolves to itself at version 1."""
-    from harness.vm import image
+    from harness.vm import recipe as recipes
 
     versions = {"sqlite3": "1"}
 
@@ -272,12 +272,12 @@ def offline_plan(monkeypatch, tmp_path):
         return pkgs.Resolution(wanted, {p: versions.get(p, "1") for p in wanted})
 
     monkeypatch.setattr(pkgs, "resolve", resolve)
-    monkeypatch.setattr(image, "resolve_kernel_package", lambda meta: ("linux-image-x", "6.1"))
+    monkeypatch.setattr(recipes, "resolve_kernel_package", lambda meta: ("linux-image-x", "6.1"))
     monkeypatch.setattr(pkgs, "lists_digest", lambda lists=None: "lists")
-    recipe = image.Recipe.load()
+    recipe = recipes.Recipe.load()
 
     def key(recipe=recipe, **kw):
-        return image.plan(recipe, tmp_path, **kw).recipe_hash
+        return recipes.plan(recipe, tmp_path, **kw).recipe_hash
 
     return key, versions
 
@@ -322,10 +322,10 @@ def test_the_image_key_of_a_fixed_recipe_has_not_moved(offline_plan, tmp_path):
 
     Bump BUILDER_VERSION (and these values) only when the builder's output changes.
     """
-    from harness.vm import image
+    from harness.vm.recipe import Recipe
 
     key, _ = offline_plan
-    recipe = image.Recipe.load(_fixed_recipe(tmp_path))
+    recipe = Recipe.load(_fixed_recipe(tmp_path))
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(b"a kernel")
     modules = tmp_path / "modules" / "6.1.0"
