@@ -3,7 +3,7 @@
     python -m benchmarks explore [-- --steps 40 --states 600 --workers 2 --seed 1]
 
 1. Record once: a 64 MiB ext4 image (mkfs defaults), `--steps` real ext4
-   operations (`harness.explore.ext4traffic`: debugfs operations journalled
+   operations (`harness.testing.ext4traffic`: debugfs operations journalled
    the way jbd2 orders its writes, with barriers) through
    log-writes (with data) over powerfail over file, each step acknowledged by
    a mark in the log. No VM, no kernel mount.
@@ -51,7 +51,6 @@ from harness.durability.cut import apply_cut
 from harness.durability.oracle import check
 from harness.durability.writelog import read_log
 from harness.explore.attribute import attribute_extents
-from harness.explore.ext4traffic import Ext4Traffic
 from harness.explore.hostcheck import Ext4Checker, HostChecker, explore_host
 from harness.explore.minimize import minimize_state
 from harness.explore.recording import (
@@ -63,6 +62,7 @@ from harness.explore.recording import (
     write_recording,
 )
 from harness.explore.states import Bounds, Timeline, enumerate_states
+from harness.testing.ext4traffic import Ext4Traffic
 
 IMAGE_SIZE = 64 << 20
 GOAL = 100.0
@@ -274,7 +274,7 @@ def in_guests(tmp: Path, states: int, records: int, seed: int) -> dict[str, Any]
     from harness.crash.plan import make_plan
     from harness.crash.runner import run_plan
     from harness.explore.recording import open_recording
-    from harness.vm.image import ensure_image
+    from harness.vm.build import ensure_image
 
     tmp.mkdir(parents=True, exist_ok=True)
     scenario = tmp / "explore-bench.toml"

@@ -26,7 +26,7 @@ from harness.block.cache import VALID_MODES
 from harness.commands.image import add_image_arguments
 from harness.errors import ConfigError
 from harness.vm.backends import BackendKind, DiskBackend, make_backend
-from harness.vm.image import ensure_image
+from harness.vm.build import ensure_image
 from harness.vm.machine import Machine
 from harness.vm.spec import Disk, MachineSpec
 

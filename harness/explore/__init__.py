@@ -8,7 +8,9 @@
                    the filesystem checker with journal recovery on a throwaway view
     minimize.py    delta debugging over the lost and torn writes of a failing state
     attribute.py   what a write's blocks hold on ext4 (debugfs icheck/ncheck)
-    ext4traffic.py real ext4 traffic through the block stack without a VM (benchmarks, tests)
+
+Real ext4 traffic to explore without a VM (benchmarks, tests) is test support:
+`harness/testing/ext4traffic.py`.
 
 The checker guest's disk is the `crash-state` block driver
 (`harness/block/drivers/crash_state.py`), switched by the serve control

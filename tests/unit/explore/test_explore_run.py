@@ -37,7 +37,6 @@ from harness.durability.contract import Promise
 from harness.durability.delta import read_delta
 from harness.durability.oracle import check as oracle_check
 from harness.errors import ConfigError, JournalError
-from harness.explore.ext4traffic import Ext4Traffic
 from harness.explore.hostcheck import log_as_of
 from harness.explore.overlay import StateBuilder
 from harness.explore.recording import Recording, open_recording
@@ -46,6 +45,7 @@ from harness.report.explore import render_explore
 from harness.scenario.cells import single_cell
 from harness.scenario.explore import ExploreSpec
 from harness.scenario.model import DiskSpec
+from harness.testing.ext4traffic import Ext4Traffic
 from harness.workloads.ackrecords import AckRecords
 from harness.workloads.base import ORACLE, Observation
 

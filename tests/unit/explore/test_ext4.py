@@ -15,11 +15,11 @@ import pytest
 
 from harness.durability.contract import Promise
 from harness.explore.attribute import attribute_extents, loss_report
-from harness.explore.ext4traffic import Ext4Traffic
 from harness.explore.hostcheck import Ext4Checker, HostChecker, Verdict, explore_host
 from harness.explore.minimize import minimize_state
 from harness.explore.overlay import StateBuilder
 from harness.explore.states import Bounds, PointKind, Timeline, enumerate_states
+from harness.testing.ext4traffic import Ext4Traffic
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
 

@@ -1,6 +1,6 @@
 """Host-side comparison of vhost-user-blk backends, without a guest.
 
-The in-process test frontend (harness.vhost.frontend.RequestStream) drives
+The in-process test frontend (harness.testing.vhost_frontend.RequestStream) drives
 each backend over its socket with the same request stream: 4 KiB random
 reads and writes at queue depth 1 and 16, 1 MiB sequential reads and writes
 at depth 4, on a page-cached raw image with the write cache on (neither
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.proc import ManagedProcess
-from harness.vhost.frontend import RequestStream, VhostUserFrontend
+from harness.testing.vhost_frontend import RequestStream, VhostUserFrontend
 
 IMAGE_SIZE = 256 << 20
 GOALS = {"4k": 0.8, "1m": 0.9}
