@@ -4,11 +4,12 @@
     powercut explore scenarios/matrix.toml --out r --mode writeback --max-states 500 --workers 2
     powercut explore replay out/explore --state p12-torn-3 --out state.img
 
-Each cell's workload runs once (`harness.crash.explore_record`); the states its
+Each cell's workload runs once (`harness.crash.explorer.record`); the states its
 contract allows are checked host-side and in one checker guest, failing ones
-shrunk (`harness.crash.explore_run`). DIR gets explore.json (written as it
-goes), report.html and plots/. `replay` rebuilds any state of DIR/explore.json
-(minimized ones too) as an image to mount or fsck.
+shrunk (`harness.crash.explorer.cell`). DIR gets explore.json (written as it
+goes, `harness.crash.explorer.run`), report.html and plots/. `replay` rebuilds
+any state of DIR/explore.json (minimized ones too) as an image to mount or fsck
+(`harness.explore.doc.replay`).
 
 Exit status: 0 when no state breaks its contract (a negative control: when
 one fails), 1 otherwise, 130 after Ctrl-C (explore.json keeps what was checked).
@@ -23,19 +24,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.status import Status
 
-from harness.crash.explore_record import unexplorable
-from harness.crash.explore_run import (
-    CellExplorer,
-    ExploreDoc,
-    ExploreOptions,
-    exploration_cells,
-    explore_id,
-    replay,
-    spec_for,
-)
+from harness.crash.explorer.cell import CellExplorer, ExploreOptions
+from harness.crash.explorer.record import unexplorable
+from harness.crash.explorer.run import ExploreDoc, exploration_cells, explore_id, spec_for
 from harness.crash.images import CellImages
 from harness.crash.plan import ACCELS, command_line, make_plan
 from harness.errors import ConfigError
+from harness.explore.doc import CellRecord, replay
 from harness.report.explore import render_explore
 from harness.vm.accel import choose_accel
 
@@ -138,10 +133,9 @@ def run(args: argparse.Namespace) -> int:
     accel = choose_accel(None if plan.accel == "auto" else plan.accel, images(cells[0]).kernel)
     out = Path(args.out)
     doc = ExploreDoc(out, command_line(sys.argv[1:]))
-    for c, why in skipped:
+    for index, (c, why) in enumerate(skipped):
         console.print(f"[yellow]SKIP [/] {c.scenario}: {explore_id(c)}: {why}", soft_wrap=True)
-        skip = {"id": explore_id(c), "scenario": c.scenario, "status": "skipped", "reason": why}
-        doc.add_cell({**skip, "index": len(doc.data["cells"]), "verdict": "skipped", "states": []})
+        doc.add_cell(CellRecord.skipped(index, explore_id(c), c.scenario, why))
     interrupted = False
     try:
         for index, cell in enumerate(cells, start=len(skipped)):
@@ -166,32 +160,31 @@ def run(args: argparse.Namespace) -> int:
                     on_phase=phase,
                 )
                 result = explorer.run()
-            entry = result.entry
+            record = result.record
             style = "green" if result.ok else "red"
+            verdict = record.verdict.value if record.verdict is not None else "none"
             console.print(
-                f"[{style}]{str(entry['verdict']).upper():5}[/] {cell.scenario}: {entry['id']}: "
-                f"{entry['reason']}",
+                f"[{style}]{verdict.upper():5}[/] {cell.scenario}: {record.id}: {record.reason}",
                 highlight=False,
                 soft_wrap=True,
             )
     except KeyboardInterrupt:
         interrupted = True
-    doc.finish(interrupted=interrupted)
-    report = render_explore(out, doc.data)
-    data = doc.data
+    document = doc.finish(interrupted=interrupted)
+    report = render_explore(out, document)
+    counts = document.counts
     console.print(
-        f"{data['states_explored']} states explored ({data['states_unique']} unique), "
-        f"{data['states_failing']} failing, {data['states_breaking_contract']} breaking the "
+        f"{counts.states_explored} states explored ({counts.states_unique} unique), "
+        f"{counts.states_failing} failing, {counts.states_breaking_contract} breaking the "
         f"contract; {out / 'explore.json'}, {report}",
         markup=False,
     )
-    for cell_entry in data["cells"]:
-        shown = [s for s in cell_entry.get("states", []) if s.get("contract_broken")][:3]
-        for s in shown:
-            console.print(f"  {s['id']}: {s.get('replay', '')}", markup=False, soft_wrap=True)
+    for cell_record in document.cells:
+        for s in cell_record.breaking[:3]:
+            console.print(f"  {s.id}: {s.replay or ''}", markup=False, soft_wrap=True)
     if interrupted:
         return 130
-    return 0 if data["ok"] else 1
+    return 0 if document.ok else 1
 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:

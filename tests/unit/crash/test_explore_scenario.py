@@ -8,7 +8,8 @@ import pytest
 
 from harness.durability.contract import CutPolicy
 from harness.errors import ScenarioError
-from harness.scenario.explore import DEFAULT, PointKind
+from harness.explore.spec import ExploreSpec
+from harness.explore.states import PointKind
 from harness.scenario.parse import parse_scenario
 
 BASE = """\
@@ -39,7 +40,7 @@ def error_of(text: str) -> str:
 
 def test_a_scenario_without_the_table_has_none_and_an_empty_table_the_defaults() -> None:
     assert parse_scenario(BASE, "s.toml").explore is None
-    assert parse_scenario(explore(""), "s.toml").explore == DEFAULT
+    assert parse_scenario(explore(""), "s.toml").explore == ExploreSpec()
 
 
 def test_every_field_is_read() -> None:

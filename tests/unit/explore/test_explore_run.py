@@ -22,29 +22,32 @@ from typing import Any
 import pytest
 
 from harness.cli import main
-from harness.crash.explore_guest import GuestCheck, mount_request, plain_argv
-from harness.crash.explore_record import RecordedRun
-from harness.crash.explore_run import (
-    DOC_NAME,
-    CellExplorer,
-    ExploreDoc,
-    ExploreOptions,
-    find_recorded_state,
-    load_doc,
-    replay,
-)
-from harness.durability.contract import Promise
+from harness.crash.explorer.cell import CellExplorer, ExploreOptions
+from harness.crash.explorer.checker import GuestCheck, mount_request, plain_argv
+from harness.crash.explorer.record import RecordedRun
+from harness.crash.explorer.run import ExploreDoc
+from harness.durability.contract import Promise, Verdict
 from harness.durability.delta import read_delta
 from harness.durability.oracle import check as oracle_check
 from harness.errors import ConfigError, JournalError
+from harness.explore.doc import (
+    DOC_NAME,
+    CellRecord,
+    CellStatus,
+    ExploreDocument,
+    StateRecord,
+    Where,
+    load_doc,
+    replay,
+)
 from harness.explore.ext4traffic import Ext4Traffic
 from harness.explore.hostcheck import log_as_of
 from harness.explore.overlay import StateBuilder
 from harness.explore.recording import Recording, open_recording
+from harness.explore.spec import ExploreSpec
 from harness.explore.states import Timeline
 from harness.report.explore import render_explore
 from harness.scenario.cells import single_cell
-from harness.scenario.explore import ExploreSpec
 from harness.scenario.model import DiskSpec
 from harness.workloads.ackrecords import AckRecords
 from harness.workloads.base import ORACLE, Observation
@@ -199,6 +202,82 @@ def test_explore_json_holds_every_state_with_its_checks_and_the_totals(
     assert cell["keep"] == "FLUSHED" and cell["judge"] == "FLUSHED"
 
 
+SKIPPED = {
+    "id": "writeback/explore/fio-verify/after-2s/r0",
+    "scenario": "mixed",
+    "status": "skipped",
+    "reason": "the fio-verify workload cannot be explored",
+    "index": 0,
+    "verdict": "skipped",
+    "states": [],
+}
+
+
+def test_explore_json_reads_back_as_records_that_write_the_same_bytes(
+    recorder: Any, tmp_path: Path
+) -> None:
+    """Every part of explore.json is a record: a file read back and written again is the same
+    text, key order included, so the readers and users' scripts see one format."""
+    nobarrier, flushed = recorder(), recorder()
+    acked_records(nobarrier, 4, flush=False)
+    acked_records(flushed)
+    out = tmp_path / "out"
+    doc = ExploreDoc(out, "test")
+    doc.add_cell(CellRecord.skipped(0, SKIPPED["id"], "mixed", SKIPPED["reason"]))
+    records = single_cell(AckRecords(records=6), checkers=(ORACLE, "ack-records"))
+    with_fsck = single_cell(
+        AckRecords(records=6),
+        filesystem="ext4",
+        disk=DiskSpec("ext4"),
+        checkers=(ORACLE, "ack-records", "fsck"),  # e2fsck finds no ext4 here: host-side fails
+    )
+    runs = ((records, nobarrier, 2), (with_fsck, nobarrier, 0), (records, flushed, 0))
+    for index, (cell, rec, verify) in enumerate(runs, start=1):
+        CellExplorer(
+            cell,
+            ExploreSpec(max_states=60, minimize=2),
+            out / "cells" / f"{index:03d}",
+            None,
+            out=out,
+            index=index,
+            options=ExploreOptions(guest_factory=FakeGuest, full_every=1, verify_every=verify),
+            doc=doc,
+            replay_prefix=f"{index}/",
+        ).explore(recorded(rec, rec.finish()))
+    CellExplorer(  # no guest image: the cell is an error
+        records,
+        ExploreSpec(),
+        out / "cells" / "004",
+        None,
+        out=out,
+        index=4,
+        options=ExploreOptions(),
+        doc=doc,
+    ).run()
+    doc.finish()
+    text = (out / DOC_NAME).read_text()
+    document = load_doc(out)
+    assert document.text() == text
+    assert ExploreDocument.from_json(document.to_json()) == document
+    # A skipped cell is written as the command always wrote it.
+    assert list(json.loads(text)["cells"][0].items()) == list(SKIPPED.items())
+    # And the file holds every kind of part the records know.
+    skipped, guest, host, passing, error = document.cells
+    assert skipped.status is CellStatus.SKIPPED and skipped.verdict is Verdict.SKIPPED
+    assert error.status is CellStatus.ERROR and "guest image" in error.reason
+    assert guest.verdict is host.verdict is Verdict.FAIL and passing.verdict is Verdict.PASS
+    assert any(s.guest and s.guest.same_as for s in passing.states)
+    guest_states: list[StateRecord] = list(guest.states)
+    assert any(s.device_md5_expected for s in guest_states)
+    assert any(s.minimized and s.minimized.by is Where.GUEST for s in guest_states)
+    assert guest.guest is not None and guest.runner_cuts is not None and guest.recorded
+    assert all(s.guest and s.guest.skipped for s in host.states)
+    assert any(
+        c.where is Where.HOST and c.seconds is not None for s in host.states for c in s.checks
+    )
+    assert any(s.minimized and s.minimized.by is Where.HOST for s in host.states)
+
+
 def test_every_explored_state_is_inside_the_contract_the_oracle_agrees(
     recorder: Any, tmp_path: Path
 ) -> None:
@@ -336,8 +415,8 @@ def test_replay_bad_input_is_a_clear_error(recorder: Any, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="no exploration"):
         replay(tmp_path, "p0-lose-all-0", tmp_path / "x.img")
     with pytest.raises(ConfigError, match="no cell 7"):
-        find_recorded_state(load_doc(out), "7/p0-lose-all-0")
-    first = load_doc(out)["cells"][0]["states"][0]["id"]
+        load_doc(out).find_state("7/p0-lose-all-0")
+    first = load_doc(out).cells[0].states[0].id
     with open(recording.base, "r+b") as f:  # the base changed since the recording
         f.seek(8192)
         f.write(b"changed")
@@ -383,7 +462,7 @@ def test_an_interrupted_exploration_keeps_what_it_checked(recorder: Any, tmp_pat
     class Interrupting(FakeGuest):
         def start(self) -> None:
             deadline = time.monotonic() + 60
-            while len(doc.data["cells"][0]["states"]) < 5:
+            while len(doc.cells[0].states) < 5:
                 assert time.monotonic() < deadline, "the host side never got going"
                 time.sleep(0.001)
             raise KeyboardInterrupt
@@ -405,8 +484,8 @@ def test_an_interrupted_exploration_keeps_what_it_checked(recorder: Any, tmp_pat
         explorer.explore(recorded(rec, recording))
     doc.finish(interrupted=True)
     saved = load_doc(out)
-    assert saved["interrupted"] and not saved["complete"] and saved["ok"] is False
-    states = saved["cells"][0]["states"]
+    assert saved.interrupted and not saved.complete and saved.ok is False
+    states = saved.cells[0].states
     assert 5 <= len(states) < 300
     assert FakeGuest.instances[0].closed
     assert threading.active_count() == threads  # the host-side thread stopped

@@ -36,6 +36,7 @@ from harness.block.options import format_dotted
 from harness.control import control_request
 from harness.crash.session import CrashBackend
 from harness.errors import GuestError, PowercutError, TimeoutExpired
+from harness.explore.doc import CheckSummary, GuestFsck, GuestRecord
 from harness.guest.checker import CheckerLoop, text
 from harness.guest.ssh import CommandResult, LineCallback, SSHSession
 from harness.vm.image import GuestImage
@@ -239,14 +240,14 @@ class _Context:
         """States have no cell deadline: each helper request has its own timeout."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class GuestCheck:
-    """What the checker guest found in one state."""
+    """What the checker guest found in one state (`record()`: as explore.json keeps it)."""
 
     mounted: bool | None  # None: the workload needs no filesystem
     observation: Observation | None  # the workload's own check (None: it did not run)
     error: str | None = None  # the check could not judge (it raised), or the mount's error
-    fsck: dict[str, Any] | None = None  # the guest's filesystem checker after the release
+    fsck: GuestFsck | None = None  # the guest's filesystem checker after the release
     device_md5: str | None = None
     seconds: float = 0.0
     phases: dict[str, int] = field(default_factory=dict)  # helper ms: mount, command, release
@@ -257,25 +258,20 @@ class GuestCheck:
             return True
         if self.observation is not None and (self.observation.loss or self.observation.corruption):
             return True
-        return bool(self.fsck is not None and not self.fsck["ok"])
+        return bool(self.fsck is not None and not self.fsck.ok)
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mounted": self.mounted, "seconds": round(self.seconds, 3)}
-        if self.observation is not None:
-            out["check"] = {
-                "loss": self.observation.loss,
-                "corruption": self.observation.corruption,
-                "summary": self.observation.summary(),
-            }
-        if self.error:
-            out["error"] = self.error
-        if self.fsck is not None:
-            out["fsck"] = self.fsck
-        if self.device_md5:
-            out["device_md5"] = self.device_md5
-        if self.phases:
-            out["ms"] = self.phases
-        return out
+    def record(self) -> GuestRecord:
+        obs = self.observation
+        check = CheckSummary(obs.loss, obs.corruption, obs.summary()) if obs is not None else None
+        return GuestRecord(
+            mounted=self.mounted,
+            seconds=round(self.seconds, 3),
+            check=check,
+            error=self.error,
+            fsck=self.fsck,
+            device_md5=self.device_md5,
+            ms=dict(self.phases),
+        )
 
 
 class CheckerGuest:
@@ -402,7 +398,7 @@ class CheckerGuest:
         answers = self.shell.answers
         phases: dict[str, int] = {}
         md5 = None
-        fsck = None
+        fsck: GuestFsck | None = None
         for answer in answers:
             for step in ("mount", "command", "release", "after"):
                 got = answer.get(step)
@@ -417,14 +413,14 @@ class CheckerGuest:
             if isinstance(answer.get("after"), dict) and self.filesystem:
                 got = answer["after"]
                 fs = filesystem.get(self.filesystem)
-                fsck = {
-                    "command": fs.fsck,
-                    "exit": got.get("exit"),
-                    "ok": got.get("exit") in fs.clean,
-                    "output": "\n".join(
+                fsck = GuestFsck(
+                    fs.fsck,
+                    got.get("exit"),
+                    got.get("exit") in fs.clean,
+                    "\n".join(
                         (text(got.get("stdout")) + text(got.get("stderr"))).splitlines()[-5:]
                     ),
-                }
+                )
         if mounted is not False and self.mount is not None:
             first = answers[0].get("mount") if answers else None
             if isinstance(first, dict) and not first.get("ok"):
