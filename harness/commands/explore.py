@@ -11,8 +11,11 @@ goes, `harness.crash.explorer.run`), report.html and plots/. `replay` rebuilds
 any state of DIR/explore.json (minimized ones too) as an image to mount or fsck
 (`harness.explore.doc.replay`).
 
-Exit status: 0 when no state breaks its contract (a negative control: when
-one fails), 1 otherwise, 130 after Ctrl-C (explore.json keeps what was checked).
+Exit status (`EXIT_STATUS`, also in `--help`): 0 when every cell passed; 1 when a
+state breaks its contract (a negative control: when none fails); 2 when a cell
+is an error instead — its recording or its checks failed, or more of its states
+than the scenario's `unjudged-states` could not be judged (a check that could
+not run is not a pass); 130 after Ctrl-C (explore.json keeps what was checked).
 """
 
 from __future__ import annotations
@@ -29,16 +32,27 @@ from harness.crash.explorer.record import unexplorable
 from harness.crash.explorer.run import ExploreDoc, exploration_cells, explore_id, spec_for
 from harness.crash.images import CellImages
 from harness.crash.plan import ACCELS, command_line, make_plan
+from harness.durability.contract import Verdict
 from harness.errors import ConfigError
-from harness.explore.doc import CellRecord, replay
+from harness.explore.doc import CellRecord, ExploreDocument, replay
+from harness.report.console import STYLE
 from harness.report.explore import render_explore
 from harness.vm.accel import choose_accel
 
 NAME = "explore"
 HELP = "check every crash state a recorded run allows (and `explore replay` one of them)"
+EXIT_STATUS = """\
+exit status:
+  0    every cell passed: no state breaks its contract (a negative control: some state fails)
+  1    a state breaks its contract (a negative control: no state fails)
+  2    a cell is an error: its recording or its checks failed, or more states than
+       [explore] unjudged-states could not be judged (explore.json: states_unjudged)
+  130  interrupted (Ctrl-C); explore.json keeps what was checked"""
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_STATUS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "scenarios",
         nargs="+",
@@ -161,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 )
                 result = explorer.run()
             record = result.record
-            style = "green" if result.ok else "red"
-            verdict = record.verdict.value if record.verdict is not None else "none"
+            verdict = record.verdict.value if record.verdict is not None else "error"
+            style = STYLE.get(verdict, "default")
             console.print(
                 f"[{style}]{verdict.upper():5}[/] {cell.scenario}: {record.id}: {record.reason}",
                 highlight=False,
@@ -176,14 +190,27 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"{counts.states_explored} states explored ({counts.states_unique} unique), "
         f"{counts.states_failing} failing, {counts.states_breaking_contract} breaking the "
-        f"contract; {out / 'explore.json'}, {report}",
+        f"contract, {counts.states_unjudged} not judged; {out / 'explore.json'}, {report}",
         markup=False,
     )
     for cell_record in document.cells:
         for s in cell_record.breaking[:3]:
             console.print(f"  {s.id}: {s.replay or ''}", markup=False, soft_wrap=True)
-    if interrupted:
+        for s in cell_record.unjudged[:3]:
+            why = "; ".join(f"{c.checker}: {c.detail}" for c in s.checks if c.ok is None)
+            console.print(f"  {s.id} not judged: {why}", markup=False, soft_wrap=True)
+    return exit_status(document)
+
+
+def exit_status(document: ExploreDocument) -> int:
+    """The command's exit status for a finished exploration (`EXIT_STATUS`)."""
+    if document.interrupted:
         return 130
+    verdicts = {c.verdict for c in document.cells}
+    if Verdict.FAIL in verdicts:
+        return 1
+    if Verdict.ERROR in verdicts:
+        return 2
     return 0 if document.ok else 1
 
 

@@ -239,7 +239,10 @@ class PowerCutHelper:
         `[explore]` table is `spec`, or `max_states` and `guest_check`):
         `result.passed`, `result.reason`, `result.failing` and `result.breaking`
         (the states that fail, and those that fail where the contract says they
-        must not), `result.replay(state_id, image)` rebuilds one as an image.
+        must not), `result.replay(state_id, image)` rebuilds one as an image. A
+        state whose checks could not run is no pass: `result.unjudged` names
+        them, and more than `spec.unjudged_states` of them make the exploration
+        an error (`result.passed` is False, `result.record.verdict` ERROR).
         """
         cell = single_cell(
             workload,

@@ -23,10 +23,17 @@ it promised), `fail` (a checker failed while the disk kept its promise),
 `pass`. A cell's `checkers` map each checker to what it must report there
 (`harness.crash.verdict.Outcome`'s values, as text: the engine sits below it).
 
+A state no checker failed but some could not judge — the workload's check
+did not run in the checker guest, or a host tool that cannot replay the log
+said so and no mount followed — passed nothing: it is *unjudged*
+(`unjudged_by`, counted in `states_unjudged`), and beyond the scenario's
+`unjudged-states` it makes its cell an error rather than a pass.
+
 The file's layout is its format: keys keep the order they have always been
-written in (a record writes an optional part only when it was found), so a
-file written by this code compares byte for byte with one written before the
-records existed; `tests/unit/explore/test_explore_run.py` round-trips real files.
+written in (a record writes an optional part only when it was found, and new
+keys join their record's without moving the others; readers ignore what they
+do not know), so the records wrote the same bytes as the hand-built entries
+before them; `tests/unit/explore/test_explore_run.py` round-trips real files.
 """
 
 from __future__ import annotations
@@ -412,6 +419,10 @@ class StateRecord:
     verdict: StateVerdict
     contract_broken: bool = False  # it fails where the contract says it must not
     broken_by: tuple[str, ...] = ()  # the checkers that say so
+    # A state no checker failed, where some check could not judge it and nothing else in its
+    # role did (the workload's check could not run; a host tool that cannot replay the log
+    # with no mount after it): those checkers. It passed nothing: it was not judged.
+    unjudged_by: tuple[str, ...] = ()
     guest: GuestRecord | None = None
     device_md5_expected: str | None = None  # `--verify-every`: the state's own MD5 ...
     device_md5_matches: bool | None = None  # ... and whether the guest's device showed it
@@ -429,6 +440,10 @@ class StateRecord:
     @property
     def failed(self) -> bool:
         return self.verdict is not StateVerdict.PASS
+
+    @property
+    def unjudged(self) -> bool:
+        return bool(self.unjudged_by)
 
     def to_json(self) -> dict[str, Any]:
         s = self.state
@@ -451,6 +466,7 @@ class StateRecord:
             "verdict": self.verdict.value,
             "contract_broken": self.contract_broken,
             "broken_by": list(self.broken_by),
+            "unjudged_by": list(self.unjudged_by),
         }
         if self.device_md5_expected is not None:
             out["device_md5_expected"] = self.device_md5_expected
@@ -477,6 +493,7 @@ class StateRecord:
             verdict=StateVerdict(raw["verdict"]),
             contract_broken=bool(raw.get("contract_broken", False)),
             broken_by=tuple(raw.get("broken_by", [])),
+            unjudged_by=tuple(raw.get("unjudged_by", [])),
             guest=GuestRecord.from_json(guest) if guest is not None else None,
             device_md5_expected=raw.get("device_md5_expected"),
             device_md5_matches=raw.get("device_md5_matches"),
@@ -646,6 +663,7 @@ class Counts:
     states_unique: int = 0  # distinct images
     states_failing: int = 0  # some checker failed (allowed or not)
     states_breaking_contract: int = 0  # failing where the contract says it must not
+    states_unjudged: int = 0  # not failing, and not judged either (`StateRecord.unjudged`)
     check_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -654,6 +672,7 @@ class Counts:
             "states_unique": self.states_unique,
             "states_failing": self.states_failing,
             "states_breaking_contract": self.states_breaking_contract,
+            "states_unjudged": self.states_unjudged,
             "check_seconds": self.check_seconds,
         }
 
@@ -664,6 +683,7 @@ class Counts:
             int(raw.get("states_unique", 0)),
             int(raw.get("states_failing", 0)),
             int(raw.get("states_breaking_contract", 0)),
+            int(raw.get("states_unjudged", 0)),
             raw.get("check_seconds", 0.0),
         )
 
@@ -675,6 +695,7 @@ class Counts:
             len({s.digest for s in states}),
             sum(1 for s in states if s.failed),
             sum(1 for s in states if s.contract_broken),
+            sum(1 for s in states if s.unjudged),
             check_seconds,
         )
 
@@ -686,6 +707,7 @@ class Counts:
             sum(c.states_unique for c in parts),
             sum(c.states_failing for c in parts),
             sum(c.states_breaking_contract for c in parts),
+            sum(c.states_unjudged for c in parts),
             round(sum(float(c.check_seconds) for c in parts), 3),
         )
 
@@ -833,6 +855,11 @@ class CellRecord:
     def breaking(self) -> list[StateRecord]:
         """States that fail where the contract says they must not."""
         return [s for s in self.states if s.contract_broken]
+
+    @property
+    def unjudged(self) -> list[StateRecord]:
+        """States that no checker failed and some could not judge: neither pass nor fail."""
+        return [s for s in self.states if s.unjudged]
 
 
 # -- the file -----------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class ExploreSpec:
     guest_check: bool = True
     minimize: int = 3
     minimize_checks: int = 48
+    # States that may stay unjudged (a check that could not run, a host tool that cannot
+    # replay the log) before the cell is an error rather than a verdict on the rest.
+    unjudged_states: int = 0
 
     def with_budget(self, max_states: int) -> ExploreSpec:
         """This spec with the command line's `--max-states` (at least 1)."""
@@ -63,6 +66,7 @@ class ExploreSpec:
             "guest_check": self.guest_check,
             "minimize": self.minimize,
             "minimize_checks": self.minimize_checks,
+            "unjudged_states": self.unjudged_states,
         }
 
     @classmethod
@@ -78,6 +82,7 @@ class ExploreSpec:
             guest_check=bool(raw["guest_check"]),
             minimize=int(raw["minimize"]),
             minimize_checks=int(raw["minimize_checks"]),
+            unjudged_states=int(raw.get("unjudged_states", 0)),  # absent before it existed
         )
 
 

@@ -1,4 +1,4 @@
-"""The exploration's report: DIR/report.html and DIR/plots/explore-timeline.png from explore.json.
+"""The exploration's report: DIR/report.html, report.md and plots/explore-timeline.png.
 
 Renders what `powercut explore` wrote (the records of `harness.explore.doc`)
 and judges nothing: per cell the verdict and its reason, the counts, where
@@ -152,6 +152,40 @@ def _failing(cell: CellRecord, limit: int = 50) -> str:
     )
 
 
+def _unjudged(cell: CellRecord, limit: int = 50) -> str:
+    """The states no checker failed and some could not judge, with what each checker said."""
+    unjudged = cell.unjudged
+    if not unjudged:
+        return ""
+    rows = []
+    for s in unjudged[:limit]:
+        why = "".join(
+            f"<li><b>{escape(c.checker)}</b> ({escape((c.where or Where.HOST).value)}): "
+            f"{escape(c.detail)}</li>"
+            for c in s.checks
+            if c.ok is None
+        )
+        rows.append(
+            f"<tr><td class='error'>not judged</td><td><code>{escape(s.id)}</code><br>"
+            f"<span class='small'>point {s.point.number}, {s.acked} acknowledged</span></td>"
+            f"<td><ul>{why}</ul></td></tr>"
+        )
+    more = (
+        f"<p class='small'>… and {len(unjudged) - limit} more in explore.json</p>"
+        if len(unjudged) > limit
+        else ""
+    )
+    allowed = cell.explore.unjudged_states if cell.explore is not None else 0
+    return (
+        f"<h4>States not judged ({len(unjudged)}; the scenario's unjudged-states allows "
+        f"{allowed})</h4>"
+        "<table><tr><th></th><th>state</th><th>why not</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + more
+    )
+
+
 def _cell(cell: CellRecord) -> str:
     verdict = cell.verdict.value if cell.verdict is not None else cell.status.value
     cls = {"pass": "pass", "fail": "fail"}.get(verdict, "error")
@@ -185,7 +219,8 @@ def _cell(cell: CellRecord) -> str:
 <ul class='small'>
 <li>{counts.states_explored} states explored ({counts.states_unique} unique images)
 at {len(cell.points)} of {recorded.points_total if recorded else 0} persistence points;
-{counts.states_failing} fail, {counts.states_breaking_contract} break the contract
+{counts.states_failing} fail, {counts.states_breaking_contract} break the contract,
+{counts.states_unjudged} not judged
 </li>
 <li>mode {escape(cell.mode.value if cell.mode else "None")}, workload {escape(cell.workload)} on
 {escape(str(cell.filesystem))} {escape(cell.mount_options or "")};
@@ -197,6 +232,7 @@ acknowledgements, {recorded.writes if recorded else 0} writes in the log</li>
 </ul>
 <h4>Failing states</h4>
 {_failing(cell)}
+{_unjudged(cell)}
 """
 
 
@@ -207,7 +243,8 @@ def render_explore_html(doc: ExploreDocument, plot: Path | None = None) -> str:
     summary = (
         f"{counts.states_explored} states explored ({counts.states_unique} unique), "
         f"{counts.states_failing} failing, {counts.states_breaking_contract} "
-        f"breaking the contract, checked in {counts.check_seconds} s"
+        f"breaking the contract, {counts.states_unjudged} not judged, "
+        f"checked in {counts.check_seconds} s"
     )
     plot_html = _img(plot) if plot is not None and plot.exists() else ""
     cells = "".join(_cell(c) for c in doc.cells)
@@ -231,14 +268,60 @@ checker the promise binds finds loss.</p>
 """
 
 
+def render_explore_markdown(doc: ExploreDocument) -> str:
+    """The same report as Markdown (a CI job's summary, a pull request comment)."""
+    counts = doc.counts
+    status = "PASSED" if doc.ok else "INTERRUPTED" if doc.interrupted else "FAILED"
+    lines = [
+        "# powercut exploration",
+        "",
+        f"**{status}**: {counts.states_explored} states explored ({counts.states_unique} "
+        f"unique), {counts.states_failing} failing, {counts.states_breaking_contract} breaking "
+        f"the contract, {counts.states_unjudged} not judged",
+        "",
+        f"`{doc.command}`",
+        "",
+        "| cell | verdict | explored | failing | breaking the contract | not judged | reason |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in doc.cells:
+        verdict = c.verdict.value if c.verdict is not None else c.status.value
+        reason = c.reason.replace("|", "\\|")
+        lines.append(
+            f"| {c.scenario}: `{c.id}` | {verdict.upper()} | {c.counts.states_explored} | "
+            f"{c.counts.states_failing} | {c.counts.states_breaking_contract} | "
+            f"{c.counts.states_unjudged} | {reason} |"
+        )
+    for c in doc.cells:
+        shown = c.breaking[:5] or (c.failing[:5] if c.expect == "violation" else [])
+        unjudged = c.unjudged[:10]
+        if not shown and not unjudged:
+            continue
+        lines += ["", f"## `{c.id}`"]
+        for s in shown:
+            by = ", ".join(s.broken_by) or s.verdict.value
+            lines.append(f"- `{s.id}` fails ({by}): `{s.replay or ''}`")
+        for s in unjudged:
+            why = "; ".join(f"{x.checker}: {x.detail}" for x in s.checks if x.ok is None)
+            lines.append(f"- `{s.id}` not judged: {why}")
+        if len(c.unjudged) > len(unjudged):
+            lines.append(f"- … and {len(c.unjudged) - len(unjudged)} more not judged")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def render_explore(directory: Path | str, doc: ExploreDocument | None = None) -> Path:
-    """Write DIR/report.html (and the plot) from DIR/explore.json (or `doc`, what it holds)."""
+    """Write DIR/report.html (and the plot) and DIR/report.md from DIR/explore.json (or `doc`,
+    what it holds); returns report.html's path."""
     out = Path(directory)
     if doc is None:
         doc = load_doc(out)
     plot = plot_timeline(doc, out / PLOT)
-    html = out / "report.html"
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(render_explore_html(doc, plot), encoding="utf-8")
-    os.replace(tmp, html)
-    return html
+    _write(out / "report.md", render_explore_markdown(doc))
+    return _write(out / "report.html", render_explore_html(doc, plot))

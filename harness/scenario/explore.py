@@ -10,6 +10,7 @@
     guest-check = true           # also mount each state in one checker guest and run the check
     minimize = 3                 # failing states shrunk by delta debugging
     minimize-checks = 48         # checks each shrink may spend
+    unjudged-states = 0          # states that may stay unjudged before the cell is an error
 
 The value is the exploration engine's own `ExploreSpec`
 (`harness.explore.spec`, below this package): its defaults are the engine's
@@ -49,6 +50,7 @@ def parse_explore(t: Table) -> ExploreSpec:
     guest_check = bool(t.typed("guest-check", bool, _DEFAULT.guest_check, "true or false"))
     minimize = t.integer("minimize", _DEFAULT.minimize, minimum=0)
     minimize_checks = t.integer("minimize-checks", _DEFAULT.minimize_checks, minimum=1)
+    unjudged = t.integer("unjudged-states", _DEFAULT.unjudged_states, minimum=0)
     t.finish()
     return ExploreSpec(
         max_states=max_states,
@@ -60,4 +62,5 @@ def parse_explore(t: Table) -> ExploreSpec:
         guest_check=guest_check,
         minimize=minimize,
         minimize_checks=minimize_checks,
+        unjudged_states=unjudged,
     )

@@ -160,6 +160,12 @@ class CellExploration:
         """States that fail where the contract says they must not."""
         return self.record.breaking
 
+    @property
+    def unjudged(self) -> list[StateRecord]:
+        """States no checker failed and some could not judge (beyond the scenario's
+        `unjudged-states` they make the cell an error: `passed` is False)."""
+        return self.record.unjudged
+
     def replay(self, state: str, image: Path | str) -> Path:
         """Rebuild one explored (or minimized) state as an image file."""
         if self.out is None:
@@ -666,11 +672,16 @@ class CellExplorer:
             forbidden = self.expectations.get(c.role, Outcome.INTACT) is Outcome.INTACT
             if forbidden or c.corruption:
                 broken.append(c.checker)
+        # Not judged: a checker could not say, and no other check in its role did (the
+        # guest's mount and fsck settle the host's undecided filesystem checker).
+        decided = {c.role for c in checks if c.ok is not None}
+        unjudged = [c.checker for c in checks if c.ok is None and c.role not in decided]
         return dataclasses.replace(
             entry,
             verdict=verdict,
             contract_broken=bool(broken),
             broken_by=tuple(broken),
+            unjudged_by=tuple(unjudged) if verdict is StateVerdict.PASS else (),
             replay=self._replay_command(entry.id) if verdict is not StateVerdict.PASS else None,
         )
 
@@ -686,33 +697,56 @@ class CellExplorer:
         self.counts = Counts.of_states(self.states, round(sum(seconds, 0.0), 3))
 
     def _verdict(self) -> None:
+        """The cell's verdict: FAIL when a state breaks the contract (a negative control: when
+        none fails), else ERROR when more states than `unjudged-states` were not judged."""
         self._count()
         failing = self.counts.states_failing
         broken = self.counts.states_breaking_contract
+        unjudged = self.counts.states_unjudged
+        allowed = self.spec.unjudged_states
         n = self.counts.states_explored
+        states = f"{n} states" if not unjudged else f"{n - unjudged} judged states of {n}"
         if self.negative:
             ok = failing > 0
             reason = (
                 f"loss detected: {failing} of {n} states fail"
                 if ok
-                else f"no loss detected in {n} states (a negative control must find some)"
+                else f"no loss detected in {states} (a negative control must find some)"
             )
         else:
             ok = broken == 0
             reason = (
-                f"all {n} states inside the contract ({failing} fail where it allows)"
+                f"all {states} inside the contract ({failing} fail where it allows)"
                 if ok
                 else f"{broken} of {n} states break the contract"
             )
+        verdict = Verdict.PASS if ok else Verdict.FAIL
         first = next(
             (s for s in self.states if s.contract_broken or (self.negative and s.failed)),
             None,
         )
         if first is not None:
             reason += f"; first: {first.id} ({', '.join(first.broken_by) or first.verdict.value})"
-        self._set(
-            status=CellStatus.DONE, verdict=Verdict.PASS if ok else Verdict.FAIL, reason=reason
-        )
+        # A state that breaks the contract (a negative control's loss) is a finding whatever
+        # else was not judged; without one, too many unjudged states leave nothing to conclude.
+        conclusive = failing > 0 if self.negative else broken > 0
+        if unjudged > allowed and not conclusive:
+            verdict = Verdict.ERROR
+        if unjudged:
+            reason = self._unjudged_reason(reason, unjudged, allowed, n)
+        self._set(status=CellStatus.DONE, verdict=verdict, reason=reason)
+
+    def _unjudged_reason(self, reason: str, unjudged: int, allowed: int, n: int) -> str:
+        first = next(s for s in self.states if s.unjudged)
+        why = next((c for c in first.checks if c.checker in first.unjudged_by), None)
+        detail = f"{why.checker}: {why.detail}" if why is not None else ""
+        if unjudged > allowed:
+            head = (
+                f"{unjudged} of {n} states could not be judged "
+                f"(the scenario's unjudged-states allows {allowed})"
+            )
+            return f"{head}; first: {first.id} ({detail}); {reason}"
+        return f"{reason}; {unjudged} not judged (unjudged-states allows {allowed})"
 
     # -- minimization ------------------------------------------------------------------------
 

@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 
 from harness.cli import main
-from harness.crash.explorer.cell import CellExplorer, ExploreOptions
+from harness.commands.explore import exit_status
+from harness.crash.explorer import cell as cell_module
+from harness.crash.explorer.cell import CellExploration, CellExplorer, ExploreOptions
 from harness.crash.explorer.checker import GuestCheck, mount_request, plain_argv
 from harness.crash.explorer.record import RecordedRun
 from harness.crash.explorer.run import ExploreDoc
@@ -41,7 +43,7 @@ from harness.explore.doc import (
     replay,
 )
 from harness.explore.ext4traffic import Ext4Traffic
-from harness.explore.hostcheck import log_as_of
+from harness.explore.hostcheck import Finding, log_as_of
 from harness.explore.overlay import StateBuilder
 from harness.explore.recording import Recording, open_recording
 from harness.explore.spec import ExploreSpec
@@ -139,6 +141,7 @@ def explore(
     spec: ExploreSpec | None = None,
     checkers: tuple[str, ...] = (ORACLE, "ack-records"),
     blkdebug: bool = False,
+    fake: type[FakeGuest] | None = None,
 ) -> tuple[CellExplorer, dict[str, Any]]:
     cell = single_cell(
         AckRecords(records=6),
@@ -164,7 +167,7 @@ def explore(
         None,
         out=out,
         index=0,
-        options=ExploreOptions(guest=guest, guest_factory=FakeGuest, full_every=1),
+        options=ExploreOptions(guest=guest, guest_factory=fake or FakeGuest, full_every=1),
         doc=doc,
     )
     explorer.explore(recorded(rec, recording))
@@ -383,6 +386,88 @@ def test_a_lying_flush_breaks_the_writeback_contract(recorder: Any, tmp_path: Pa
     assert first["minimized"]["by"] == "host"
 
 
+class CannotCheck(FakeGuest):
+    """A checker guest where the workload's check cannot run (a command not installed)."""
+
+    def check(self, delta: Path, run: Any, *, guest_fsck: bool, verify: bool) -> GuestCheck:
+        super().check(delta, run, guest_fsck=guest_fsck, verify=verify)
+        return GuestCheck(True, None, "GuestError: the workload's check could not run (exit 127)")
+
+
+def test_a_check_that_could_not_run_is_not_a_pass_and_makes_the_cell_an_error(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder()
+    acked_records(rec)
+    recording = rec.finish()
+    spec = ExploreSpec(max_states=30, minimize=0)
+    explorer, doc = explore(tmp_path / "a", rec, recording, spec=spec, fake=CannotCheck)
+    cell = doc["cells"][0]
+    n = cell["states_explored"]
+    assert cell["verdict"] == "error" and cell["status"] == "done"
+    assert cell["states_failing"] == 0 and cell["states_unjudged"] == n > 20
+    assert doc["states_unjudged"] == n and doc["ok"] is False
+    assert cell["reason"].startswith(f"{n} of {n} states could not be judged")
+    assert "exit 127" in cell["reason"]
+    assert all(s["unjudged_by"] == ["ack-records"] for s in cell["states"])
+    result = CellExploration(explorer.snapshot(), tmp_path / "a" / "out")
+    assert not result.passed and len(result.unjudged) == n
+    # Named in both reports, with what the checker said.
+    render_explore(tmp_path / "a" / "out")
+    html = (tmp_path / "a" / "out" / "report.html").read_text()
+    markdown = (tmp_path / "a" / "out" / "report.md").read_text()
+    first = cell["states"][0]["id"]
+    for text in (html, markdown):
+        assert f"{n} not judged" in text and first in text and "exit 127" in text
+    # The scenario may accept them: then the cell is judged on the rest, and says so.
+    allowed = ExploreSpec(max_states=30, minimize=0, unjudged_states=30)
+    _e, doc = explore(tmp_path / "b", rec, recording, spec=allowed, fake=CannotCheck)
+    cell = doc["cells"][0]
+    assert cell["verdict"] == "pass" and cell["states_unjudged"] == n
+    assert f"{n} not judged (unjudged-states allows 30)" in cell["reason"]
+
+
+def test_a_broken_contract_is_a_failure_whatever_else_was_not_judged(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder(mode="writeback", blkdebug="flush:lying-flush")
+    acked_records(rec)
+    spec = ExploreSpec(max_states=60, minimize=0)
+    _e, doc = explore(tmp_path, rec, rec.finish(), spec=spec, blkdebug=True, fake=CannotCheck)
+    cell = doc["cells"][0]
+    assert cell["states_breaking_contract"] > 0 and cell["states_unjudged"] > 0
+    assert cell["verdict"] == "fail"
+
+
+class Undecided:
+    """A host-side filesystem checker that cannot replay the log (as xfs_repair -n)."""
+
+    name = "xfs_repair"
+
+    def check(self, image: Path) -> Finding:
+        return Finding(self.name, None, "log needs replay: only a mount can judge this state")
+
+
+def test_a_host_tool_that_cannot_replay_the_log_leaves_states_unjudged_unless_a_mount_follows(
+    recorder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cell_module, "checker_for", lambda fs, work: Undecided())
+    rec = recorder()
+    acked_records(rec)
+    recording = rec.finish()
+    checkers = (ORACLE, "ack-records", "fsck")
+    spec = ExploreSpec(max_states=20, minimize=0)
+    _e, doc = explore(tmp_path / "a", rec, recording, guest=False, checkers=checkers, spec=spec)
+    cell = doc["cells"][0]
+    assert cell["verdict"] == "error"
+    assert cell["states_unjudged"] == cell["states_explored"] > 10
+    assert "xfs_repair: log needs replay" in cell["reason"]
+    # With the checker guest, its mount (and fsck) settle what the host tool could not.
+    _e, doc = explore(tmp_path / "b", rec, recording, checkers=checkers, spec=spec)
+    cell = doc["cells"][0]
+    assert cell["verdict"] == "pass" and cell["states_unjudged"] == 0, cell["reason"]
+
+
 def test_replay_rebuilds_explored_and_minimized_states(recorder: Any, tmp_path: Path) -> None:
     rec = recorder()
     acked_records(rec, 4, flush=False)
@@ -588,3 +673,26 @@ def test_the_command_lists_what_it_explores_and_refuses_bad_input_before_booting
     assert main(["explore", str(scenario), "--out", out]) == 1
     assert "the exploration budget must be at least 1 state" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_exit_status_tells_a_broken_contract_from_a_cell_that_is_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def finished(*verdicts: Verdict, interrupted: bool = False) -> ExploreDocument:
+        cells = tuple(
+            CellRecord(i, f"c{i}", "s", CellStatus.DONE, v) for i, v in enumerate(verdicts)
+        )
+        ok = not interrupted and all(v is Verdict.PASS for v in verdicts)
+        return ExploreDocument("test", "now", interrupted=interrupted, ok=ok, cells=cells)
+
+    assert exit_status(finished(Verdict.PASS, Verdict.PASS)) == 0
+    assert exit_status(finished(Verdict.PASS, Verdict.FAIL)) == 1
+    assert exit_status(finished(Verdict.PASS, Verdict.ERROR)) == 2
+    assert exit_status(finished(Verdict.ERROR, Verdict.FAIL)) == 1  # the finding comes first
+    assert exit_status(finished(Verdict.PASS, interrupted=True)) == 130
+    with pytest.raises(SystemExit) as done:
+        main(["explore", "--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "exit status:" in help_text and "unjudged-states" in help_text
+    assert "\n  2    a cell is an error" in help_text
