@@ -21,13 +21,16 @@ not run is not a pass); 130 after Ctrl-C (explore.json keeps what was checked).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from rich import progress as rich_progress
 from rich.console import Console
-from rich.status import Status
 
 from harness.crash.explorer.cell import CellExplorer, ExploreOptions
+from harness.crash.explorer.progress import Phase, Progress
 from harness.crash.explorer.record import unexplorable
 from harness.crash.explorer.run import ExploreDoc, exploration_cells, explore_id, spec_for
 from harness.crash.images import CellImages
@@ -101,8 +104,58 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the cells to explore and exit")
 
 
+@contextlib.contextmanager
+def progress_display(console: Console) -> Iterator[rich_progress.Progress | None]:
+    """A live display of the work on a terminal; None (nothing drawn) anywhere else."""
+    if not console.is_terminal:
+        yield None
+        return
+    with rich_progress.Progress(
+        rich_progress.SpinnerColumn(),
+        rich_progress.TextColumn("{task.description}"),
+        rich_progress.BarColumn(),
+        rich_progress.MofNCompleteColumn(),
+        rich_progress.TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        yield bar
+
+
+class _CellLine:
+    """The running cell's line: its phase and counters; the bar, its phase's states."""
+
+    def __init__(self, bar: rich_progress.Progress | None, label: str) -> None:
+        self.bar = bar
+        self.label = label
+        self.phase: Phase | None = None
+        self.task = bar.add_task(f"{label}: prepare", total=None) if bar is not None else None
+
+    def __call__(self, progress: Progress) -> None:
+        if self.bar is None or self.task is None:
+            return
+        changed = progress.phase is not self.phase
+        self.phase = progress.phase
+        self.bar.update(
+            self.task,
+            description=f"{self.label}: {progress.describe()}",
+            total=progress.planned or None,
+            completed=progress.checked,
+            refresh=changed,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.remove_task(self.task)
+
+
+def make_console() -> Console:
+    """The command's console (a test may give it another)."""
+    return Console()
+
+
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     if args.scenarios[0] == "replay":
         return _replay(args, console)
     if args.state is not None:
@@ -141,49 +194,56 @@ def run(args: argparse.Namespace) -> int:
     )
     for c in cells:  # a bad budget is an error before anything boots
         CellExplorer.check_budget(spec_for(c, plan.scenarios), options)
-    images = CellImages()
-    with console.status("guest image"):
-        images.prepare(cells)
-    accel = choose_accel(None if plan.accel == "auto" else plan.accel, images(cells[0]).kernel)
     out = Path(args.out)
-    doc = ExploreDoc(out, command_line(sys.argv[1:]))
-    for index, (c, why) in enumerate(skipped):
-        console.print(f"[yellow]SKIP [/] {c.scenario}: {explore_id(c)}: {why}", soft_wrap=True)
-        doc.add_cell(CellRecord.skipped(index, explore_id(c), c.scenario, why))
-    interrupted = False
-    try:
-        for index, cell in enumerate(cells, start=len(skipped)):
-            prefix = f"{index}/" if len(cells) + len(skipped) > 1 else None
-            label = f"{cell.scenario}: {explore_id(cell)}"
-            with console.status(label) as status:
-
-                def phase(name: str, label: str = label, status: Status = status) -> None:
-                    status.update(f"{label}: {name}")
-
-                explorer = CellExplorer(
-                    cell,
-                    spec_for(cell, plan.scenarios),
-                    out / "cells" / f"{index:03d}",
-                    images(cell),
-                    out=out,
-                    index=index,
-                    options=options,
-                    accel=accel,
-                    doc=doc,
-                    replay_prefix=prefix,
-                    on_phase=phase,
-                )
-                result = explorer.run()
-            record = result.record
-            verdict = record.verdict.value if record.verdict is not None else "error"
-            style = STYLE.get(verdict, "default")
-            console.print(
-                f"[{style}]{verdict.upper():5}[/] {cell.scenario}: {record.id}: {record.reason}",
-                highlight=False,
-                soft_wrap=True,
+    with progress_display(console) as bar:
+        images = CellImages()
+        if bar is None:
+            images.prepare(cells)
+        else:
+            build = bar.add_task("guest image", total=None)
+            images.prepare(
+                cells, lambda what: bar.update(build, description=f"guest image: {what}")
             )
-    except KeyboardInterrupt:
-        interrupted = True
+            bar.remove_task(build)
+        wanted = None if plan.accel == "auto" else plan.accel
+        accel = choose_accel(wanted, images(cells[0]).kernel)
+        doc = ExploreDoc(out, command_line(sys.argv[1:]))
+        for index, (c, why) in enumerate(skipped):
+            console.print(f"[yellow]SKIP [/] {c.scenario}: {explore_id(c)}: {why}", soft_wrap=True)
+            doc.add_cell(CellRecord.skipped(index, explore_id(c), c.scenario, why))
+        interrupted = False
+        try:
+            for index, cell in enumerate(cells, start=len(skipped)):
+                prefix = f"{index}/" if len(cells) + len(skipped) > 1 else None
+                line = _CellLine(bar, f"{cell.scenario}: {explore_id(cell)}")
+                try:
+                    explorer = CellExplorer(
+                        cell,
+                        spec_for(cell, plan.scenarios),
+                        out / "cells" / f"{index:03d}",
+                        images(cell),
+                        out=out,
+                        index=index,
+                        options=options,
+                        accel=accel,
+                        doc=doc,
+                        replay_prefix=prefix,
+                        on_progress=line,
+                    )
+                    result = explorer.run()
+                finally:
+                    line.close()
+                record = result.record
+                verdict = record.verdict.value if record.verdict is not None else "error"
+                style = STYLE.get(verdict, "default")
+                console.print(
+                    f"[{style}]{verdict.upper():5}[/] {cell.scenario}: {record.id}: "
+                    f"{record.reason}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        except KeyboardInterrupt:
+            interrupted = True
     document = doc.finish(interrupted=interrupted)
     report = render_explore(out, document)
     counts = document.counts

@@ -23,6 +23,7 @@ import pytest
 from harness.cli import main
 from harness.crash.explorer.cell import CellExplorer, ExploreOptions
 from harness.crash.explorer.checker import CheckerGuest
+from harness.crash.explorer.progress import Phase, Progress
 from harness.crash.explorer.record import recorded_run
 from harness.crash.explorer.run import ExploreDoc, exploration_cells
 from harness.crash.plan import make_plan
@@ -260,6 +261,92 @@ def test_power_cut_explore_checks_a_command_workload_with_the_tokens_of_each_poi
         assert f"all {s.acked} acknowledged tokens found" in summary
     image = result.replay(result.states[0].id, power_cut.workdir / "state.img")
     assert image.stat().st_size == 64 << 20
+
+
+COMMAND = """\
+name = "{name}"
+modes = ["writeback"]
+disk-size = "64M"
+
+[[fault]]
+model = "host-power-cut"
+
+[[workload]]
+kind = "command"
+run = "{run}"
+check = "{check}"
+
+[cut]
+after-exit = true
+
+[explore]
+max-states = 6
+minimize = 0
+"""
+WRITES = "for i in 1 2 3; do echo $i > f$i && sync f$i && echo ack $i; done"
+
+
+def test_a_check_that_cannot_run_judges_no_state_and_the_cell_is_an_error(
+    tmp_path: Path, powercut_accel: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19, item 1: exit 127 of the check is no pass; item 7: what it said is kept."""
+    scenario = tmp_path / "uncheckable.toml"
+    scenario.write_text(COMMAND.format(name="uncheckable", run=WRITES, check="no-such-check f*"))
+    out = tmp_path / "out"
+    status, left = _explore([str(scenario), "--out", str(out), "--accel", powercut_accel.value])
+    assert not left
+    (cell,) = load_doc(out).cells
+    assert status == 2, cell.reason
+    assert cell.verdict is Verdict.ERROR and cell.counts.states_failing == 0
+    assert cell.counts.states_unjudged == cell.counts.states_explored == 6
+    assert "6 of 6 states could not be judged" in cell.reason and "exit 127" in cell.reason
+    kept = out / "cells" / "000" / "checker" / "check-errors.log"
+    assert str(kept.resolve()) in cell.reason
+    assert "no-such-check" in kept.read_text() and "not found" in kept.read_text()
+    assert (out / "cells" / "000" / "checker" / "console.log").stat().st_size > 0
+    shown = capsys.readouterr().out  # not a terminal: the results, no progress
+    assert "ERROR" in shown and "6 not judged" in shown and "writes recorded" not in shown
+    assert "6 not judged" in (out / "report.md").read_text()
+
+
+def test_a_failing_workload_keeps_what_it_and_the_guest_said_and_the_error_names_it(
+    tmp_path: Path, guest_image: Any, powercut_accel: Any
+) -> None:
+    """Issue 19, item 7: a recording that fails says where the workload's own words are."""
+    run = (
+        "echo 1 > f1 && sync f1 && echo ack 1; sleep 3; echo etcd: member never came up >&2; exit 3"
+    )
+    scenario = tmp_path / "failing.toml"
+    scenario.write_text(COMMAND.format(name="failing", run=run, check="cat f1"))
+    plan = make_plan([scenario], tmp_path / "plan")
+    (cell,) = exploration_cells(plan.scenarios, plan.cells)
+    seen: list[Progress] = []
+    directory = tmp_path / "out" / "cells" / "000"
+    result = CellExplorer(
+        cell,
+        ExploreSpec(max_states=6, minimize=0),
+        directory,
+        guest_image,
+        out=tmp_path / "out",
+        index=0,
+        options=ExploreOptions(),
+        accel=powercut_accel,
+        on_progress=seen.append,
+    ).run()
+    reason = result.reason
+    assert result.record.verdict is Verdict.ERROR and "exited 3" in reason, reason
+    directory = directory.resolve()
+    for name, says in (
+        ("workload.stderr", "etcd: member never came up"),
+        ("acks.txt", "ack 1"),
+        ("console.log", "powercut-guest: ready"),
+    ):
+        assert str(directory / name) in reason
+        assert says in (directory / name).read_text()
+    # What a terminal would have shown meanwhile: the boot, then the run as it was recorded.
+    assert [p.phase for p in seen][:2] == [Phase.BOOT, Phase.RECORD]
+    recorded = [p for p in seen if p.phase is Phase.RECORD]
+    assert recorded[-1].acks == 1 and recorded[-1].writes > 0
 
 
 def _terminal_sigint() -> None:

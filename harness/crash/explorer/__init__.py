@@ -8,6 +8,7 @@
                  checks while the checker guest boots, the guest's checks, minimization,
                  the verdicts; its `CellRecord` for explore.json
     run.py       a whole run: the cells a scenario folds into, and explore.json as it goes
+    progress.py  what a cell reports while it works (phase, counts, time left)
 
 The engine knows nothing of guests, scenarios or reports; this package is where
 they meet it (so `crash` imports `explore`, never the reverse), and explore.json's

@@ -50,7 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.crash.explorer.checker import CheckerGuest, GuestCheck, file_md5
+from harness.crash.explorer.checker import (
+    CHECK_ERRORS,
+    CHECKER_DIR,
+    CheckerGuest,
+    GuestCheck,
+    file_md5,
+)
+from harness.crash.explorer.progress import Phase, Progress, ProgressCallback, seconds_left
 from harness.crash.explorer.record import RecordedRun, RecordingRunner, runner_cuts
 from harness.crash.explorer.run import ExploreDoc, explore_id
 from harness.crash.verdict import Outcome, expected_for
@@ -98,8 +105,22 @@ from harness.scenario.model import Expectation
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads.base import FSCK, ORACLE
+from harness.workloads.stream import ACKS_FILE, STDERR_FILE
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 0.2  # seconds between progress reports while states are checked
+
+# Files in a cell's directory that say what went wrong when a recording or its checks fail:
+# the guests' consoles and the workload's own output (`RecordingRunner`, `CheckerGuest`).
+EVIDENCE = (
+    ("console.log", "the recording guest's console"),
+    (ACKS_FILE, "the workload's stdout"),
+    (STDERR_FILE, "its stderr"),
+    ("setup.log", "its setup's output"),
+    (f"{CHECKER_DIR}/console.log", "the checker guest's console"),
+    (f"{CHECKER_DIR}/{CHECK_ERRORS}", "the checks that could not run"),
+)
 
 
 @dataclass(frozen=True)
@@ -190,7 +211,7 @@ class CellExplorer:
         accel: Accel | str | None = None,
         doc: ExploreDoc | None = None,
         replay_prefix: str | None = None,
-        on_phase: Callable[[str], None] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         self.cell = cell
         self.spec = spec if options.max_states is None else spec.with_budget(options.max_states)
@@ -202,7 +223,8 @@ class CellExplorer:
         self.accel = accel
         self.doc = doc
         self.replay_prefix = replay_prefix
-        self.on_phase = on_phase or (lambda _p: None)
+        self.on_progress = on_progress or (lambda _p: None)
+        self._reported = 0.0
         self.workload = cell.workload.workload
         expected = expected_for(
             cell.mode,
@@ -268,21 +290,23 @@ class CellExplorer:
     def run(self) -> CellExploration:
         t0 = time.monotonic()
         try:
-            self.on_phase("record")
             recorder = RecordingRunner(
-                self.cell, self.directory, self._image(), accel=self.accel, out=self.out
+                self.cell,
+                self.directory,
+                self._image(),
+                accel=self.accel,
+                out=self.out,
+                on_progress=self.on_progress,
+                label=self.record.id,
             )
             recorded = recorder.record()
             self._took(record=time.monotonic() - t0)
             self.record = dataclasses.replace(self.record, record_timings=recorded.timings)
             self.explore(recorded)
         except PowercutError as exc:
-            log.warning("explore %s: %s", self.record.id, exc)
-            self._set(
-                status=CellStatus.ERROR,
-                verdict=Verdict.ERROR,
-                reason=f"{type(exc).__name__}: {exc}"[:500],
-            )
+            reason = f"{type(exc).__name__}: {exc}"[:500] + self._evidence()
+            log.warning("explore %s: %s", self.record.id, reason)
+            self._set(status=CellStatus.ERROR, verdict=Verdict.ERROR, reason=reason)
         except KeyboardInterrupt:
             self._set(
                 status=CellStatus.INTERRUPTED, verdict=Verdict.ERROR, reason="interrupted (Ctrl-C)"
@@ -292,6 +316,16 @@ class CellExplorer:
             self._took(total=time.monotonic() - t0)
             self._save(force=True)
         return CellExploration(self.snapshot(), self.out)
+
+    def _evidence(self) -> str:
+        """What the guests and the workload said, kept in the cell's directory: named in a
+        failure's reason, so the error shows where to look (`EVIDENCE`)."""
+        kept = [
+            f"{what} {path}"
+            for name, what in EVIDENCE
+            if (path := self.directory / name).is_file() and path.stat().st_size > 0
+        ]
+        return f"; kept: {', '.join(kept)}" if kept else ""
 
     def _image(self) -> GuestImage:
         if self.image is None:
@@ -365,7 +399,8 @@ class CellExplorer:
         # its processes die with the thread that started them (PR_SET_PDEATHSIG).
         checking = threading.Thread(target=host_side, name="explore-host", daemon=True)
         try:
-            self.on_phase("host")
+            self._host_started = time.monotonic()
+            self._progress(Phase.HOST, 0, len(states), self._host_started, force=True)
             checking.start()
             if self.guest_wanted:
                 guest = self._make_guest(recorded)
@@ -375,10 +410,8 @@ class CellExplorer:
                 raise host_error[0]
             self._runner_cuts(recorded, states, host)
             if guest is not None:
-                self.on_phase("guest")
                 self._set(status=CellStatus.GUEST)
                 self._guest_phase(guest, host)
-            self.on_phase("minimize")
             self._set(status=CellStatus.MINIMIZE)
             self._minimize(host, guest)
         finally:
@@ -392,6 +425,28 @@ class CellExplorer:
             for tmp in getattr(self, "_tmpdirs", []):
                 shutil.rmtree(tmp, ignore_errors=True)
         self._verdict()
+        self._progress(Phase.DONE, len(self.states), len(self.states), time.monotonic(), force=True)
+
+    def _progress(
+        self, phase: Phase, checked: int, planned: int, since: float, *, force: bool = False
+    ) -> None:
+        """Tell `on_progress` (at most every PROGRESS_EVERY seconds, and at every phase's
+        start and end)."""
+        now = time.monotonic()
+        if not force and checked < planned and now - self._reported < PROGRESS_EVERY:
+            return
+        self._reported = now
+        self.on_progress(
+            Progress(
+                self.record.id,
+                phase,
+                checked=checked,
+                planned=planned,
+                failing=sum(1 for s in self.states if s.failed),
+                unjudged=sum(1 for s in self.states if s.unjudged),
+                seconds_left=seconds_left(checked, planned, now - since),
+            )
+        )
 
     def state_of(self, state_id: str) -> State:
         """An explored (or minimized) state of this cell by its id."""
@@ -399,7 +454,7 @@ class CellExplorer:
 
     def _make_guest(self, recorded: RecordedRun) -> Any:
         return self.options.guest_factory(
-            self.directory / "checker",
+            self.directory / CHECKER_DIR,
             self.image,
             recorded.recording.base,
             self.workload,
@@ -449,6 +504,7 @@ class CellExplorer:
             self.states.append(self._state_entry(result))
             self._count()
             self._save()
+            self._progress(Phase.HOST, len(self.states), len(states), self._host_started)
 
         explore_host(self._checkers, states, on_result=seen, cache=self._cache)
         # Keep enumeration order (workers deliver blocks out of order).
@@ -539,8 +595,12 @@ class CellExplorer:
         boot_seconds = round(getattr(guest, "boot_seconds", 0.0), 3)
         verify_every = self.options.verify_every
         self._guest_builder = StateBuilder(self.timeline, rec.log, rec.base)
+        planned = len(self.states)
+        self._progress(Phase.GUEST, 0, planned, t0, force=True)
         try:
-            for i in range(len(self.states)):
+            for i in range(planned):
+                if i:
+                    self._progress(Phase.GUEST, i, planned, t0)
                 entry = self.states[i]
                 result = host[entry.id]
                 if result.failed:
@@ -584,6 +644,7 @@ class CellExplorer:
             self._guest_builder.close()
             delta.unlink(missing_ok=True)
             seconds = time.monotonic() - t0
+            self._progress(Phase.GUEST, checks + same_image + decided_host_side, planned, t0)
             stats = GuestStats(
                 checks=checks,
                 same_image=same_image,
@@ -614,7 +675,7 @@ class CellExplorer:
     ) -> GuestCheck:
         self._guest_builder.delta(state, delta)
         run = self.recorded.run_as_of(acked, guest.ssh)
-        check: GuestCheck = guest.check(delta, run, guest_fsck=fsck, verify=verify)
+        check: GuestCheck = guest.check(delta, run, guest_fsck=fsck, verify=verify, state=state.id)
         return check
 
     def _expected_md5(self, state: State) -> str:
@@ -757,7 +818,9 @@ class CellExplorer:
         wanted = [i for i, s in enumerate(self.states) if s.contract_broken]
         if not wanted and self.negative:
             wanted = [i for i, s in enumerate(self.states) if s.failed]
-        for i in wanted[: self.spec.minimize]:
+        wanted = wanted[: self.spec.minimize]
+        for done, i in enumerate(wanted):
+            self._progress(Phase.MINIMIZE, done, len(wanted), t0, force=True)
             entry = self.states[i]
             try:
                 minimized = self._shrink(entry, host[entry.id], guest)

@@ -47,6 +47,9 @@ from harness.workloads.base import DEVICE, MOUNT, Observation, Run, Workload
 
 log = logging.getLogger(__name__)
 
+CHECKER_DIR = "checker"  # the checker guest's directory, in its cell's
+CHECK_ERRORS = "check-errors.log"  # there: every check that could not run, with its output
+
 # mount(8)'s generic options, as mount(2) flags (value, set): the rest go to the filesystem.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
 MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 128, 1024, 2048
@@ -147,11 +150,13 @@ class CheckerShell:
         self.after: str | None = None
         self.digest: str | None = None
         self.answers: list[dict[str, Any]] = []
+        self.commands: list[str | None] = []  # each answer's command
 
     def begin(self, *, after: str | None = None, digest: bool = False) -> None:
         self.after = after
         self.digest = DEVICE if digest else None
         self.answers = []
+        self.commands = []
 
     def _request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
         if self.digest is not None and not self.answers:
@@ -166,6 +171,7 @@ class CheckerShell:
             req["after"] = self.after
         answer = self.loop.request(req, timeout + 60)
         self.answers.append(answer)
+        self.commands.append(req.get("command"))
         return answer
 
     def end(self) -> None:
@@ -360,8 +366,14 @@ class CheckerGuest:
         *,
         guest_fsck: bool = False,
         verify: bool = False,
+        state: str = "",
     ) -> GuestCheck:
-        """Present the state `delta` and judge it with the workload's own check."""
+        """Present the state `delta` and judge it with the workload's own check.
+
+        A check that cannot run (any harness error) judges nothing: its error, and
+        what the guest said (each command, exit status, stdout, stderr), are kept in
+        `CHECK_ERRORS`, which the error names with the guest's console.
+        """
         if self.shell is None or self.broken:
             raise GuestError(f"the checker guest is not running: {self.broken or 'not started'}")
         t0 = time.monotonic()
@@ -382,10 +394,26 @@ class CheckerGuest:
             self.broken = str(exc)
             raise
         except PowercutError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = self._keep_failed(state, f"{type(exc).__name__}: {exc}")
         self.shell.end()
         self.checks += 1
         return self._result(mounted, observation, error, time.monotonic() - t0)
+
+    def _keep_failed(self, state: str, error: str) -> str:
+        """Keep what a check that could not run said; the error, naming where it is."""
+        assert self.shell is not None
+        kept = self.directory / CHECK_ERRORS
+        lines = [f"== state {state or '?'}: {error}"]
+        for command, answer in zip(self.shell.commands, self.shell.answers, strict=True):
+            got = answer.get("command")
+            if isinstance(got, dict):
+                lines.append(f"$ {command}  (exit {got.get('exit')})")
+                lines += [f"stdout: {x}" for x in text(got.get("stdout")).splitlines()]
+                lines += [f"stderr: {x}" for x in text(got.get("stderr")).splitlines()]
+        with contextlib.suppress(OSError), open(kept, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        console = self.directory / "console.log"
+        return f"{error} (kept: its output {kept}, the checker guest's console {console})"
 
     def _result(
         self,

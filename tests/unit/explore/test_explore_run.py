@@ -9,7 +9,9 @@ the VM tests check the real guest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import shutil
 import subprocess
@@ -20,18 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from harness.cli import main
+from harness.commands import explore as explore_command
 from harness.commands.explore import exit_status
 from harness.crash.explorer import cell as cell_module
 from harness.crash.explorer.cell import CellExploration, CellExplorer, ExploreOptions
 from harness.crash.explorer.checker import GuestCheck, mount_request, plain_argv
-from harness.crash.explorer.record import RecordedRun
+from harness.crash.explorer.progress import Phase, Progress
+from harness.crash.explorer.record import RecordedRun, RecordingRunner
 from harness.crash.explorer.run import ExploreDoc
-from harness.durability.contract import Promise, Verdict
+from harness.crash.images import CellImages
+from harness.durability.contract import FaultModel, Promise, Verdict
 from harness.durability.delta import read_delta
 from harness.durability.oracle import check as oracle_check
-from harness.errors import ConfigError, JournalError
+from harness.errors import ConfigError, GuestError, JournalError
 from harness.explore.doc import (
     DOC_NAME,
     CellRecord,
@@ -48,11 +54,14 @@ from harness.explore.overlay import StateBuilder
 from harness.explore.recording import Recording, open_recording
 from harness.explore.spec import ExploreSpec
 from harness.explore.states import Timeline
+from harness.guest.ssh import CommandResult
 from harness.report.explore import render_explore
 from harness.scenario.cells import single_cell
-from harness.scenario.model import DiskSpec
+from harness.scenario.model import CutSpec, DiskSpec, TriggerKind
+from harness.vm.image import GuestImage
 from harness.workloads.ackrecords import AckRecords
-from harness.workloads.base import ORACLE, Observation
+from harness.workloads.base import ORACLE, Observation, Run
+from harness.workloads.stream import ACKS_FILE, STDERR_FILE, GuestStream
 
 from .conftest import pattern
 
@@ -113,7 +122,9 @@ class FakeGuest:
     def start(self) -> None:
         self.started = True
 
-    def check(self, delta: Path, run: Any, *, guest_fsck: bool, verify: bool) -> GuestCheck:
+    def check(
+        self, delta: Path, run: Any, *, guest_fsck: bool, verify: bool, state: str = ""
+    ) -> GuestCheck:
         image = bytearray(self.base)
         for sector, data in read_delta(delta).iter_sectors():
             image[sector * 512 : sector * 512 + 512] = data
@@ -389,7 +400,9 @@ def test_a_lying_flush_breaks_the_writeback_contract(recorder: Any, tmp_path: Pa
 class CannotCheck(FakeGuest):
     """A checker guest where the workload's check cannot run (a command not installed)."""
 
-    def check(self, delta: Path, run: Any, *, guest_fsck: bool, verify: bool) -> GuestCheck:
+    def check(
+        self, delta: Path, run: Any, *, guest_fsck: bool, verify: bool, state: str = ""
+    ) -> GuestCheck:
         super().check(delta, run, guest_fsck=guest_fsck, verify=verify)
         return GuestCheck(True, None, "GuestError: the workload's check could not run (exit 127)")
 
@@ -696,3 +709,190 @@ def test_the_exit_status_tells_a_broken_contract_from_a_cell_that_is_an_error(
     help_text = capsys.readouterr().out
     assert "exit status:" in help_text and "unjudged-states" in help_text
     assert "\n  2    a cell is an error" in help_text
+
+
+# -- what a user sees while it works, and when it fails -------------------------------------
+
+
+def test_progress_reports_every_phase_with_its_states_checked_of_planned_and_failing(
+    recorder: Any, tmp_path: Path
+) -> None:
+    rec = recorder()
+    acked_records(rec, 4, flush=False)  # fails in the guest: minimized
+    seen: list[Progress] = []
+    cell = single_cell(AckRecords(records=6), checkers=(ORACLE, "ack-records"))
+    out = tmp_path / "out"
+    explorer = CellExplorer(
+        cell,
+        ExploreSpec(max_states=40, minimize=1),
+        out / "cells" / "000",
+        None,
+        out=out,
+        index=0,
+        options=ExploreOptions(guest_factory=FakeGuest, full_every=1),
+        on_progress=seen.append,
+    )
+    explorer.explore(recorded(rec, rec.finish()))
+    final = explorer.snapshot().counts
+    phases = [p.phase for p in seen]
+    assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] is not p] == [
+        Phase.HOST,
+        Phase.GUEST,
+        Phase.MINIMIZE,
+        Phase.DONE,
+    ]
+    host = [p for p in seen if p.phase is Phase.HOST]
+    assert host[0].checked == 0 and host[-1].checked == host[-1].planned == final.states_explored
+    assert [p.checked for p in host] == sorted(p.checked for p in host)
+    guest = [p for p in seen if p.phase is Phase.GUEST]
+    assert guest[-1].checked == guest[-1].planned and guest[-1].failing == final.states_failing
+    assert any(p.seconds_left is not None for p in host + guest)
+    assert seen[-1].failing == final.states_failing > 0 and seen[-1].seconds_left == 0
+    assert all(p.cell == "writeback/explore/ack-records/after-exit/r0" for p in seen)
+    assert "states" in seen[-1].describe() and "failing" in seen[-1].describe()
+
+
+class FakeRun(Run):
+    """A workload that acknowledges one more record at every look, for `looks` looks."""
+
+    def __init__(self, looks: int) -> None:
+        super().__init__(FaultModel.HOST_POWER_CUT)
+        self.looks = looks
+        self.count = 0
+        self.acks = 0
+
+    def alive(self) -> bool:
+        self.count += 1
+        return self.count < self.looks
+
+    def acked(self) -> int:
+        self.acks += 1
+        return self.acks
+
+
+class FakeDisk:
+    def requests(self, kind: str) -> int:
+        return 7 if kind == "OUT" else 0
+
+
+def test_a_recording_reports_the_acknowledgements_and_writes_so_far_and_the_time_left(
+    tmp_path: Path,
+) -> None:
+    seen: list[Progress] = []
+    image = GuestImage(tmp_path, "fake", *[tmp_path / "x"] * 7, "console=ttyS0", 22, 8765)
+    for cut, left in (
+        (CutSpec(TriggerKind.AFTER_EXIT), False),
+        (CutSpec(TriggerKind.AFTER_SECONDS, 60), True),
+    ):
+        cell = single_cell(AckRecords(records=6), cut=cut)
+        runner = RecordingRunner(cell, tmp_path / "r", image, accel=None, on_progress=seen.append)
+        runner.PROGRESS_EVERY = 0.0
+        run = FakeRun(looks=5)
+        run.started = time.monotonic()
+        if cut.kind is TriggerKind.AFTER_SECONDS:
+            run.alive = lambda: True  # type: ignore[method-assign]
+            run.started -= 59.9  # the cut comes within a few looks
+        runner._wait_for_cut(FakeDisk(), run)
+        reports = [p for p in seen if p.phase is Phase.RECORD]
+        assert reports and reports[-1].writes == 7 and reports[-1].acks >= 1
+        assert (reports[-1].seconds_left is not None) is left
+        assert "acks" in reports[-1].describe() and "writes recorded" in reports[-1].describe()
+        seen.clear()
+
+
+def test_a_failed_recording_names_the_consoles_and_the_workload_output_it_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(self: RecordingRunner) -> Any:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "console.log").write_text("[    1.0] etcd[212]: waiting for peers\n")
+        (self.directory / "acks.txt").write_text("ack 1\n")
+        (self.directory / "workload.stderr").write_text("etcd: member never came up\n")
+        raise GuestError("the workload failed before the end of the recording: exit 1")
+
+    monkeypatch.setattr(RecordingRunner, "record", fails)
+    image = GuestImage(tmp_path, "fake", *[tmp_path / "x"] * 7, "console=ttyS0", 22, 8765)
+    cell = single_cell(AckRecords(records=6))
+    directory = tmp_path / "out" / "cells" / "000"
+    result = CellExplorer(
+        cell,
+        ExploreSpec(),
+        directory,
+        image,
+        out=tmp_path / "out",
+        index=0,
+        options=ExploreOptions(),
+    ).run()
+    reason = result.reason
+    assert result.record.verdict is Verdict.ERROR and reason.startswith("GuestError: the workload")
+    for name in ("console.log", "acks.txt", "workload.stderr"):
+        assert str(directory.resolve() / name) in reason
+    assert "the recording guest's console" in reason and "its stderr" in reason
+
+
+def test_the_workload_stderr_is_kept_line_by_line_as_it_arrives(tmp_path: Path) -> None:
+    class Talking:
+        def run(self, command: str, timeout: float = 60, **kw: Any) -> CommandResult:
+            kw["on_stdout"]("1")
+            kw["on_stderr"]("etcd: member never came up")
+            return CommandResult(command, 3, "1\n", "etcd: member never came up\n")
+
+    stream = GuestStream(
+        Talking(),  # type: ignore[arg-type]
+        "etcd-workload",
+        "w",
+        tmp_path / ACKS_FILE,
+        stderr_file=tmp_path / STDERR_FILE,
+    ).start()
+    stream.join(30)
+    assert (tmp_path / ACKS_FILE).read_text() == "1\n" and stream.acked == 1
+    assert (tmp_path / STDERR_FILE).read_text() == "etcd: member never came up\n"
+    assert "exited 3: etcd: member never came up" in (stream.failure() or "")
+
+
+def _fake_cell_run(self: CellExplorer) -> CellExploration:
+    """A cell's run without guests: the progress it would report, then a verdict."""
+    cell = self.record.id
+    self.on_progress(Progress(cell, Phase.RECORD, acks=3, writes=41, seconds_left=12.0))
+    self.on_progress(Progress(cell, Phase.HOST, checked=5, planned=10, failing=1))
+    self.record = dataclasses.replace(
+        self.record, status=CellStatus.DONE, verdict=Verdict.PASS, reason="fake: passed"
+    )
+    return CellExploration(self.snapshot(), self.out)
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_progress_is_drawn_on_a_terminal_and_nothing_but_the_results_elsewhere(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    terminal: bool,
+) -> None:
+    image = GuestImage(tmp_path, "fake", *[tmp_path / "x"] * 7, "console=ttyS0", 22, 8765)
+    monkeypatch.setattr(CellImages, "prepare", lambda self, cells, on_build=None: None)
+    monkeypatch.setattr(CellImages, "__call__", lambda self, cell: image)
+    monkeypatch.setattr(explore_command, "choose_accel", lambda *a: "tcg")
+    monkeypatch.setattr(CellExplorer, "run", _fake_cell_run)
+    screen = io.StringIO()
+    if terminal:
+        monkeypatch.setattr(
+            explore_command,
+            "make_console",
+            lambda: Console(file=screen, force_terminal=True, width=200),
+        )
+    scenario = tmp_path / "records.toml"
+    scenario.write_text(FIO_AND_RECORDS.replace('[[workload]]\nkind = "fio-verify"\n', ""))
+    assert main(["explore", str(scenario), "--out", str(tmp_path / "out")]) == 0
+    shown = screen.getvalue() if terminal else capsys.readouterr().out
+    assert "PASS" in shown and "fake: passed" in shown and "states explored" in shown
+    progress = ("3 acks, 41 writes recorded", "12 s left", "5/10 states")
+    if terminal:
+        assert all(p in shown for p in progress), shown
+    else:
+        assert not any(p in shown for p in progress), shown
+        assert "\x1b" not in shown  # no cursor movement or colour either
+    # Off a terminal nothing is even drawn (rich would hide it; the command never starts it).
+    with explore_command.progress_display(Console(file=io.StringIO())) as bar:
+        assert bar is None
+    with explore_command.progress_display(Console(file=screen, force_terminal=True)) as bar:
+        assert bar is not None
