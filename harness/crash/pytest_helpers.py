@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.crash.cell_run import CellRunner
-from harness.crash.explorer.cell import CellExploration, CellExplorer, ExploreOptions
+from harness.crash.explorer.cell import EVIDENCE, CellExploration, CellExplorer, ExploreOptions
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
 from harness.crash.session import CrashSession, PowerCut
@@ -138,8 +138,8 @@ class PowerCutHelper:
         for index, exploration in enumerate(self.explorations):
             if exploration.out is not None:
                 cell = exploration.out / "cells" / "000"
-                logs[f"explore{index} recording console"] = cell / "console.log"
-                logs[f"explore{index} checker console"] = cell / "checker" / "console.log"
+                for name, what in EVIDENCE:
+                    logs[f"explore{index} {what}"] = cell / name
                 logs[f"explore{index} explore.json"] = exploration.out / "explore.json"
         return {k: v for k, v in logs.items() if v.exists()}
 

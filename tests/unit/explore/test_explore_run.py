@@ -34,6 +34,7 @@ from harness.crash.explorer.progress import Phase, Progress
 from harness.crash.explorer.record import RecordedRun, RecordingRunner
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
+from harness.crash.pytest_helpers import PowerCutHelper
 from harness.durability.contract import FaultModel, Promise, Verdict
 from harness.durability.delta import read_delta
 from harness.durability.oracle import check as oracle_check
@@ -896,3 +897,21 @@ def test_progress_is_drawn_on_a_terminal_and_nothing_but_the_results_elsewhere(
         assert bar is None
     with explore_command.progress_display(Console(file=screen, force_terminal=True)) as bar:
         assert bar is not None
+
+
+def test_a_failing_pytest_exploration_attaches_what_the_guests_and_the_workload_said(
+    tmp_path: Path,
+) -> None:
+    image = GuestImage(tmp_path, "fake", *[tmp_path / "x"] * 7, "console=ttyS0", 22, 8765)
+    helper = PowerCutHelper(image, None, tmp_path)
+    out = tmp_path / "explore0"
+    cell = out / "cells" / "000"
+    (cell / "checker").mkdir(parents=True)
+    for name in ("console.log", "workload.stderr", "checker/check-errors.log"):
+        (cell / name).write_text("said\n")
+    helper.explorations.append(CellExploration(CellRecord.skipped(0, "c", "s", "r"), out))
+    attached = helper.all_logs()
+    assert attached["explore0 its stderr"] == cell / "workload.stderr"
+    assert attached["explore0 the checks that could not run"] == cell / "checker/check-errors.log"
+    assert "explore0 the recording guest's console" in attached
+    assert "explore0 the workload's stdout" not in attached  # never written: not attached
