@@ -7,9 +7,13 @@
 Each cell's workload runs once (`harness.crash.explorer.record`); the states its
 contract allows are checked host-side and in one checker guest, failing ones
 shrunk (`harness.crash.explorer.cell`). DIR gets explore.json (written as it
-goes, `harness.crash.explorer.run`), report.html and plots/. `replay` rebuilds
-any state of DIR/explore.json (minimized ones too) as an image to mount or fsck
-(`harness.explore.doc.replay`).
+goes, `harness.crash.explorer.run`), report.html, report.md and plots/.
+`replay` rebuilds any state of DIR/explore.json (minimized ones too) as an image
+to mount or fsck (`harness.explore.doc.replay`).
+
+A cell can take many minutes between two lines of output, so on a terminal a
+live line shows what it is doing (`harness.crash.explorer.progress`); anywhere
+else (a pipe, CI's log) only the results are printed.
 
 Exit status (`EXIT_STATUS`, also in `--help`): 0 when every cell passed; 1 when a
 state breaks its contract (a negative control: when none fails); 2 when a cell
