@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from harness.block.drivers.blkdebug import Rule
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
-from harness.scenario.explore import ExploreSpec
+from harness.explore.spec import ExploreSpec
 from harness.workloads.base import OptionValue, Workload
 
 
