@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("scenario", "report"),
     ("workloads",),
     ("vhost", "nbd", "vm"),
-    ("guest",),
+    ("guest", "daemons"),  # daemons: the command lines of the processes that serve a disk
     ("block",),
     ("durability",),
     ("control",),
