@@ -33,15 +33,16 @@ from pathlib import Path
 from typing import Any, cast
 
 from harness.block.options import format_dotted
-from harness.control import control_request
-from harness.crash.session import CrashBackend
+from harness.durability.contract import CacheMode
 from harness.errors import GuestError, PowercutError, TimeoutExpired
 from harness.explore.doc import CheckSummary, GuestFsck, GuestRecord
 from harness.guest.checker import CheckerLoop, text
 from harness.guest.ssh import CommandResult, LineCallback, SSHSession
+from harness.vm.backends import ProcessBackend
+from harness.vm.daemons import ServeOptions
 from harness.vm.image import GuestImage
 from harness.vm.qemu import QemuMachine
-from harness.vm.spec import Accel, MachineSpec, VhostUserDisk
+from harness.vm.spec import Accel, MachineSpec
 from harness.workloads import filesystem
 from harness.workloads.base import DEVICE, MOUNT, Observation, Run, Workload
 
@@ -314,17 +315,16 @@ class CheckerGuest:
             }
         )
         try:
-            self.backend = CrashBackend(
-                Path(base),
-                self.directory,
+            options = ServeOptions(
                 blockdev=blockdev,
-                cache="unsafe",  # nothing the checker writes is kept anyway
-                name="state",
                 socket=self.socket,
+                cache=CacheMode.UNSAFE,  # nothing the checker writes is kept anyway
+                verbose=1,
             )
+            self.backend = ProcessBackend.logging_in(options, self.directory, "state")
             spec = MachineSpec.from_image(
                 image,
-                disks=(VhostUserDisk(self.socket, reconnect=1),),
+                disks=(self.backend.disk(),),
                 memory_mib=memory_mib,
                 name="checker",
             )
@@ -352,10 +352,8 @@ class CheckerGuest:
         self.boot_seconds = time.monotonic() - t0
 
     def switch(self, delta: Path | None) -> dict[str, Any]:
-        answer: dict[str, Any] = control_request(
-            self.backend.control_path,
-            {"cmd": "state-switch", "delta": str(delta) if delta is not None else None},
-            timeout=60,
+        answer: dict[str, Any] = self.backend.control(
+            "state-switch", delta=str(delta) if delta is not None else None, timeout=60
         )
         return answer
 

@@ -93,7 +93,7 @@ class RecordingSession(CrashSession):
         self.write_log = self.recording_dir / LOG_NAME
         graph = fault_graph(self.disk, self.journal, self.write_log, self.blkdebug_config)
         graph["log-data"] = True
-        self.backend.blockdev = format_dotted(graph)
+        self.backend = self.serve(format_dotted(graph))
 
     def end(self) -> None:
         """The cut moment: freeze the backend, kill QEMU and the backend; revert nothing."""
