@@ -40,7 +40,7 @@ known number), whether paths came out absolute, strings that faulted. Figures:
 the median per mechanism and its ratio to `off` (goal for the chosen one:
 <= 1.5). Last, the clock, per mechanism: the offset between the tracer's guest
 clock and the host's CLOCK_MONOTONIC, bounded by SSH round trips
-(`harness.guest.clock`) before and after a traced run, and tightened by the
+(`harness.guest.clock`, `harness.explore.clock`) before and after a traced run, and tightened by the
 trace lines' arrival times.
 """
 
@@ -59,9 +59,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine_info
-from harness.guest.clock import bounds_from_round_trips, sample_round_trips
-from harness.guest.ssh import SSHSession
-from harness.guest.syscalls import (
+from harness.explore.clock import bounds_from_round_trips
+from harness.explore.syscalls import (
     FILE_CALLS,
     OPTIONAL_CALLS,
     TRACED,
@@ -69,6 +68,8 @@ from harness.guest.syscalls import (
     parse_strace,
     strace_command,
 )
+from harness.guest.clock import sample_round_trips
+from harness.guest.ssh import SSHSession
 from harness.guest.tracing import Mechanism, TraceStream
 from harness.vm.image import ensure_image
 from harness.vm.qemu import QemuMachine

@@ -1,10 +1,10 @@
 """Why it was lost: the calls behind a failing state, and the fix that would have kept it.
 
-Pure: a traced run (`harness.guest.syscalls.Trace`), the guest clock's bounds
-on the host's (`harness.guest.clock.ClockBounds`), the acknowledgements'
+Pure: a traced run (`harness.explore.syscalls.Trace`), the guest clock's bounds
+on the host's (`harness.explore.clock.ClockBounds`), the acknowledgements'
 host receipt times, and for a failing state the recovered file view and the
 reference view at the same point (every write kept;
-`harness.guest.fileview.FileView`), the lost tokens and, if known, the lost
+`harness.explore.fileview.FileView`), the lost tokens and, if known, the lost
 and torn writes as device byte ranges. No guest, no disk.
 
 The calls are replayed in enter order into what the POSIX contract promises
@@ -54,9 +54,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.guest.clock import ClockBounds
-from harness.guest.fileview import FileView, differences
-from harness.guest.syscalls import O_CREAT, O_DSYNC, Call, CallKind, Trace
+from harness.explore.clock import ClockBounds
+from harness.explore.fileview import FileView, differences
+from harness.explore.syscalls import O_CREAT, O_DSYNC, Call, CallKind, Trace
 
 NEVER = 1 << 62
 

@@ -30,7 +30,7 @@ directory per process and inheritance across fork and exec resolve the paths
 (the traced shell's `cd` is the first call it sees). One model, one parser
 of paths, two mechanisms: where the kernel lacks tracefs, syscall tracepoints,
 kprobe or eprobe events (a user's `--kernel`), `setup_script` says what is
-missing and the caller falls back to strace (`harness.guest.syscalls`).
+missing and the caller falls back to strace (`harness.explore.syscalls`).
 
 Times are the instance's `mono` clock (the guest's CLOCK_MONOTONIC, in µs).
 """
@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from harness.guest.syscalls import FILE_CALLS, StraceParser, Trace
+from harness.explore.syscalls import FILE_CALLS, StraceParser, Trace
 
 TRACEFS = "/sys/kernel/tracing"
 INSTANCE = f"{TRACEFS}/instances/powercut"

@@ -1,6 +1,6 @@
 """Tracing a workload's whole process tree in the guest, streamed to the host as it runs.
 
-Two mechanisms, one model (`harness.guest.syscalls.Trace`): the kernel's
+Two mechanisms, one model (`harness.explore.syscalls.Trace`): the kernel's
 syscall tracepoints through tracefs (`harness.guest.tracefs`), the default
 because it costs the run phase least (a process-per-insert run: 1.1-1.5x
 against strace's 2.0-3.5x); strace where the kernel
@@ -14,7 +14,7 @@ the instance; strace: `cat` of the FIFO strace writes), where `TraceStream`
 parses it, keeps the raw text (the evidence) and time-stamps every line's
 arrival on the host's CLOCK_MONOTONIC: an event's line cannot arrive before
 the event, which bounds the guest clock's offset from above
-(`harness.guest.clock`). What the guest recorded after the last line that
+(`harness.explore.clock`). What the guest recorded after the last line that
 arrived is lost with it; `Trace.last_ns` says up to when the trace is whole.
 
 strace's FIFO blocks its writer in open(2) until the reader is there, so the
@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.errors import GuestError
+from harness.explore.syscalls import StraceParser, Trace, printed_at, strace_command
 from harness.guest import tracefs
 from harness.guest.clock import CLOCK_MONOTONIC, CLOCK_REALTIME
-from harness.guest.syscalls import StraceParser, Trace, printed_at, strace_command
 from harness.guest.tracefs import batching_reader
 
 if TYPE_CHECKING:

@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 
-from harness.guest.clock import causal_upper, sample_offset
-from harness.guest.fileview import EntryType, file_view
-from harness.guest.syscalls import CallKind
+from harness.explore.clock import causal_upper
+from harness.explore.fileview import EntryType
+from harness.explore.syscalls import CallKind
+from harness.guest.clock import sample_offset
+from harness.guest.fileview import file_view
 from harness.guest.tracing import Mechanism, TraceStream
 from harness.vm.spec import FileDisk
 from harness.workloads.filesystem import make_disk

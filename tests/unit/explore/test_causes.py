@@ -18,9 +18,9 @@ from harness.explore.causes import (
     explain,
     group,
 )
-from harness.guest.clock import ClockBounds
-from harness.guest.fileview import EntryType, FileEntry, FileView
-from harness.guest.syscalls import Trace, parse_strace
+from harness.explore.clock import ClockBounds
+from harness.explore.fileview import EntryType, FileEntry, FileView
+from harness.explore.syscalls import Trace, parse_strace
 
 ACK = re.compile(r"^ack (\S+)$")
 CLOCK = ClockBounds(0, 0)  # the tests' guest times are the host's
@@ -252,7 +252,7 @@ def test_a_torn_overwrite_in_place_is_a_single_call_not_atomic() -> None:
     extent = (0, 1 << 20, 16384, 0)
     entry = FileEntry("db", EntryType.FILE, 16384, md5="torn")
     ref_entry = FileEntry("db", EntryType.FILE, 16384, md5="whole")
-    from harness.guest.fileview import Extent
+    from harness.explore.fileview import Extent
 
     recovered = FileView("/mnt", "ext4", (entry,))
     reference = FileView(

@@ -7,13 +7,13 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.guest.clock import (
+from harness.explore.clock import (
     ClockBounds,
     bounds_from_round_trips,
     causal_upper,
     fsync_samples,
 )
-from harness.guest.syscalls import Trace, parse_strace
+from harness.explore.syscalls import Trace, parse_strace
 
 
 @settings(deadline=None, derandomize=True)

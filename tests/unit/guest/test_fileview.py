@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import GuestError
-from harness.guest.fileview import (
+from harness.explore.fileview import (
     FIEMAP_EXTENT_DATA_INLINE,
-    HELPER,
     Chunk,
     EntryType,
     Extent,
@@ -29,6 +28,7 @@ from harness.guest.fileview import (
     parse_chunk_tree,
     parse_view,
 )
+from harness.guest.fileview import HELPER
 
 pytestmark = pytest.mark.skipif(shutil.which("perl") is None, reason="needs perl")
 

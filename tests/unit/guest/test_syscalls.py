@@ -15,7 +15,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.guest.syscalls import (
+from harness.explore.syscalls import (
     O_CREAT,
     O_DSYNC,
     O_SYNC,

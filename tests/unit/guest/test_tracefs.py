@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.guest.syscalls import CallKind
+from harness.explore.syscalls import CallKind
 from harness.guest.tracefs import (
     INSTANCE,
     TracefsConverter,

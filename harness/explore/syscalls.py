@@ -3,7 +3,7 @@
 The model is what the explanation needs (harness/explore/causes.py): one
 `Call` per system call with its kind, process, the paths it resolves to, the
 descriptor, flags, offset and length, the result, and its enter and exit
-times on the tracer's guest clock (`harness.guest.clock` maps them to the
+times on the tracer's guest clock (`harness.explore.clock` maps them to the
 host's CLOCK_MONOTONIC, the clock of the write log and of the
 acknowledgements). Two mechanisms produce it (docs/tracing.md has the
 measurements): the kernel's syscall tracepoints (`harness.guest.tracefs`,
