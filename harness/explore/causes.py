@@ -1,27 +1,40 @@
 """Why it was lost: the calls behind a failing state, and the fix that would have kept it.
 
-Pure: a traced run (`harness.explore.syscalls.Trace`), the guest clock's bounds
-on the host's (`harness.explore.clock.ClockBounds`), the acknowledgements'
-host receipt times, and for a failing state the recovered file view and the
-reference view at the same point (every write kept;
-`harness.explore.fileview.FileView`), the lost tokens and, if known, the lost
-and torn writes as device byte ranges. No guest, no disk.
+Pure: a traced run (`harness.explore.syscalls.Trace`), the guest clock's
+bounds on the host's (`harness.explore.clock.ClockBounds`), the
+acknowledgements' host receipt times, the tree before the run and, when the
+run ended before the cut, after it (`harness.explore.fileview.FileView`,
+listed in the recording guest), and for a failing state the recovered file
+view, the lost tokens and, if known, the lost and torn writes as device byte
+ranges. No guest, no disk.
 
 The calls are replayed in enter order into what the POSIX contract promises
-durable: a file's data (write, pwrite, writev, truncate, fallocate) is
-durable once an fsync or fdatasync of that file, an msync of its mapping,
-sync(2) or syncfs(2) completed after it, or when it went through a
-descriptor opened O_SYNC/O_DSYNC; a directory entry (create, rename, link,
-symlink, unlink, mkdir, rmdir) once an fsync of its directory, sync(2) or
-syncfs(2) completed after it. close(2) and sync_file_range(2) promise
-nothing. A file keeps its identity across renames and links, so the writes
-made to `x.tmp` are the data of `x` after `rename(x.tmp, x)`.
+durable: a file's data (write, pwrite, writev, truncate, fallocate, an open
+with O_TRUNC) is durable once an fsync or fdatasync of that file, an msync of
+its mapping, sync(2) or syncfs(2) completed after it, or when it went
+through a descriptor opened O_SYNC/O_DSYNC; a directory entry (create,
+rename, link, symlink, unlink, mkdir, rmdir) once an fsync of its directory,
+sync(2) or syncfs(2) completed after it. close(2) and sync_file_range(2)
+promise nothing. A file keeps its identity across renames and links, so the
+writes made to `x.tmp` are the data of `x` after `rename(x.tmp, x)`.
 
-For a failing state, every path where the recovered tree differs from the
-reference is an effect that was lost; the calls that made that effect and
-completed before the boundary — the earliest lost acknowledgement, or the
-state's own point when only the check failed — are looked up, and the
-property each relied on is named in a fixed vocabulary (`Property`):
+The same replay says what the tree was when the workload acknowledged: which
+names led to which file, and each file's size where the calls determine it
+(created or truncated, then written through O_APPEND, at explicit offsets or
+sequentially through a write-only descriptor whose seeks are traced; a file
+the model cannot follow, or whose modelled size at the end of the run
+disagrees with the tree listed then, has no size). A file no call changed
+after the acknowledgement has the content the tree after the run shows. That
+is the reference a failing state is compared with: the tree as the workload
+saw it, not as the disk had it — a change that never left the guest's page
+cache is on neither the disk nor any crash state, and still the one lost.
+
+For a failing state, every path where the recovered tree differs from that
+reference (missing, present though removed, shorter than the calls left it,
+other content) is a lost effect; the calls that made it and completed before
+the boundary — the earliest lost acknowledgement, or the state's own point
+when only the check failed — are looked up, and the property each relied on
+is named in a fixed vocabulary (`Property`):
 
 - data not synced: a write with no fsync/fdatasync of its file before the ack;
 - directory entry not synced: a create, rename, link or unlink with no fsync
@@ -29,14 +42,15 @@ property each relied on is named in a fixed vocabulary (`Property`):
 - order assumed: a later write of another file was made durable, the earlier
   write was not, and nothing between them forced the order;
 - a single call not atomic: a write whose range the state tore (known only
-  with the torn writes mapped to files), or a rename that left both names or
-  neither.
+  with the torn writes mapped to files), or a rename that left both names.
 
 Each cause says what would have made it durable ("fsync the directory /mnt
 after rename(/mnt/x.tmp, /mnt/x)"). A lost effect whose calls were all
 durable before the boundary is not the application's doing and is never
 blamed on a call: the state is `unexplained`, with the evidence (the
 differences, the calls and the syncs that covered them, the writes by file).
+Changes that were not promised yet are in the recovered tree anyway are
+listed as kept by the filesystem, with the first sync after them.
 
 Times: a call is before the boundary when it returned by then on the guest's
 clock. The boundary is the workload's own `write` of the acknowledgement line
@@ -50,15 +64,28 @@ from __future__ import annotations
 import enum
 import posixpath
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from harness.explore.clock import ClockBounds
-from harness.explore.fileview import FileView, differences
-from harness.explore.syscalls import O_CREAT, O_DSYNC, Call, CallKind, Trace
+from harness.explore.fileview import EntryType, FileView, differences
+from harness.explore.syscalls import (
+    O_ACCMODE,
+    O_APPEND,
+    O_CLOEXEC,
+    O_CREAT,
+    O_DSYNC,
+    O_RDWR,
+    O_TRUNC,
+    O_WRONLY,
+    Call,
+    CallKind,
+    Trace,
+)
 
 NEVER = 1 << 62
+FALLOC_FL_KEEP_SIZE = 0x1
 
 
 class Property(enum.Enum):
@@ -76,6 +103,13 @@ class AckTime:
 
     token: str
     host_ns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "host_ns": self.host_ns}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> AckTime:
+        return cls(str(raw["token"]), int(raw["host_ns"]))
 
 
 @dataclass(frozen=True)
@@ -106,6 +140,16 @@ class Cause:
             "evidence": self.evidence,
         }
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Cause:
+        return cls(
+            Property(raw["property"]),
+            str(raw["path"]),
+            tuple(Call.from_json(c) for c in raw.get("calls", [])),
+            str(raw["fix"]),
+            str(raw.get("evidence", "")),
+        )
+
 
 @dataclass(frozen=True)
 class Explanation:
@@ -118,13 +162,20 @@ class Explanation:
     evidence: tuple[str, ...] = ()  # differences and what the calls say of them
     kept: tuple[str, ...] = ()  # effects not promised durable that the filesystem kept anyway
     writes: tuple[str, ...] = ()  # lost and torn writes of the disk, by file
+    seconds: float | None = None  # the time it took (the views and the engine)
 
     @property
     def unexplained(self) -> bool:
         return not self.causes
 
+    def lines(self) -> list[str]:
+        """The explanation as a person reads it, one line per cause (or why none)."""
+        if self.causes:
+            return [c.describe() for c in self.causes]
+        return ["unexplained: " + "; ".join(self.evidence[:3] or ("no evidence",))]
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "state": self.state,
             "lost_tokens": list(self.lost_tokens),
             "boundary": self.boundary,
@@ -134,6 +185,25 @@ class Explanation:
             "kept": list(self.kept),
             "writes": list(self.writes),
         }
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Explanation:
+        return cls(
+            state=str(raw["state"]),
+            lost_tokens=tuple(str(t) for t in raw.get("lost_tokens", [])),
+            boundary=str(raw.get("boundary", "")),
+            causes=tuple(Cause.from_json(c) for c in raw.get("causes", [])),
+            evidence=tuple(str(e) for e in raw.get("evidence", [])),
+            kept=tuple(str(k) for k in raw.get("kept", [])),
+            writes=tuple(str(w) for w in raw.get("writes", [])),
+            seconds=raw.get("seconds"),
+        )
+
+
+UNEXPLAINED_KEY = "unexplained: no call's missing durability explains the loss"
 
 
 @dataclass(frozen=True)
@@ -141,11 +211,15 @@ class CauseGroup:
     """One distinct cause over all failing states: how many it explains, and the smallest."""
 
     key: str
-    relied_on: Property
+    relied_on: Property | None  # None: the states no cause explains
     fix: str
     states: tuple[str, ...]
     smallest: str
     replay: str | None = None
+
+    @property
+    def unexplained(self) -> bool:
+        return self.relied_on is None
 
     def line(self) -> str:
         replay = f"; replay: {self.replay}" if self.replay else ""
@@ -154,13 +228,25 @@ class CauseGroup:
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key,
-            "property": self.relied_on.value,
+            "property": self.relied_on.value if self.relied_on is not None else None,
             "fix": self.fix,
             "states": list(self.states),
             "count": len(self.states),
             "smallest": self.smallest,
             "replay": self.replay,
         }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> CauseGroup:
+        prop = raw.get("property")
+        return cls(
+            str(raw["key"]),
+            Property(prop) if prop is not None else None,
+            str(raw.get("fix", "")),
+            tuple(str(s) for s in raw.get("states", [])),
+            str(raw.get("smallest", "")),
+            raw.get("replay"),
+        )
 
 
 @dataclass(frozen=True)
@@ -177,6 +263,10 @@ class Risk:
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "what": self.what, "since": self.since.to_json()}
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Risk:
+        return cls(str(raw["path"]), str(raw["what"]), Call.from_json(raw["since"]))
+
 
 @dataclass(frozen=True)
 class AckRisk:
@@ -191,8 +281,16 @@ class AckRisk:
             "risks": [r.to_json() for r in self.risks],
         }
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> AckRisk:
+        return cls(
+            str(raw["token"]),
+            int(raw["guest_ns"]),
+            tuple(Risk.from_json(r) for r in raw.get("risks", [])),
+        )
 
-# -- the calls replayed into what is durable ---------------------------------------------
+
+# -- the calls replayed into what is durable, and what the tree was ---------------------------
 
 
 @dataclass
@@ -206,8 +304,25 @@ class _Change:
 
 
 @dataclass
+class _Desc:
+    """An open descriptor as far as the model follows it."""
+
+    file: int
+    pos: int | None  # where its next write() goes (None: unknown)
+    append: bool
+    sync: bool
+    write_only: bool  # reads are not traced: a read-write descriptor's position is unknown
+    cloexec: bool
+
+
+def _end(call: Call) -> int:
+    return call.exit_ns if call.exit_ns is not None else NEVER
+
+
+@dataclass
 class _Replay:
-    """Every data and entry change of the trace, each with the call that made it durable."""
+    """Every data and entry change of the trace, each with the call that made it durable,
+    and the tree as the calls left it at any instant (`name_at`, `size_at`)."""
 
     data: list[_Change] = field(default_factory=list)
     entries: list[_Change] = field(default_factory=list)
@@ -215,78 +330,194 @@ class _Replay:
     history: dict[int, list[str]] = field(default_factory=dict)  # identity -> its paths, in order
     renames: list[Call] = field(default_factory=list)
     unnamed_msyncs: list[Call] = field(default_factory=list)
+    types: dict[int, EntryType] = field(default_factory=dict)
+    existing: set[str] = field(default_factory=set)  # paths in the tree before the run
+    # path -> (instant, identity or None, the call), in the order the calls returned
+    bindings: dict[str, list[tuple[int, int | None, Call | None]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    sizes: dict[int, list[tuple[int, int | None]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )  # identity -> (instant, size or None: the model cannot follow it)
+
+    def name_at(self, path: str, at: int) -> int | None:
+        """The identity `path` led to once every call that returned by `at` had."""
+        fid: int | None = None
+        for when, bound, _call in self.bindings.get(path, ()):
+            if when > at:
+                break
+            fid = bound
+        return fid
+
+    def tree_at(self, at: int) -> dict[str, int]:
+        out = {}
+        for path in self.bindings:
+            fid = self.name_at(path, at)
+            if fid is not None:
+                out[path] = fid
+        return out
+
+    def binding_call(self, path: str, at: int) -> Call | None:
+        """The call that last bound or removed `path` by `at` (None: it was there before)."""
+        call = None
+        for when, _bound, by in self.bindings.get(path, ()):
+            if when > at:
+                break
+            call = by
+        return call
+
+    def size_at(self, fid: int, at: int) -> int | None:
+        size: int | None = None
+        for when, value in self.sizes.get(fid, ()):
+            if when > at:
+                break
+            size = value
+        return size
+
+    def changed_after(self, fid: int, at: int) -> list[_Change]:
+        return [c for c in self.data if c.file == fid and _end(c.call) > at]
+
+    def bound_after(self, path: str, at: int) -> bool:
+        return any(when > at for when, _f, _c in self.bindings.get(path, ()))
 
 
 _DATA = (CallKind.WRITE, CallKind.TRUNCATE, CallKind.FALLOCATE)
 
 
-def replay(trace: Trace, until_ns: int = NEVER, existing: Iterable[str] = ()) -> _Replay:
+def _existing_entries(existing: FileView | Iterable[str], root: str | None) -> dict[str, Any]:
+    """Absolute path -> its entry in the tree before the run (None: a bare path)."""
+    if isinstance(existing, FileView):
+        top = existing.root.rstrip("/") or "/"
+        return {(f"{top}/{e.path}" if e.path else top): e for e in existing.entries}
+    return dict.fromkeys(existing)
+
+
+def replay(trace: Trace, until_ns: int = NEVER, existing: FileView | Iterable[str] = ()) -> _Replay:
     """Walk the successful calls that returned by `until_ns` (guest) in enter order.
 
-    `existing`: absolute paths that were in the tree before the run, so that
-    opening one with O_CREAT is not mistaken for creating it.
+    `existing`: the tree before the run (a view, or its absolute paths), so
+    that opening one of its files with O_CREAT is not mistaken for creating
+    it, and its files' sizes start the model's.
     """
     out = _Replay()
-    existing = set(existing)
-    sync_fds: dict[tuple[int, int], bool] = {}
+    before = _existing_entries(existing, None)
+    out.existing = set(before)
+    descs: dict[tuple[int, int], _Desc] = {}
     next_id = 0
 
-    def ident(path: str) -> int:
+    def new_identity() -> int:
         nonlocal next_id
+        next_id += 1
+        return next_id - 1
+
+    def bind(path: str, fid: int | None, at: int, call: Call | None) -> None:
+        if fid is None:
+            out.names.pop(path, None)
+        else:
+            out.names[path] = fid
+            paths = out.history.setdefault(fid, [])
+            if not paths or paths[-1] != path:
+                paths.append(path)
+        out.bindings[path].append((at, fid, call))
+
+    def set_size(fid: int, at: int, size: int | None) -> None:
+        out.sizes[fid].append((at, size))
+
+    def size_now(fid: int) -> int | None:
+        got = out.sizes.get(fid)
+        return got[-1][1] if got else None
+
+    for known, listed in before.items():
+        fid = new_identity()
+        bind(known, fid, -1, None)
+        kind = listed.type if listed is not None else EntryType.FILE
+        out.types[fid] = kind
+        if listed is not None and kind is EntryType.FILE:
+            set_size(fid, -1, listed.size)
+
+    def ident(path: str, at: int, call: Call) -> int:
         if path not in out.names:
-            out.names[path] = next_id
-            out.history[next_id] = [path]
-            next_id += 1
+            fid = new_identity()
+            bind(path, fid, at, call)
+            out.types[fid] = EntryType.FILE
         return out.names[path]
 
     def entry(call: Call, path: str) -> None:
         out.entries.append(_Change(call, -1, path, posixpath.dirname(path)))
 
+    def data(call: Call, fid: int, path: str, self_synced: bool = False) -> None:
+        change = _Change(call, fid, path, posixpath.dirname(path))
+        change.self_synced = self_synced
+        out.data.append(change)
+
     for call in trace.calls:
-        if not call.ok or (call.exit_ns or NEVER) > until_ns:
+        if not call.ok or _end(call) > until_ns:
             continue
+        at = _end(call)
         kind, path = call.kind, call.path
         if kind is CallKind.OPEN and path is not None:
-            if call.fd is not None:
-                sync_fds[(call.pid, call.fd)] = bool((call.flags or 0) & O_DSYNC)
+            flags = call.flags or 0
             # O_CREAT makes an entry only for a name that did not exist: one the trace has not
             # seen (or saw removed) and that was not in the tree before the run (`existing`).
-            new = path not in out.names and path not in existing
-            ident(path)
-            if new and (call.flags or 0) & O_CREAT:
+            new = path not in out.names
+            fid = ident(path, at, call)
+            writable = flags & O_ACCMODE in (O_WRONLY, O_RDWR)
+            if new and flags & O_CREAT:
                 entry(call, path)
+                set_size(fid, at, 0)
+            elif flags & O_TRUNC and writable:
+                data(call, fid, path)
+                set_size(fid, at, 0)
+            if call.fd is not None:
+                descs[(call.pid, call.fd)] = _Desc(
+                    fid,
+                    0,
+                    bool(flags & O_APPEND),
+                    bool(flags & O_DSYNC),
+                    flags & O_ACCMODE == O_WRONLY,
+                    bool(flags & O_CLOEXEC),
+                )
         elif kind is CallKind.CLOSE and call.fd is not None:
-            sync_fds.pop((call.pid, call.fd), None)
+            descs.pop((call.pid, call.fd), None)
+        elif kind is CallKind.SEEK and call.fd is not None:
+            desc = descs.get((call.pid, call.fd))
+            if desc is not None:
+                desc.pos = call.offset
+        elif kind is CallKind.CLONE and call.result is not None:
+            for (pid, fd), d in list(descs.items()):
+                if pid == call.pid:  # a shared description: its position moves under both
+                    shared = _Desc(d.file, None, d.append, d.sync, d.write_only, d.cloexec)
+                    descs[(call.result, fd)] = shared
+                    d.pos = None if not d.append else d.pos
+        elif kind is CallKind.EXEC:
+            for key in [k for k, d in descs.items() if k[0] == call.pid and d.cloexec]:
+                del descs[key]
         elif kind in _DATA and path is not None:
-            change = _Change(call, ident(path), path, posixpath.dirname(path))
-            change.self_synced = kind is CallKind.WRITE and sync_fds.get(
-                (call.pid, call.fd if call.fd is not None else -1), False
-            )
-            out.data.append(change)
+            fid = ident(path, at, call)
+            desc = descs.get((call.pid, call.fd if call.fd is not None else -1))
+            data(call, fid, path, kind is CallKind.WRITE and desc is not None and desc.sync)
+            set_size(fid, at, _size_after(call, desc, size_now(fid)))
         elif kind is CallKind.RENAME and path is not None and call.path2 is not None:
             moved = {p: i for p, i in out.names.items() if p == path or p.startswith(path + "/")}
-            for p in moved:
-                del out.names[p]
-            for p, fid in moved.items():
-                moved_to = call.path2 + p[len(path) :]
-                out.names[moved_to] = fid
-                out.history.setdefault(fid, []).append(moved_to)
             if path not in moved:
-                ident(call.path2)
+                moved[path] = ident(path, at, call)
+            for p in moved:
+                bind(p, None, at, call)
+            for p, fid in moved.items():
+                bind(call.path2 + p[len(path) :], fid, at, call)
             out.renames.append(call)
             entry(call, path)
             entry(call, call.path2)
         elif kind is CallKind.LINK and path is not None and call.path2 is not None:
-            fid = ident(path)
-            out.names[call.path2] = fid
-            out.history[fid].append(call.path2)
+            bind(call.path2, ident(path, at, call), at, call)
             entry(call, call.path2)
         elif kind in (CallKind.UNLINK, CallKind.RMDIR) and path is not None:
-            out.names.pop(path, None)
-            existing.discard(path)
+            bind(path, None, at, call)
             entry(call, path)
         elif kind in (CallKind.MKDIR, CallKind.SYMLINK) and path is not None:
-            ident(path)
+            fid = new_identity()
+            bind(path, fid, at, call)
+            out.types[fid] = EntryType.DIR if kind is CallKind.MKDIR else EntryType.SYMLINK
             entry(call, path)
         elif kind in (CallKind.FSYNC, CallKind.FDATASYNC) and path is not None:
             synced = out.names.get(path)
@@ -324,16 +555,44 @@ def replay(trace: Trace, until_ns: int = NEVER, existing: Iterable[str] = ()) ->
     return out
 
 
+def _size_after(call: Call, desc: _Desc | None, size: int | None) -> int | None:
+    """A file's size after a data call, where the model can follow it (None otherwise)."""
+    if call.kind is CallKind.TRUNCATE:
+        return call.length
+    if call.kind is CallKind.FALLOCATE:
+        if (call.flags or 0) & FALLOC_FL_KEEP_SIZE:
+            return size
+        if size is None or call.offset is None or call.length is None:
+            return None
+        return max(size, call.offset + call.length)
+    written = call.result if call.result is not None and call.result >= 0 else None
+    if written is None or size is None:
+        if desc is not None and not desc.append and desc.pos is not None and written is not None:
+            desc.pos += written
+        return None
+    if call.offset is not None:  # pwrite and friends: an explicit offset
+        return max(size, call.offset + written)
+    if desc is None:
+        return None  # a descriptor opened before the trace, or in another process
+    if desc.append:
+        return size + written
+    if desc.write_only and desc.pos is not None:
+        desc.pos += written
+        return max(size, desc.pos)
+    desc.pos = None
+    return None
+
+
 def _before(change: Call, sync: Call) -> bool:
     """The change had returned when the sync started (so the sync covers it)."""
-    return (change.exit_ns or NEVER) <= sync.enter_ns
+    return _end(change) <= sync.enter_ns
 
 
 def _durable_by(change: _Change, until_ns: int) -> bool:
     if change.self_synced:
         return True
     sync = change.synced_by
-    return sync is not None and (sync.exit_ns or NEVER) <= until_ns
+    return sync is not None and _end(sync) <= until_ns
 
 
 # -- boundaries on the guest's clock -------------------------------------------------------
@@ -371,6 +630,113 @@ def ack_guest_times(
     return out
 
 
+# -- the tree as the workload saw it -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One name at the boundary, as the calls left it (None: not determined)."""
+
+    path: str  # absolute
+    type: EntryType
+    size: int | None
+    md5: str | None
+    grows_after: bool  # data calls after the boundary may have made it longer
+    shrinks_after: bool  # ... or shorter (a truncate, an O_TRUNC)
+
+
+def expected_tree(
+    rep: _Replay,
+    at: int,
+    root: str,
+    *,
+    existing: FileView | None = None,
+    final: FileView | None = None,
+) -> dict[str, Expected]:
+    """Every name under `root` once the calls that returned by `at` had, with what it held.
+
+    A size is the model's (`replay`), dropped when the model at the end of the
+    trace disagrees with `final` (the tree listed after the run: a call the
+    trace does not show changed it). A digest is known for a file no call
+    changed after `at`: the one `final` lists, or `existing` if none changed it
+    at all.
+    """
+    before = _existing_entries(existing, None) if existing is not None else {}
+    after = _existing_entries(final, None) if final is not None else {}
+    end = rep.tree_at(NEVER)
+    ends_at = {fid: path for path, fid in end.items()}
+    out: dict[str, Expected] = {}
+    for path, fid in rep.tree_at(at).items():
+        if not (path == root or path.startswith(root.rstrip("/") + "/")):
+            continue
+        kind = rep.types.get(fid, EntryType.FILE)
+        later = rep.changed_after(fid, at)
+        size = rep.size_at(fid, at) if kind is EntryType.FILE else None
+        md5: str | None = None
+        listed = after.get(ends_at.get(fid, ""))
+        if final is not None and kind is EntryType.FILE:
+            modelled = rep.size_at(fid, NEVER)
+            if listed is not None and modelled is not None and listed.size != modelled:
+                size = None  # something the trace does not show changed it
+            if listed is not None and not later:
+                md5 = listed.md5
+                if size is None and listed.size is not None:
+                    size = listed.size
+        if md5 is None and not [c for c in rep.data if c.file == fid]:
+            was = before.get(rep.history.get(fid, [path])[0])
+            md5 = was.md5 if was is not None else None
+        shrinks = any(
+            c.call.kind is CallKind.TRUNCATE
+            or (c.call.kind is CallKind.OPEN and (c.call.flags or 0) & O_TRUNC)
+            for c in later
+        )
+        out[path] = Expected(path, kind, size, md5, bool(later), shrinks)
+    return out
+
+
+def expected_differences(
+    recovered: FileView, expected: Mapping[str, Expected], rep: _Replay, at: int
+) -> list[tuple[str, str]]:
+    """(absolute path, what differs) between a recovered tree and the tree the calls left."""
+    root = recovered.root.rstrip("/") or "/"
+    got = {(f"{root}/{e.path}" if e.path else root): e for e in recovered.entries}
+    out: list[tuple[str, str]] = []
+    for path in sorted(set(got) | set(expected)):
+        a, want = got.get(path), expected.get(path)
+        if path == root:
+            continue
+        if a is None and want is not None:
+            size = f" of {want.size} bytes" if want.size is not None else ""
+            out.append((path, f"missing (the calls before it left a {want.type.value}{size})"))
+        elif want is None and a is not None:
+            removed = rep.binding_call(path, at)
+            if removed is not None and rep.name_at(path, at) is None:
+                out.append(
+                    (path, f"present (a {a.type.value}), though {removed.describe()} removed it")
+                )
+            # Otherwise made after the boundary (allowed) or by nothing the trace shows.
+            elif not rep.bound_after(path, at) and path not in rep.existing:
+                out.append((path, f"present (a {a.type.value}), made by no traced call"))
+        elif a is not None and want is not None:
+            if a.type is not want.type:
+                out.append((path, f"a {a.type.value} where the calls left a {want.type.value}"))
+                continue
+            if a.type is not EntryType.FILE:
+                continue
+            shorter = want.size is not None and a.size < want.size and not want.shrinks_after
+            longer = want.size is not None and a.size > want.size and not want.grows_after
+            if shorter or longer:
+                out.append((path, f"{a.size} bytes where the calls before it left {want.size}"))
+            elif (
+                want.md5 is not None
+                and a.md5 is not None
+                and a.md5 != want.md5
+                and (want.size is None or a.size == want.size)
+            ):
+                out.append((path, "other content than the calls before it left"))
+    return out
+
+
 # -- explaining one failing state ------------------------------------------------------------
 
 
@@ -378,21 +744,27 @@ def explain(
     state: str,
     trace: Trace,
     recovered: FileView,
-    reference: FileView,
+    reference: FileView | None = None,
     *,
     lost_tokens: Sequence[str],
     ack_times: dict[str, tuple[int, int]],
     point_guest_ns: tuple[int, int] | None = None,
     lost_writes: Sequence[tuple[int, int]] = (),
     torn_writes: Sequence[tuple[int, int]] = (),
-    existing: Iterable[str] = (),
+    existing: FileView | Iterable[str] = (),
+    final: FileView | None = None,
 ) -> Explanation:
     """Name the calls and properties behind one failing state, or say why none is named.
 
     `ack_times` from `ack_guest_times`; `point_guest_ns` the state's point as
     (latest, earliest) guest time, for a state that failed with no token lost
     (its check exited non-zero); the lost and torn writes as device byte
-    ranges, mapped to files through the reference view.
+    ranges, mapped to files through the recovered view (and `reference`'s).
+
+    The recovered tree is compared with the tree the calls left at the
+    boundary (`expected_tree`), or with `reference` when one is given (a view
+    of the same point taken elsewhere: the same comparison, by the view's
+    names, sizes and digests).
     """
     root = recovered.root.rstrip("/") or "/"
     if lost_tokens:
@@ -405,22 +777,24 @@ def explain(
     else:
         latest = earliest = NEVER
         boundary = "the end of the trace"
-    # Blame only calls that surely returned before the boundary; credit every sync that
-    # may have returned before it.
-    state_replay = replay(trace, latest, existing)
-    diffs = [(f"{root}/{p}" if p else root, what) for p, what in differences(recovered, reference)]
-    writes = _writes_by_file(reference, root, lost_writes, "lost") + _writes_by_file(
-        reference, root, torn_writes, "torn"
+    rep = replay(trace, NEVER, existing)
+    if reference is not None:
+        diffs = [(f"{root}/{p}" if p else root, w) for p, w in differences(recovered, reference)]
+    else:
+        view_before = existing if isinstance(existing, FileView) else None
+        expected = expected_tree(rep, earliest, root, existing=view_before, final=final)
+        diffs = expected_differences(recovered, expected, rep, earliest)
+    maps = [v for v in (recovered, reference, final) if v is not None]
+    writes = _writes_by_file(maps, root, lost_writes, "lost") + _writes_by_file(
+        maps, root, torn_writes, "torn"
     )
-    torn_files = _torn_ranges(reference, root, torn_writes)
+    torn_files = _torn_ranges(maps, root, torn_writes)
     causes: list[Cause] = []
     evidence: list[str] = [f"{p}: {what}" for p, what in diffs]
     if trace.last_ns is not None and trace.last_ns < earliest and earliest != NEVER:
         evidence.append("the trace ends before the boundary: calls after its end are unknown")
     for path, what in diffs:
-        found = _explain_path(
-            path, what, state_replay, recovered, root, earliest, latest, torn_files
-        )
+        found = _explain_path(path, what, rep, recovered, earliest, latest, torn_files)
         if isinstance(found, Cause):
             if all(c.key != found.key for c in causes):
                 causes.append(found)
@@ -428,15 +802,15 @@ def explain(
             evidence.extend(found)
     if not diffs:
         evidence.append(
-            "the recovered tree equals the reference at this point: the loss is not in the "
-            "files' names, sizes or contents (the check's own reading of them differs)"
+            "the recovered tree has every name, size and known content the calls before the "
+            "boundary left: the loss is in what the check reads of them"
         )
-    if state_replay.unnamed_msyncs:
+    if rep.unnamed_msyncs:
         evidence.append(
-            f"{len(state_replay.unnamed_msyncs)} msync call(s) of mappings the trace cannot name "
+            f"{len(rep.unnamed_msyncs)} msync call(s) of mappings the trace cannot name "
             "(mmap is not traced) may have made more durable than shown"
         )
-    kept = _kept(state_replay, recovered, reference, root, earliest, {p for p, _ in diffs})
+    kept = _kept(rep, recovered, root, earliest, latest, {p for p, _ in diffs})
     return Explanation(
         state=state,
         lost_tokens=tuple(lost_tokens),
@@ -453,19 +827,20 @@ def _explain_path(
     what: str,
     rep: _Replay,
     recovered: FileView,
-    root: str,
     earliest: int,
     latest: int,
     torn: dict[str, list[tuple[int, int]]],
 ) -> Cause | list[str]:
     """A cause for one lost effect, or the evidence that no call explains it."""
-    before = [c for c in rep.entries if c.path == path and (c.call.exit_ns or NEVER) <= earliest]
+    before = [c for c in rep.entries if c.path == path and _end(c.call) <= earliest]
     entries_pending = [c for c in before if not _durable_by(c, latest)]
-    file_id = rep.names.get(path)
+    file_id = rep.name_at(path, earliest)
+    if file_id is None:
+        file_id = rep.name_at(path, NEVER) if rep.binding_call(path, earliest) is None else None
     data = [
         c
         for c in rep.data
-        if file_id is not None and c.file == file_id and (c.call.exit_ns or NEVER) <= earliest
+        if file_id is not None and c.file == file_id and _end(c.call) <= earliest
     ]
     data_pending = [c for c in data if not _durable_by(c, latest)]
     if what.startswith(("missing", "present")) and entries_pending:
@@ -580,18 +955,22 @@ def _later_durable_write(
     for change in rep.data:
         if change.file == file_id or not _before(earlier, change.call):
             continue
-        if (change.call.exit_ns or NEVER) > earliest or not _durable_by(change, latest):
+        if _end(change.call) > earliest or not _durable_by(change, latest):
             continue
         return change
     return None
 
 
 def _writes_by_file(
-    view: FileView, root: str, ranges: Sequence[tuple[int, int]], how: str
+    views: Sequence[FileView], root: str, ranges: Sequence[tuple[int, int]], how: str
 ) -> list[str]:
     out = []
     for offset, length in ranges:
-        hits = view.files_at(offset, length)
+        hits: list[tuple[str, int, int]] = []
+        for view in views:
+            hits = view.files_at(offset, length)
+            if hits:
+                break
         where = (
             ", ".join(f"{root}/{p} bytes {o}-{o + n}" for p, o, n in hits)
             if hits
@@ -602,35 +981,64 @@ def _writes_by_file(
 
 
 def _torn_ranges(
-    view: FileView, root: str, ranges: Sequence[tuple[int, int]]
+    views: Sequence[FileView], root: str, ranges: Sequence[tuple[int, int]]
 ) -> dict[str, list[tuple[int, int]]]:
     out: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for offset, length in ranges:
-        for p, o, n in view.files_at(offset, length):
-            out[f"{root}/{p}"].append((o, o + n))
+        for view in views:
+            hits = view.files_at(offset, length)
+            for p, o, n in hits:
+                out[f"{root}/{p}"].append((o, o + n))
+            if hits:
+                break
     return out
+
+
+def _first_sync_after(rep: _Replay, call: Call, latest: int) -> Call | None:
+    syncs = [
+        c.synced_by
+        for c in rep.data + rep.entries
+        if c.synced_by is not None and _end(c.synced_by) <= latest
+    ]
+    after = sorted((s for s in syncs if _before(call, s)), key=lambda s: s.enter_ns)
+    return after[0] if after else None
 
 
 def _kept(
     rep: _Replay,
     recovered: FileView,
-    reference: FileView,
     root: str,
     earliest: int,
+    latest: int,
     differing: set[str],
 ) -> list[str]:
-    """Changes not promised durable by the boundary that the recovered tree has anyway."""
+    """Entry changes not promised durable by the boundary that the recovered tree has anyway,
+    with the first sync of anything after them (what a filesystem may commit them with)."""
     out = []
+    seen: set[str] = set()
     for change in rep.entries:
-        if (change.call.exit_ns or NEVER) > earliest or _durable_by(change, earliest):
+        call = change.call
+        if _end(call) > earliest or _durable_by(change, latest):
             continue
         if change.path in differing or not change.path.startswith(root + "/"):
             continue
-        if (recovered.get(change.path) is None) == (reference.get(change.path) is None):
-            out.append(
-                f"{change.call.describe()}: the entry {change.path} was not promised (no fsync "
-                f"of {change.directory}) and the filesystem kept it"
-            )
+        if change.path in seen:
+            continue
+        present = recovered.get(change.path) is not None
+        should = rep.name_at(change.path, earliest) is not None
+        if present != should:
+            continue
+        seen.add(change.path)
+        sync = _first_sync_after(rep, call, latest)
+        after = (
+            f"; the first sync after it: {sync.describe()}"
+            if sync is not None
+            else "; no call synced anything after it"
+        )
+        out.append(
+            f"{call.describe()}: the entry {change.path} was not promised (no fsync of "
+            f"{change.directory}) and the filesystem kept it{after}"
+        )
     return out
 
 
@@ -640,7 +1048,7 @@ def _kept(
 def group(
     explanations: Iterable[Explanation],
     size: Callable[[str], int] | None = None,
-    replay_command: Callable[[str], str] | None = None,
+    replay_command: Callable[[str], str | None] | None = None,
 ) -> list[CauseGroup]:
     """One line per distinct cause, with the states it explains and the smallest of them.
 
@@ -683,8 +1091,8 @@ def group(
         smallest = min(unexplained, key=rank)
         out.append(
             CauseGroup(
-                "unexplained: no call's missing durability explains the loss",
-                Property.DATA_NOT_SYNCED,
+                UNEXPLAINED_KEY,
+                None,
                 "none named: see each state's evidence",
                 tuple(unexplained),
                 smallest,
@@ -698,7 +1106,7 @@ def at_risk(
     trace: Trace,
     ack_times: dict[str, tuple[int, int]],
     root: str = "/",
-    existing: Iterable[str] = (),
+    existing: FileView | Iterable[str] = (),
 ) -> list[AckRisk]:
     """At each acknowledgement: what under `root` is not yet durable, and since which call.
 
@@ -706,14 +1114,14 @@ def at_risk(
     come before it is listed; a sync counts only if it surely returned by then.
     """
     root = root.rstrip("/")
+    rep = replay(trace, NEVER, existing)
     out: list[AckRisk] = []
     for token, (latest, earliest) in sorted(ack_times.items(), key=lambda kv: kv[1]):
-        rep = replay(trace, latest, existing)
         risks: list[Risk] = []
         seen: set[tuple[str, str]] = set()
-        paths = {i: p for p, i in rep.names.items()}
+        paths = {i: p for p, i in rep.tree_at(latest).items()}
         for change in rep.data:
-            if _durable_by(change, earliest):
+            if _end(change.call) > latest or _durable_by(change, earliest):
                 continue
             path = paths.get(change.file, change.path)
             if not path.startswith(root + "/") or (path, "data") in seen:
@@ -721,9 +1129,9 @@ def at_risk(
             seen.add((path, "data"))
             risks.append(Risk(path, "data", change.call))
         for change in rep.entries:
-            if _durable_by(change, earliest) or not change.path.startswith(root + "/"):
+            if _end(change.call) > latest or _durable_by(change, earliest):
                 continue
-            if (change.path, "entry") in seen:
+            if not change.path.startswith(root + "/") or (change.path, "entry") in seen:
                 continue
             seen.add((change.path, "entry"))
             risks.append(Risk(change.path, "entry", change.call))

@@ -47,7 +47,7 @@ FILE_CALLS = (
     "link", "linkat", "symlink", "symlinkat",
     "unlink", "unlinkat", "mkdir", "mkdirat", "rmdir",
     "fsync", "fdatasync", "sync", "syncfs", "sync_file_range", "msync",
-    "close",
+    "close", "lseek",
 )  # fmt: skip
 # The process tree and the working directory: few calls per process.
 TRACKING_CALLS = ("chdir", "fchdir", "clone", "clone3", "fork", "vfork", "execve", "execveat")
@@ -135,6 +135,7 @@ class CallKind(enum.Enum):
     SYNC_FILE_RANGE = "sync_file_range"
     MSYNC = "msync"
     CLOSE = "close"
+    SEEK = "lseek"  # where the next write() of the descriptor goes (the result)
     MMAP = "mmap"
     DUP = "dup"  # dup, dup2, dup3, fcntl(F_DUPFD)
     CHDIR = "chdir"  # chdir, fchdir
@@ -179,6 +180,7 @@ KIND_OF: dict[str, CallKind] = {
     "sync_file_range": CallKind.SYNC_FILE_RANGE,
     "msync": CallKind.MSYNC,
     "close": CallKind.CLOSE,
+    "lseek": CallKind.SEEK,
     "mmap": CallKind.MMAP,
     **dict.fromkeys(("dup", "dup2", "dup3"), CallKind.DUP),
     "fcntl": CallKind.OTHER,
@@ -843,6 +845,9 @@ class StraceParser:
                     path = mapped
                     break
             return replace(call, path=path, offset=addr, length=_int(arg(1)), flags=_int(arg(2)))
+        if kind is CallKind.SEEK:
+            fd, path = self._fd_arg(pid, arg(0))
+            return replace(call, fd=fd, path=path, offset=call.result if ok else None)
         if kind is CallKind.CLOSE:
             fd, path = self._fd_arg(pid, arg(0))
             if fd is not None:

@@ -58,8 +58,12 @@ use JSON::PP ();
 use Digest::MD5 ();
 use Fcntl qw(:mode O_RDONLY);
 
-my ($root, $max_entries, $max_bytes) = @ARGV;
+my ($root, $max_entries, $max_bytes, $sync) = @ARGV;
+$sync //= 1;
 my $FS_IOC_FIEMAP = 0xC020660B;
+my $O_DIRECTORY = 0200000;
+my $O_NOATIME = 01000000;
+my $SYS_getdents64 = 217;
 my $BATCH = 256;
 my $json = JSON::PP->new->utf8->canonical;    # names are bytes: Latin-1 code points in JSON
 my $count = 0;
@@ -72,7 +76,7 @@ sub fiemap {
     my @extents;
     my $start = 0;
     while (1) {
-        my $buf = pack("QQLLLL", $start, ~0 - $start, 1, 0, $BATCH, 0)
+        my $buf = pack("QQLLLL", $start, ~0 - $start, $sync ? 1 : 0, 0, $BATCH, 0)
             . ("\0" x (56 * $BATCH));
         ioctl($fh, $FS_IOC_FIEMAP, $buf) or return (undef, "FIEMAP: $!");
         my (undef, undef, undef, $mapped) = unpack('QQLL', $buf);
@@ -100,7 +104,7 @@ sub entry {
     elsif (S_ISLNK($mode)) { $e{type} = 'symlink'; $e{target} = readlink($path) // ''; }
     elsif (S_ISREG($mode)) {
         $e{type} = 'file';
-        if (sysopen(my $fh, $path, O_RDONLY)) {
+        if (sysopen(my $fh, $path, O_RDONLY | $O_NOATIME)) {
             binmode($fh);
             my $ctx = Digest::MD5->new;
             my ($left, $buf) = ($max_bytes, '');
@@ -124,12 +128,30 @@ sub entry {
 
 sub walk {
     my ($dir, $rel) = @_;
-    opendir(my $dh, $dir) or do {
+    my @names;
+    # getdents64 on a descriptor opened O_NOATIME: readdir(3) would touch the directory's
+    # atime, a change of its own that a listing made before the cut must not add.
+    sysopen(my $dh, $dir, O_RDONLY | $O_DIRECTORY | $O_NOATIME) or do {
         print $json->encode({ path => $rel, type => 'dir', error => "opendir: $!" }), "\n";
         return;
     };
-    my @names = sort grep { $_ ne '.' && $_ ne '..' } readdir($dh);
-    closedir($dh);
+    while (1) {
+        my $buf = "\0" x 65536;
+        my $n = syscall($SYS_getdents64, fileno($dh), $buf, 65536);
+        if ($n < 0) {
+            print $json->encode({ path => $rel, type => 'dir', error => "getdents64: $!" }), "\n";
+            return;
+        }
+        last if $n == 0;
+        for (my $at = 0; $at < $n;) {
+            my $reclen = unpack('S', substr($buf, $at + 16, 2));
+            my $name = unpack('Z*', substr($buf, $at + 19, $reclen - 19));
+            push @names, $name if $name ne '.' && $name ne '..';
+            $at += $reclen;
+        }
+    }
+    close($dh);
+    @names = sort @names;
     for my $name (@names) {
         if ($count >= $max_entries) { $truncated = 1; return; }
         my $path = "$dir/$name";
@@ -148,9 +170,18 @@ print $json->encode({ end => JSON::PP::true, entries => $count,
 """
 
 
-def view_command(root: str, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> str:
-    """The guest command that prints the view of `root` (the helper must be installed)."""
-    return f"perl {HELPER_PATH} {shlex.quote(root)} {int(max_entries)} {int(max_bytes)}"
+def view_command(
+    root: str, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES, *, sync: bool = True
+) -> str:
+    """The guest command that prints the view of `root` (the helper must be installed).
+
+    `sync` asks FIEMAP to write dirty data first so that it has a place on the
+    disk; a listing of a live tree before a cut (`sync=False`) must not: it
+    would make durable what the run left in the page cache. Files and
+    directories are read with O_NOATIME either way.
+    """
+    flag = 1 if sync else 0
+    return f"perl {HELPER_PATH} {shlex.quote(root)} {int(max_entries)} {int(max_bytes)} {flag}"
 
 
 def install(ssh: SSHSession) -> None:
@@ -166,14 +197,21 @@ def file_view(
     max_entries: int = MAX_ENTRIES,
     max_bytes: int = MAX_BYTES,
     timeout: float = 300.0,
+    sync: bool = True,
+    chunk_map: bool = True,
 ) -> FileView:
-    """List `root` in the guest (installing the helper first); on btrfs with its chunk map."""
+    """List `root` in the guest (installing the helper first); on btrfs with its chunk map.
+
+    A live tree listed before a cut takes `sync=False` (see `view_command`) and
+    may skip btrfs's chunk map (`chunk_map=False`) when only names, sizes and
+    digests are wanted.
+    """
     install(ssh)
-    result = ssh.run(view_command(root, max_entries, max_bytes), timeout=timeout)
+    result = ssh.run(view_command(root, max_entries, max_bytes, sync=sync), timeout=timeout)
     if result.exit_code != 0:
         raise GuestError(f"the file view of {root} failed: {result.stderr.strip()[-300:]}")
     chunks: tuple[Chunk, ...] = ()
-    if filesystem == "btrfs":
+    if filesystem == "btrfs" and chunk_map:
         dump = ssh.run(
             f"btrfs inspect-internal dump-tree -t chunk {shlex.quote(device)}", timeout=timeout
         )

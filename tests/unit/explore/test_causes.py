@@ -335,3 +335,135 @@ def test_states_group_by_cause_with_the_smallest_and_its_replay() -> None:
         ("none named: see each state's evidence", 1, "p9-x"),
     ]
     assert groups[0].line().endswith("replay: powercut explore replay out --state p3-lose-all-0")
+
+
+# -- the tree the calls left, as the reference (what `powercut explore` and `run` compare) ----
+
+
+def listed(*entries: tuple[str, int, str | None]) -> FileView:
+    """A view as the guest lists it: `lost+found` too, which no call made."""
+    files = tuple(FileEntry(p, EntryType.FILE, size, md5=md5) for p, size, md5 in entries)
+    return FileView("/mnt", "ext4", (FileEntry("lost+found", EntryType.DIR, 4096), *files))
+
+
+def test_without_a_reference_the_calls_say_what_the_rename_left() -> None:
+    t = trace(*REPLACE, ACK1)
+    before = listed(("x", 1, "old"))
+    # What the disk had at the acknowledgement: the rename never left the page cache, so no
+    # view of the disk holds it; the calls do (x is the 2-byte file that was x.tmp).
+    recovered = listed(("x", 1, "old"), ("x.tmp", 2, "new"))
+    e = explain("s", t, recovered, lost_tokens=["1"], ack_times=acks(t, "1"), existing=before)
+    assert [c.relied_on for c in e.causes] == [Property.ENTRY_NOT_SYNCED], e.evidence
+    assert e.causes[0].fix == "fsync the directory /mnt after renameat2(/mnt/x.tmp, /mnt/x)"
+    assert "/mnt/x: 1 bytes where the calls before it left 2" in e.evidence
+    assert any(
+        line.startswith("/mnt/x.tmp: present (a file), though renameat2") for line in e.evidence
+    )
+    fixed = trace(*REPLACE, *DIRSYNC, ACK1)
+    twin = explain("s", fixed, recovered, lost_tokens=["1"], ack_times=acks(fixed, "1"),
+                   existing=before)  # fmt: skip
+    assert twin.unexplained and any("not the application's doing" in x for x in twin.evidence)
+
+
+def test_appends_the_page_cache_never_wrote_back_are_data_not_synced() -> None:
+    t = trace(*APPEND)
+    empty = listed(("log", 0, "e"))
+    e = explain("s", t, empty, lost_tokens=["1", "2"], ack_times=acks(t, "1", "2"),
+                existing=listed())  # fmt: skip
+    (cause,) = e.causes
+    assert cause.relied_on is Property.DATA_NOT_SYNCED
+    assert [c.describe() for c in cause.calls] == ["write(/mnt/log, 5 bytes)"]
+    assert "/mnt/log: 0 bytes where the calls before it left 5" in e.evidence
+    synced = trace(
+        APPEND[0], APPEND[1], "fdatasync(3</mnt/log>) = 0", ACK1, APPEND[3],
+        "fdatasync(3</mnt/log>) = 0", APPEND[4],
+    )  # fmt: skip
+    twin = explain("s", synced, empty, lost_tokens=["1", "2"], ack_times=acks(synced, "1", "2"),
+                   existing=listed())  # fmt: skip
+    assert twin.unexplained
+
+
+def test_an_unsynced_commit_before_its_data_is_order_assumed_from_the_calls_alone() -> None:
+    t = trace(*ORDERED)
+    e = explain("s", t, listed(("data", 0, None), ("commit", 2, None)), lost_tokens=["1"],
+                ack_times=acks(t, "1"), existing=listed())  # fmt: skip
+    (cause,) = e.causes
+    assert cause.relied_on is Property.ORDER_ASSUMED
+    assert [c.path for c in cause.calls] == ["/mnt/data", "/mnt/commit"]
+
+
+def test_sizes_follow_seeks_and_stop_where_reads_may_move_the_position() -> None:
+    seeks = trace(
+        'openat(-100</mnt>, "f", 0x241, 0644) = 3</mnt/f>',
+        'write(3</mnt/f>, "header", 100) = 100',
+        "lseek(3</mnt/f>, 0, 0) = 0",
+        'write(3</mnt/f>, "h", 10) = 10',
+        ACK1,
+    )
+    e = explain("s", seeks, listed(("f", 100, None)), lost_tokens=["1"],
+                ack_times=acks(seeks, "1"), existing=listed())  # fmt: skip
+    assert not any(line.startswith("/mnt/f:") for line in e.evidence), e.evidence
+    shorter = explain("s", seeks, listed(("f", 10, None)), lost_tokens=["1"],
+                      ack_times=acks(seeks, "1"), existing=listed())  # fmt: skip
+    assert "/mnt/f: 10 bytes where the calls before it left 100" in shorter.evidence
+    # Read-write, no O_APPEND: an untraced read may have moved the position; no size is claimed.
+    rdwr = trace(
+        'openat(-100</mnt>, "f", 0x42, 0644) = 3</mnt/f>',
+        'write(3</mnt/f>, "x", 100) = 100',
+        ACK1,
+    )
+    e = explain("s", rdwr, listed(("f", 10, None)), lost_tokens=["1"],
+                ack_times=acks(rdwr, "1"), existing=listed())  # fmt: skip
+    assert not any(line.startswith("/mnt/f:") for line in e.evidence), e.evidence
+
+
+def test_a_size_the_tree_after_the_run_contradicts_is_not_claimed() -> None:
+    t = trace(*APPEND)
+    after = listed(("log", 4096, "mapped"))  # something the trace does not show wrote it
+    e = explain("s", t, listed(("log", 0, "e")), lost_tokens=["1"], ack_times=acks(t, "1"),
+                existing=listed(), final=after)  # fmt: skip
+    assert not any(line.startswith("/mnt/log:") for line in e.evidence), e.evidence
+    agrees = explain("s", t, listed(("log", 0, "e")), lost_tokens=["1"], ack_times=acks(t, "1"),
+                     existing=listed(), final=listed(("log", 10, "both")))  # fmt: skip
+    assert [c.relied_on for c in agrees.causes] == [Property.DATA_NOT_SYNCED]
+
+
+def test_other_content_is_claimed_only_for_a_file_no_call_changed_after_the_ack() -> None:
+    calls = [
+        'openat(-100</mnt>, "cfg", 0x1, 0) = 3</mnt/cfg>',
+        'pwrite64(3</mnt/cfg>, "v2", 2, 0) = 2',
+        ACK1,
+    ]
+    t = trace(*calls)
+    before, after = listed(("cfg", 2, "v1")), listed(("cfg", 2, "v2"))
+    e = explain("s", t, listed(("cfg", 2, "v1")), lost_tokens=["1"], ack_times=acks(t, "1"),
+                existing=before, final=after)  # fmt: skip
+    assert "/mnt/cfg: other content than the calls before it left" in e.evidence
+    assert [c.relied_on for c in e.causes] == [Property.DATA_NOT_SYNCED]
+    later = trace(*calls, 'pwrite64(3</mnt/cfg>, "v3", 2, 0) = 2')
+    e = explain("s", later, listed(("cfg", 2, "v1")), lost_tokens=["1"],
+                ack_times=acks(later, "1"), existing=before, final=after)  # fmt: skip
+    assert e.unexplained and not any("other content" in x for x in e.evidence)
+
+
+def test_an_unlinked_file_that_came_back_is_the_entry_not_synced() -> None:
+    t = trace('unlinkat(-100</mnt>, "old", 0) = 0', ACK1)
+    e = explain("s", t, listed(("old", 3, None)), lost_tokens=["1"], ack_times=acks(t, "1"),
+                existing=listed(("old", 3, None)))  # fmt: skip
+    (cause,) = e.causes
+    assert cause.relied_on is Property.ENTRY_NOT_SYNCED
+    assert cause.fix == "fsync the directory /mnt after unlinkat(/mnt/old)"
+
+
+def test_an_entry_never_synced_that_the_filesystem_kept_is_named_with_the_next_sync() -> None:
+    t = trace(*REPLACE, 'write(1<pipe:[1]>, "ack 1\\n", 6) = 6', *APPEND[:2],
+              "fsync(3</mnt/log>) = 0", 'write(1<pipe:[1]>, "ack 2\\n", 6) = 6')  # fmt: skip
+    # Ack 2 is lost for another reason; x was renamed (not promised) and is there.
+    recovered = listed(("x", 2, None))
+    e = explain("s", t, recovered, lost_tokens=["2"], ack_times=acks(t, "1", "2"),
+                existing=listed(("x", 1, None)))  # fmt: skip
+    assert any(
+        k.startswith("renameat2(/mnt/x.tmp, /mnt/x): the entry /mnt/x was not promised")
+        and k.endswith("the first sync after it: fsync(/mnt/log)")
+        for k in e.kept
+    ), e.kept

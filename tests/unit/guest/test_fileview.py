@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,23 @@ def test_differences_name_what_the_recovered_tree_lacks() -> None:
         ("x.tmp", "present (a file), absent from the reference"),
     ]
     assert differences(ref, ref) == []
+
+
+def test_a_listing_before_the_cut_leaves_every_atime_as_it_was(tree: Path, tmp_path: Path) -> None:
+    # relatime updates an atime older than the mtime on the next read; the helper opens every
+    # file and directory O_NOATIME (a listing of the live tree must add no change of its own).
+    old = 1_000_000_000
+    paths = [tree, tree / "d", tree / "a", tree / "d" / "big"]
+    for p in paths:
+        os.utime(p, (old, time.time()), follow_symlinks=False)
+    os.listdir(tree / "d")
+    (tree / "a").read_bytes()
+    if os.stat(tree / "d").st_atime == old or os.stat(tree / "a").st_atime == old:
+        pytest.skip("this filesystem does not update atimes on read (noatime)")
+    for p in paths:
+        os.utime(p, (old, time.time()), follow_symlinks=False)
+    helper = tmp_path / "fileview.pl"
+    helper.write_text(HELPER)
+    subprocess.run(["perl", str(helper), str(tree), "100", str(1 << 20), "0"], check=True,
+                   capture_output=True)  # fmt: skip
+    assert [os.stat(p).st_atime for p in paths] == [old] * len(paths)

@@ -336,3 +336,15 @@ def test_generated_traces_parse_back_whatever_the_chunks_and_the_cut(
 @given(st.binary(max_size=40))
 def test_unescape_inverts_stracees_quoting(raw: bytes) -> None:
     assert unescape(escape(raw)) == raw
+
+
+def test_a_seek_names_its_file_and_the_position_it_left() -> None:
+    # As strace -X raw prints it, and as the tracefs converter does (no descriptor path).
+    for text in (
+        f"7 {T0} lseek(3</mnt/f>, 0, 2) = 42 <0.000010>\n",
+        f'7 {T0} openat(-100, "/mnt/f", 0x1) = 3 <0.000010>\n'
+        f"7 {T0} lseek(3, 0, 2) = 42 <0.000010>\n",
+    ):
+        (seek,) = parse_strace(text).of_kind(CallKind.SEEK)
+        assert (seek.path, seek.fd, seek.offset) == ("/mnt/f", 3, 42)
+    assert "lseek" in strace_command("true", "/run/t")
