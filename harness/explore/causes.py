@@ -778,6 +778,7 @@ def explain(
         latest = earliest = NEVER
         boundary = "the end of the trace"
     rep = replay(trace, NEVER, existing)
+    expected: dict[str, Expected] | None = None
     if reference is not None:
         diffs = [(f"{root}/{p}" if p else root, w) for p, w in differences(recovered, reference)]
     else:
@@ -795,11 +796,10 @@ def explain(
         evidence.append("the trace ends before the boundary: calls after its end are unknown")
     for path, what in diffs:
         found = _explain_path(path, what, rep, recovered, earliest, latest, torn_files)
-        if isinstance(found, Cause):
-            if all(c.key != found.key for c in causes):
-                causes.append(found)
+        if found and isinstance(found[0], Cause):
+            causes += [c for c in found if isinstance(c, Cause) and c.key not in _keys(causes)]
         else:
-            evidence.extend(found)
+            evidence.extend(str(line) for line in found)
     if not diffs:
         evidence.append(
             "the recovered tree has every name, size and known content the calls before the "
@@ -810,7 +810,15 @@ def explain(
             f"{len(rep.unnamed_msyncs)} msync call(s) of mappings the trace cannot name "
             "(mmap is not traced) may have made more durable than shown"
         )
-    kept = _kept(rep, recovered, root, earliest, latest, {p for p, _ in diffs})
+    kept = _kept(
+        rep,
+        recovered,
+        expected if reference is None else None,
+        root,
+        earliest,
+        latest,
+        {p for p, _ in diffs},
+    )
     return Explanation(
         state=state,
         lost_tokens=tuple(lost_tokens),
@@ -822,6 +830,10 @@ def explain(
     )
 
 
+def _keys(causes: Iterable[Cause]) -> set[str]:
+    return {c.key for c in causes}
+
+
 def _explain_path(
     path: str,
     what: str,
@@ -830,8 +842,12 @@ def _explain_path(
     earliest: int,
     latest: int,
     torn: dict[str, list[tuple[int, int]]],
-) -> Cause | list[str]:
-    """A cause for one lost effect, or the evidence that no call explains it."""
+) -> list[Cause] | list[str]:
+    """The causes of one lost effect, or the evidence that no call explains it.
+
+    A file that is missing relied on its entry and, when its data was not
+    synced either, on that too: both are named (each fix alone would not
+    have kept it under POSIX)."""
     before = [c for c in rep.entries if c.path == path and _end(c.call) <= earliest]
     entries_pending = [c for c in before if not _durable_by(c, latest)]
     file_id = rep.name_at(path, earliest)
@@ -844,9 +860,13 @@ def _explain_path(
     ]
     data_pending = [c for c in data if not _durable_by(c, latest)]
     if what.startswith(("missing", "present")) and entries_pending:
-        return _entry_cause(path, what, entries_pending[-1], recovered)
+        entry = _entry_cause(path, what, entries_pending[-1], recovered)
+        if what.startswith("missing") and data_pending:
+            data_cause = _data_cause(path, what, data_pending, rep, file_id, earliest, latest, torn)
+            return [entry, data_cause]
+        return [entry]
     if data_pending:
-        return _data_cause(path, what, data_pending, rep, file_id, earliest, latest, torn)
+        return [_data_cause(path, what, data_pending, rep, file_id, earliest, latest, torn)]
     # The data was durable, but the name still leads to the file it led to before: a rename
     # or link onto the path that was not. (A create whose file is there took effect.)
     repointed = [
@@ -855,7 +875,7 @@ def _explain_path(
         if c.call.kind in (CallKind.RENAME, CallKind.LINK) and c.call.path2 == path
     ]
     if repointed:
-        return _entry_cause(path, what, repointed[-1], recovered)
+        return [_entry_cause(path, what, repointed[-1], recovered)]
     notes: list[str] = []
     for change in before + data:
         sync = change.synced_by
@@ -1007,39 +1027,91 @@ def _first_sync_after(rep: _Replay, call: Call, latest: int) -> Call | None:
 def _kept(
     rep: _Replay,
     recovered: FileView,
+    expected: Mapping[str, Expected] | None,
     root: str,
     earliest: int,
     latest: int,
     differing: set[str],
 ) -> list[str]:
-    """Entry changes not promised durable by the boundary that the recovered tree has anyway,
-    with the first sync of anything after them (what a filesystem may commit them with)."""
+    """Changes not promised durable by the boundary that the recovered tree has anyway, with
+    the first sync of anything after them (what a filesystem may have committed them with).
+
+    An entry change counts when its effect is in the tree (a rename: the old name gone, the
+    new one there); a file's unsynced writes when the tree has the size (or the content) the
+    calls left, which only a known size or digest can say (`expected`)."""
     out = []
-    seen: set[str] = set()
-    for change in rep.entries:
-        call = change.call
-        if _end(call) > earliest or _durable_by(change, latest):
-            continue
-        if change.path in differing or not change.path.startswith(root + "/"):
-            continue
-        if change.path in seen:
-            continue
-        present = recovered.get(change.path) is not None
-        should = rep.name_at(change.path, earliest) is not None
-        if present != should:
-            continue
-        seen.add(change.path)
+    seen: set[int] = set()
+
+    def line(call: Call, what: str) -> str:
         sync = _first_sync_after(rep, call, latest)
         after = (
             f"; the first sync after it: {sync.describe()}"
             if sync is not None
             else "; no call synced anything after it"
         )
-        out.append(
-            f"{call.describe()}: the entry {change.path} was not promised (no fsync of "
-            f"{change.directory}) and the filesystem kept it{after}"
-        )
+        return f"{call.describe()}: {what} and the filesystem kept it{after}"
+
+    for change in rep.entries:
+        call = change.call
+        if call.index in seen or _end(call) > earliest or _durable_by(change, latest):
+            continue
+        paths = [p for p in (call.path, call.path2) if p is not None]
+        if call.kind is not CallKind.RENAME:
+            paths = [change.path]
+        if any(p in differing or not p.startswith(root + "/") for p in paths):
+            continue
+        # Only the last change of each name by the boundary shows in the tree, and only if
+        # nothing changed it after (the state may hold either).
+        if any(rep.binding_call(p, earliest) is not call for p in paths):
+            continue
+        if any(rep.bound_after(p, earliest) for p in paths):
+            continue
+        there = [(recovered.get(p) is not None) == (rep.name_at(p, earliest) is not None)
+                 for p in paths]  # fmt: skip
+        if all(there):
+            seen.add(call.index)
+            entry = paths[-1]
+            directory = posixpath.dirname(entry)
+            what = f"the entry {entry} was not promised (no fsync of {directory})"
+            out.append(line(call, what))
+    if expected is not None:
+        for path, want in expected.items():
+            if path in differing or want.type is not EntryType.FILE:
+                continue
+            if want.size is None and want.md5 is None:
+                continue
+            got = recovered.get(path)
+            if got is None:
+                continue
+            fid = rep.name_at(path, earliest)
+            pending = [
+                c
+                for c in rep.data
+                if c.file == fid and _end(c.call) <= earliest and not _durable_by(c, latest)
+            ]
+            if pending:
+                last = pending[-1].call
+                out.append(line(last, f"the data of {path} was not promised (no fdatasync)"))
     return out
+
+
+def kept_at(
+    trace: Trace,
+    recovered: FileView,
+    boundary: tuple[int, int],
+    *,
+    existing: FileView | Iterable[str] = (),
+    final: FileView | None = None,
+) -> list[str]:
+    """In a state that lost nothing acknowledged by `boundary` ((latest, earliest) guest
+    times): the changes made before it, never made durable, that the filesystem kept."""
+    latest, earliest = boundary
+    root = recovered.root.rstrip("/") or "/"
+    rep = replay(trace, NEVER, existing)
+    view_before = existing if isinstance(existing, FileView) else None
+    expected = expected_tree(rep, earliest, root, existing=view_before, final=final)
+    diffs = expected_differences(recovered, expected, rep, earliest)
+    return _kept(rep, recovered, expected, root, earliest, latest, {p for p, _ in diffs})
 
 
 # -- many states ---------------------------------------------------------------------------------

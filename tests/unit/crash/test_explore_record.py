@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.crash.explorer.record import AckClock, CountedRun, RecordedRun, RunAsOf
+from harness.crash.explorer.record import CountedRun, RecordedRun, RunAsOf
 from harness.durability.contract import FaultModel
 from harness.explore.recording import Ack, Recording
 from harness.guest.ssh import CommandResult
-from harness.workloads.stream import AckStream, StreamRun, TokenStream
+from harness.workloads.stream import AckClock, AckStream, StreamRun, TokenStream
 
 
 class GatedSSH:

@@ -467,3 +467,30 @@ def test_an_entry_never_synced_that_the_filesystem_kept_is_named_with_the_next_s
         and k.endswith("the first sync after it: fsync(/mnt/log)")
         for k in e.kept
     ), e.kept
+
+
+def test_a_new_file_that_is_missing_relied_on_its_entry_and_its_data() -> None:
+    t = trace(*APPEND)
+    e = explain("s", t, listed(), lost_tokens=["1"], ack_times=acks(t, "1"), existing=listed())
+    assert [c.relied_on for c in e.causes] == [Property.ENTRY_NOT_SYNCED, Property.DATA_NOT_SYNCED]
+    assert e.causes[0].fix == (
+        "fsync the directory /mnt after openat(/mnt/log, O_WRONLY|O_CREAT|O_APPEND)"
+    )
+    # Synced data, unsynced entry: the entry alone.
+    synced = trace(APPEND[0], APPEND[1], "fdatasync(3</mnt/log>) = 0", ACK1)
+    e = explain("s", synced, listed(), lost_tokens=["1"], ack_times=acks(synced, "1"),
+                existing=listed())  # fmt: skip
+    assert [c.relied_on for c in e.causes] == [Property.ENTRY_NOT_SYNCED]
+
+
+def test_a_state_that_kept_unsynced_appends_says_so_and_one_that_lost_them_does_not() -> None:
+    from harness.explore.causes import kept_at
+
+    t = trace(*APPEND)
+    times = acks(t, "1", "2")
+    kept = kept_at(t, listed(("log", 10, None)), times["2"], existing=listed(("log", 0, None)))
+    assert kept == [
+        "write(/mnt/log, 5 bytes): the data of /mnt/log was not promised (no fdatasync) and "
+        "the filesystem kept it; no call synced anything after it"
+    ]
+    assert kept_at(t, listed(("log", 5, None)), times["2"], existing=listed(("log", 0, None))) == []
