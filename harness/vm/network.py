@@ -35,7 +35,7 @@ import ipaddress
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -197,13 +197,21 @@ class PrivateNetwork:
             )
         return result.stdout.strip()
 
-    def wait_connected(self, ssh: SSHSession, name: str, timeout: float = 30.0) -> None:
-        """Until node `name` has an answer from every other node (ARP, ICMP through the switch)."""
-        peers = [n for n in self.plan.nodes if n.name != name]
-        if not peers:
-            return
+    def wait_connected(
+        self,
+        ssh: SSHSession,
+        name: str,
+        timeout: float = 30.0,
+        peers: Iterable[str] | None = None,
+    ) -> None:
+        """Until node `name` has an answer from every other node of `peers` (all of them).
+
+        ARP and ICMP through the switch: the first answer also proves the peer
+        has its address, so a workload started next finds every node there.
+        """
+        wanted = set(self.plan.names if peers is None else peers) - {name}
+        waiting = [n for n in self.plan.nodes if n.name in wanted]
         deadline = time.monotonic() + timeout
-        waiting = list(peers)
         while waiting:
             command = "; ".join(
                 f"ping -c 1 -W 1 {n.address} >/dev/null && echo {n.name}" for n in waiting
