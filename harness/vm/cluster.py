@@ -8,6 +8,10 @@ the boots overlap and the cluster is ready when its slowest node is. Each
 node is then put on the network (its address, /etc/hosts, the node
 environment) and the call returns once every node reaches every other.
 
+Under TCG each node's kernel is told the TSC frequency (harness/vm/clock.py):
+left to measure it on a loaded host, one node's clock was seen running 7.6
+times fast, and an etcd cluster never settled.
+
 A power cut of several nodes sends every SIGKILL before reaping any, so
 the nodes die within microseconds of one another rather than one reap
 apart (`power_cut`); `kill_skew` says how far apart the signals went.
@@ -21,10 +25,13 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
 from harness.errors import ConfigError, MachineError
+from harness.vm.accel import choose_accel
+from harness.vm.clock import clock_append
 from harness.vm.image import GuestImage
 from harness.vm.network import NetworkPlan, PrivateNetwork
 from harness.vm.qemu import QemuMachine
@@ -65,14 +72,18 @@ class Cluster:
         self.network = PrivateNetwork(plan, self.directory / "net")
         self.machines: dict[str, QemuMachine] = {}
         self.kill_skew: float | None = None
+        self.accel = choose_accel(accel, image.kernel)
         for name in plan.names:
             spec = MachineSpec.from_image(
                 image, disks=tuple(disks(name)), memory_mib=memory_mib, name=name
             )
+            # Timers that run at the wrong speed on one node break a replicated system.
+            clock = clock_append(self.accel)
+            spec = replace(spec, extra_append=f"{spec.extra_append} {clock}".strip())
             self.machines[name] = QemuMachine(
                 self.network.spec_for(spec, name),
                 workdir=self.directory / name,
-                accel=accel,
+                accel=self.accel,
                 keep=True,
             )
 

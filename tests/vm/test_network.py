@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from harness.vm.clock import host_tsc_khz
 from harness.vm.cluster import Cluster
 from harness.vm.network import ENV_FILE, NetworkPlan
+from harness.vm.spec import Accel
 
 pytestmark = pytest.mark.vm
 
@@ -40,6 +43,22 @@ def test_every_node_reaches_every_other_by_name(cluster):
         assert machine.ssh.check_output("hostname").strip() == name
         env = machine.ssh.check_output(f". {ENV_FILE} && echo $POWERCUT_NODE $POWERCUT_NODES")
         assert env.split() == [name, "n1=10.77.0.1,n2=10.77.0.2,n3=10.77.0.3"]
+
+
+def test_every_node_is_told_the_tsc_frequency_and_its_clock_keeps_time(cluster):
+    if cluster.accel is not Accel.TCG:
+        pytest.skip("kvm-clock under KVM")
+    khz = host_tsc_khz()
+    for machine in cluster.machines.values():
+        assert f"tsc_early_khz={khz}" in machine.ssh.check_output("cat /proc/cmdline")
+        kernel = machine.ssh.check_output("dmesg | grep 'tsc: Detected'")
+        assert f"tsc: Detected {khz // 1000}.{khz % 1000:03d} MHz" in kernel
+    # The guest's clock runs at the host's speed (it ran 7.6 times fast when left to guess).
+    ssh = cluster["n1"].ssh
+    t0, g0 = time.monotonic(), float(ssh.check_output("cut -d' ' -f1 /proc/uptime"))
+    time.sleep(3)
+    t1, g1 = time.monotonic(), float(ssh.check_output("cut -d' ' -f1 /proc/uptime"))
+    assert 0.7 < (g1 - g0) / (t1 - t0) < 1.3
 
 
 def test_nothing_but_the_nodes_is_reachable(cluster):
