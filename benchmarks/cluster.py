@@ -1,6 +1,6 @@
 """Clusters of guests on a private network under TCG: what a replicated system costs.
 
-    python -m benchmarks cluster [-- --runs 3 --nodes 3 --parts boot,net,etcd,redis]
+    python -m benchmarks cluster [-- --runs 3 --nodes 3 --parts boot,net,etcd,redis,rack,memory]
 
 The figures phase B of the cluster work (issue 21) is designed on, each
 measured in one run so the ratios hold on a shared, loaded machine:
@@ -24,6 +24,16 @@ measured in one run so the ratios hold on a shared, loaded machine:
   write acknowledged by the cluster (`SET`, then `WAIT <replicas> 5000`) per
   redis-cli process, and in one long-lived redis-cli; memory as for etcd.
 
+- `rack`: etcd on three powercut disks (log-writes over powerfail, served by
+  `powercut serve`), a client putting through n1's gateway, a rack cut after
+  `--rack-acks` acknowledgements (every disk frozen, every QEMU killed, each
+  disk cut lose-all and judged by the oracle), every node rebooted, etcd
+  recovering on its own, the acknowledged keys looked up: as shipped and
+  with `--unsafe-no-fsync`.
+- `memory`: one guest starting programs over and over, with QEMU's default
+  TCG translation buffer and with the cluster's cap (`TCG_TB_MIB`),
+  alternating: RSS after boot and after the work, and the work's time.
+
 Images: the recipe plus `--etcd-packages` / `--redis-packages` (built once,
 cached). Results: benchmarks/results/cluster-<time>.json.
 """
@@ -42,6 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +63,13 @@ from harness.durability.contract import CutPolicy, FaultModel, reference_promise
 from harness.durability.cut import apply_cut
 from harness.errors import PowercutError
 from harness.guest.ssh import SSHSession
-from harness.vm.cluster import Cluster
+from harness.vm.accel import choose_accel
+from harness.vm.clock import clock_append
+from harness.vm.cluster import TCG_TB_MIB, Cluster
 from harness.vm.image import GuestImage, ensure_image
 from harness.vm.network import ENV_FILE, NetworkPlan
-from harness.vm.spec import FileDisk, VhostUserDisk
+from harness.vm.qemu import QemuMachine
+from harness.vm.spec import FileDisk, MachineSpec, VhostUserDisk
 from harness.workloads.filesystem import make_disk
 
 ETCD_PACKAGES = ["etcd-server", "etcd-client"]
@@ -539,12 +553,63 @@ def bench_rack(image: GuestImage, args: argparse.Namespace, work: Path) -> dict[
     return out
 
 
+# Programs started over and over, as a client node does: TCG translates each anew.
+_MEMORY_WORK = (
+    "for i in $(seq 15); do etcdctl version; mkfs.ext4 -V; fio --version; "
+    "xfs_repair -V; done >/dev/null 2>&1"
+)
+
+
+def bench_memory(image: GuestImage, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """QEMU's RSS per node: TCG's default translation buffer against Cluster's cap, alternating."""
+    variants = {"qemu-default": None, f"tb-size={TCG_TB_MIB}": TCG_TB_MIB}
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+    accel = choose_accel(args.accel, image.kernel)
+    for run in range(args.runs):
+        for name, tb in variants.items():
+            spec = replace(
+                MachineSpec.from_image(image, memory_mib=args.memory, name="mem"),
+                tcg_tb_mib=tb,
+                extra_append=clock_append(accel),
+            )
+            with QemuMachine(spec, accel=accel) as machine:
+                machine.boot()
+                assert machine.process is not None
+                booted = _status_mib(machine.process.pid)["VmRSS"]
+                t0 = time.monotonic()
+                machine.ssh.run(_MEMORY_WORK, timeout=900, check=True)
+                seconds = time.monotonic() - t0
+                after = _status_mib(machine.process.pid)
+            runs[name].append(
+                {
+                    "rss_after_boot_mib": booted,
+                    "rss_after_work_mib": after["VmRSS"],
+                    "hwm_mib": after["VmHWM"],
+                    "work_s": round(seconds, 3),
+                }
+            )
+            _say(f"memory run {run + 1}/{args.runs} {name}: {runs[name][-1]}")
+    med = {
+        name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        for name, rows in runs.items()
+    }
+    return {
+        "runs": runs,
+        "median": med,
+        "work": _MEMORY_WORK,
+        "work_ratio_capped_to_default": round(
+            med[f"tb-size={TCG_TB_MIB}"]["work_s"] / med["qemu-default"]["work_s"], 3
+        ),
+    }
+
+
 PARTS = {
     "boot": bench_boot,
     "net": bench_net,
     "etcd": bench_etcd,
     "redis": bench_redis,
     "rack": bench_rack,
+    "memory": bench_memory,
 }
 
 

@@ -39,6 +39,12 @@ from harness.vm.spec import Accel, Disk, MachineSpec
 
 log = logging.getLogger(__name__)
 
+# TCG's translation buffer per node: with QEMU's default, a node that starts many
+# programs (the client's) grew to 0.8-1 GiB of RSS; capped at 64 MiB the same work
+# left a guest at 274 MiB instead of 351 and ran no slower (benchmarks/cluster.py,
+# part `memory`).
+TCG_TB_MIB = 64
+
 # A node's disks, by its name.
 DisksFor = Callable[[str], Sequence[Disk]]
 
@@ -60,6 +66,7 @@ class Cluster:
         *,
         disks: DisksFor = lambda _name: (),
         memory_mib: int = 512,
+        tcg_tb_mib: int | None = TCG_TB_MIB,
         accel: Accel | str | None = None,
         directory: Path | None = None,
         keep: bool = False,
@@ -79,7 +86,9 @@ class Cluster:
             )
             # Timers that run at the wrong speed on one node break a replicated system.
             clock = clock_append(self.accel)
-            spec = replace(spec, extra_append=f"{spec.extra_append} {clock}".strip())
+            spec = replace(
+                spec, extra_append=f"{spec.extra_append} {clock}".strip(), tcg_tb_mib=tcg_tb_mib
+            )
             self.machines[name] = QemuMachine(
                 self.network.spec_for(spec, name),
                 workdir=self.directory / name,

@@ -49,7 +49,8 @@ def qemu_argv(
         "-name",
         f"{spec.name},debug-threads=on",
         "-accel",
-        accel.value,
+        accel.value
+        + (f",tb-size={spec.tcg_tb_mib}" if accel is Accel.TCG and spec.tcg_tb_mib else ""),
         # memfd + share=on: a vhost-user backend maps guest memory through the fds.
         "-object",
         f"memory-backend-memfd,id=mem,size={mem},share=on",

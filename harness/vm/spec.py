@@ -107,6 +107,10 @@ class MachineSpec:
     # User-mode networking with restrict=on: the guest reaches nothing through it
     # (not the host, not the outside), only the forwarded ports reach the guest.
     isolated: bool = False
+    # TCG's translation buffer in MiB (-accel tcg,tb-size=N); None: QEMU's default,
+    # which grows to hundreds of MiB of RSS in a guest that starts many programs
+    # (benchmarks/cluster.py, part `memory`).
+    tcg_tb_mib: int | None = None
 
     @classmethod
     def from_image(

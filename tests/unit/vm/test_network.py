@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,14 @@ def test_qemu_gets_one_stream_netdev_per_nic_and_an_isolated_user_net(tmp_path):
     assert netdevs[1] == f"stream,id=net1,server=off,addr.type=unix,addr.path={tmp_path}/n1.sock"
     devices = [d for d in _opts(argv, "-device") if d.startswith("virtio-net-pci")]
     assert devices[1] == "virtio-net-pci,netdev=net1,mac=52:54:00:77:00:01,romfile=,addr=0x5"
+
+
+def test_the_tcg_translation_buffer_is_sized_only_when_asked_and_only_under_tcg(tmp_path):
+    spec = _spec(tmp_path)
+    assert _opts(qemu_argv(spec, Accel.TCG, {}, tmp_path), "-accel") == ["tcg"]
+    sized = replace(spec, tcg_tb_mib=64)
+    assert _opts(qemu_argv(sized, Accel.TCG, {}, tmp_path), "-accel") == ["tcg,tb-size=64"]
+    assert _opts(qemu_argv(sized, Accel.KVM, {}, tmp_path), "-accel") == ["kvm"]
 
 
 def test_a_socket_path_with_a_comma_is_escaped_for_qemu(tmp_path):
