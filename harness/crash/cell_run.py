@@ -53,7 +53,7 @@ from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads import filesystem
 from harness.workloads.base import FSCK, MOUNT, ORACLE, POLL, Observation, Run, Workload
-from harness.workloads.stream import AckClock
+from harness.workloads.stream import AckClock, GuestStream
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,11 @@ class CellRunner:
             timings = self.timer.total()
             if isinstance(reconnect := self.notes.get("reconnect_seconds"), float):
                 timings["reconnect"] = round(reconnect, 3)
+            if isinstance(ran := self.notes.get("run_seconds"), float):
+                timings["run"] = round(ran, 3)
+            if self.tracer is not None:
+                for phase, seconds in self.tracer.seconds.items():
+                    timings[f"trace_{phase}"] = seconds
             result = cell_result(
                 cell,
                 judge(self.expected, observed),
@@ -382,7 +387,11 @@ class CellRunner:
 
     def _run_ended(self, guest: _Guest, run: Run) -> None:
         """Before the cut: a traced workload that ended by itself has its trace read to the
-        end and its tree listed (`RunTracer.run_ended`)."""
+        end and its tree listed (`RunTracer.run_ended`). The run phase's own time (its
+        command's start to its end, traced or not) is kept as the `run` timing."""
+        stream = getattr(run, "stream", None)
+        if isinstance(stream, GuestStream) and stream.ended is not None:
+            self.notes["run_seconds"] = stream.ended - stream.started
         if self.tracer is not None and not run.alive():
             with self.timer.phase("trace"):
                 self.tracer.run_ended(guest.ssh)

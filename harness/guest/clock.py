@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import select
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import GuestError
 from harness.explore.clock import ClockBounds, bounds_from_round_trips
@@ -61,8 +61,31 @@ def sample_round_trips(
             line, buf = buf.split(b"\n", 1)
             trips.append((sent, int(line), received))
     finally:
-        chan.close()
+        close_after_exit(chan)
     return trips[1:]
+
+
+def close_after_exit(chan: Any, timeout: float = 10.0) -> None:
+    """End a helper's channel by its stdin and wait for the helper to exit, then close it.
+
+    Closing the channel under a running process makes it exit while the next
+    command's channel may be opening, and Debian 12's dropbear (2022.83) then
+    closes that new channel early (its check_close runs with the exited
+    child's signal pending: mkj/dropbear #173, fixed by #326): a workload
+    started right after the clock was sampled got EPIPE on its first
+    acknowledgement. Waiting for the exit status orders the two.
+    """
+    try:
+        chan.shutdown_write()
+        deadline = time.monotonic() + timeout
+        while not chan.exit_status_ready() and not chan.closed:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    except (OSError, EOFError):
+        pass
+    finally:
+        chan.close()
 
 
 def sample_offset(

@@ -160,6 +160,7 @@ class GuestStream:
         self.exit_code: int | None = None
         self.stderr = ""
         self.started = 0.0
+        self.ended: float | None = None  # when the command's channel closed (host monotonic)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"guest-{name}", daemon=True)
 
@@ -192,6 +193,8 @@ class GuestStream:
             self.error = exc
         except Exception as exc:  # noqa: BLE001 - paramiko raises its own kinds when the guest dies
             self.error = exc
+        finally:
+            self.ended = time.monotonic()
 
     @property
     def acked(self) -> int:
@@ -253,7 +256,15 @@ class StreamRun(Run):
         return self.stream.alive
 
     def failure(self) -> str | None:
-        return self.stream.failure()
+        """Why the run failed before the cut; a channel that ended without the command's
+        exit status (killed by a signal, or closed under it) while the guest lived is one."""
+        found = self.stream.failure()
+        if found or self.stream.alive:
+            return found
+        if self.stream.error is not None or self.stream.exit_code == -1:
+            why = self.stream.error or "no exit status: a signal killed it or its channel closed"
+            return f"its SSH channel ended before the command exited ({why})"
+        return None
 
     def after_cut(self, timeout: float) -> None:
         # Every acknowledgement the host had received when the power went is a
