@@ -69,11 +69,12 @@ def close_after_exit(chan: Any, timeout: float = 10.0) -> None:
     """End a helper's channel by its stdin and wait for the helper to exit, then close it.
 
     Closing the channel under a running process makes it exit while the next
-    command's channel may be opening, and Debian 12's dropbear (2022.83) then
-    closes that new channel early (its check_close runs with the exited
-    child's signal pending: mkj/dropbear #173, fixed by #326): a workload
-    started right after the clock was sampled got EPIPE on its first
-    acknowledgement. Waiting for the exit status orders the two.
+    command's channel may be opening. Once, a workload started right after the
+    clock was sampled got EPIPE on its first acknowledgement: its channel was
+    closed under it. That is what Debian 12's dropbear (2022.83) is known to do
+    when a child's exit signal is pending while a new channel starts
+    (mkj/dropbear #173, fixed upstream by #326); not proven the cause here, but
+    waiting for the helper's exit status takes its signal out of the way.
     """
     try:
         chan.shutdown_write()
