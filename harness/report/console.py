@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from harness.report.grid import build_grid
-from harness.report.results import CellResult, RunResults
+from harness.report.results import RunResults
 
 STYLE = {"pass": "bold green", "fail": "bold red", "error": "bold yellow", "skipped": "dim"}
 
@@ -32,19 +32,6 @@ def matrix_table(results: RunResults) -> Table:
     return table
 
 
-def cause_lines(cell: CellResult) -> list[str]:
-    """A traced cell's explanation: one line per cause (or why none is named), what the
-    filesystem kept though it was never made durable."""
-    if cell.causes is None:
-        return []
-    e = cell.causes
-    out = [f"cause: {c.relied_on.value}: {c.fix} ({c.evidence})" for c in e.causes]
-    if e.unexplained:
-        out.append("cause: none named: " + "; ".join(e.evidence[:4]))
-    out += [f"kept: {k}" for k in e.kept[:3]]
-    return out
-
-
 def print_results(results: RunResults, console: Console | None = None) -> None:
     """The matrix, then each failed or errored cell with its reason and reproduce command."""
     console = console or Console()
@@ -57,7 +44,7 @@ def print_results(results: RunResults, console: Console | None = None) -> None:
                 console.print(
                     f"  why: {cell.explanation}", markup=False, highlight=False, soft_wrap=True
                 )
-            for line in cause_lines(cell):
+            for line in cell.cause_lines():
                 console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
             console.print(
                 f"  reproduce: {cell.reproduce}", markup=False, highlight=False, soft_wrap=True

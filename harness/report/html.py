@@ -78,6 +78,9 @@ def _cells(cells: Sequence[CellResult]) -> str:
         )
         timings = ", ".join(f"{escape(k)} {v:.1f}s" for k, v in c.timings.items())
         explanation = f"<p class='why'>{escape(c.explanation)}</p>" if c.explanation else ""
+        causes = "".join(f"<li>{escape(line)}</li>" for line in c.cause_lines())
+        if causes:
+            explanation += f"<ul class='why'>{causes}</ul>"
         rows.append(
             f"<tr><td class='{c.verdict}'><span class='verdict'>{escape(c.verdict)}</span></td>"
             f"<td><code>{escape(c.id)}</code><br>"

@@ -132,6 +132,18 @@ class CellResult:
     trace: str = ""
     causes: Explanation | None = None
 
+    def cause_lines(self) -> list[str]:
+        """A traced cell's explanation as a person reads it: one line per cause (or why none
+        is named), what the filesystem kept though it was never made durable."""
+        e = self.causes
+        if e is None:
+            return []
+        out = [f"cause: {c.relied_on.value}: {c.fix} ({c.evidence})" for c in e.causes]
+        if e.unexplained:
+            out.append("cause: none named: " + "; ".join(e.evidence[:4]))
+        out += [f"kept: {k}" for k in e.kept[:3]]
+        return out
+
     @property
     def fault_label(self) -> str:
         return f"{self.fault} {self.policy}" if self.policy else self.fault

@@ -118,6 +118,14 @@ def test_a_cells_causes_round_trip_and_a_bad_one_names_the_cell(
     assert again == results and again.cells[0].causes == why
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["cells"][0]["causes"]["causes"][0]["property"] == "directory entry not synced"
+    # Every rendering shows the cause, a passing negative control's too.
+    from harness.report.junit import render_junit
+    from harness.report.markdown import render_markdown
+
+    line = "cause: directory entry not synced: fsync the directory /mnt (e)"
+    assert first.cause_lines() == [line]
+    assert f"- {line}" in render_markdown(results)
+    assert line in render_junit(results)
     data["cells"][0]["causes"] = {"state": "x", "causes": [{"property": "lost in space"}]}
     with pytest.raises(ConfigError, match="causes cannot be read"):
         RunResults.from_json(data)
