@@ -718,6 +718,10 @@ def expected_differences(
             elif not rep.bound_after(path, at) and path not in rep.existing:
                 out.append((path, f"present (a {a.type.value}), made by no traced call"))
         elif a is not None and want is not None:
+            if a.type is EntryType.GONE:
+                why = f": {a.error}" if a.error else ""
+                out.append((path, f"named by its directory but unreadable{why}"))
+                continue
             if a.type is not want.type:
                 out.append((path, f"a {a.type.value} where the calls left a {want.type.value}"))
                 continue
@@ -878,11 +882,16 @@ def _explain_path(
         return [_entry_cause(path, what, repointed[-1], recovered)]
     notes: list[str] = []
     for change in before + data:
+        if not _durable_by(change, latest):
+            # An entry not promised whose effect is there (the name is in the tree): what is
+            # lost is not what it relied on.
+            notes.append(
+                f"{change.call.describe()} was not made durable before the boundary, yet its "
+                f"entry {path} is in the recovered tree"
+            )
+            continue
         sync = change.synced_by
-        if change.self_synced:
-            how = "through O_SYNC/O_DSYNC"
-        else:
-            how = f"by {sync.describe()}" if sync is not None else "by nothing"
+        how = "through O_SYNC/O_DSYNC" if change.self_synced else f"by {_describe(sync)}"
         notes.append(
             f"{change.call.describe()} was durable before the boundary ({how}), yet {path}: "
             f"{what} — not the application's doing"
@@ -890,6 +899,10 @@ def _explain_path(
     if not notes:
         notes.append(f"no traced call before the boundary changed {path}")
     return notes
+
+
+def _describe(call: Call | None) -> str:
+    return call.describe() if call is not None else "nothing"
 
 
 def _entry_cause(path: str, what: str, change: _Change, recovered: FileView) -> Cause:

@@ -21,7 +21,7 @@ import pytest
 from harness.explore.causes import Property
 from harness.workloads.command import Command
 
-from .scenario_cells import run_scenario_cell
+from scenario_cells import run_scenario_cell
 
 pytestmark = pytest.mark.vm
 

@@ -494,3 +494,22 @@ def test_a_state_that_kept_unsynced_appends_says_so_and_one_that_lost_them_does_
         "the filesystem kept it; no call synced anything after it"
     ]
     assert kept_at(t, listed(("log", 5, None)), times["2"], existing=listed(("log", 0, None))) == []
+
+
+def test_a_synced_file_its_directory_names_but_cannot_read_is_not_the_applications() -> None:
+    # f2fs under torn writes: the name is there, lstat fails; the data was fdatasync'ed.
+    t = trace(APPEND[0], APPEND[1], "fdatasync(3</mnt/log>) = 0", ACK1)
+    broken = FileView("/mnt", "f2fs", (FileEntry("log", EntryType.GONE, error="lstat: EIO"),))
+    e = explain("s", t, broken, lost_tokens=["1"], ack_times=acks(t, "1"), existing=listed())
+    assert e.unexplained
+    assert "/mnt/log: named by its directory but unreadable: lstat: EIO" in e.evidence
+    assert any(
+        x.startswith("write(/mnt/log, 5 bytes) was durable before the boundary "
+                     "(by fdatasync(/mnt/log))") and x.endswith("not the application's doing")
+        for x in e.evidence
+    ), e.evidence  # fmt: skip
+    assert any(
+        x.startswith("openat(/mnt/log, O_WRONLY|O_CREAT|O_APPEND) was not made durable") and
+        x.endswith("yet its entry /mnt/log is in the recovered tree")
+        for x in e.evidence
+    ), e.evidence  # fmt: skip
