@@ -397,11 +397,12 @@ class CellRunner:
                 self.tracer.run_ended(guest.ssh)
 
     def _traced(self, run: Run) -> TracedRun | None:
-        """After the cut: the traced run, kept in `trace_directory`."""
+        """After the cut: the acknowledgements' stamps, and the traced run, kept in
+        `trace_directory`."""
+        stamps = self.ack_clock.finish(run) if self.ack_clock is not None else []
         if self.tracer is None:
             return None
         self.tracer.at_cut()
-        stamps = self.ack_clock.finish(run) if self.ack_clock is not None else []
         self.traced_run = self.tracer.result(stamps)
         return self.traced_run
 
@@ -479,6 +480,7 @@ class CellRunner:
             self.notes["reconnect_seconds"] = session.crash_backend(self.deadline.left(60))
         with self.timer.phase("workload"):
             run.after_backend_crash(guest, acked_at_crash)
+        self._traced(run)  # never traced under a backend crash: the acks' stamps end here
         self.on_phase("check")
         with self.timer.phase("check"):
             io_errors = count_io_errors(guest.ssh.check_output("dmesg", timeout=60), "vda")

@@ -347,10 +347,13 @@ class AckClock:
             self.stamps.extend((item, ns) for item in missing)
 
     def finish(self, run: Run) -> list[tuple[str, int]]:
-        """After the cut: every acknowledgement, stamped (late ones at the end of the run)."""
+        """After the cut: every acknowledgement, stamped (late ones at the end of the run);
+        the run's stream is its own again (its checker reads it as it was)."""
         now = time.monotonic_ns()
         if self._stream is not None:
             self._catch_up(now)
+            if isinstance(run, StreamRun) and isinstance(run.stream.stream, Stamping):
+                run.stream.stream = run.stream.stream.inner
         else:
             with self._lock:
                 done = len(self.stamps)

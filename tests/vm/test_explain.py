@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scenario_cells import run_scenario_cell
 
 from harness.explore.causes import Property
 from harness.workloads.command import Command
-
-from scenario_cells import run_scenario_cell
 
 pytestmark = pytest.mark.vm
 
