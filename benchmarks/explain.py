@@ -84,6 +84,7 @@ after-exit = true
 def _cell(name: str, n: int, tmp: Path) -> Any:
     from harness.crash.plan import make_plan
 
+    tmp.mkdir(parents=True, exist_ok=True)
     scenario = tmp / f"{name}.toml"
     scenario.write_text(CELLS[name].format(n=n))
     plan = make_plan([scenario], tmp / "plan")
