@@ -153,6 +153,9 @@ def side_by_side(rounds: int, sizes: dict[str, int], tmp: Path) -> dict[str, Any
             if median_off and median_on
             else None,
             "ratio_per_round": per_round,
+            # Rounds pair a traced and an untraced run back to back: the median of their
+            # ratios is what a load that moves between rounds disturbs least.
+            "ratio_median_per_round": round(statistics.median(per_round), 3) if per_round else None,
             "cell_median_s": {
                 v: statistics.median(e["cell_s"] for e in runs[v]) for v in ("off", "traced")
             },
