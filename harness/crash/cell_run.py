@@ -77,6 +77,8 @@ class CellSession(Protocol):
 
     def requests(self, kind: str) -> int: ...
 
+    def freeze_disk(self) -> None: ...
+
     def power_cut(
         self, fault: FaultModel, policy: Any, seed: int = 0, *, check: bool = True
     ) -> PowerCut: ...
@@ -313,7 +315,8 @@ class CellRunner:
                 self._wait_for_cut(session, run)
             if failure := run.failure():
                 raise GuestError(f"the workload failed before the cut: {failure}")
-        self._run_ended(guest, run)
+        host_cut = cell.fault is FaultModel.HOST_POWER_CUT
+        self._run_ended(guest, run, freeze=session.freeze_disk if host_cut else None)
         self.on_phase("cut")
         cut_ns = time.monotonic_ns()
         with self.timer.phase("cut"):
@@ -385,14 +388,21 @@ class CellRunner:
         """Where the traced run is kept (trace.json, trace.txt)."""
         return self.directory
 
-    def _run_ended(self, guest: _Guest, run: Run) -> None:
+    def _run_ended(self, guest: _Guest, run: Run, freeze: Callable[[], None] | None = None) -> None:
         """Before the cut: a traced workload that ended by itself has its trace read to the
         end and its tree listed (`RunTracer.run_ended`). The run phase's own time (its
-        command's start to its end, traced or not) is kept as the `run` timing."""
+        command's start to its end, traced or not) is kept as the `run` timing.
+
+        Under a host power cut the disk is frozen first (`freeze`): the seconds the
+        tracer takes must not give the filesystem's own periodic commit the chance to make
+        durable what the run left unsynced (the shipped rename example, cut untraced at
+        once, lost its last rename; traced, ext4's journal commit kept it 5 s later)."""
         stream = getattr(run, "stream", None)
         if isinstance(stream, GuestStream) and stream.ended is not None:
             self.notes["run_seconds"] = stream.ended - stream.started
         if self.tracer is not None and not run.alive():
+            if freeze is not None:
+                freeze()
             with self.timer.phase("trace"):
                 self.tracer.run_ended(guest.ssh)
 

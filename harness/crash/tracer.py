@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLOCK_ROUND_TRIPS = 20
+FINAL_LIST_TIMEOUT = 60.0  # seconds; the tree after the run is listed with the disk frozen
 
 
 class RunTracer:
@@ -103,9 +104,11 @@ class RunTracer:
         finally:
             self._timed("prepare", t0)
 
-    def _list(self, ssh: SSHSession, when: str) -> FileView | None:
+    def _list(self, ssh: SSHSession, when: str, timeout: float = 300.0) -> FileView | None:
         try:
-            return file_view(ssh, self.root, self.filesystem, sync=False, chunk_map=False)
+            return file_view(
+                ssh, self.root, self.filesystem, sync=False, chunk_map=False, timeout=timeout
+            )
         except PowercutError as exc:
             self.notes.append(f"the tree {when} could not be listed: {exc}")
             return None
@@ -120,7 +123,9 @@ class RunTracer:
                 self.stream.finish(quiet=0.3, timeout=20)
             except PowercutError as exc:
                 self.notes.append(f"the trace's end could not be read: {exc}")
-            self.final = self._list(ssh, "after the run")
+            # The disk may be frozen by now (a host power cut's first instant): a listing
+            # that needs what the page cache lacks waits on it, so it is bounded.
+            self.final = self._list(ssh, "after the run", timeout=FINAL_LIST_TIMEOUT)
         finally:
             self._timed("finish", t0)
 

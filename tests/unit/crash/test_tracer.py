@@ -62,7 +62,9 @@ def guest(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             raise TracingUnavailable(seen["fail"])
         return seen["stream"], "no eprobes"
 
-    def file_view(ssh: Any, root: str, fs: str, *, sync: bool, chunk_map: bool) -> FileView:
+    def file_view(
+        ssh: Any, root: str, fs: str, *, sync: bool, chunk_map: bool, timeout: float
+    ) -> FileView:
         assert sync is False  # a live tree before the cut: nothing may be written back
         seen["listed"].append(root)
         return tree("a") if len(seen["listed"]) == 1 else tree("a", "b")
@@ -130,3 +132,29 @@ def test_the_cuts_reverted_writes_are_lost_whole_or_torn() -> None:
     )  # fmt: skip
     assert explain_module.cut_writes(cut) == ([(0, 4096)], [(8192, 4096)])
     assert explain_module.cut_writes(None) == ([], [])
+
+
+def test_the_disk_freezes_before_the_tracer_reads_the_end_of_a_run_cut_by_the_host() -> None:
+    # The tracer's seconds after the run must not let the filesystem's own commit make the
+    # run's unsynced changes durable: the disk stops first, then the trace is read.
+    from types import SimpleNamespace
+
+    from harness.crash.cell_run import CellRunner, Timer
+
+    events: list[str] = []
+    tracer = SimpleNamespace(run_ended=lambda ssh: events.append(f"trace-end:{ssh}"))
+    runner = SimpleNamespace(notes={}, tracer=tracer, timer=Timer())
+    run = SimpleNamespace(alive=lambda: False)
+    guest = SimpleNamespace(ssh="ssh")
+    CellRunner._run_ended(runner, guest, run, freeze=lambda: events.append("freeze"))  # type: ignore[arg-type]
+    assert events == ["freeze", "trace-end:ssh"]
+    assert "trace" in runner.timer.phases
+
+    events.clear()  # no freeze given (another fault, the recording): the tracer alone
+    CellRunner._run_ended(runner, guest, run)  # type: ignore[arg-type]
+    assert events == ["trace-end:ssh"]
+
+    events.clear()  # a run the cut interrupts: nothing to read to its end, nothing frozen
+    alive = SimpleNamespace(alive=lambda: True)
+    CellRunner._run_ended(runner, guest, alive, freeze=lambda: events.append("freeze"))  # type: ignore[arg-type]
+    assert events == []
