@@ -81,6 +81,7 @@ from harness.explore.states import (
     enumerate_states,
     find_state,
 )
+from harness.report.jsonfile import load_json_object
 from harness.report.results import utc_now
 from harness.scenario.cells import Cell
 from harness.scenario.explore import DEFAULT, ExploreSpec
@@ -187,16 +188,16 @@ class ExploreDoc:
 
 def load_doc(directory: Path | str) -> dict[str, Any]:
     path = Path(directory) / DOC_NAME
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{directory} holds no exploration ({DOC_NAME} is missing); run powercut explore first"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    data = load_json_object(
+        path,
+        "an exploration file",
+        missing=f"{directory} holds no exploration ({DOC_NAME} is missing); "
+        "run powercut explore first",
+    )
     if data.get("version") != DOC_VERSION:
         raise ConfigError(f"{path} has version {data.get('version')}; this powercut reads 1")
+    if not isinstance(data.get("cells"), list):
+        raise ConfigError(f"{path} is not an exploration (no 'cells' array)")
     return data
 
 

@@ -13,7 +13,6 @@ each as bars, those that fail in colour.
 from __future__ import annotations
 
 import base64
-import json
 import os
 from collections import Counter
 from html import escape
@@ -24,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.report.html import CSS
+from harness.report.jsonfile import load_json_object
 
 PLOT = "plots/explore-timeline.png"
 COLOURS = {
@@ -228,7 +228,7 @@ def render_explore(directory: Path | str, doc: dict[str, Any] | None = None) -> 
     """Write DIR/report.html (and the plot) from DIR/explore.json."""
     out = Path(directory)
     if doc is None:
-        doc = json.loads((out / "explore.json").read_text())
+        doc = load_json_object(out / "explore.json", "an exploration file")
     plot = plot_timeline(doc, out / PLOT)
     html = out / "report.html"
     tmp = html.with_name(html.name + ".tmp")
