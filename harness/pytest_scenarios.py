@@ -10,10 +10,14 @@ Which TOML files are collected: a file named on the command line, or one
 whose path matches a pattern of the `powercut_scenarios` ini option (default
 `scenarios/*.toml` and `*.scenario.toml`; fnmatch like `python_files`: a
 pattern with a `/` matches the path's tail, else the file name) and that
-looks like a scenario (top-level `[[fault]]` and `[[workload]]` tables) —
-so pyproject.toml and other TOML are never read as scenarios. A collected
+looks like a scenario (`looks_like_scenario`: a top-level field only
+scenarios have, such as `[[fault]]`, `[[workload]]`, `modes`, or a near
+miss of one such as `[[faults]]`; for a file that is not valid TOML, such a
+name anywhere in it) — so pyproject.toml and other TOML are never read as
+scenarios, and a broken scenario is never skipped in silence. A collected
 file that does not validate is a collection error with the scenario
-parser's message (file, line, field).
+parser's message (file, line, field), as `powercut run` gives it; a cell
+whose verdict is fail or error is a failed test.
 
 A cell runs as `powercut run` runs it (`harness.crash.cell_run.CellRunner`,
 its image from `CellImages`, built for every collected cell before the
@@ -29,9 +33,11 @@ and the Markdown, HTML and plots at the end of the session.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import fnmatch
 import logging
+import re
 import shlex
 import tomllib
 from collections.abc import Iterator
@@ -105,13 +111,58 @@ def _matches(path: Path, patterns: list[str]) -> bool:
     return False
 
 
+# Top-level fields of the scenario schema that other TOML (pyproject.toml, a tool's
+# settings) does not have at its top level; `name`, `seed`, `timeout`, `image` and the
+# like are left out for that reason. A unit test keeps this within the parser's fields.
+SCENARIO_FIELDS = (
+    "fault",
+    "workload",
+    "cut",
+    "modes",
+    "blkdebug",
+    "explore",
+    "repetitions",
+    "expect",
+    "checkers",
+    "filesystem",
+    "disk-size",
+    "mkfs-options",
+    "mount-options",
+    "guest-files",
+    "format-options",
+)
+_KEY_OR_TABLE = re.compile(r"^\s*\[{0,2}\s*[\"']?([A-Za-z][A-Za-z0-9_-]*)")
+
+
+def _scenario_word(key: str) -> bool:
+    """A scenario field, or a near miss of one (`[[faults]]`, `Workload`, `explor`)."""
+    return bool(difflib.get_close_matches(key.lower(), SCENARIO_FIELDS, 1, 0.8))
+
+
 def looks_like_scenario(path: Path) -> bool:
-    """Top-level [[fault]] and [[workload]] tables: what every scenario has and little else."""
+    """Whether a TOML file the patterns match is meant as a scenario.
+
+    Yes when its top level has a scenario field or a near miss of one; a file
+    that is not valid TOML (or not text) when any key or table named in it is
+    one — so a broken scenario becomes a collection error that says what is
+    wrong, never a file skipped in silence, while pyproject.toml and other
+    TOML are left alone. A `*.scenario.toml` name says so by itself.
+    """
+    if path.name.endswith(".scenario.toml"):
+        return True
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raw = path.read_bytes()
+    except OSError:
         return False
-    return isinstance(data.get("fault"), list) and isinstance(data.get("workload"), list)
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return any(
+            (m := _KEY_OR_TABLE.match(line)) is not None and _scenario_word(m.group(1))
+            for line in text.splitlines()
+        )
+    return any(_scenario_word(key) for key in data)
 
 
 def collect_file(file_path: Path, parent: pytest.Collector) -> ScenarioFile | None:

@@ -68,9 +68,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        required=True,
         metavar="DIR",
-        help="results directory (explore.json, report.html); with replay: the image to write",
+        help="results directory (explore.json, report.html); with replay: the image to write "
+        "(required, except with --list)",
     )
     parser.add_argument("--state", metavar="ID", help="replay: the state's id (or N/ID: cell N's)")
     parser.add_argument(
@@ -166,9 +166,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--state is for `powercut explore replay DIR --state ID --out IMAGE`")
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: at least 1")
+    if args.out is None and not args.list:
+        raise ConfigError(
+            "--out DIR is required: the results directory (explore.json, report.html, the "
+            "recordings); only --list runs without one"
+        )
     plan = make_plan(
         args.scenarios,
-        args.out,
+        args.out if args.out is not None else ".",  # --list writes nothing
         modes=args.modes,
         seed=args.seed,
         accel=args.accel,
@@ -283,6 +288,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError("usage: powercut explore replay DIR --state ID --out IMAGE")
     if not args.state:
         raise ConfigError("replay needs --state ID (explore.json names every state)")
+    if not args.out:
+        raise ConfigError("replay needs --out IMAGE (the file to write the state to)")
     image = replay(args.scenarios[1], args.state, args.out)
     console.print(f"state {args.state} written to {image}", markup=False)
     return 0

@@ -38,6 +38,10 @@ from harness.report.results import CellResult
 from harness.scenario.cells import Cell
 
 NAME = "run"
+OUT_REQUIRED = (
+    "--out DIR is required: the results directory (results.json, junit.xml, reports, logs); "
+    "only --list runs without one"
+)
 HELP = "run power-cut scenarios and judge every cell against its cache mode's contract"
 
 
@@ -45,7 +49,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """`powercut run SCENARIO... --out DIR [--mode M] [--seed S] [--repeat N] [--accel A]`.
 
     Plus `--cell ID` (one cell or an id prefix, what reproduce commands use)
-    and `--list` (print the cells, run nothing).
+    and `--list` (print the cells, run nothing: it needs no `--out`).
     """
     parser.add_argument(
         "scenarios",
@@ -55,9 +59,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        required=True,
         metavar="DIR",
-        help="results directory: results.json, junit.xml, report.html, logs",
+        help="results directory: results.json, junit.xml, report.html, logs (required, "
+        "except with --list)",
     )
     parser.add_argument(
         "--mode",
@@ -133,9 +137,11 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
     durations = getattr(args, "durations", None)
     if durations is not None and getattr(args, "shard", None) is None:
         raise ConfigError("--durations only balances --shard; give --shard K/N too")
+    if args.out is None and not args.list:
+        raise ConfigError(OUT_REQUIRED)
     return make_plan(
         args.scenarios,
-        args.out,
+        args.out if args.out is not None else ".",  # --list writes nothing
         modes=args.modes,
         seed=args.seed,
         repeat=args.repeat,

@@ -50,7 +50,7 @@ def _version(directory: Path) -> Any:
     path = directory / RESULTS_FILE if directory.is_dir() else directory
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not UTF-8, or not JSON
         return None  # load_results says what is wrong with it
     return data.get("version") if isinstance(data, dict) and data.get("schema") == SCHEMA else None
 

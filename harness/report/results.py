@@ -75,6 +75,7 @@ from typing import Any
 from harness import __version__
 from harness.durability.contract import Verdict
 from harness.errors import ConfigError
+from harness.report.jsonfile import load_json_object
 
 SCHEMA = "powercut-results"
 SCHEMA_VERSION = 1
@@ -392,19 +393,15 @@ def write_results(results: RunResults, directory: Path | str) -> Path:
 
 
 def load_results(directory_or_file: Path | str) -> RunResults:
+    """DIR/results.json (or the file itself); anything else is one `ConfigError` naming it."""
     path = Path(directory_or_file)
     if path.is_dir():
         path = path / RESULTS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {path}: {exc.strerror}; is it a `powercut run --out` directory?"
-        ) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    data = load_json_object(
+        path,
+        "a powercut results file",
+        missing=f"{path} does not exist; is it a `powercut run --out` directory?",
+    )
     return RunResults.from_json(data, str(path))
 
 

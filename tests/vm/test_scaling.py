@@ -9,12 +9,12 @@ import json
 import os
 import pwd
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness import hygiene
 from harness.crash.plan import make_plan
 from harness.crash.runner import RunObserver, run_plan
 from harness.report.results import CellResult, load_results
@@ -31,9 +31,8 @@ AWKWARD = "a=b,c [d] e'f\"g"
 
 def nothing_runs_under(path: Path) -> None:
     """No process (QEMU, backend, fio) still names a path under `path`."""
-    left = subprocess.run(["pgrep", "-af", str(path)], capture_output=True, text=True)
-    mine = [line for line in left.stdout.splitlines() if "pgrep" not in line]
-    assert not mine, f"still running: {mine}"
+    left = hygiene.processes_naming(path)
+    assert not left, f"still running: {left}"
 
 
 class Order(RunObserver):
