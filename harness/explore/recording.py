@@ -39,6 +39,7 @@ from typing import Any
 
 from harness.durability.writelog import LogFlags, WriteLog, read_log
 from harness.errors import ConfigError, JournalError
+from harness.jsonfile import load_document
 
 RECORDING_FILE = "recording.json"
 BASE_NAME = "base.img"
@@ -227,18 +228,13 @@ def open_recording(root: Path | str, *, verify_base: bool = True) -> Recording:
     """Read ROOT/recording.json; refuse a log without data or a base that changed since."""
     root = Path(root)
     path = root / RECORDING_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{root} is not a recording (no {RECORDING_FILE}); record the run first"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    if raw.get("version") != RECORDING_VERSION:
-        raise ConfigError(
-            f"{path} has version {raw.get('version')}; this powercut reads {RECORDING_VERSION}"
-        )
+    raw = load_document(
+        path,
+        "a recording",
+        version=RECORDING_VERSION,
+        marker="log",
+        missing=f"{root} is not a recording (no {RECORDING_FILE}); record the run first",
+    )
     rec = Recording(
         root=root,
         base=root / raw["base"],

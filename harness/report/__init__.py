@@ -5,6 +5,7 @@
   for the runner to turn a cell and its verdict into a result.
 * `render` — `render_all(results, DIR)`: results.json, junit.xml, report.md,
   report.html and plots/*.png; `rerender(DIR)` for `powercut report`.
-* `jsonfile` — reading a results.json or explore.json a user names: a binary,
-  broken or wrongly shaped file is one `ConfigError` naming it, never a traceback.
+
+results.json is read through `harness.jsonfile`, as every versioned file is:
+a binary, broken or wrongly shaped file is one `ConfigError` naming it.
 """

@@ -1,4 +1,4 @@
-"""results.json and explore.json given on the command line: whatever is there, one line says what.
+"""results.json, explore.json and recording.json: whatever is there, one line says what.
 
 A binary file, half a file, an array or another tool's JSON is a `ConfigError`
 naming the file and what is wrong with it, in the library and at the CLI
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.crash.explore_run import load_doc
 from harness.errors import ConfigError
-from harness.report.jsonfile import load_json, load_json_object
+from harness.explore.doc import load_doc
+from harness.explore.recording import open_recording
+from harness.jsonfile import load_json, load_json_object
 from harness.report.results import load_results
 
 BINARY = bytes(range(256)) * 4  # not UTF-8
@@ -129,3 +130,34 @@ def test_the_cli_says_in_one_line_what_is_wrong_with_a_file_it_reads(tmp_path: P
         assert result.returncode == 1, (name, result.stderr)
         assert result.stderr.startswith(said), (name, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+
+
+@pytest.mark.parametrize(("content", "message"), BAD)
+def test_a_recording_json_that_is_not_one_is_named_with_what_is_wrong(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    (tmp_path / "recording.json").write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        open_recording(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'recording.json'} {message}"), info.value
+    assert "a recording" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_versioned_file_names_another_version_in_the_same_words(tmp_path: Path) -> None:
+    (tmp_path / "recording.json").write_text(json.dumps({"version": 99, "log": "write.log"}))
+    (tmp_path / "explore.json").write_text(json.dumps({"version": 99, "cells": []}))
+    (tmp_path / "results.json").write_text(
+        json.dumps({"schema": "powercut-results", "version": 99, "cells": []})
+    )
+    for load, name in (
+        (open_recording, "recording"),
+        (load_doc, "explore"),
+        (load_results, "results"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load(tmp_path)
+        said = f"{tmp_path / (name + '.json')} has schema version 99; this powercut reads version 1"
+        assert str(info.value).startswith(said), info.value
+    (tmp_path / "recording.json").write_text(json.dumps({"version": 1}))
+    with pytest.raises(ConfigError, match=r"recording.json is not a recording \(no 'log' field\)"):
+        open_recording(tmp_path)
