@@ -279,13 +279,24 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def choose_accel_once(requested: str | None, kernel: Path) -> Any:
-    """`choose_accel` under a lock, so parallel workers do not probe KVM side by side."""
-    from harness.vm.accel import choose_accel
-    from harness.vm.image import cache_root
+_ACCEL = pytest.StashKey[Any]()
 
-    with _file_lock(cache_root() / "accel.lock"):
-        return choose_accel(requested, kernel)
+
+def choose_accel_once(config: pytest.Config, kernel: Path) -> Any:
+    """The session's accelerator: `--accel` read, then resolved once (an `Accel`).
+
+    Resolved under a lock, so parallel workers do not probe KVM side by side;
+    the scenario cells and the fixtures of one session share the answer.
+    """
+    accel = config.stash.get(_ACCEL, None)
+    if accel is None:
+        from harness.vm.accel import choose_accel, parse_accel
+        from harness.vm.image import cache_root
+
+        with _file_lock(cache_root() / "accel.lock"):
+            accel = choose_accel(parse_accel(config.getoption("--accel", None)), kernel)
+        config.stash[_ACCEL] = accel
+    return accel
 
 
 class CellSession:
@@ -314,9 +325,7 @@ class CellSession:
         cells = [i.cell for i in session.items if isinstance(i, CellItem)]
         self.images = CellImages()
         self.images.prepare(cells)
-        self.accel = choose_accel_once(
-            self.config.getoption("--accel", None), self.images(cells[0]).kernel
-        )
+        self.accel = choose_accel_once(self.config, self.images(cells[0]).kernel)
         self.prepared = True
 
     def run(self, item: CellItem) -> CellResult:

@@ -35,7 +35,7 @@ from harness.crash.qemu_session import session_for
 from harness.crash.record import cell_result, error_result
 from harness.crash.session import PowerCut
 from harness.crash.verdict import Observed, OracleObservation, expected_for_cell, judge
-from harness.durability.contract import FaultModel, Promise
+from harness.durability.contract import CutPolicy, FaultModel, Promise
 from harness.durability.oracle import OracleReport
 from harness.errors import ConfigError, GuestError, PowercutError, TimeoutExpired
 from harness.guest.kernel_log import count_io_errors
@@ -71,7 +71,7 @@ class CellSession(Protocol):
     def requests(self, kind: str) -> int: ...
 
     def power_cut(
-        self, fault: FaultModel, policy: Any, seed: int = 0, *, check: bool = True
+        self, fault: FaultModel, policy: CutPolicy, seed: int = 0, *, check: bool = True
     ) -> PowerCut: ...
 
     def reboot(self, timeout: float = ...) -> SSHSession: ...
@@ -175,7 +175,7 @@ class CellRunner:
         directory: Path,
         image: GuestImage,
         *,
-        accel: Accel | str | None,
+        accel: Accel | None,
         out: Path,
         reproduce: str,
         on_phase: Callable[[str], None] | None = None,
@@ -287,7 +287,7 @@ class CellRunner:
         with self.timer.phase("cut"):
             cut = session.power_cut(
                 cell.fault,
-                cell.policy or "lose-all",
+                cell.policy or CutPolicy.LOSE_ALL,
                 cell.policy_seed or 0,
                 check=ORACLE in cell.checkers,
             )

@@ -228,9 +228,7 @@ def run_plan(
     if plan.cells:
         images = images or CellImages(default=image)
         images.prepare(plan.cells)
-        accel = choose_accel(
-            None if plan.accel == "auto" else plan.accel, images(plan.cells[0]).kernel
-        )
+        accel = choose_accel(plan.accel, images(plan.cells[0]).kernel)
     recorder = _Recorder(plan, command, accel.value if accel else None, observer)
     recorder.write()  # a run killed during its first cell still names every cell
     tasks = [

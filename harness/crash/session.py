@@ -40,9 +40,6 @@ from harness.durability.contract import (
     CutPolicy,
     FaultModel,
     Promise,
-    parse_cache_mode,
-    parse_fault,
-    parse_policy,
     reference_promise,
 )
 from harness.durability.cut import CutResult, apply_cut
@@ -128,14 +125,12 @@ class DiskSession:
         """What makes this session for `cell`: the class, given what it needs of the cell."""
         return cls
 
-    def _prepare(
-        self, directory: Path, image: GuestImage, mode: CacheMode | str, disk_name: str
-    ) -> None:
+    def _prepare(self, directory: Path, image: GuestImage, mode: CacheMode, disk_name: str) -> None:
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.disk = self.directory / disk_name
         self.guest_image = image
-        self.mode = parse_cache_mode(mode)
+        self.mode = mode
         self.journal = self.directory / "disk.journal"
         self.write_log = self.directory / "writes.log"
         # A fresh start: the write log and the journal continue existing files (that is
@@ -155,9 +150,7 @@ class DiskSession:
                 json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
             )
 
-    def _start_machine(
-        self, disk: Disk, accel: Accel | str | None, memory_mib: int, name: str
-    ) -> None:
+    def _start_machine(self, disk: Disk, accel: Accel | None, memory_mib: int, name: str) -> None:
         spec = MachineSpec.from_image(
             self.guest_image, disks=(disk,), memory_mib=memory_mib, name=name
         )
@@ -204,8 +197,8 @@ class DiskSession:
 
     def power_cut(
         self,
-        fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
-        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        fault: FaultModel = FaultModel.HOST_POWER_CUT,
+        policy: CutPolicy = CutPolicy.LOSE_ALL,
         seed: int = 0,
         *,
         check: bool = True,
@@ -216,11 +209,10 @@ class DiskSession:
         guest's recovery (journal replay) would change the image the
         contract is about.
         """
-        model = parse_fault(fault)
-        if model is FaultModel.BACKEND_CRASH:
+        if fault is FaultModel.BACKEND_CRASH:
             raise ConfigError("a backend crash is not a power cut: use crash_backend()")
         t0 = time.monotonic()
-        host = model is FaultModel.HOST_POWER_CUT
+        host = fault is FaultModel.HOST_POWER_CUT
         if host:
             # The host's power goes for QEMU and the disk at one instant: the disk must
             # not finish (and make durable) what was in flight while QEMU is being killed.
@@ -229,16 +221,16 @@ class DiskSession:
         cut: CutResult | None = None
         chosen: CutPolicy | None = None
         if host:
-            chosen = parse_policy(policy)
+            chosen = policy
             self._kill_host()
             cut = apply_cut(self.disk, self.journal, chosen, seed)
             (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
         else:
             self._stop_host()  # the host stays up: a clean stop, nothing reverted
-        contract = reference_promise(self.oracle_mode, model, chosen)
+        contract = reference_promise(self.oracle_mode, fault, chosen)
         report = self.check_oracle(contract) if check else None
         result = PowerCut(
-            model,
+            fault,
             chosen,
             seed if chosen else None,
             contract.mode_name,
@@ -303,10 +295,10 @@ class CrashSession(DiskSession):
         self,
         directory: Path,
         image: GuestImage,
-        mode: CacheMode | str,
+        mode: CacheMode,
         *,
         disk_size: int = 256 << 20,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         filesystem: str | None = None,
         directories: Sequence[str] = (),
         mkfs_options: Sequence[str] = (),

@@ -64,7 +64,7 @@ DEFAULT_POLICIES = (
 )
 
 
-def disk_promise(mode: CacheMode | str, *, lying_flush: bool = False) -> Promise:
+def disk_promise(mode: CacheMode, *, lying_flush: bool = False) -> Promise:
     """What a disk in `mode` really keeps across a host power cut: the states to enumerate.
 
     Unsafe's flushes never reach the disk, nor do a lying disk's (blkdebug

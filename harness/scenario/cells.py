@@ -24,9 +24,6 @@ from harness.durability.contract import (
     CacheMode,
     CutPolicy,
     FaultModel,
-    parse_cache_mode,
-    parse_fault,
-    parse_policy,
 )
 from harness.errors import ConfigError
 from harness.scenario.model import (
@@ -43,6 +40,7 @@ from harness.workloads.base import Workload
 from harness.workloads.filesystem import default_size
 
 SEED_BITS = 32  # fits fio's randseed, C's uint32 and JSON numbers everywhere
+EXPLORE = "explore"  # an exploration id's second part, where a cell id names its fault
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,25 @@ class Cell:
             self.label or self.workload.name,
             self.cut.label,
             self.repetition,
+        )
+
+    @property
+    def exploration_id(self) -> str:
+        """The id `powercut explore` gives the cell: its fault folded away (mode/explore/...).
+
+        Exploration checks every state a host power cut may leave, so the
+        cells of one mode, workload, cut and repetition are one exploration.
+        """
+        return cell_id(
+            self.mode, EXPLORE, self.label or self.workload.name, self.cut.label, self.repetition
+        )
+
+    def named(self, wanted: str) -> bool:
+        """Whether `--cell wanted` selects this cell: its id or its exploration id is
+        `wanted`, or starts with `wanted/` (a prefix of whole parts: `writeback/`)."""
+        wanted = wanted.rstrip("/")
+        return any(
+            i == wanted or i.startswith(wanted + "/") for i in (self.id, self.exploration_id)
         )
 
     def reproduce_command(self, out: str = "results/repro", accel: str | None = None) -> str:
@@ -214,9 +231,9 @@ def single_cell(
     workload: Workload,
     *,
     name: str = "test",
-    mode: CacheMode | str = CacheMode.WRITEBACK,
-    fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
-    policy: CutPolicy | str | None = CutPolicy.LOSE_ALL,
+    mode: CacheMode = CacheMode.WRITEBACK,
+    fault: FaultModel = FaultModel.HOST_POWER_CUT,
+    policy: CutPolicy | None = CutPolicy.LOSE_ALL,
     cut: CutSpec | None = None,
     checkers: tuple[str, ...] | None = None,
     filesystem: str = "ext4",
@@ -224,7 +241,7 @@ def single_cell(
     guest: GuestSpec | None = None,
     guest_files: tuple[tuple[str, str], ...] = (),
     disk_size: int | None = None,
-    expect: Expectation | str = Expectation.CONTRACT,
+    expect: Expectation = Expectation.CONTRACT,
     seed: int = 0,
     timeout: float = 600.0,
 ) -> Cell:
@@ -233,8 +250,7 @@ def single_cell(
     The default cut is right after the workload's run exits, or after 5 s for
     a workload that cuts itself by time.
     """
-    mode, fault = parse_cache_mode(mode), parse_fault(fault)
-    chosen = parse_policy(policy) if fault is FaultModel.HOST_POWER_CUT and policy else None
+    chosen = policy if fault is FaultModel.HOST_POWER_CUT else None
     if cut is None:
         timed = workload.refuse(timed_cut=False, fault=fault) is not None
         cut = CutSpec(TriggerKind.AFTER_SECONDS, 5.0) if timed else CutSpec(TriggerKind.AFTER_EXIT)
@@ -256,7 +272,7 @@ def single_cell(
         checkers=spec.checkers,
         repetition=0,
         seed=derive_seed(seed, name, ident),
-        expect=Expectation(expect) if isinstance(expect, str) else expect,
+        expect=expect,
         timeout=timeout,
         disk_size=disk_size or default_size(disk.filesystem),
         filesystem=disk.filesystem,
@@ -277,21 +293,21 @@ def select(
     modes: Sequence[CacheMode] | None = None,
     repeat: int | None = None,
 ) -> list[Cell]:
-    """The cells whose id is `cell` or starts with `cell/` (`--cell writeback/` picks a mode).
+    """The cells `--cell` names (`Cell.named`): `powercut run` and `powercut explore` alike.
 
-    A repetition index beyond the scenario's repetitions is honoured, so a
-    reproduce command for `r7` works without `--repeat`.
+    A cell id (`writeback/host-power-cut.lose-all/ack-records/after-200-acked/r0`)
+    or an exploration id (`writeback/explore/ack-records/after-200-acked/r0`,
+    every fault of that mode, workload, cut and repetition), or a prefix of
+    whole parts of either (`--cell writeback/` picks a mode). A repetition
+    index beyond the scenario's repetitions is honoured, so a reproduce
+    command for `r7` works without `--repeat`.
     """
     wanted = cell.rstrip("/")
     match = _REP.search(wanted)
     reps = scenario.repetitions if repeat is None else repeat
     if match:
         reps = max(reps, int(match.group(1)) + 1)
-    found = [
-        c
-        for c in expand(scenario, seed=seed, modes=modes, repeat=reps)
-        if c.id == wanted or c.id.startswith(wanted + "/")
-    ]
+    found = [c for c in expand(scenario, seed=seed, modes=modes, repeat=reps) if c.named(wanted)]
     if not found:
         known = ", ".join(c.id for c in expand(scenario, seed=seed, modes=modes)[:6])
         raise ConfigError(

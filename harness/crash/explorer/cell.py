@@ -59,7 +59,7 @@ from harness.crash.explorer.checker import (
 )
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback, seconds_left
 from harness.crash.explorer.record import RecordedRun, RecordingRunner, runner_cuts
-from harness.crash.explorer.run import ExploreDoc, explore_id
+from harness.crash.explorer.run import ExploreDoc
 from harness.crash.verdict import Outcome, expected_for
 from harness.durability.contract import (
     CutPolicy,
@@ -208,7 +208,7 @@ class CellExplorer:
         out: Path,
         index: int,
         options: ExploreOptions,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         doc: ExploreDoc | None = None,
         replay_prefix: str | None = None,
         on_progress: ProgressCallback | None = None,
@@ -247,7 +247,7 @@ class CellExplorer:
         # The cell as it stands; `snapshot()` adds the states, the counts and the seconds.
         self.record = CellRecord(
             index=index,
-            id=explore_id(cell),
+            id=cell.exploration_id,
             scenario=cell.scenario,
             status=CellStatus.RECORDING,
             cell=cell.id,

@@ -47,7 +47,7 @@ from harness.block.options import format_dotted
 from harness.crash.cell_run import CellRunner, _Guest, disk_arguments
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback, seconds_left
 from harness.crash.session import CrashSession, fault_graph
-from harness.durability.contract import CutPolicy, FaultModel
+from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.durability.cut import apply_cut
 from harness.durability.writelog import read_log
 from harness.errors import ConfigError, GuestError, PowercutError
@@ -81,7 +81,7 @@ RECORDING_DIR = "recording"
 class RecordingSession(CrashSession):
     """A `CrashSession` whose write log keeps the data, with the base copied before boot."""
 
-    def __init__(self, directory: Path, image: GuestImage, mode: Any, **kwargs: Any) -> None:
+    def __init__(self, directory: Path, image: GuestImage, mode: CacheMode, **kwargs: Any) -> None:
         super().__init__(directory, image, mode, **kwargs)
         self.recording_dir = self.directory / RECORDING_DIR
         shutil.rmtree(self.recording_dir, ignore_errors=True)
@@ -362,7 +362,7 @@ class RecordingRunner(CellRunner):
         pattern = inner.pattern.pattern if isinstance(inner, TokenStream) else None
         recording = write_recording(
             session.recording_dir,
-            mode=cell.mode.value,
+            mode=cell.mode,
             acks=acks_from_times(wlog, stamps),
             extra={
                 "cell": cell.id,
