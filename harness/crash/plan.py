@@ -143,8 +143,7 @@ class RunPlan:
 
     def reproduce(self, cell: Cell) -> str:
         """The cell's reproduce command; names the accelerator when one was forced."""
-        accel = self.accel.value if self.accel is not None else None
-        return cell.reproduce_command(out=str(self.out / "repro"), accel=accel)
+        return cell.reproduce_command(out=str(self.out / "repro"), accel=self.accel)
 
     def cell_directory(self, index: int, cell: Cell) -> Path:
         """Where cell number `index` keeps its artifacts (logs, write log, journal).

@@ -20,7 +20,6 @@ its report.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -52,6 +51,7 @@ from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads.base import OptionValue, Workload
 from harness.workloads.command import DEFAULT_ACK, Command
+from harness.workloads.filesystem import default_size
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,8 @@ class PowerCutHelper:
             self.workdir / "disk",
             self.image,
             parse_cache_mode(mode),
-            disk_size=disk_size,
+            DiskSpec("ext4" if ext4 else None, size=disk_size, directories=directories),
             accel=self.accel,
-            filesystem="ext4" if ext4 else None,
-            directories=directories,
             name="crash",
         )
         return self.session.boot(timeout)
@@ -189,15 +187,18 @@ class PowerCutHelper:
             fault=parse_fault(fault),
             policy=parse_policy(policy),
             cut=cut,
-            filesystem=filesystem,
-            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            disk=DiskSpec(
+                filesystem,
+                tuple(mkfs_options),
+                mount_options,
+                size=disk_size or default_size(filesystem),
+            ),
             guest=GuestSpec(
                 tuple(packages),
                 str(Path(kernel).resolve()) if kernel else None,
                 str(Path(modules).resolve()) if modules else None,
             ),
             guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
-            disk_size=disk_size,
             expect=Expectation(expect),
             seed=seed,
             timeout=timeout,
@@ -258,18 +259,19 @@ class PowerCutHelper:
             fault=FaultModel.HOST_POWER_CUT,
             policy=CutPolicy.LOSE_ALL,
             cut=cut,
-            filesystem=filesystem,
-            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            disk=DiskSpec(
+                filesystem,
+                tuple(mkfs_options),
+                mount_options,
+                size=disk_size or default_size(filesystem),
+                blkdebug=tuple(BlkdebugRule(tuple(rule.items())) for rule in blkdebug),
+            ),
             guest=GuestSpec(tuple(packages)),
             guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
-            disk_size=disk_size,
             expect=Expectation(expect),
             seed=seed,
             timeout=timeout,
         )
-        if blkdebug:
-            rules = tuple(BlkdebugRule(tuple(rule.items())) for rule in blkdebug)
-            cell = dataclasses.replace(cell, blkdebug=rules)
         if spec is None:
             spec = ExploreSpec(max_states=max_states, guest_check=guest_check)
         image = CellImages(default=self.image)(cell)

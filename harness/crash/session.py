@@ -28,7 +28,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -46,7 +46,7 @@ from harness.durability.cut import CutResult, apply_cut
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
 from harness.scenario.cells import Cell
-from harness.scenario.model import BlkdebugRule
+from harness.scenario.model import DiskSpec
 from harness.vm.backends import ProcessBackend
 from harness.vm.daemons import ServeOptions
 from harness.vm.image import GuestImage
@@ -125,12 +125,15 @@ class DiskSession:
         """What makes this session for `cell`: the class, given what it needs of the cell."""
         return cls
 
-    def _prepare(self, directory: Path, image: GuestImage, mode: CacheMode, disk_name: str) -> None:
+    def _prepare(
+        self, directory: Path, image: GuestImage, mode: CacheMode, spec: DiskSpec, disk_name: str
+    ) -> None:
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.disk = self.directory / disk_name
         self.guest_image = image
         self.mode = mode
+        self.spec = spec
         self.journal = self.directory / "disk.journal"
         self.write_log = self.directory / "writes.log"
         # A fresh start: the write log and the journal continue existing files (that is
@@ -143,11 +146,21 @@ class DiskSession:
         # paths must fit 108 bytes, and a results directory can be deep.
         self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
 
-    def _write_blkdebug(self, blkdebug: Sequence[BlkdebugRule]) -> None:
-        if blkdebug:
+    def _make_disk(self, path: Path) -> None:
+        """The disk the spec describes, at `path` (its filesystem made here, on the host),
+        and its blkdebug rules where the graph's blkdebug node reads them."""
+        spec = self.spec
+        make_disk(
+            path,
+            spec.size,
+            filesystem=spec.filesystem,
+            directories=spec.directories,
+            mkfs_options=spec.mkfs_options,
+        )
+        if spec.blkdebug:
             self.blkdebug_config = self.directory / "blkdebug.json"
             self.blkdebug_config.write_text(
-                json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
+                json.dumps([r.to_rule().to_json() for r in spec.blkdebug], indent=1)
             )
 
     def _start_machine(self, disk: Disk, accel: Accel | None, memory_mib: int, name: str) -> None:
@@ -296,26 +309,15 @@ class CrashSession(DiskSession):
         directory: Path,
         image: GuestImage,
         mode: CacheMode,
+        spec: DiskSpec,
         *,
-        disk_size: int = 256 << 20,
         accel: Accel | None = None,
-        filesystem: str | None = None,
-        directories: Sequence[str] = (),
-        mkfs_options: Sequence[str] = (),
-        blkdebug: Sequence[BlkdebugRule] = (),
         memory_mib: int = 512,
         name: str = "cell",
     ) -> None:
-        self._prepare(directory, image, mode, "disk.img")
+        self._prepare(directory, image, mode, spec, "disk.img")
         try:
-            make_disk(
-                self.disk,
-                disk_size,
-                filesystem=filesystem,
-                directories=directories,
-                mkfs_options=mkfs_options,
-            )
-            self._write_blkdebug(blkdebug)
+            self._make_disk(self.disk)
             self.socket = self.rundir / f"{DISK_NAME}.sock"
             self.backend = self.serve(
                 fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config)

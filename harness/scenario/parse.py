@@ -268,8 +268,8 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             "disk-size",
             f"must be at least {fs.get(largest).min_size >> 20}M for {largest}, not {disk_size}",
         )
-    disk = DiskSpec(filesystems[0], _mkfs_options(top), _mount_options(top))
-    if len(filesystems) > 1 and disk.mkfs_options:
+    mkfs_options = _mkfs_options(top)
+    if len(filesystems) > 1 and mkfs_options:
         raise top.error(
             "mkfs-options", "apply to one filesystem; list a single filesystem to use them"
         )
@@ -282,9 +282,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("modules", "needs a kernel: give `kernel = PATH` too")
     guest_files = _guest_files(top, path)
     backend, image_format, format_options = _disk_backend(top)
-    disk = dataclasses.replace(
-        disk, backend=backend, format=image_format, format_options=format_options
-    )
     disk_checkers = (QEMU_IMG_CHECK,) if image_format is ImageFormat.QCOW2 else ()
     scenario_checkers = (
         _checker_names(top, "checkers") if top.has("checkers") else top.raw("checkers")
@@ -329,6 +326,16 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("cut", f"lists the same cut twice: {labels}")
 
     blkdebug = tuple(_parse_blkdebug(t) for t in top.tables("blkdebug"))
+    disk = DiskSpec(
+        filesystems[0],
+        mkfs_options,
+        _mount_options(top),
+        backend=backend,
+        format=image_format,
+        format_options=format_options,
+        size=disk_size,
+        blkdebug=blkdebug,
+    )
     explore_table = top.table("explore")
     explore = parse_explore(explore_table) if explore_table is not None else None
     top.finish()
@@ -337,7 +344,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         name=name,
         description=description,
         image=image,
-        disk_size=disk_size,
         modes=modes,
         faults=faults,
         workloads=workloads,
@@ -345,11 +351,9 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         repetitions=repetitions,
         seed=seed,
         expect=expect,
-        blkdebug=blkdebug,
         timeout=timeout,
-        filesystems=filesystems,
+        disks=tuple(dataclasses.replace(disk, filesystem=f) for f in filesystems),
         guest=guest,
-        disk=disk,
         guest_files=guest_files,
         explore=explore,
     )

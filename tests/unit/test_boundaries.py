@@ -93,11 +93,21 @@ def outside(found: dict[str, list[int]], allowed: set[str]) -> list[str]:
             {"harness/vm/accel.py"},
         ),
         ("an accelerator resolved", r"\bchoose_accel\(", ACCEL_RESOLVE),
+        ("a workload's need of a filesystem read", r"\bneeds_filesystem\b", FILESYSTEM_DECIDED),
+        ("a cell's disk arguments splatted", r"\*\*disk_arguments\(", set()),
     ],
 )
 def test_values_are_read_only_at_the_boundaries(what: str, pattern: str, allowed: set[str]) -> None:
     wrong = outside(occurrences(pattern), allowed)
     assert not wrong, f"{what} below the boundaries (docs/architecture.md): " + ", ".join(wrong)
+
+
+def test_a_cell_is_made_in_one_place_and_its_fault_label_computed_in_one() -> None:
+    made = occurrences(r"(?<![\w.])Cell\(")
+    assert made == {"harness/scenario/cells.py": made.get("harness/scenario/cells.py", [])}
+    assert len(made["harness/scenario/cells.py"]) == 1, made  # `_cell`; single_cell expands
+    labels = occurrences(r"\{fault\.value\}|\{self\.fault\.value\}|\{cell\.fault\.value\}")
+    assert sum(len(lines) for lines in labels.values()) == 1, labels  # `fault_label`
 
 
 def test_every_boundary_named_here_still_exists() -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.block.options import format_dotted
-from harness.crash.cell_run import CellRunner, _Guest, disk_arguments
+from harness.crash.cell_run import CellRunner, _Guest
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback, seconds_left
 from harness.crash.session import CrashSession, fault_graph
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
@@ -62,7 +62,7 @@ from harness.explore.recording import (
 )
 from harness.guest.ssh import SSHSession
 from harness.scenario.cells import Cell
-from harness.scenario.model import TriggerKind
+from harness.scenario.model import DiskSpec, TriggerKind
 from harness.vm.image import GuestImage
 from harness.workloads.base import Run
 from harness.workloads.stream import (
@@ -81,8 +81,10 @@ RECORDING_DIR = "recording"
 class RecordingSession(CrashSession):
     """A `CrashSession` whose write log keeps the data, with the base copied before boot."""
 
-    def __init__(self, directory: Path, image: GuestImage, mode: CacheMode, **kwargs: Any) -> None:
-        super().__init__(directory, image, mode, **kwargs)
+    def __init__(
+        self, directory: Path, image: GuestImage, mode: CacheMode, spec: DiskSpec, **kwargs: Any
+    ) -> None:
+        super().__init__(directory, image, mode, spec, **kwargs)
         self.recording_dir = self.directory / RECORDING_DIR
         shutil.rmtree(self.recording_dir, ignore_errors=True)
         try:
@@ -318,12 +320,7 @@ class RecordingRunner(CellRunner):
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.timer.phase("prepare"):
             session = RecordingSession(
-                self.directory,
-                self.image,
-                cell.mode,
-                accel=self.accel,
-                name="record",
-                **disk_arguments(cell, self.workload),
+                self.directory, self.image, cell.mode, cell.disk, accel=self.accel, name="record"
             )
         clock = AckClock()
         with session:
@@ -368,7 +365,7 @@ class RecordingRunner(CellRunner):
                 "cell": cell.id,
                 "scenario": cell.scenario,
                 "workload": self.workload.kind,
-                "filesystem": cell.filesystem if self.workload.needs_filesystem else None,
+                "filesystem": cell.disk.filesystem,
                 "mount_options": cell.disk.mount_options,
                 "seed": cell.seed,
                 "start_index": start_index,
