@@ -27,7 +27,8 @@ evidence files and the reproduce lines. Every cell's result also goes into
 one results directory (`--powercut-out`, default `<basetemp>/powercut`):
 results.json and junit.xml rewritten after every cell by one writer (the
 xdist controller, which gets each worker's result with its test report),
-and the Markdown, HTML and plots at the end of the session.
+and the Markdown, HTML and plots at the end of the session — the writer
+`powercut run` uses too (`harness.report.recorder.ResultsRecorder`).
 """
 
 from __future__ import annotations
@@ -47,17 +48,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from harness.errors import PowercutError
-from harness.report.results import (
-    CellKey,
-    CellResult,
-    RunResults,
-    ScenarioRef,
-    host_info,
-    run_results,
-    utc_now,
-)
+from harness.report.results import CellResult, RunResults, ScenarioRef
 
 if TYPE_CHECKING:
+    from harness.report.recorder import ResultsRecorder
     from harness.scenario.cells import Cell
 
 # The run's modules (QEMU, SSH, the block stack) are imported when a cell is collected
@@ -362,64 +356,17 @@ def results_dir(config: pytest.Config) -> Path:
     return Path(factory.getbasetemp()) / "powercut"
 
 
-class ResultsRecorder:
-    """The one writer of a pytest session's results directory (the xdist controller)."""
+def plan_results(recorder: ResultsRecorder, cells: list[Cell]) -> None:
+    """The collected cells (and their scenario files) as the results directory's plan."""
+    from harness.crash.plan import key, scenario_ref
+    from harness.scenario.parse import load_scenario
 
-    def __init__(self, out: Path, command: str) -> None:
-        self.out = out
-        self.command = command
-        self.started = utc_now()
-        self.planned: list[CellKey] = []
-        self.scenarios: dict[str, ScenarioRef] = {}
-        self.results: dict[CellKey, CellResult] = {}
-        self.accel: str | None = None
-
-    def plan(self, cells: list[Cell]) -> None:
-        from harness.crash.plan import scenario_ref
-        from harness.scenario.parse import load_scenario
-
-        for cell in cells:
-            key = CellKey(cell.scenario, cell.id)
-            if key not in self.planned:
-                self.planned.append(key)
-            if cell.scenario_path not in self.scenarios:
-                self.scenarios[cell.scenario_path] = scenario_ref(load_scenario(cell.scenario_path))
-        if self.planned:
-            self.write()
-
-    def write(self) -> None:
-        from harness.report.render import write_progress
-
-        write_progress(self.snapshot(False), self.out)
-
-    def record(self, result: CellResult) -> None:
-        key = CellKey(result.scenario, result.id)
-        if key not in self.planned:
-            self.planned.append(key)
-        self.results[key] = result
-        self.write()
-
-    def snapshot(self, complete: bool) -> RunResults:
-        order = {k: i for i, k in enumerate(self.planned)}
-        cells = sorted(self.results.values(), key=lambda c: order[CellKey(c.scenario, c.id)])
-        return run_results(
-            cells,
-            started=self.started,
-            command=self.command,
-            host=host_info(self.accel),
-            scenarios=list(self.scenarios.values()),
-            planned=self.planned,
-            complete=complete,
-        )
-
-    def finish(self) -> RunResults | None:
-        if not self.planned:
-            return None
-        from harness.report.render import render_all
-
-        results = self.snapshot(True)
-        render_all(results, self.out)
-        return results
+    refs: dict[str, ScenarioRef] = {}
+    for cell in cells:
+        path = cell.scenario_path
+        if path not in recorder.scenarios and path not in refs:
+            refs[path] = scenario_ref(load_scenario(path))
+    recorder.plan([key(c) for c in cells], refs.values())
 
 
 def cells_of_nodeids(rootpath: Path, nodeids: list[str]) -> list[Cell]:
@@ -473,6 +420,8 @@ def _recorder(config: pytest.Config) -> ResultsRecorder | None:
     if state is None or _is_worker(config):
         return None
     if state.recorder is None:
+        from harness.report.recorder import ResultsRecorder
+
         state.recorder = ResultsRecorder(state.out, _command(config))
     return state.recorder
 
@@ -482,7 +431,7 @@ def collection_finish(session: pytest.Session) -> None:
     if cells and not session.config.getoption("collectonly"):
         recorder = _recorder(session.config)
         if recorder is not None:
-            recorder.plan(cells)
+            plan_results(recorder, cells)
 
 
 def attach_result(item: pytest.Item, report: pytest.TestReport) -> None:
@@ -507,7 +456,10 @@ def session_finish(session: pytest.Session) -> RunResults | None:
     state = session.config.stash.get(_STATE, None)
     if state is None or state.recorder is None or _is_worker(session.config):
         return None
-    return state.recorder.finish()
+    if not state.recorder.planned:
+        return None
+    results, _rendered = state.recorder.finish()
+    return results
 
 
 class ReportHooks:
@@ -536,4 +488,4 @@ class XdistHooks:
         cells = cells_of_nodeids(self.config.rootpath, list(ids))
         recorder = _recorder(self.config) if cells else None
         if recorder is not None and not recorder.planned:
-            recorder.plan(cells)
+            plan_results(recorder, cells)
