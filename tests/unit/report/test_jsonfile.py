@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,25 +33,28 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("content", "message"), BAD)
-def test_a_results_file_that_is_not_one_is_named_with_what_is_wrong(
-    tmp_path: Path, content: bytes, message: str
-) -> None:
-    (tmp_path / "results.json").write_bytes(content)
-    with pytest.raises(ConfigError) as info:
-        load_results(tmp_path)
-    assert str(info.value).startswith(f"{tmp_path / 'results.json'} {message}"), info.value
-    assert "powercut results file" in str(info.value) and "\n" not in str(info.value)
+READERS = [
+    (load_results, "results.json", "a powercut results file"),
+    (load_doc, "explore.json", "an exploration file"),
+    (open_recording, "recording.json", "a recording"),
+]
 
 
+@pytest.mark.parametrize(("load", "name", "what"), READERS, ids=[r[1] for r in READERS])
 @pytest.mark.parametrize(("content", "message"), BAD)
-def test_an_explore_json_that_is_not_one_is_named_with_what_is_wrong(
-    tmp_path: Path, content: bytes, message: str
+def test_a_file_that_is_not_one_is_named_with_what_is_wrong(
+    tmp_path: Path,
+    load: Callable[[Path], object],
+    name: str,
+    what: str,
+    content: bytes,
+    message: str,
 ) -> None:
-    (tmp_path / "explore.json").write_bytes(content)
+    (tmp_path / name).write_bytes(content)
     with pytest.raises(ConfigError) as info:
-        load_doc(tmp_path)
-    assert str(info.value).startswith(f"{tmp_path / 'explore.json'} {message}"), info.value
+        load(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / name} {message}"), info.value
+    assert what in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_wrong_schema_is_named_too(tmp_path: Path) -> None:
@@ -130,17 +134,6 @@ def test_the_cli_says_in_one_line_what_is_wrong_with_a_file_it_reads(tmp_path: P
         assert result.returncode == 1, (name, result.stderr)
         assert result.stderr.startswith(said), (name, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
-
-
-@pytest.mark.parametrize(("content", "message"), BAD)
-def test_a_recording_json_that_is_not_one_is_named_with_what_is_wrong(
-    tmp_path: Path, content: bytes, message: str
-) -> None:
-    (tmp_path / "recording.json").write_bytes(content)
-    with pytest.raises(ConfigError) as info:
-        open_recording(tmp_path)
-    assert str(info.value).startswith(f"{tmp_path / 'recording.json'} {message}"), info.value
-    assert "a recording" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_every_versioned_file_names_another_version_in_the_same_words(tmp_path: Path) -> None:
