@@ -48,6 +48,7 @@ ACCEL_RESOLVE = {
     "harness/vm/machine.py",
     "harness/crash/runner.py",
     "harness/commands/explore.py",
+    "harness/vm/cluster.py",  # a cluster: once for all its nodes
     "harness/commands/bench.py",
     "harness/pytest_scenarios.py",
 }
