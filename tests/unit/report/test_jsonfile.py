@@ -92,33 +92,19 @@ def test_the_cli_says_in_one_line_what_is_wrong_with_a_file_it_reads(tmp_path: P
         (directory / "results.json").write_bytes(content)
         (directory / "explore.json").write_bytes(content)
     out = str(tmp_path / "out")
+
+    def durations(directory: Path) -> subprocess.CompletedProcess[str]:
+        return _cli(
+            "run", "matrix", "--out", out, "--shard", "1/2", "--durations", str(directory), "--list"
+        )
+
     runs = {
         "--durations binary": (
-            _cli(
-                "run",
-                "matrix",
-                "--out",
-                out,
-                "--shard",
-                "1/2",
-                "--durations",
-                str(binary),
-                "--list",
-            ),
+            durations(binary),
             f"powercut run: {binary}/results.json is a binary file, not a powercut results file",
         ),
         "--durations list": (
-            _cli(
-                "run",
-                "matrix",
-                "--out",
-                out,
-                "--shard",
-                "1/2",
-                "--durations",
-                str(listed),
-                "--list",
-            ),
+            durations(listed),
             f"powercut run: {listed}/results.json holds an array, not a powercut results file",
         ),
         "report": (
