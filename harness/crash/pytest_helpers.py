@@ -20,7 +20,6 @@ its report.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -33,7 +32,14 @@ from harness.crash.explorer.cell import EVIDENCE, CellExploration, CellExplorer,
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
 from harness.crash.session import CrashSession, PowerCut
-from harness.durability.contract import CacheMode, CutPolicy, FaultModel
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
+    FaultModel,
+    parse_cache_mode,
+    parse_fault,
+    parse_policy,
+)
 from harness.errors import ConfigError
 from harness.explore.spec import ExploreSpec
 from harness.guest.ssh import SSHSession
@@ -45,6 +51,7 @@ from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads.base import OptionValue, Workload
 from harness.workloads.command import DEFAULT_ACK, Command
+from harness.workloads.filesystem import default_size
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ log = logging.getLogger(__name__)
 class PowerCutHelper:
     """One crash-test guest per test: boot, cut, reboot; closed by the fixture."""
 
-    def __init__(self, image: GuestImage, accel: Accel | str | None, workdir: Path) -> None:
+    def __init__(self, image: GuestImage, accel: Accel | None, workdir: Path) -> None:
         self.image = image
         self.accel = accel
         self.workdir = Path(workdir)
@@ -80,11 +87,9 @@ class PowerCutHelper:
         self.session = CrashSession(
             self.workdir / "disk",
             self.image,
-            mode,
-            disk_size=disk_size,
+            parse_cache_mode(mode),
+            DiskSpec("ext4" if ext4 else None, size=disk_size, directories=directories),
             accel=self.accel,
-            filesystem="ext4" if ext4 else None,
-            directories=directories,
             name="crash",
         )
         return self.session.boot(timeout)
@@ -105,7 +110,7 @@ class PowerCutHelper:
         Returns the `PowerCut`: `.ok` (the oracle found the image inside the
         contract), `.oracle` (the full report), `.cut` (what was reverted).
         """
-        cut = self._require().power_cut(fault, policy, seed)
+        cut = self._require().power_cut(parse_fault(fault), parse_policy(policy), seed)
         self.cuts.append(cut)
         log.info("power cut: %s", cut.oracle.summary() if cut.oracle else cut.fault.value)
         return cut
@@ -178,20 +183,23 @@ class PowerCutHelper:
         cell = single_cell(
             workload,
             name=self.workdir.name,
-            mode=mode,
-            fault=fault,
-            policy=policy,
+            mode=parse_cache_mode(mode),
+            fault=parse_fault(fault),
+            policy=parse_policy(policy),
             cut=cut,
-            filesystem=filesystem,
-            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            disk=DiskSpec(
+                filesystem,
+                tuple(mkfs_options),
+                mount_options,
+                size=disk_size or default_size(filesystem),
+            ),
             guest=GuestSpec(
                 tuple(packages),
                 str(Path(kernel).resolve()) if kernel else None,
                 str(Path(modules).resolve()) if modules else None,
             ),
             guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
-            disk_size=disk_size,
-            expect=expect,
+            expect=Expectation(expect),
             seed=seed,
             timeout=timeout,
         )
@@ -247,22 +255,23 @@ class PowerCutHelper:
         cell = single_cell(
             workload,
             name=self.workdir.name,
-            mode=mode,
-            fault="host",
+            mode=parse_cache_mode(mode),
+            fault=FaultModel.HOST_POWER_CUT,
             policy=CutPolicy.LOSE_ALL,
             cut=cut,
-            filesystem=filesystem,
-            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            disk=DiskSpec(
+                filesystem,
+                tuple(mkfs_options),
+                mount_options,
+                size=disk_size or default_size(filesystem),
+                blkdebug=tuple(BlkdebugRule(tuple(rule.items())) for rule in blkdebug),
+            ),
             guest=GuestSpec(tuple(packages)),
             guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
-            disk_size=disk_size,
-            expect=expect,
+            expect=Expectation(expect),
             seed=seed,
             timeout=timeout,
         )
-        if blkdebug:
-            rules = tuple(BlkdebugRule(tuple(rule.items())) for rule in blkdebug)
-            cell = dataclasses.replace(cell, blkdebug=rules)
         if spec is None:
             spec = ExploreSpec(max_states=max_states, guest_check=guest_check)
         image = CellImages(default=self.image)(cell)

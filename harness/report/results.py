@@ -75,10 +75,12 @@ from typing import Any
 from harness import __version__
 from harness.durability.contract import Verdict
 from harness.errors import ConfigError
+from harness.jsonfile import check_document, load_json_object
 
 SCHEMA = "powercut-results"
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
+RESULTS_WHAT = "a powercut results file"
 
 
 @dataclass(frozen=True)
@@ -253,14 +255,17 @@ class RunResults:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "results.json") -> RunResults:
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise ConfigError(f'{source} is not a powercut results file (no "schema": "{SCHEMA}")')
-        version = data.get("version")
-        if version != SCHEMA_VERSION:
-            raise ConfigError(
-                f"{source} has results schema version {version!r}; this powercut reads version "
-                f"{SCHEMA_VERSION} (re-run, or use the powercut that wrote it)"
-            )
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} is not {RESULTS_WHAT} (not a JSON object)")
+        check_document(
+            data,
+            source,
+            RESULTS_WHAT,
+            version=SCHEMA_VERSION,
+            marker="schema",
+            schema=SCHEMA,
+            hint="re-run, or use the powercut that wrote it",
+        )
         cells_data = data.get("cells")
         if not isinstance(cells_data, list):
             raise ConfigError(f"{source}: field 'cells' must be an array")
@@ -392,19 +397,15 @@ def write_results(results: RunResults, directory: Path | str) -> Path:
 
 
 def load_results(directory_or_file: Path | str) -> RunResults:
+    """DIR/results.json (or the file itself); anything else is one `ConfigError` naming it."""
     path = Path(directory_or_file)
     if path.is_dir():
         path = path / RESULTS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {path}: {exc.strerror}; is it a `powercut run --out` directory?"
-        ) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    data = load_json_object(
+        path,
+        RESULTS_WHAT,
+        missing=f"{path} does not exist; is it a `powercut run --out` directory?",
+    )
     return RunResults.from_json(data, str(path))
 
 

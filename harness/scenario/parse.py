@@ -12,6 +12,7 @@ then expands a `Scenario` into cells. Nothing here boots a machine.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import shlex
 import tomllib
@@ -243,7 +244,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+        raise ScenarioError(_toml_error(path, text, exc)) from exc
     ctx = Context(path, LineIndex(text))
     top = Table(ctx, data, ())
     default_name = Path(path).stem if path != "<scenario>" else "scenario"
@@ -267,8 +268,8 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             "disk-size",
             f"must be at least {fs.get(largest).min_size >> 20}M for {largest}, not {disk_size}",
         )
-    disk = DiskSpec(filesystems[0], _mkfs_options(top), _mount_options(top))
-    if len(filesystems) > 1 and disk.mkfs_options:
+    mkfs_options = _mkfs_options(top)
+    if len(filesystems) > 1 and mkfs_options:
         raise top.error(
             "mkfs-options", "apply to one filesystem; list a single filesystem to use them"
         )
@@ -281,19 +282,14 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("modules", "needs a kernel: give `kernel = PATH` too")
     guest_files = _guest_files(top, path)
     backend, image_format, format_options = _disk_backend(top)
-    disk = dataclasses.replace(
-        disk, backend=backend, format=image_format, format_options=format_options
-    )
     disk_checkers = (QEMU_IMG_CHECK,) if image_format is ImageFormat.QCOW2 else ()
     scenario_checkers = (
         _checker_names(top, "checkers") if top.has("checkers") else top.raw("checkers")
     )
 
-    fault_tables = top.tables("fault")
-    if not fault_tables:
-        raise ScenarioError(
-            f"{path}: a [[fault]] table is required (model = one of: {choices_text(FaultModel)})"
-        )
+    fault_tables = _required_tables(
+        top, "fault", f"model = one of: {choices_text(FaultModel)}", path
+    )
     faults = tuple(_parse_fault(t) for t in fault_tables)
     for table, fault in zip(fault_tables, faults, strict=True):
         if fault.model is FaultModel.BACKEND_CRASH and backend is not Backend.POWERCUT:
@@ -305,11 +301,9 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     if len(set(faults)) != len(faults):
         raise top.error("fault", "lists the same fault twice")
 
-    workload_tables = top.tables("workload")
-    if not workload_tables:
-        raise ScenarioError(
-            f"{path}: a [[workload]] table is required (kind = one of: {', '.join(kinds())})"
-        )
+    workload_tables = _required_tables(
+        top, "workload", f"kind = one of: {', '.join(kinds())}", path
+    )
     workloads = tuple(_parse_workload(t, scenario_checkers, disk_checkers) for t in workload_tables)
     names = [w.name for w in workloads]
     for i, n in enumerate(names):
@@ -332,6 +326,16 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("cut", f"lists the same cut twice: {labels}")
 
     blkdebug = tuple(_parse_blkdebug(t) for t in top.tables("blkdebug"))
+    disk = DiskSpec(
+        filesystems[0],
+        mkfs_options,
+        _mount_options(top),
+        backend=backend,
+        format=image_format,
+        format_options=format_options,
+        size=disk_size,
+        blkdebug=blkdebug,
+    )
     explore_table = top.table("explore")
     explore = parse_explore(explore_table) if explore_table is not None else None
     top.finish()
@@ -340,7 +344,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         name=name,
         description=description,
         image=image,
-        disk_size=disk_size,
         modes=modes,
         faults=faults,
         workloads=workloads,
@@ -348,14 +351,51 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         repetitions=repetitions,
         seed=seed,
         expect=expect,
-        blkdebug=blkdebug,
         timeout=timeout,
-        filesystems=filesystems,
+        disks=tuple(dataclasses.replace(disk, filesystem=f) for f in filesystems),
         guest=guest,
-        disk=disk,
         guest_files=guest_files,
         explore=explore,
     )
+
+
+# tomllib (3.11) puts the place in its message: "Unclosed array (at line 2, column 1)".
+_TOML_AT = re.compile(r"^(?P<message>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+_TOML_END = " (at end of document)"
+
+
+def _toml_error(path: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """`FILE:LINE: not valid TOML: what (column C)`, and the field the error is in or after."""
+    message = str(exc)
+    if (m := _TOML_AT.match(message)) is not None:
+        line, message = int(m["line"]), f"{m['message']} (column {m['column']})"
+    elif message.endswith(_TOML_END):
+        line = max(1, len(text.splitlines()))
+        message = message[: -len(_TOML_END)] + " (at the end of the file)"
+    else:
+        return f"{path}: not valid TOML: {message}"
+    said = f"{path}:{line}: not valid TOML: {message}"
+    found = LineIndex(text).key_before(line)
+    if found is None:
+        return said
+    field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in found[0])
+    field = field.replace(".[", "[")
+    if found[1] == line:
+        return f"{said}, in field {field!r}"
+    return f"{said}; the field before it is {field!r} on line {found[1]}"
+
+
+def _required_tables(top: Table, name: str, needs: str, path: str) -> list[Table]:
+    """The [[name]] tables; none is an error that names a misspelt one (`[[faults]]`)."""
+    tables = top.tables(name)
+    if tables:
+        return tables
+    required = f"[[{name}]] table is required ({needs})"
+    spelt = {key.lower(): key for key in top.data if key != name}
+    near = difflib.get_close_matches(name, list(spelt), 1, 0.8)
+    if near:
+        raise top.error(spelt[near[0]], f"is unknown here; did you mean [[{name}]]? A {required}")
+    raise ScenarioError(f"{path}: a {required}")
 
 
 def _filesystems(top: Table) -> tuple[str, ...]:

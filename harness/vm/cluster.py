@@ -67,7 +67,7 @@ class Cluster:
         disks: DisksFor = lambda _name: (),
         memory_mib: int = 512,
         tcg_tb_mib: int | None = TCG_TB_MIB,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         directory: Path | None = None,
         keep: bool = False,
     ) -> None:

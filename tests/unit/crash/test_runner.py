@@ -51,7 +51,7 @@ def test_fault_graph_records_every_write_and_journals_the_volatile_ones(tmp_path
     assert [r.op.label for r in read_log(d / "writes.log").requests] == ["write", "flush", "write"]
     cut = apply_cut(d / "disk.img", d / "disk.journal", "lose-all", 1)
     assert cut.writes_reverted == 1 and cut.writes_durable == 1
-    report = check(d / "disk.img", d / "writes.log", "writeback")
+    report = check(d / "disk.img", d / "writes.log", CacheMode.WRITEBACK)
     assert report.ok and report.writes_durable == 1
 
 
@@ -70,7 +70,7 @@ def test_fault_graph_with_a_lying_flush_loses_flushed_data(tmp_path: Path) -> No
     state, _ = read_journal(tmp_path / "j")
     assert not state.is_durable(state.preimages[0].seq), "the lying flush reached the journal"
     apply_cut(tmp_path / "disk.img", tmp_path / "j", "lose-all", 1)
-    report = check(tmp_path / "disk.img", tmp_path / "w.log", "writeback")
+    report = check(tmp_path / "disk.img", tmp_path / "w.log", CacheMode.WRITEBACK)
     assert report.lost == BLOCK // 512
 
 
