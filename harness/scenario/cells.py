@@ -280,6 +280,7 @@ def single_cell(
     expect: Expectation = Expectation.CONTRACT,
     seed: int = 0,
     timeout: float = 600.0,
+    cluster: ClusterSpec | None = None,
 ) -> Cell:
     """One cell without a scenario file (the pytest `power_cut.run`), as `expand` makes it:
     the scenario of that one cell, expanded.
@@ -307,9 +308,12 @@ def single_cell(
         disks=(disk or DiskSpec(size=default_size("ext4")),),
         guest=guest or GuestSpec(),
         guest_files=guest_files,
+        cluster=cluster,
     )
-    (cell,) = expand(one)
-    return cell
+    cells = expand(one)
+    if len(cells) != 1:
+        raise ConfigError(f"one cell was asked for, and {len(cells)} were made (one scope only)")
+    return cells[0]
 
 
 _REP = re.compile(r"/r(\d+)$")

@@ -129,7 +129,15 @@ def test_node_tables_alone_name_the_nodes() -> None:
     assert cluster.node("db-c").mode is CacheMode.UNSAFE
 
 
-@pytest.mark.parametrize("path", ["etcd-cluster.toml", "etcd-cluster-no-fsync.toml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "etcd-cluster.toml",
+        "etcd-cluster-no-fsync.toml",
+        "redis-replicas.toml",
+        "redis-replicas-fsync-no.toml",
+    ],
+)
 def test_shipped_cluster_scenarios_validate(path: str) -> None:
     scenario = load_scenario(SCENARIOS / path)
     assert scenario.cluster is not None and len(scenario.cluster.nodes) == 3
