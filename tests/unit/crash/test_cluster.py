@@ -305,3 +305,10 @@ def test_an_unsafe_disk_cannot_break_its_contract_whatever_its_oracle_saw() -> N
 
 def test_the_command_workload_reads_the_node_environment_where_the_network_writes_it() -> None:
     assert command.NODE_ENV == ENV_FILE
+
+
+def test_powercut_explore_skips_cluster_cells_with_a_reason() -> None:
+    from harness.crash.explorer.record import unexplorable
+
+    (cell, *_) = expand(parse_scenario(CLUSTER, "c.toml"))
+    assert "cluster cell cannot be explored" in (unexplorable(cell) or "")
