@@ -57,7 +57,6 @@ from harness.report.results import CellResult, NodeResult, TimelineEvent
 from harness.scenario.cells import Cell, derive_seed
 from harness.scenario.cluster import ClusterSpec, NodeCut
 from harness.scenario.model import TriggerKind
-from harness.vm.accel import choose_accel
 from harness.vm.cluster import boot_nodes, kill_at_once, node_spec
 from harness.vm.image import GuestImage
 from harness.vm.network import ENV_FILE, NetworkPlan, PrivateNetwork
@@ -130,7 +129,9 @@ class ClusterCellRunner:
             if refusal:
                 raise ConfigError(refusal)
             with self.timer.phase("prepare"):
-                accel = choose_accel(self.accel, self.image.kernel)
+                accel = self.accel
+                if accel is None:  # run_plan, the pytest session and the fixture resolve it
+                    raise ConfigError("a cluster cell needs the run's accelerator, resolved once")
                 network = PrivateNetwork(NetworkPlan.of(self.spec.names), rundir / "net")
                 self._sessions(network, accel)
             verdict, client, cuts = self._run(network)
@@ -349,7 +350,7 @@ class ClusterCellRunner:
             kill_at_once(machines, group)
             for name in group:
                 self.cut_at[name] = round(time.monotonic() - self._t0, 3)
-                self.event(name, f"power cut ({cell.fault.value})")
+                self.event(name, f"power cut: {cell.fault_label}")
         acked = run.acked()
         if self.spec.client_node not in names and isinstance(run, StreamRun):
             # The client kept power: what it was told after the cut is acknowledged too,
