@@ -323,14 +323,14 @@ class CellSession:
         self.prepared = True
 
     def run(self, item: CellItem) -> CellResult:
-        from harness.crash.cell_run import CellRunner
+        from harness.crash.cluster_run import runner_for
         from harness.crash.plan import cell_slug
         from harness.crash.runner import KeepImages, prune_images
 
         self._prepare(item.session)
         cell = item.cell
         directory = self.out / "cells" / cell_slug(cell)
-        runner = CellRunner(
+        runner = runner_for(
             cell,
             directory,
             self.images(cell),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.crash.cell_run import CellRunner
+from harness.crash.cluster_run import ClusterCellRunner
 from harness.crash.explorer.cell import EVIDENCE, CellExploration, CellExplorer, ExploreOptions
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
@@ -46,7 +47,15 @@ from harness.guest.ssh import SSHSession
 from harness.report.explore import render_explore
 from harness.report.results import CellResult
 from harness.scenario.cells import single_cell
-from harness.scenario.model import BlkdebugRule, CutSpec, DiskSpec, Expectation, GuestSpec
+from harness.scenario.cluster import ClusterScope, ClusterSpec, NodeSpec
+from harness.scenario.model import (
+    BlkdebugRule,
+    CutSpec,
+    DiskSpec,
+    Expectation,
+    GuestSpec,
+    TriggerKind,
+)
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads.base import OptionValue, Workload
@@ -296,6 +305,89 @@ class PowerCutHelper:
         self.explorations.append(result)
         verdict = result.record.verdict
         log.info("explore %s: %s — %s", cell.id, verdict and verdict.value, result.reason)
+        return result
+
+    # -- a cluster: N guests, each on its own powercut disk ------------------------------
+
+    def cluster(
+        self,
+        run: str,
+        check: str,
+        start: str,
+        *,
+        nodes: int | Sequence[str] = 3,
+        ready: str | None = None,
+        ready_timeout: float = 300.0,
+        setup: str | None = None,
+        node_modes: Mapping[str, CacheMode | str] | None = None,
+        scope: ClusterScope | str = ClusterScope.RACK,
+        stagger: float = 1.0,
+        client: str | None = None,
+        ack: str | None = None,
+        mode: CacheMode | str = CacheMode.WRITEBACK,
+        fault: FaultModel | str = "host",
+        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        cut: CutSpec | None = None,
+        packages: Sequence[str] = (),
+        disk_size: int | None = None,
+        memory_mib: int = 512,
+        expect: Expectation | str = Expectation.CONTRACT,
+        seed: int = 0,
+        timeout: float = 900.0,
+    ) -> CellResult:
+        """One cluster cell, as a `[cluster]` scenario's: `start` on every node at every boot,
+        `ready` retried on the client node, `run` there (`ack TOKEN` for what the cluster
+        acknowledged), the scope's cut, every node back, `check`; judged per node and as a
+        cluster (`harness.crash.cluster_verdict`).
+
+            result = power_cut.cluster(run=..., check=..., start=..., nodes=3, scope="rack",
+                                       packages=["etcd-server", "etcd-client"])
+            assert result.passed, f"{result.reason}: {result.explanation}"
+        """
+        names = [f"n{i}" for i in range(1, nodes + 1)] if isinstance(nodes, int) else list(nodes)
+        modes = {k: parse_cache_mode(v) for k, v in (node_modes or {}).items()}
+        unknown = [k for k in modes if k not in names]
+        if unknown:
+            raise ConfigError(f"node_modes names {unknown}, which are not nodes ({names})")
+        spec = ClusterSpec(
+            nodes=tuple(NodeSpec(n, modes.get(n)) for n in names),
+            start=start,
+            ready=ready,
+            ready_timeout=ready_timeout,
+            setup=setup,
+            client=client or names[0],
+            scopes=(ClusterScope(scope),),
+            stagger=stagger,
+            memory_mib=memory_mib,
+        )
+        workload = Command(run, check, None, ack or DEFAULT_ACK)
+        cell = single_cell(
+            workload,
+            name=self.workdir.name,
+            mode=parse_cache_mode(mode),
+            fault=parse_fault(fault),
+            policy=parse_policy(policy),
+            cut=cut or CutSpec(TriggerKind.AFTER_SECONDS, 10.0),
+            disk=DiskSpec(size=disk_size or default_size("ext4")),
+            guest=GuestSpec(tuple(packages)),
+            expect=Expectation(expect),
+            seed=seed,
+            timeout=timeout,
+            cluster=spec,
+        )
+        image = CellImages(default=self.image)(cell)
+        index = len(self.results)
+        runner = ClusterCellRunner(
+            cell,
+            self.workdir / f"cell{index}",
+            image,
+            accel=self.accel,
+            out=self.workdir,
+            reproduce=f"(pytest) {cell.id}",
+        )
+        result = runner.run()
+        self.results.append(result)
+        log.info("cell %s: %s — %s %s", cell.id, result.verdict, result.reason, result.explanation)
         return result
 
     def command(

@@ -41,7 +41,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from harness.crash.cell_run import CellRunner, SessionFactory
+from harness.crash.cell_run import SessionFactory
+from harness.crash.cluster_run import runner_for
 from harness.crash.images import CellImages
 from harness.crash.plan import RunPlan, expected_seconds, key
 from harness.crash.record import error_result
@@ -123,7 +124,7 @@ CellRun = Callable[[CellTask, Callable[[str], None]], tuple[CellResult, bool]]
 
 def run_cell_task(task: CellTask, on_phase: Callable[[str], None]) -> tuple[CellResult, bool]:
     """Run one cell to its result; (result, True) when Ctrl-C stopped it."""
-    runner = CellRunner(
+    runner = runner_for(
         task.cell,
         task.directory,
         task.image,

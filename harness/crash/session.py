@@ -28,7 +28,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -58,6 +58,9 @@ from harness.workloads.filesystem import make_disk
 log = logging.getLogger(__name__)
 
 DISK_NAME = "disk"
+
+# What a caller adds to a session's machine (a cluster node's private NIC and clock).
+MachineSpecHook = Callable[[MachineSpec], MachineSpec]
 
 
 def fault_graph(
@@ -163,10 +166,19 @@ class DiskSession:
                 json.dumps([r.to_rule().to_json() for r in spec.blkdebug], indent=1)
             )
 
-    def _start_machine(self, disk: Disk, accel: Accel | None, memory_mib: int, name: str) -> None:
+    def _start_machine(
+        self,
+        disk: Disk,
+        accel: Accel | None,
+        memory_mib: int,
+        name: str,
+        machine_spec: MachineSpecHook | None = None,
+    ) -> None:
         spec = MachineSpec.from_image(
             self.guest_image, disks=(disk,), memory_mib=memory_mib, name=name
         )
+        if machine_spec is not None:
+            spec = machine_spec(spec)  # a cluster node: its NIC, its clock (vm/cluster.py)
         self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
 
     # -- the host's side of the disk (the subclass's processes) ------------------
@@ -222,15 +234,38 @@ class DiskSession:
         guest's recovery (journal replay) would change the image the
         contract is about.
         """
+        t0 = time.monotonic()
+        self.freeze(fault)
+        self.machine.power_cut()
+        return self.settle(fault, policy, seed, check=check, started=t0)
+
+    # A cluster cuts many sessions at one instant: every disk frozen, then every QEMU
+    # killed (harness/vm/cluster.py), then each session settles. `power_cut` is the three
+    # steps for one guest.
+
+    def freeze(self, fault: FaultModel) -> None:
+        """The first instant of a cut: under a host power cut the disk stops mid-request.
+
+        The host's power goes for QEMU and the disk at one instant: the disk must
+        not finish (and make durable) what was in flight while QEMU is being killed.
+        """
         if fault is FaultModel.BACKEND_CRASH:
             raise ConfigError("a backend crash is not a power cut: use crash_backend()")
-        t0 = time.monotonic()
-        host = fault is FaultModel.HOST_POWER_CUT
-        if host:
-            # The host's power goes for QEMU and the disk at one instant: the disk must
-            # not finish (and make durable) what was in flight while QEMU is being killed.
+        if fault is FaultModel.HOST_POWER_CUT:
             self._freeze_host()
-        self.machine.power_cut()
+
+    def settle(
+        self,
+        fault: FaultModel,
+        policy: CutPolicy = CutPolicy.LOSE_ALL,
+        seed: int = 0,
+        *,
+        check: bool = True,
+        started: float | None = None,
+    ) -> PowerCut:
+        """After QEMU is dead: the host's processes end, the cut applies, the oracle judges."""
+        t0 = time.monotonic() if started is None else started
+        host = fault is FaultModel.HOST_POWER_CUT
         cut: CutResult | None = None
         chosen: CutPolicy | None = None
         if host:
@@ -314,6 +349,7 @@ class CrashSession(DiskSession):
         accel: Accel | None = None,
         memory_mib: int = 512,
         name: str = "cell",
+        machine_spec: MachineSpecHook | None = None,
     ) -> None:
         self._prepare(directory, image, mode, spec, "disk.img")
         try:
@@ -322,7 +358,7 @@ class CrashSession(DiskSession):
             self.backend = self.serve(
                 fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config)
             )
-            self._start_machine(self.backend.disk(), accel, memory_mib, name)
+            self._start_machine(self.backend.disk(), accel, memory_mib, name, machine_spec)
         except BaseException:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
@@ -408,8 +444,13 @@ class CrashSession(DiskSession):
 
     def reboot(self, timeout: float = 120.0) -> SSHSession:
         """Serve the image with a plain backend (the cut is over) and boot the guest again."""
+        self.serve_after_cut()
+        return self.boot(timeout)
+
+    def serve_after_cut(self) -> None:
+        """The image served again with a plain backend: the cut is over (a reboot's first half)."""
         if self.machine.running:
             raise MachineError("the guest is still running: power_cut() or shutdown() first")
         self.backend.stop()
         self.backend = self.serve(None)
-        return self.boot(timeout)
+        self.backend.start()

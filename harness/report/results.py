@@ -94,6 +94,29 @@ class CheckerResult:
 
 
 @dataclass(frozen=True)
+class NodeResult:
+    """One node of a cluster cell: its disk's mode, whether it lost power and its verdict."""
+
+    name: str
+    mode: str
+    cut: bool  # lost power in this cell's fault
+    verdict: str  # its disk's verdict ("pass", "fail", "error"), or "not cut"
+    reason: str
+    cut_at: float | None = None  # seconds since the cell began, when it lost power
+    policy_seed: int | None = None
+    artifacts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One instant of a cluster cell, on the cell's clock: a boot, an acknowledgement, a cut."""
+
+    at: float  # seconds since the cell began
+    node: str  # the node it happened on ("" : the whole cluster)
+    event: str
+
+
+@dataclass(frozen=True)
 class CellResult:
     id: str
     scenario: str
@@ -123,6 +146,9 @@ class CellResult:
     reproduce: str = ""
     # Who lost the data, in words, when a workload found acknowledged data missing.
     explanation: str = ""
+    # A cluster cell: each node side by side, and one time line of the whole cluster.
+    nodes: tuple[NodeResult, ...] = ()
+    timeline: tuple[TimelineEvent, ...] = ()
 
     @property
     def fault_label(self) -> str:
@@ -337,6 +363,13 @@ def _cell_json(cell: CellResult) -> dict[str, Any]:
     out["checkers"] = [dataclasses.asdict(c) | {"details": dict(c.details)} for c in cell.checkers]
     out["timings"] = dict(cell.timings)
     out["artifacts"] = dict(cell.artifacts)
+    if cell.nodes or cell.timeline:
+        out["nodes"] = [
+            dataclasses.asdict(n) | {"artifacts": dict(n.artifacts)} for n in cell.nodes
+        ]
+        out["timeline"] = [dataclasses.asdict(e) for e in cell.timeline]
+    else:  # a single guest's cell reads as it did before clusters
+        del out["nodes"], out["timeline"]
     return out
 
 
@@ -370,6 +403,14 @@ def _cell_from_json(data: Any, where: str) -> CellResult:
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{where}: a checker entry lacks {exc}") from exc
     known["checkers"] = checkers
+    try:
+        known["nodes"] = tuple(
+            NodeResult(**{**n, "artifacts": dict(n.get("artifacts") or {})})
+            for n in known.get("nodes", [])
+        )
+        known["timeline"] = tuple(TimelineEvent(**e) for e in known.get("timeline", []))
+    except TypeError as exc:
+        raise ConfigError(f"{where}: a node or timeline entry is malformed: {exc}") from exc
     known["timings"] = {str(k): float(v) for k, v in dict(known.get("timings") or {}).items()}
     known["artifacts"] = {str(k): str(v) for k, v in dict(known.get("artifacts") or {}).items()}
     return CellResult(**known)

@@ -26,6 +26,7 @@ from harness.durability.contract import (
     FaultModel,
 )
 from harness.errors import ConfigError
+from harness.scenario.cluster import ClusterScope, ClusterSpec, CutPlan, plan_cut
 from harness.scenario.model import (
     CutSpec,
     DiskSpec,
@@ -69,10 +70,20 @@ class Cell:
     disk: DiskSpec = field(default_factory=DiskSpec)
     guest_files: tuple[tuple[str, str], ...] = ()
     label: str = ""  # the workload's part of the id (with its filesystem, when several)
+    # A cluster cell: the scenario's `[cluster]`, and which nodes its power fault takes.
+    cluster: ClusterSpec | None = None
+    scope: ClusterScope | None = None
 
     @property
     def fault_label(self) -> str:
-        return fault_label(self.fault, self.policy)
+        return fault_label(self.fault, self.policy, self.scope)
+
+    def cut_plan(self) -> CutPlan:
+        """A cluster cell's nodes to cut and when (seeded by the cell's policy seed or seed)."""
+        if self.cluster is None or self.scope is None:
+            raise ConfigError(f"cell {self.id} is not a cluster cell")
+        seed = derive_seed(self.scenario_seed, self.scenario, self.id, "scope")
+        return plan_cut(self.scope, self.cluster.names, seed, self.cluster.stagger)
 
     @property
     def id(self) -> str:
@@ -121,9 +132,12 @@ class Cell:
         return shlex.join(argv)
 
 
-def fault_label(fault: FaultModel, policy: CutPolicy | None) -> str:
-    """A cell id's second part: the fault, and its policy for a host power cut."""
-    return f"{fault.value}.{policy.value}" if policy else fault.value
+def fault_label(
+    fault: FaultModel, policy: CutPolicy | None, scope: ClusterScope | None = None
+) -> str:
+    """A cell id's second part: the fault, its policy for a host power cut, a cluster's scope."""
+    label = f"{fault.value}.{policy.value}" if policy else fault.value
+    return f"{label}.{scope.value}" if scope is not None else label
 
 
 def cell_id(mode: CacheMode, fault: str, workload: str, cut: str, repetition: int) -> str:
@@ -151,35 +165,41 @@ def expand(
     chosen_modes = [m for m in scenario.modes if modes is None or m in modes]
     # Several filesystems are a matrix dimension, named in the workload's part of the id.
     named_fs = len(scenario.disks) > 1
+    # A cluster's fault scopes are a matrix dimension after the policy (rack, node, ...).
+    scopes: Sequence[ClusterScope | None] = (
+        scenario.cluster.scopes if scenario.cluster is not None else (None,)
+    )
     cells: list[Cell] = []
     for mode in chosen_modes:
         for fault in scenario.faults:
             policies: Iterable[CutPolicy | None] = fault.policies or (None,)
             for policy in policies:
-                for workload in scenario.workloads:
-                    for disk in disks_for(scenario, workload):
-                        label = (
-                            f"{workload.name}@{disk.filesystem}"
-                            if named_fs and disk.filesystem
-                            else workload.name
-                        )
-                        for cut in workload.cuts or scenario.cuts:
-                            for rep in range(repetitions):
-                                cells.append(
-                                    _cell(
-                                        scenario,
-                                        scenario_seed,
-                                        mode,
-                                        fault.model,
-                                        policy,
-                                        fault.seed,
-                                        workload,
-                                        label,
-                                        disk,
-                                        cut,
-                                        rep,
+                for scope in scopes:
+                    for workload in scenario.workloads:
+                        for disk in disks_for(scenario, workload):
+                            label = (
+                                f"{workload.name}@{disk.filesystem}"
+                                if named_fs and disk.filesystem
+                                else workload.name
+                            )
+                            for cut in workload.cuts or scenario.cuts:
+                                for rep in range(repetitions):
+                                    cells.append(
+                                        _cell(
+                                            scenario,
+                                            scenario_seed,
+                                            mode,
+                                            fault.model,
+                                            policy,
+                                            fault.seed,
+                                            workload,
+                                            label,
+                                            disk,
+                                            cut,
+                                            rep,
+                                            scope,
+                                        )
                                     )
-                                )
     return cells
 
 
@@ -208,9 +228,10 @@ def _cell(
     disk: DiskSpec,
     cut: CutSpec,
     rep: int,
+    scope: ClusterScope | None = None,
 ) -> Cell:
     """The one place a `Cell` is made (`expand`; `single_cell` goes through it too)."""
-    ident = cell_id(mode, fault_label(fault, policy), label, cut.label, rep)
+    ident = cell_id(mode, fault_label(fault, policy, scope), label, cut.label, rep)
     policy_seed = None
     if policy is not None:
         policy_seed = (
@@ -239,6 +260,8 @@ def _cell(
         disk=disk,
         guest_files=scenario.guest_files,
         label=label,
+        cluster=scenario.cluster,
+        scope=scope,
     )
 
 
@@ -257,6 +280,7 @@ def single_cell(
     expect: Expectation = Expectation.CONTRACT,
     seed: int = 0,
     timeout: float = 600.0,
+    cluster: ClusterSpec | None = None,
 ) -> Cell:
     """One cell without a scenario file (the pytest `power_cut.run`), as `expand` makes it:
     the scenario of that one cell, expanded.
@@ -284,9 +308,12 @@ def single_cell(
         disks=(disk or DiskSpec(size=default_size("ext4")),),
         guest=guest or GuestSpec(),
         guest_files=guest_files,
+        cluster=cluster,
     )
-    (cell,) = expand(one)
-    return cell
+    cells = expand(one)
+    if len(cells) != 1:
+        raise ConfigError(f"one cell was asked for, and {len(cells)} were made (one scope only)")
+    return cells[0]
 
 
 _REP = re.compile(r"/r(\d+)$")

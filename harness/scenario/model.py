@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from harness.block.drivers.blkdebug import Rule
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.explore.spec import ExploreSpec
+from harness.scenario.cluster import ClusterSpec
 from harness.vm.backends import Backend
 from harness.workloads.base import OptionValue, Workload
 
@@ -175,6 +176,7 @@ class Scenario:
     # Files copied into the guest before the workload's setup: (guest path, host path).
     guest_files: tuple[tuple[str, str], ...] = ()
     explore: ExploreSpec | None = None  # the `[explore]` table (`powercut explore`)
+    cluster: ClusterSpec | None = None  # the `[cluster]` table: N nodes, each its own disk
 
     @property
     def disk(self) -> DiskSpec:

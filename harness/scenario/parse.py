@@ -26,6 +26,7 @@ from harness.durability.contract import (
     parse_cache_mode,
 )
 from harness.errors import ConfigError, ScenarioError
+from harness.scenario.cluster import ClusterScope, ClusterSpec, NodeSpec
 from harness.scenario.explore import parse_explore
 from harness.scenario.model import (
     BlkdebugRule,
@@ -338,6 +339,21 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     )
     explore_table = top.table("explore")
     explore = parse_explore(explore_table) if explore_table is not None else None
+    cluster_table = top.table("cluster")
+    cluster = None
+    if cluster_table is not None:
+        cluster = _parse_cluster(cluster_table)
+        _check_cluster(fault_tables, faults, workload_tables)
+        if backend is not Backend.POWERCUT:
+            raise top.error(
+                "backend",
+                f'must be "powercut" in a cluster scenario, not {backend.value!r}: '
+                "each node's disk is a powercut disk",
+            )
+        if explore_table is not None:
+            raise top.error(
+                "explore", "is not built for a cluster yet: `powercut explore` takes single guests"
+            )
     top.finish()
     return Scenario(
         path=path,
@@ -356,7 +372,111 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         guest=guest,
         guest_files=guest_files,
         explore=explore,
+        cluster=cluster,
     )
+
+
+_NODE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")  # a host name (harness/vm/network.py)
+
+
+def _node_name(t: Table, key: str) -> str:
+    name = t.string(key)
+    if not _NODE_NAME.match(name):
+        raise t.error(
+            key,
+            f"must be a host name (a lower-case letter, then up to 30 lower-case letters, "
+            f"digits or '-'), not {name!r}",
+        )
+    return name
+
+
+def _command(t: Table, key: str) -> str | None:
+    value = t.optional_string(key)
+    if value is not None and not value.strip():
+        raise t.error(key, "must not be empty")
+    return value
+
+
+def _parse_cluster(t: Table) -> ClusterSpec:
+    """The `[cluster]` table: nodes (a count, or one `[[cluster.node]]` table per node)."""
+    node_tables = t.tables("node")
+    count = t.integer("nodes", len(node_tables) or 0, minimum=1) if t.has("nodes") else None
+    if count is None and not node_tables:
+        raise t.error("nodes", "is required: a count (nodes = 3) or [[cluster.node]] tables")
+    overrides: dict[str, NodeSpec] = {}
+    for nt in node_tables:
+        name = _node_name(nt, "name") if nt.has("name") else None
+        if name is None:
+            raise nt.error("name", "is required: the node this table describes (n1, n2, ...)")
+        if name in overrides:
+            raise nt.error("name", f"{name!r} is described twice")
+        mode = nt.choice("mode", CacheMode, None, _parse_mode) if nt.has("mode") else None
+        overrides[name] = NodeSpec(name, mode, _command(nt, "setup"))
+        nt.finish()
+    if count is not None:
+        names = [f"n{i}" for i in range(1, count + 1)]
+        for i, name in enumerate(overrides):
+            if name not in names:
+                raise node_tables[i].error(
+                    "name",
+                    f"must name one of the {count} nodes ({', '.join(names)}), not {name!r}",
+                )
+    else:
+        names = list(overrides)
+    if len(names) > 64:
+        raise t.error("nodes", f"must be at most 64, not {len(names)}")
+    nodes = tuple(overrides.get(n, NodeSpec(n)) for n in names)
+    start = _command(t, "start")
+    if start is None:
+        raise t.error("start", "is required: the command that starts the system on every node")
+    scopes = t.choices("scope", ClusterScope, (ClusterScope.RACK,))
+    for scope in scopes:
+        if len(names) < scope.minimum_nodes() or scope.size(len(names)) < 1:
+            raise t.error(
+                "scope", f"{scope.value!r} needs at least 3 nodes; the cluster has {len(names)}"
+            )
+    client = _node_name(t, "client") if t.has("client") else names[0]
+    if client not in names:
+        raise t.error("client", f"must name a node ({', '.join(names)}), not {client!r}")
+    stagger = t.number("stagger", 1.0, minimum=0.0)
+    if t.has("stagger") and ClusterScope.STAGGERED not in scopes:
+        raise t.error("stagger", 'applies to scope = "staggered" only')
+    spec = ClusterSpec(
+        nodes=nodes,
+        start=start,
+        ready=_command(t, "ready"),
+        ready_timeout=t.number("ready-timeout", 300.0, minimum=1.0),
+        setup=_command(t, "setup"),
+        client=client,
+        scopes=scopes,
+        stagger=stagger,
+        memory_mib=t.integer("memory", 512, minimum=128),
+    )
+    t.finish()
+    return spec
+
+
+def _check_cluster(
+    fault_tables: list[Table],
+    faults: tuple[FaultSpec, ...],
+    workload_tables: list[Table],
+) -> None:
+    """What a cluster cell cannot do, refused with the field that asks for it."""
+    for ft, fault in zip(fault_tables, faults, strict=True):
+        if fault.model is FaultModel.BACKEND_CRASH:
+            raise ft.error(
+                "model",
+                '"backend-crash" is not built for a cluster; use "host-power-cut" or '
+                '"guest-power-cut"',
+            )
+    for wt in workload_tables:
+        kind = wt.data.get("kind")
+        if kind != "command":
+            raise wt.error(
+                "kind",
+                f'must be "command" in a cluster scenario (the client that prints `ack TOKEN` '
+                f"for what the cluster acknowledged), not {kind!r}",
+            )
 
 
 # tomllib (3.11) puts the place in its message: "Unclosed array (at line 2, column 1)".

@@ -11,6 +11,7 @@ import pytest
 
 from harness.block import open_backend
 from harness.commands.run import add_run_arguments, plan_from_args
+from harness.crash import cell_run
 from harness.crash import runner as runner_mod
 from harness.crash.plan import RunPlan
 from harness.crash.session import fault_blockdev
@@ -153,7 +154,7 @@ def test_ctrl_c_stops_the_run_marks_the_rest_skipped_and_still_writes_the_report
     def interrupted(self: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner_mod.CellRunner, "run", interrupted)
+    monkeypatch.setattr(cell_run.CellRunner, "run", interrupted)
     outcome = runner_mod.run_plan(plan, command="powercut run test", image=_broken_image(tmp_path))
     assert outcome.interrupted and not outcome.ok
     verdicts = [c.verdict for c in load_results(out).cells]
