@@ -172,7 +172,9 @@ def explain_cost(tmp: Path) -> dict[str, Any]:
     from harness.vm.accel import choose_accel
 
     plan = make_plan([ROOT / "scenarios" / "explain-rename.toml"], tmp / "plan")
-    cells = [c for c in exploration_cells(plan.scenarios, plan.cells) if c.filesystem == "ext4"]
+    cells = [
+        c for c in exploration_cells(plan.scenarios, plan.cells) if c.disk.filesystem == "ext4"
+    ]
     (cell,) = cells
     images = CellImages()
     images.prepare([cell])

@@ -81,10 +81,12 @@ from harness import __version__
 from harness.durability.contract import Verdict
 from harness.errors import ConfigError
 from harness.explore.causes import Explanation
+from harness.jsonfile import check_document, load_json_object
 
 SCHEMA = "powercut-results"
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
+RESULTS_WHAT = "a powercut results file"
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,29 @@ class CheckerResult:
     loss_detected: bool
     reason: str
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One node of a cluster cell: its disk's mode, whether it lost power and its verdict."""
+
+    name: str
+    mode: str
+    cut: bool  # lost power in this cell's fault
+    verdict: str  # its disk's verdict ("pass", "fail", "error"), or "not cut"
+    reason: str
+    cut_at: float | None = None  # seconds since the cell began, when it lost power
+    policy_seed: int | None = None
+    artifacts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One instant of a cluster cell, on the cell's clock: a boot, an acknowledgement, a cut."""
+
+    at: float  # seconds since the cell began
+    node: str  # the node it happened on ("" : the whole cluster)
+    event: str
 
 
 @dataclass(frozen=True)
@@ -143,6 +168,10 @@ class CellResult:
             out.append("cause: none named: " + "; ".join(e.evidence[:4]))
         out += [f"kept: {k}" for k in e.kept[:3]]
         return out
+
+    # A cluster cell: each node side by side, and one time line of the whole cluster.
+    nodes: tuple[NodeResult, ...] = ()
+    timeline: tuple[TimelineEvent, ...] = ()
 
     @property
     def fault_label(self) -> str:
@@ -275,14 +304,17 @@ class RunResults:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "results.json") -> RunResults:
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise ConfigError(f'{source} is not a powercut results file (no "schema": "{SCHEMA}")')
-        version = data.get("version")
-        if version != SCHEMA_VERSION:
-            raise ConfigError(
-                f"{source} has results schema version {version!r}; this powercut reads version "
-                f"{SCHEMA_VERSION} (re-run, or use the powercut that wrote it)"
-            )
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} is not {RESULTS_WHAT} (not a JSON object)")
+        check_document(
+            data,
+            source,
+            RESULTS_WHAT,
+            version=SCHEMA_VERSION,
+            marker="schema",
+            schema=SCHEMA,
+            hint="re-run, or use the powercut that wrote it",
+        )
         cells_data = data.get("cells")
         if not isinstance(cells_data, list):
             raise ConfigError(f"{source}: field 'cells' must be an array")
@@ -355,6 +387,13 @@ def _cell_json(cell: CellResult) -> dict[str, Any]:
     out["timings"] = dict(cell.timings)
     out["artifacts"] = dict(cell.artifacts)
     out["causes"] = cell.causes.to_json() if cell.causes is not None else None
+    if cell.nodes or cell.timeline:
+        out["nodes"] = [
+            dataclasses.asdict(n) | {"artifacts": dict(n.artifacts)} for n in cell.nodes
+        ]
+        out["timeline"] = [dataclasses.asdict(e) for e in cell.timeline]
+    else:  # a single guest's cell reads as it did before clusters
+        del out["nodes"], out["timeline"]
     return out
 
 
@@ -388,6 +427,14 @@ def _cell_from_json(data: Any, where: str) -> CellResult:
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{where}: a checker entry lacks {exc}") from exc
     known["checkers"] = checkers
+    try:
+        known["nodes"] = tuple(
+            NodeResult(**{**n, "artifacts": dict(n.get("artifacts") or {})})
+            for n in known.get("nodes", [])
+        )
+        known["timeline"] = tuple(TimelineEvent(**e) for e in known.get("timeline", []))
+    except TypeError as exc:
+        raise ConfigError(f"{where}: a node or timeline entry is malformed: {exc}") from exc
     known["timings"] = {str(k): float(v) for k, v in dict(known.get("timings") or {}).items()}
     known["artifacts"] = {str(k): str(v) for k, v in dict(known.get("artifacts") or {}).items()}
     causes = known.get("causes")
@@ -420,19 +467,15 @@ def write_results(results: RunResults, directory: Path | str) -> Path:
 
 
 def load_results(directory_or_file: Path | str) -> RunResults:
+    """DIR/results.json (or the file itself); anything else is one `ConfigError` naming it."""
     path = Path(directory_or_file)
     if path.is_dir():
         path = path / RESULTS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {path}: {exc.strerror}; is it a `powercut run --out` directory?"
-        ) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    data = load_json_object(
+        path,
+        RESULTS_WHAT,
+        missing=f"{path} does not exist; is it a `powercut run --out` directory?",
+    )
     return RunResults.from_json(data, str(path))
 
 
