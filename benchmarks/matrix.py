@@ -5,17 +5,19 @@
 
 Runs `powercut run SCENARIO [--cell ID]... --out DIR` as a user would (a
 subprocess, the real CLI), then reads DIR/results.json: the wall time of the
-run, and per cell its total and its phases (prepare, boot, workload, cut,
-reboot, check).
+run, its CPU time (every process of it: the CLI, QEMU, the backend), and per
+cell its total and its phases (prepare, boot, workload, cut, reboot, check).
 
 With `--vs REV` the same run is made at this tree and at REV (a commit checked
 out in a temporary `git worktree`, its own `harness` first on PYTHONPATH and
 its own copy of the scenario), alternating A B, B A, ... `--rounds` times
 each, and each cell's phases are compared as medians over the rounds and as
-the ratio this tree / REV. This machine is shared and noisy: only the ratios
-taken within one such run mean anything, so a phase that slides (issue 19:
-the check phase of the ack-records cells went from 0.4 s to 5 s unnoticed)
-shows here as a ratio far from 1 next to phases that stayed put.
+the ratio this tree / REV, and so are the runs' wall and CPU times. This
+machine is shared and noisy: only the ratios taken within one such run mean
+anything, so a phase that slides (issue 19: the check phase of the
+ack-records cells went from 0.4 s to 5 s unnoticed) shows here as a ratio far
+from 1 next to phases that stayed put; the CPU time moves less with the
+machine's other load than any wall time does.
 
 Goals (issue 6, TCG on this machine): a cell in <= 20 s, the matrix in
 <= 5 minutes. Recorded in benchmarks/results/matrix-<UTC time>.json (a
@@ -28,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -89,9 +92,15 @@ def run_once(
         command += ["--cell", cell]
     command += ["--out", str(out), "--accel", accel]
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     proc = subprocess.run(command, cwd=tree, env=env, check=False, capture_output=True, text=True)
     wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Every process of the run (the CLI, QEMU, the backend) is reaped within it, so
+    # the children's CPU time covers them all: a figure far less at the mercy of
+    # the machine's other load than the wall time.
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     try:
         results = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
@@ -100,6 +109,7 @@ def run_once(
         "command": shlex.join(["powercut", *command[3:]]),
         "exit_status": proc.returncode,
         "seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
         "accel": results.get("host", {}).get("accel"),
         "cells": [
             {"id": c["id"], "verdict": c["verdict"], "timings": c["timings"]}
@@ -168,6 +178,7 @@ def side_by_side(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any
         new, old = medians["new"][cell_id], medians["old"][cell_id]
         cells[cell_id] = {"new": new, "old": old, "ratio_new_over_old": ratios(new, old)}
     walls = {name: median(r["seconds"] for r in runs[name]) for name in runs}
+    cpus = {name: median(r["cpu_seconds"] for r in runs[name]) for name in runs}
     return {
         "benchmark": "matrix-vs",
         "command": shlex.join(["python", "-m", "benchmarks.matrix", *argv]),
@@ -183,6 +194,8 @@ def side_by_side(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any
         },
         "wall_median_seconds": {k: round(v, 2) for k, v in walls.items()},
         "wall_ratio_new_over_old": round(walls["new"] / walls["old"], 2) if walls["old"] else None,
+        "cpu_median_seconds": {k: round(v, 2) for k, v in cpus.items()},
+        "cpu_ratio_new_over_old": round(cpus["new"] / cpus["old"], 2) if cpus["old"] else None,
         "cells": cells,
         "runs": runs,
     }
@@ -206,6 +219,7 @@ def whole_run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "tree": describe(ROOT),
         "exit_status": run["exit_status"],
         "matrix_seconds": round(run["seconds"], 1),
+        "cpu_seconds": run["cpu_seconds"],
         "matrix_goal_seconds": MATRIX_GOAL_S,
         "cells": len(cells),
         "verdicts": {
@@ -249,9 +263,10 @@ def main(argv: list[str]) -> int:
             print(f"{cell_id}:")
             for phase, ratio in cell["ratio_new_over_old"].items():
                 print(f"  {phase:9} {new[phase]:7.2f} s vs {old[phase]:7.2f} s  {ratio:.2f}x")
+        wall, cpu = record["wall_median_seconds"], record["cpu_median_seconds"]
         print(
-            f"wall {record['wall_median_seconds']['new']} s vs "
-            f"{record['wall_median_seconds']['old']} s ({record['wall_ratio_new_over_old']}x); "
+            f"wall {wall['new']} s vs {wall['old']} s ({record['wall_ratio_new_over_old']}x); "
+            f"CPU {cpu['new']} s vs {cpu['old']} s ({record['cpu_ratio_new_over_old']}x); "
             f"recorded in {path}"
         )
     else:
