@@ -112,7 +112,12 @@ def run_once(
         "cpu_seconds": round(cpu, 2),
         "accel": results.get("host", {}).get("accel"),
         "cells": [
-            {"id": c["id"], "verdict": c["verdict"], "timings": c["timings"]}
+            {
+                "id": c["id"],
+                "verdict": c["verdict"],
+                "timings": c["timings"],
+                **({"reason": c["reason"]} if c["verdict"] != "pass" else {}),
+            }
             for c in results["cells"]
         ],
     }
