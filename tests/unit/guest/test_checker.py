@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from harness.crash.explore_guest import CheckerShell, NotMounted
+from harness.crash.explorer.checker import CheckerShell, NotMounted
 from harness.errors import CommandError, GuestError, TimeoutExpired
 from harness.guest.checker import HELPER, CheckerLoop, text
 
