@@ -1,0 +1,236 @@
+"""Mutation testing of the verdict's core: can the unit tests tell right code from wrong?
+
+    python -m benchmarks.mutation [--max-children 2] [--keep DIR] [--out benchmarks/results]
+        [--only MODULE...]
+
+Runs mutmut (pinned: `MUTMUT_VERSION`; install it beside the project's
+dependencies) over the modules whose mistakes change a verdict: the
+durability contract, the write log, the journal, the offline cut and the
+oracle (`harness/durability/`), the states a contract allows
+(`harness/explore/states.py`), their minimization (`harness/explore/minimize.py`)
+and the command workload's check with the acknowledgement streams it parses
+(`harness/workloads/command.py`, `stream.py`). Each mutant (one small change:
+an operator, a constant, a condition, a removed call) is run against the unit
+tests that execute the function it changed, a property test's examples
+unshrunk (`--hypothesis-profile=mutation`, tests/conftest.py); a mutant no test
+fails on *survived*.
+
+The run happens in a scratch copy of the tracked files (mutmut copies the
+tree again into its `mutants/`), so the checkout is never mutated and nothing
+of mutmut's is left in it. The figures per module — mutants, killed,
+survived, timeout, no tests, score = (killed + timeout) / (all but skipped) —
+and every survivor's diff go to benchmarks/results/mutation-<UTC time>.json;
+docs/mutation.md says, survivor by survivor, why the ones left cannot change
+a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine_info
+
+MUTMUT_VERSION = "3.8.1"
+ROOT = Path(__file__).resolve().parent.parent
+
+# What is mutated: the modules whose mistakes change a verdict.
+TARGETS = (
+    "harness/durability/contract.py",
+    "harness/durability/cut.py",
+    "harness/durability/delta.py",
+    "harness/durability/journal.py",
+    "harness/durability/mapped.py",
+    "harness/durability/oracle.py",
+    "harness/durability/writelog.py",
+    "harness/explore/states.py",
+    "harness/explore/minimize.py",
+    "harness/workloads/command.py",
+    "harness/workloads/stream.py",
+)
+# The tests each mutant may be judged by (mutmut runs, of these, the ones that execute the
+# function it changed): the unit tests of those modules and of what reads them, no VM.
+TESTS = (
+    "tests/unit/faults",
+    "tests/unit/explore",
+    "tests/unit/workloads",
+    "tests/unit/crash/test_verdict.py",
+    "tests/unit/crash/test_verdict_stack.py",
+    "tests/unit/crash/test_runner_oracle.py",
+    "tests/unit/crash/test_cell_sequence.py",
+    "tests/unit/nbd/test_transmission.py",
+)
+PYTEST_ARGS = ("--hypothesis-profile=mutation", "-p", "no:cacheprovider")
+STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault")
+_RESULT = re.compile(r"^\s+(?P<name>harness\.\S+): (?P<status>.+)$")
+
+
+def _toml_list(items: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def mutmut_config(targets: tuple[str, ...] | list[str]) -> str:
+    """The `[tool.mutmut]` table the scratch copy's pyproject.toml gets."""
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["harness"]\n'
+        f"only_mutate = {_toml_list(targets)}\n"
+        f"pytest_add_cli_args_test_selection = {_toml_list(TESTS)}\n"
+        f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}\n"
+        # The guest's sources and the shipped scenarios (harness/data links to them).
+        'also_copy = ["images", "scenarios", "harness/data"]\n'
+    )
+
+
+def scratch_copy(dest: Path) -> None:
+    """The tracked files of this checkout (working-tree content), links kept as links."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src, dst = ROOT / name, dest / name
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the working tree
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            shutil.copy2(src, dst)
+
+
+def module_of(mutant: str) -> str:
+    """harness.durability.oracle.x_check__mutmut_3 -> harness/durability/oracle.py."""
+    parts = mutant.split(".")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i]) + ".py"
+        if path in TARGETS:
+            return path
+    return "/".join(parts[:-1]) + ".py"
+
+
+def tally(results: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per module: each status's count and the score, as mutmut computes it."""
+    per: dict[str, Counter[str]] = {}
+    for name, status in results.items():
+        per.setdefault(module_of(name), Counter())[status] += 1
+    out: dict[str, dict[str, Any]] = {}
+    for module in sorted(per):
+        c = per[module]
+        tested = sum(c.values()) - c["skipped"]
+        out[module] = {
+            "mutants": sum(c.values()),
+            **{s.replace(" ", "_"): c[s] for s in STATUSES},
+            "score": round((c["killed"] + c["timeout"]) / tested, 4) if tested else None,
+        }
+    return out
+
+
+def _mutmut(scratch: Path, *args: str, log: Path | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy, not this tree
+    cmd = [sys.executable, "-m", "mutmut", *args]
+    if log is None:
+        return subprocess.run(
+            cmd, cwd=scratch, env=env, capture_output=True, text=True, check=True
+        ).stdout
+    with open(log, "a") as f:
+        subprocess.run(cmd, cwd=scratch, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
+    return ""
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mutation", description=__doc__)
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--only", nargs="+", metavar="MODULE", help="a subset of TARGETS")
+    parser.add_argument("--keep", type=Path, help="run in (and keep) this scratch directory")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    try:
+        from importlib.metadata import version
+
+        got = version("mutmut")
+    except Exception:  # noqa: BLE001 - PackageNotFoundError and anything a broken install raises
+        print(f"mutmut is not installed; pip install mutmut=={MUTMUT_VERSION}", file=sys.stderr)
+        return 2
+    if got != MUTMUT_VERSION:
+        print(f"note: mutmut {got}, the figures were recorded with {MUTMUT_VERSION}")
+    targets = list(args.only or TARGETS)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        print(f"not a target: {unknown[0]}; targets: {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="powercut-mutation-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.monotonic()
+    try:
+        if not (scratch / "pyproject.toml").exists():
+            scratch_copy(scratch)
+            with open(scratch / "pyproject.toml", "a") as f:
+                f.write(mutmut_config(targets))
+        log = scratch / "mutmut.log"
+        print(f"mutmut {got} in {scratch} (log: {log})", flush=True)
+        _mutmut(scratch, "run", "--max-children", str(args.max_children), log=log)
+        results = {
+            m["name"]: m["status"]
+            for line in _mutmut(scratch, "results", "--all", "true").splitlines()
+            if (m := _RESULT.match(line))
+        }
+        survivors = []
+        for name in sorted(n for n, s in results.items() if s != "killed"):
+            diff = _mutmut(scratch, "show", name)
+            survivors.append({"name": name, "status": results[name], "diff": diff.strip()})
+    finally:
+        if args.keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.monotonic() - t0
+    modules = tally(results)
+    total = Counter(results.values())
+    tested = sum(total.values()) - total["skipped"]
+    now = datetime.datetime.now(datetime.UTC)
+    report = {
+        "benchmark": "mutation",
+        "command": "python -m benchmarks.mutation " + " ".join(argv),
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
+        "settings": {
+            "mutmut": got,
+            "max_children": args.max_children,
+            "targets": targets,
+            "tests": list(TESTS),
+            "pytest_args": list(PYTEST_ARGS),
+        },
+        "seconds": round(seconds, 1),
+        "total": {
+            "mutants": sum(total.values()),
+            **{s.replace(" ", "_"): total[s] for s in STATUSES},
+            "score": round((total["killed"] + total["timeout"]) / tested, 4) if tested else None,
+        },
+        "modules": modules,
+        "not_killed": survivors,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"mutation-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    for module, row in modules.items():
+        print(
+            f"{module:40} {row['mutants']:5} mutants {row['killed']:5} killed "
+            f"{row['survived']:4} survived {row['timeout']:3} timeout  score {row['score']}"
+        )
+    print(f"recorded in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
