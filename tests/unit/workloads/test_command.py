@@ -231,16 +231,18 @@ class ScriptedGuest:
         self.run_output = run_output
         self.check = check
         self.commands: list[str] = []
+        self.timeouts: list[float | None] = []
 
     def run(
         self,
         command: str,
-        timeout: float = 60.0,
+        timeout: float | None = 60.0,
         *,
         on_stdout: Callable[[str], None] | None = None,
         **_: Any,
     ) -> CommandResult:
         self.commands.append(command)
+        self.timeouts.append(timeout)
         if command.startswith("setsid "):
             for line in self.run_output.splitlines():
                 if on_stdout is not None:
@@ -337,7 +339,9 @@ def test_a_custom_ack_pattern_and_the_checks_environment(tmp_path: Path) -> None
 def test_the_check_runs_in_the_mount_with_the_seed(tmp_path: Path) -> None:
     guest = ScriptedGuest("ack 1\n", (0, "1\n", ""))
     ctx = Ctx(guest, tmp_path)
-    workload = Command("my-app --commit", "my-app --list", setup_command="my-app --init")
+    workload = Command(
+        "my-app --commit", "my-app --list", setup_command="my-app --init", check_timeout=7
+    )
     run = workload.start(ctx, 42, FaultModel.HOST_POWER_CUT)  # type: ignore[arg-type]
     run.after_cut(10)
     workload.check(ctx, 42, run)  # type: ignore[arg-type]
@@ -346,6 +350,31 @@ def test_the_check_runs_in_the_mount_with_the_seed(tmp_path: Path) -> None:
     assert setup == env + "my-app --init"
     assert check == env + "my-app --list"
     assert env + "my-app --commit" in started
+    assert guest.timeouts[0] == 60.0  # the setup gets what is left of the cell's time
+    assert guest.timeouts[2] == 7  # the check, its own check-timeout
+    assert (tmp_path / "setup.log").read_text() == "$ my-app --init  (exit 0)\n1\n\n"
+    assert run.stop_command == "kill -TERM -- -$(cat /run/powercut-workload.pid) 2>/dev/null; true"
+    assert "echo $$ > /run/powercut-workload.pid" in started  # what the stop command reads
+
+
+def test_check_timeout_is_read_and_must_be_at_least_a_second() -> None:
+    s = parse_scenario(BASE + "check-timeout = 1\n")
+    workload = s.workloads[0].workload
+    assert isinstance(workload, Command) and workload.check_timeout == 1.0
+    assert "check-timeout" in error_of(BASE + "check-timeout = 0.5\n")
+    default = parse_scenario(BASE).workloads[0].workload
+    assert isinstance(default, Command) and default.check_timeout == 300.0
+
+
+def test_a_failed_check_without_output_says_only_its_exit() -> None:
+    obs = CommandObservation(("1",), 1, (), 2, "")
+    assert obs.summary() == "the application's check exited 2"
+    many = CommandObservation(tuple("abcde"), 0, tuple("abcde"), 0)
+    assert many.summary() == "5 of 5 acknowledged tokens lost (a, b, c, d, e)"  # all five named
+    more = CommandObservation(tuple("abcdef"), 0, tuple("abcdef"), 1, "x\ny")
+    assert more.summary() == (
+        "6 of 6 acknowledged tokens lost (a, b, c, d, e, ...); the application's check exited 1: y"
+    )
 
 
 def test_a_check_that_never_finishes_is_an_error(tmp_path: Path) -> None:
