@@ -100,8 +100,9 @@ def mutmut_config(targets: tuple[str, ...] | list[str]) -> str:
         f"only_mutate = {_toml_list(targets)}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(TESTS)}\n"
         f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}\n"
-        # The guest's sources and the shipped scenarios (harness/data links to them).
-        'also_copy = ["images", "scenarios", "harness/data"]\n'
+        # The guest's sources, the shipped scenarios (harness/data links to them), the docs
+        # tests/unit/test_docs.py reads.
+        'also_copy = ["images", "scenarios", "harness/data", "docs", "README.md"]\n'
     )
 
 
