@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faults.concurrent import S, Schedule, play, schedules  # tests/unit is on sys.path
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from harness.durability.contract import CutPolicy, Promise
 from harness.durability.oracle import check as oracle_check
 from harness.durability.writelog import WriteLog
+from harness.errors import ConfigError
 from harness.explore.hostcheck import log_as_of
 from harness.explore.overlay import StateBuilder
 from harness.explore.recording import Recording
@@ -217,3 +219,50 @@ def test_states_of_a_recording_with_every_kind_of_overlap(tmp_path: Path, keep: 
         last = states[-1]
         image = builder.replay(last, tmp_path / "r.img").read_bytes()
         assert image == sched.reference_image(kept_of(sched, last), last.point.at)
+
+
+# -- states read back (explore.json, replay) ------------------------------------------------
+
+
+def test_a_state_read_back_may_lose_only_what_was_pending_at_its_point(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path)
+    early = sched.write(0, b"e" * S)
+    sched.complete(early)
+    pending = sched.write(2 * S, b"p" * S)
+    sched.complete(pending)
+    sched.ack("1")  # the ack's point: every record before the write below
+    late = sched.write(4 * S, b"l" * S)  # submitted exactly at the ack's point
+    sched.complete(late)
+    flush = sched.flush()
+    sched.complete(flush)  # the last record: at the end `early`, `pending`, `late` are durable
+    rec = sched.finish()
+    tl = timeline(sched, rec, Promise.FLUSHED)
+    ack = next(p for p in tl.points if "ack 1" in p.labels)
+    end = tl.points[-1]
+    assert end.at == sched.records and tl.by_seq[early].durable_at == end.at
+
+    def raw(point: int, lost: list[int], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": "s",
+            "point": {"number": point, "at": tl.point(point).at},
+            "lost": lost,
+            "policy": "random",
+            **extra,
+        }
+
+    state = State.from_json(raw(ack.number, [early, pending], pending=2), tl)
+    assert state.lost == (early, pending) and state.torn == () and state.pending == 2
+    for bad, point in ((late, ack), (early, end), (99, ack)):
+        with pytest.raises(ConfigError, match=f"write {bad} is not pending at point"):
+            State.from_json(raw(point.number, [bad]), tl)
+    with pytest.raises(ConfigError, match=f"write {late} is not pending"):
+        State.from_json(raw(ack.number, [], torn=[{"seq": late, "sectors_lost": [8]}]), tl)
+    only = {"id": "t", "policy": "keep-all", "point": {"number": end.number, "at": end.at}}
+    kept = State.from_json(only, tl)  # no losses recorded: it loses nothing
+    assert (kept.lost, kept.torn, kept.pending) == ((), (), 0)
+    with pytest.raises(ConfigError, match=f"no persistence point {len(tl.points)}"):
+        tl.point(len(tl.points))
+    with pytest.raises(ConfigError, match="no persistence point -1"):
+        tl.point(-1)
+    grown = state.with_loss([pending], [], "-min")
+    assert grown.id == "s-min" and grown.pending == state.pending and grown.point == state.point

@@ -111,15 +111,17 @@ class Schedule:
         return fresh
 
     def write(self, offset: int, data: bytes, *, fua: bool = False) -> int:
-        """Submit a write; returns its seq. Aligned to sectors, as every guest's are."""
-        assert offset % S == 0 and len(data) % S == 0 and data
+        """Submit a write; returns its seq. Guests' writes are sector-aligned; a test may
+        submit others to see what refuses them (the reference below assumes aligned)."""
+        assert data
         seq = len(self.reqs) + 1
-        first, count = offset // S, len(data) // S
+        first, count = -(-offset // S), max(0, (offset + len(data)) // S - -(-offset // S))
         flags = int(ReqFlags.HAS_DATA) | (int(ReqFlags.FUA) if fua else 0)
         payload = [crc_bytes(sector_crcs(data, offset, S))]
         if self._new_sectors(first, count):
             # The first write to these sectors carries what they held before: the base.
-            payload.append(crc_bytes(sector_crcs(self.base[offset : offset + len(data)], 0, S)))
+            pre = self.base[first * S : (first + count) * S]
+            payload.append(crc_bytes(sector_crcs(pre, 0, S)))
             flags |= int(ReqFlags.HAS_PRE)
         payload.append(data)
         at = self._append(LogRecordType.SUBMIT, Op.WRITE, flags, seq, offset, len(data), payload)
@@ -135,6 +137,17 @@ class Schedule:
         flags = int(ReqFlags.FUA) if fua else 0
         at = self._append(LogRecordType.SUBMIT, Op.WRITE_ZEROES, flags, seq, offset, length)
         self.reqs.append(Req(seq, Op.WRITE_ZEROES, offset, length, fua, at, bytes(length)))
+        return seq
+
+    def discard(self, offset: int, length: int) -> int:
+        """Submit a discard (its content afterwards is unspecified: zeroes or the old data)."""
+        assert offset % S == 0 and length % S == 0 and length
+        seq = len(self.reqs) + 1
+        if self._new_sectors(offset // S, length // S):
+            pre = crc_bytes(sector_crcs(self.base[offset : offset + length], 0, S))
+            self._append(LogRecordType.PREIMAGE, Op.NONE, 0, 0, offset, length, [pre])
+        at = self._append(LogRecordType.SUBMIT, Op.DISCARD, 0, seq, offset, length)
+        self.reqs.append(Req(seq, Op.DISCARD, offset, length, False, at, bytes(length)))
         return seq
 
     def flush(self) -> int:

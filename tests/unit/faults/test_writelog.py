@@ -24,6 +24,7 @@ from harness.durability.writelog import (
 )
 from harness.errors import BackendStoppedError, JournalError
 
+from .concurrent import Schedule
 from .conftest import crash
 from .stack import Paths, open_stack
 
@@ -174,3 +175,55 @@ def test_write_cache_state_is_recorded_from_open_and_on_every_switch(paths: Path
     assert (first["write_cache"], first["fua"]) == (True, False)
     assert (second["write_cache"], second["fua"]) == (False, True)
     assert [state for _i, state in wlog.write_cache_changes] == [True, False]
+
+
+def test_dm_log_writes_export_of_concurrent_io_orders_as_the_kernel_logs(tmp_path: Path) -> None:
+    """dm-log-writes logs a write when it completes and a flush when it starts; failed and
+    unfinished requests never reached its log device."""
+    sched = Schedule.new(tmp_path / "rec", sectors=64)
+    a = sched.write(0, b"a" * 2 * S)
+    z = sched.zeroes(8 * S, 4 * S, fua=True)
+    f = sched.flush()  # starts before `a` and `z` complete
+    sched.complete(z)
+    sched.complete(a)
+    d = sched.discard(16 * S, 8 * S)
+    sched.complete(f)
+    b = sched.write(32 * S, b"b" * S, fua=True)
+    failed = sched.write(40 * S, b"x" * S)
+    sched.complete(failed, status=5)
+    sched.complete(d)
+    sched.complete(b)
+    sched.write(48 * S, b"w" * S)  # in flight at the end
+    sched.flush()  # in flight too
+    sched.finish()
+    out = tmp_path / "dm.log"
+    assert export_dm_log_writes(read_log(sched.log), out) == 5
+    entries = read_dm_log_writes(out)
+    got = [(e.sector, e.nr_sectors, e.flags, e.data) for e in entries]
+    assert got == [
+        (0, 0, DM_LOG_FLUSH, b""),  # f, at its start
+        (8, 4, DM_LOG_FUA, bytes(4 * S)),  # z, at its completion
+        (0, 2, 0, b"a" * 2 * S),
+        (16, 8, DM_LOG_DISCARD, b""),
+        (32, 1, DM_LOG_FUA, b"b" * S),
+    ]
+    raw = out.read_bytes()
+    assert len(raw) == S * (1 + 5 + 4 + 2 + 1)  # super block, entries, data sectors
+    assert raw[S : 2 * S] == struct.pack("<QQQQ", 0, 0, DM_LOG_FLUSH, 0).ljust(S, b"\0")
+    discard_entry = raw[S * (1 + 1 + 1 + 4 + 1 + 2) :][:S]
+    assert discard_entry == struct.pack("<QQQQ", 16, 8, DM_LOG_DISCARD, 0).ljust(S, b"\0")
+    for bad in (struct.pack("<QQ", 0x6A736677736872, 2), struct.pack("<QQ", 7, 1)):
+        (tmp_path / "bad.log").write_bytes(bad + raw[16:])
+        with pytest.raises(JournalError, match="is not a dm-log-writes log"):
+            read_dm_log_writes(tmp_path / "bad.log")
+
+
+def test_dm_log_writes_cannot_describe_a_write_that_is_not_512_byte_aligned(
+    tmp_path: Path,
+) -> None:
+    for offset, length in ((S, 100), (3, S)):
+        sched = Schedule.new(tmp_path / f"r{offset}", sectors=8)
+        sched.complete(sched.write(offset, b"u" * length))
+        sched.finish()
+        with pytest.raises(JournalError, match="is not 512-byte aligned"):
+            export_dm_log_writes(read_log(sched.log), tmp_path / "dm.log")
