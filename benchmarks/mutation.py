@@ -27,7 +27,9 @@ a verdict.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import fnmatch
 import json
 import os
 import re
@@ -149,6 +151,95 @@ def tally(results: dict[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# -- judging the mutants no test kills -------------------------------------------------------
+#
+# A survivor is either killed by a new test or judged here: it cannot change a verdict, and the
+# reason says why. A rule matches by module, function ("Class.method" or "function", fnmatch)
+# and, when given, a regex over the lines the mutant removes; so it names the change, not
+# mutmut's numbering, and a later run judges the same change the same way. A survivor no rule
+# covers is "unjudged": a test must kill it, or a rule must say why it cannot matter.
+
+MESSAGE = "message"  # the words of an error, a log line or a summary; never judged
+REPORT = "report"  # output for people or other tools (JSON fields, tables); no verdict reads it
+PERFORMANCE = "performance"  # how fast or how far a search goes, never what it finds
+EQUIVALENT = "equivalent"  # the same behaviour for every input the code can be given
+UNUSED = "unused"  # code or attributes nothing calls or reads
+WAITING = "waiting"  # how long to wait for a guest or a thread, not what is judged
+
+Rule = tuple[str, str, str | None, str, str]  # module, function, removed-line regex, kind, why
+
+RULES: tuple[Rule, ...] = ()
+
+
+def function_of(mutant: str) -> tuple[str, str]:
+    """(module path, "Class.method" or "function") of a mutmut mutant name."""
+    module = module_of(mutant)
+    dotted = module[: -len(".py")].replace("/", ".")
+    local = re.sub(r"__mutmut_\d+$", "", mutant[len(dotted) + 1 :])
+    if local.startswith("x\u01c1"):
+        return module, ".".join(p for p in local[1:].split("\u01c1") if p)
+    return module, local[2:] if local.startswith("x_") else local
+
+
+def changed(diff: str) -> tuple[list[str], list[str]]:
+    """The lines a mutant's diff removes and adds, stripped."""
+    minus = [
+        line[1:].strip() for line in diff.splitlines() if line[:1] == "-" and line[:3] != "---"
+    ]
+    plus = [line[1:].strip() for line in diff.splitlines() if line[:1] == "+" and line[:3] != "+++"]
+    return minus, plus
+
+
+_message_cache: dict[tuple[str, str], set[str]] = {}
+
+
+def message_lines(module: str, function: str, root: Path = ROOT) -> set[str]:
+    """Lines of `function` that only build text: raise statements, log and warning calls."""
+    key = (module, function)
+    if key not in _message_cache:
+        source = (root / module).read_text()
+        tree = ast.parse(source)
+        node: ast.AST = tree
+        for part in function.split("."):
+            node = next(
+                n
+                for n in ast.iter_child_nodes(node)
+                if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+                and n.name == part
+            )
+        lines = source.splitlines()
+        found: set[str] = set()
+        for n in ast.walk(node):
+            text = isinstance(n, ast.Raise) or (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute)
+                and isinstance(n.func.value, ast.Name)
+                and n.func.value.id in ("log", "logging", "warnings")
+            )
+            if text and n.end_lineno is not None:
+                found.update(x.strip() for x in lines[n.lineno - 1 : n.end_lineno])
+        _message_cache[key] = found
+    return _message_cache[key]
+
+
+def judge(mutant: str, diff: str, root: Path = ROOT) -> tuple[str, str] | None:
+    """(kind, why) for a survivor that cannot change a verdict; None: unjudged."""
+    module, function = function_of(mutant)
+    minus, _plus = changed(diff)
+    for r_module, r_function, pattern, kind, why in RULES:
+        if r_module != module or not fnmatch.fnmatchcase(function, r_function):
+            continue
+        if pattern is None or any(re.search(pattern, line) for line in minus):
+            return kind, why
+    try:
+        texts = message_lines(module, function, root)
+    except (OSError, StopIteration, SyntaxError):
+        return None
+    if minus and all(line in texts for line in minus):
+        return MESSAGE, "only the words of an error or a log line change"
+    return None
+
+
 def _mutmut(scratch: Path, *args: str, log: Path | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy, not this tree
     cmd = [sys.executable, "-m", "mutmut", *args]
@@ -202,12 +293,22 @@ def run(argv: list[str]) -> int:
         survivors = []
         for name in sorted(n for n, s in results.items() if s != "killed"):
             diff = _mutmut(scratch, "show", name)
-            survivors.append({"name": name, "status": results[name], "diff": diff.strip()})
+            entry: dict[str, Any] = {"name": name, "status": results[name], "diff": diff.strip()}
+            if results[name] not in ("timeout",):
+                verdict = judge(name, diff, scratch)
+                entry["judged"] = verdict[0] if verdict else "unjudged"
+                entry["why"] = verdict[1] if verdict else ""
+            survivors.append(entry)
     finally:
         if args.keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.monotonic() - t0
     modules = tally(results)
+    for entry in survivors:
+        if "judged" in entry:
+            row = modules[module_of(entry["name"])]
+            key = "unjudged" if entry["judged"] == "unjudged" else "judged_harmless"
+            row[key] = row.get(key, 0) + 1
     total = Counter(results.values())
     tested = sum(total.values()) - total["skipped"]
     now = datetime.datetime.now(datetime.UTC)
@@ -231,6 +332,10 @@ def run(argv: list[str]) -> int:
             "score": round((total["killed"] + total["timeout"]) / tested, 4) if tested else None,
         },
         "modules": modules,
+        "judged": {
+            kind: sum(1 for e in survivors if e.get("judged") == kind)
+            for kind in sorted({e["judged"] for e in survivors if "judged" in e})
+        },
         "not_killed": survivors,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +345,7 @@ def run(argv: list[str]) -> int:
         print(
             f"{module:40} {row['mutants']:5} mutants {row['killed']:5} killed "
             f"{row['survived']:4} survived {row['timeout']:3} timeout  score {row['score']}"
+            f"  unjudged {row.get('unjudged', 0)}"
         )
     print(f"recorded in {path}")
     return 0

@@ -207,11 +207,26 @@ def test_dm_log_writes_export_of_concurrent_io_orders_as_the_kernel_logs(tmp_pat
         (16, 8, DM_LOG_DISCARD, b""),
         (32, 1, DM_LOG_FUA, b"b" * S),
     ]
+
+    # Byte for byte as replay-log reads it: the super block, then each entry in a sector of
+    # its own (zero padded) followed by its data.
+    def sector(*fields: int) -> bytes:
+        return struct.pack("<" + "Q" * len(fields[:-1]) + "I", *fields).ljust(S, b"\0")
+
+    def entry(first: int, count: int, flags: int) -> bytes:
+        return struct.pack("<QQQQ", first, count, flags, 0).ljust(S, b"\0")
+
     raw = out.read_bytes()
-    assert len(raw) == S * (1 + 5 + 4 + 2 + 1)  # super block, entries, data sectors
-    assert raw[S : 2 * S] == struct.pack("<QQQQ", 0, 0, DM_LOG_FLUSH, 0).ljust(S, b"\0")
-    discard_entry = raw[S * (1 + 1 + 1 + 4 + 1 + 2) :][:S]
-    assert discard_entry == struct.pack("<QQQQ", 16, 8, DM_LOG_DISCARD, 0).ljust(S, b"\0")
+    assert raw == b"".join(
+        [
+            sector(0x6A736677736872, 1, 5, S),
+            entry(0, 0, DM_LOG_FLUSH),
+            entry(8, 4, DM_LOG_FUA) + bytes(4 * S),
+            entry(0, 2, 0) + b"a" * 2 * S,
+            entry(16, 8, DM_LOG_DISCARD),
+            entry(32, 1, DM_LOG_FUA) + b"b" * S,
+        ]
+    )
     for bad in (struct.pack("<QQ", 0x6A736677736872, 2), struct.pack("<QQ", 7, 1)):
         (tmp_path / "bad.log").write_bytes(bad + raw[16:])
         with pytest.raises(JournalError, match="is not a dm-log-writes log"):
