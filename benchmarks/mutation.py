@@ -168,7 +168,350 @@ WAITING = "waiting"  # how long to wait for a guest or a thread, not what is jud
 
 Rule = tuple[str, str, str | None, str, str]  # module, function, removed-line regex, kind, why
 
-RULES: tuple[Rule, ...] = ()
+_DDMIN_ORDER = (
+    "ddmin's granularity schedule (how many chunks, when to try complements): which subsets "
+    "are tried in which order. Every run still ends with a pass at one item per chunk, so the "
+    "result still fails, is 1-minimal and keeps the budget (test_minimize's 300-case property)"
+)
+RULES: tuple[Rule, ...] = (
+    # writelog.py
+    (
+        "harness/durability/writelog.py",
+        "Request.to_json",
+        None,
+        REPORT,
+        "`powercut log show --json`'s fields, for people and other tools; no verdict reads them",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "export_dm_log_writes",
+        r"^events\.sort",
+        EQUIVALENT,
+        "the events are (record index, request) pairs with distinct indexes: sorted the same",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "export_dm_log_writes",
+        r"zeroes = bytes",
+        PERFORMANCE,
+        "the size of the zero buffer a write-zeroes is exported in pieces of",
+    ),
+    # journal.py
+    (
+        "harness/durability/journal.py",
+        "_refuse_mid_file_damage",
+        r"^limit = |finditer",
+        PERFORMANCE,
+        "the scan for good records after a damaged one is bounded (to 16 MiB and the "
+        "last non-zero byte) for speed; another bound scans more or less of what is zeroes",
+    ),
+    (
+        "harness/durability/journal.py",
+        "_refuse_mid_file_damage",
+        r"^break$",
+        EQUIVALENT,
+        "the loop is the function's last statement: break and return leave it alike",
+    ),
+    # mapped.py
+    (
+        "harness/durability/mapped.py",
+        "last_nonzero",
+        r"step",
+        PERFORMANCE,
+        "the step of the backwards search for the last non-zero byte",
+    ),
+    # delta.py
+    (
+        "harness/durability/delta.py",
+        "Delta._starts",
+        None,
+        PERFORMANCE,
+        "a cache of the runs' first sectors, recomputed when it is missing",
+    ),
+    (
+        "harness/durability/delta.py",
+        "_patch",
+        r"bisect_right|^if lo >= end|^break$|^if a < b",
+        EQUIVALENT,
+        "runs start on whole sectors and patch nothing outside [offset, end): starting "
+        "one run early, on a fraction, or going one run further copies the same bytes",
+    ),
+    (
+        "harness/durability/delta.py",
+        "write_delta",
+        r"^0,$",
+        UNUSED,
+        "the header's reserved field, which no reader reads",
+    ),
+    # oracle.py
+    (
+        "harness/durability/oracle.py",
+        "OracleReport.summary",
+        None,
+        MESSAGE,
+        "one line for people; the verdict reads `ok` and the counts",
+    ),
+    # states.py
+    (
+        "harness/explore/states.py",
+        "find_state",
+        r"ids\.append|^sample = ",
+        MESSAGE,
+        "the state ids the error message shows as examples",
+    ),
+    (
+        "harness/explore/states.py",
+        "Write.to_json",
+        None,
+        REPORT,
+        "explore.json's description of a write a state lost (attribution); read by people",
+    ),
+    ("harness/explore/states.py", "parse_point_kind", None, UNUSED, "nothing calls it"),
+    ("harness/explore/states.py", "Timeline.submitted", None, UNUSED, "nothing calls it"),
+    (
+        "harness/explore/states.py",
+        "Point.to_json",
+        r'"(kinds|labels|flush_epoch)"',
+        REPORT,
+        "explore.json's words for a point; a state read back uses only its number and record",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline.durable",
+        r"submit_index < point.at",
+        EQUIVALENT,
+        "a write submitted at the point's record cannot be durable there (durable_at > submit)",
+    ),
+    (
+        "harness/explore/states.py",
+        "_random",
+        r"^for k in range\(4 \* ",
+        PERFORMANCE,
+        "how many random candidates are drawn at a point before the policy stops",
+    ),
+    (
+        "harness/explore/states.py",
+        "_random",
+        r"rng\.random\(\) < 0\.5",
+        EQUIVALENT,
+        "differs only when the generator returns exactly 0.5",
+    ),
+    # delta.py, mapped.py
+    (
+        "harness/durability/delta.py",
+        "read_delta",
+        r"^last_end = -1$",
+        EQUIVALENT,
+        "run starts are never negative",
+    ),
+    (
+        "harness/durability/mapped.py",
+        "MappedAppender.restart",
+        r"^if old > self.size",
+        EQUIVALENT,
+        "zeroing an empty range changes nothing",
+    ),
+    # stream.py
+    (
+        "harness/workloads/stream.py",
+        "*.__init__",
+        r"^def __init__\(|^self\.name = name$",
+        MESSAGE,
+        "a stream's name appears only in its error messages",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "*",
+        r"self\.lines",
+        UNUSED,
+        "`lines` is counted and never read (explore_record sets it on a copy)",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "AckStream._line",
+        r"split\(None, 1\)\[0\]",
+        EQUIVALENT,
+        "the first word is the same however many times the rest is split",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream.__init__",
+        r"^self\.(stderr|started) = ",
+        EQUIVALENT,
+        "start() and the end of the run set them before anything reads them",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream.__init__",
+        r"^self\.error: ",
+        EQUIVALENT,
+        "failure() asks whether the error is a GuestError; None and an empty string are not",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream.__init__",
+        r"AckStream\(name\)",
+        MESSAGE,
+        "a stream's name appears only in its error messages",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream.__init__",
+        r"threading\.Thread",
+        WAITING,
+        "the reader thread's name and whether it keeps the interpreter alive at exit",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream._run",
+        r"^self\.error = exc$",
+        EQUIVALENT,
+        "this branch holds errors that are not GuestErrors, which failure() does not report",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream._run",
+        r"buffering=1",
+        REPORT,
+        "how often acks.txt (the cell's copy of the lines) is flushed to its file",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream.failure",
+        r"\[-300:\]",
+        MESSAGE,
+        "how much of the run's stderr the failure message quotes",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "*join",
+        r"join\(timeout\)",
+        WAITING,
+        "how long to wait for the reader thread after the guest is gone",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "StreamRun.after_cut",
+        r"join\(timeout\)",
+        WAITING,
+        "how long to wait for the reader thread after the guest is gone",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "StreamRun.after_backend_crash",
+        r"RESUME_ACKS|RESUME_SECONDS|timeout=30|time_left\(60\)",
+        WAITING,
+        "how long the workload runs on after a backend crash before it is stopped",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "StreamRun.__init__",
+        r'rsplit\("/", 1\)\[-1\]',
+        EQUIVALENT,
+        "the last path component is the same however the path is split",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "StreamRun.__init__",
+        r"command, name, ctx\.directory",
+        REPORT,
+        "the run's name (messages, the thread) and the name of its acks.txt artifact",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "StreamRun.__init__",
+        r"super\(\).__init__\(fault\)",
+        UNUSED,
+        "Run.fault is stored and never read",
+    ),
+    # command.py
+    (
+        "harness/workloads/command.py",
+        "Command.start",
+        r"TokenStream\(re\.compile",
+        MESSAGE,
+        "a stream's name appears only in its error messages",
+    ),
+    (
+        "harness/workloads/command.py",
+        "Command.start",
+        r"return StreamRun\(",
+        UNUSED,
+        "the run's name appears in messages and the thread's name; Run.fault is never read",
+    ),
+    (
+        "harness/workloads/command.py",
+        "Command.start",
+        r"\[-300:\]",
+        MESSAGE,
+        "how much of the setup's output the error quotes",
+    ),
+    (
+        "harness/workloads/command.py",
+        "Command.parse",
+        r'^for key, value in \(\("run"',
+        MESSAGE,
+        "the field an empty-command error names",
+    ),
+    (
+        "harness/workloads/command.py",
+        "Command.check",
+        r"^assert isinstance",
+        EQUIVALENT,
+        "a type assertion: every run of this workload is a StreamRun over a TokenStream",
+    ),
+    (
+        "harness/workloads/command.py",
+        "Command.check",
+        r"stderr_tail=|\[-300:\]",
+        MESSAGE,
+        "how much of the check's stderr the observation quotes",
+    ),
+    (
+        "harness/workloads/command.py",
+        "CommandObservation.summary",
+        None,
+        MESSAGE,
+        "the observation in words; the verdict reads loss and the tally",
+    ),
+    (
+        "harness/workloads/command.py",
+        "_log",
+        None,
+        REPORT,
+        "the name and text of the cell's checks.log and setup.log",
+    ),
+    # minimize.py
+    (
+        "harness/explore/minimize.py",
+        "ddmin",
+        r"^n = |, n, reduced = |n > 2|^reduced = False$",
+        PERFORMANCE,
+        _DDMIN_ORDER,
+    ),
+    (
+        "harness/explore/minimize.py",
+        "ddmin",
+        r"^if max_checks is not None and checks >= max",
+        EQUIVALENT,
+        "past the budget every new subset tests as passing (test() refuses to check "
+        "it), so going on only walks cached results: the result still fails, within budget",
+    ),
+    (
+        "harness/explore/minimize.py",
+        "_split",
+        r"^end = start|^if end > start",
+        PERFORMANCE,
+        _DDMIN_ORDER,
+    ),
+    (
+        "harness/explore/minimize.py",
+        "minimize_state",
+        r"max_checks: int \| None = 200",
+        PERFORMANCE,
+        "the default budget of checks",
+    ),
+)
 
 
 def function_of(mutant: str) -> tuple[str, str]:

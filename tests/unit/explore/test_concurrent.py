@@ -266,3 +266,17 @@ def test_a_state_read_back_may_lose_only_what_was_pending_at_its_point(tmp_path:
         tl.point(-1)
     grown = state.with_loss([pending], [], "-min")
     assert grown.id == "s-min" and grown.pending == state.pending and grown.point == state.point
+
+
+def test_the_smallest_budget_is_one_state_at_one_point_each(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path)
+    sched.complete(sched.write(0, b"a" * S))
+    sched.write(S, b"b" * S)
+    rec = sched.finish()
+    tl = timeline(sched, rec, Promise.FLUSHED)
+    assert len(list(enumerate_states(tl, Bounds(max_states=1)))) == 1
+    one_each = list(enumerate_states(tl, Bounds(per_point=1)))
+    assert len(one_each) == len(tl.points) and len({s.point for s in one_each}) == len(tl.points)
+    for bad in ({"max_states": 0}, {"per_point": 0}):
+        with pytest.raises(ConfigError, match="at least 1"):
+            Bounds(**bad)  # type: ignore[arg-type]
