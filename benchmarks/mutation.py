@@ -165,6 +165,7 @@ PERFORMANCE = "performance"  # how fast or how far a search goes, never what it 
 EQUIVALENT = "equivalent"  # the same behaviour for every input the code can be given
 UNUSED = "unused"  # code or attributes nothing calls or reads
 WAITING = "waiting"  # how long to wait for a guest or a thread, not what is judged
+ORDER = "order"  # the order states are enumerated in at one point; the same states
 
 Rule = tuple[str, str, str | None, str, str]  # module, function, removed-line regex, kind, why
 
@@ -295,6 +296,50 @@ RULES: tuple[Rule, ...] = (
         r"rng\.random\(\) < 0\.5",
         EQUIVALENT,
         "differs only when the generator returns exactly 0.5",
+    ),
+    (
+        "harness/explore/states.py",
+        "_torn",
+        r"^for k in range\(4 \* ",
+        PERFORMANCE,
+        "how many torn candidates are drawn at a point before the policy stops",
+    ),
+    (
+        "harness/explore/states.py",
+        "_torn",
+        r"rng\.random\(\) < 0\.5",
+        EQUIVALENT,
+        "differs only when the generator returns exactly 0.5",
+    ),
+    (
+        "harness/explore/states.py",
+        "_at_point",
+        r"^if room <= 0:$|^while generators and room",
+        EQUIVALENT,
+        "room is positive whenever the loop is entered and checked after each state",
+    ),
+    (
+        "harness/explore/states.py",
+        "_at_point",
+        r"^continue$",
+        ORDER,
+        "the round robin over the policies starts its next round early: the same states at the "
+        "point, in another order",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline.pending",
+        r"self\._pending\.get",
+        PERFORMANCE,
+        "a cache of pending writes per point, recomputed when it misses",
+    ),
+    (
+        "harness/explore/states.py",
+        "_prefixes",
+        r"^count = min\(per_point, n - 1\)",
+        EQUIVALENT,
+        "the prefix lengths k are deduplicated: counts of n - 1 and n + 1 give the same set "
+        "(checked for n < 80, per_point < 100)",
     ),
     # delta.py, mapped.py
     (

@@ -171,6 +171,7 @@ def test_enumeration_under_concurrent_io_matches_the_contract(
             prefixes = [s.lost for s in prefix_only if s.point == point]
             assert prefixes == [tuple(sorted(pending[k:])) for k in range(1, len(pending))]
             for s in here:
+                assert s.pending == len(pending), s.id
                 assert set(s.lost) <= set(pending), s.id
                 for seq, lost in s.torn:
                     assert seq in pending and seq not in s.lost, s.id
@@ -280,3 +281,29 @@ def test_the_smallest_budget_is_one_state_at_one_point_each(tmp_path: Path) -> N
     for bad in ({"max_states": 0}, {"per_point": 0}):
         with pytest.raises(ConfigError, match="at least 1"):
             Bounds(**bad)  # type: ignore[arg-type]
+
+
+def test_budgets_are_kept_exactly_and_torn_writes_tear_by_sector(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path)
+    for i in range(6):  # six writes of two sectors each, none ever flushed
+        sched.complete(sched.write(4 * i * S, bytes([i + 1]) * 2 * S))
+    rec = sched.finish()
+    tl = timeline(sched, rec, Promise.FLUSHED)
+    end = tl.points[-1]
+    assert len(list(enumerate_states(tl, Bounds(max_states=3)))) == 3
+    for per_point in (2, 5, 9):
+        got = list(enumerate_states(tl, Bounds(per_point=per_point, points=(end.number,))))
+        assert len(got) == per_point
+    torn = [
+        s
+        for s in enumerate_states(tl, Bounds(per_point=60, policies=(CutPolicy.TORN,)))
+        if s.point == end
+    ]
+    assert torn
+    for s in torn:
+        for seq, lost in s.torn:
+            first = tl.by_seq[seq].offset // S
+            assert len(lost) == 1 and lost[0] in (first, first + 1)  # one sector of two
+    # A torn state loses some of the other pending writes and keeps others.
+    assert any(0 < len(s.lost) < 6 - len(s.torn) for s in torn)
+    assert any(len(s.lost) + len(s.torn) < 6 for s in torn)
