@@ -165,7 +165,7 @@ PERFORMANCE = "performance"  # how fast or how far a search goes, never what it 
 EQUIVALENT = "equivalent"  # the same behaviour for every input the code can be given
 UNUSED = "unused"  # code or attributes nothing calls or reads
 WAITING = "waiting"  # how long to wait for a guest or a thread, not what is judged
-ORDER = "order"  # the order states are enumerated in at one point; the same states
+ORDER = "order"  # the order candidate states come out in at one point
 
 Rule = tuple[str, str, str | None, str, str]  # module, function, removed-line regex, kind, why
 
@@ -323,8 +323,9 @@ RULES: tuple[Rule, ...] = (
         "_at_point",
         r"^continue$",
         ORDER,
-        "the round robin over the policies starts its next round early: the same states at the "
-        "point, in another order",
+        "the round robin over the policies starts its next round early: the same candidates "
+        "in another order, so a per-point budget may keep others of them; each is a state the "
+        "contract allows, and every policy still contributes",
     ),
     (
         "harness/explore/states.py",
