@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import machine_info
-from harness.vm.image import build, ensure_image
+from harness.vm.build import build, ensure_image
 from harness.vm.qemu import QemuMachine
 from harness.vm.spec import Accel, FileDisk, MachineSpec
 

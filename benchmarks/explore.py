@@ -3,7 +3,7 @@
     python -m benchmarks explore [-- --steps 40 --states 600 --workers 2 --seed 1]
 
 1. Record once: a 64 MiB ext4 image (mkfs defaults), `--steps` real ext4
-   operations (`harness.explore.ext4traffic`: debugfs operations journalled
+   operations (`harness.testing.ext4traffic`: debugfs operations journalled
    the way jbd2 orders its writes, with barriers) through
    log-writes (with data) over powerfail over file, each step acknowledged by
    a mark in the log. No VM, no kernel mount.
@@ -51,7 +51,7 @@ from harness.durability.cut import apply_cut
 from harness.durability.oracle import check
 from harness.durability.writelog import read_log
 from harness.explore.attribute import attribute_extents
-from harness.explore.ext4traffic import Ext4Traffic
+from harness.explore.doc import StateVerdict
 from harness.explore.hostcheck import Ext4Checker, HostChecker, explore_host
 from harness.explore.minimize import minimize_state
 from harness.explore.recording import (
@@ -63,6 +63,7 @@ from harness.explore.recording import (
     write_recording,
 )
 from harness.explore.states import Bounds, Timeline, enumerate_states
+from harness.testing.ext4traffic import Ext4Traffic
 
 IMAGE_SIZE = 64 << 20
 GOAL = 100.0
@@ -141,7 +142,7 @@ def explore(rec: Recording, states: int, workers: int, seed: int, tmp: Path) -> 
         finally:
             for hc in checkers:
                 hc.close()
-    fsck = [o.seconds for r in result.results for o in r.outcomes if o.seconds]
+    fsck = [o.seconds for r in result.results for o in r.findings if o.seconds]
     return {
         "workers": workers,
         "points": len(tl.points),
@@ -199,7 +200,7 @@ def negative_control(
 ) -> dict[str, Any]:
     out = explore(rec, states, workers, seed, tmp)
     result = out.pop("_result")
-    first = next((r for r in result.results if r.verdict == "fail"), None)
+    first = next((r for r in result.results if r.verdict is StateVerdict.FAIL), None)
     out["first_failing_index"] = result.results.index(first) if first else None
     if first is None:
         return out
@@ -229,7 +230,7 @@ def negative_control(
             }
             for s, blocks in zip(seqs, roles, strict=True)
         ],
-        "fsck": first.outcomes[0].detail if first.outcomes else "",
+        "fsck": first.findings[0].detail if first.findings else "",
     }
     return out
 
@@ -263,18 +264,13 @@ GUEST_RATIO_GOAL = 15.0
 
 def in_guests(tmp: Path, states: int, records: int, seed: int) -> dict[str, Any]:
     """Step 6: the runner and exploration on the same cell, in this run."""
-    from harness.crash.explore_record import recorded_run
-    from harness.crash.explore_run import (
-        CellExplorer,
-        ExploreDoc,
-        ExploreOptions,
-        exploration_cells,
-        spec_for,
-    )
+    from harness.crash.explorer.cell import CellExplorer, ExploreOptions
+    from harness.crash.explorer.record import recorded_run
+    from harness.crash.explorer.run import ExploreDoc, exploration_cells, spec_for
     from harness.crash.plan import make_plan
     from harness.crash.runner import run_plan
     from harness.explore.recording import open_recording
-    from harness.vm.image import ensure_image
+    from harness.vm.build import ensure_image
 
     tmp.mkdir(parents=True, exist_ok=True)
     scenario = tmp / "explore-bench.toml"
@@ -303,7 +299,7 @@ def in_guests(tmp: Path, states: int, records: int, seed: int) -> dict[str, Any]
     ).run()
     explore_wall = time.perf_counter() - t0
     doc.finish()
-    entry = result.entry
+    entry = result.record.to_json()  # as explore.json has it
     guest = entry.get("guest") or {}
     # The host side again on the same recording, alone on the machine.
     recorded = recorded_run(
@@ -322,7 +318,8 @@ def in_guests(tmp: Path, states: int, records: int, seed: int) -> dict[str, Any]
     t0 = time.perf_counter()
     alone.explore(recorded)
     host_wall = time.perf_counter() - t0
-    host_rate = float(alone.entry["host_states_per_s"])
+    alone_entry = alone.snapshot().to_json()
+    host_rate = float(alone_entry["host_states_per_s"])
     runner_rate = 1.0 / runner_cell
     guest_rate = float(guest.get("states_per_s", 0.0))
     explored = int(entry["states_explored"])
@@ -351,7 +348,7 @@ def in_guests(tmp: Path, states: int, records: int, seed: int) -> dict[str, Any]
             "end_to_end_states_per_s": round(explored / explore_wall, 2),
         },
         "host_side_alone": {
-            "states": alone.entry["states_explored"],
+            "states": alone_entry["states_explored"],
             "seconds": round(host_wall, 3),
             "states_per_s": host_rate,
         },

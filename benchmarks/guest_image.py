@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 
 from benchmarks import machine_info
-from harness.vm.image import GuestImage, build, recipe_dir
+from harness.vm.build import build
+from harness.vm.image import GuestImage
 from harness.vm.qemu import QemuMachine
+from harness.vm.recipe import recipe_dir
 from harness.vm.spec import Accel, FileDisk, MachineSpec
 
 GOAL_RATIO = 1.25
@@ -79,7 +81,7 @@ def _baseline_image(rev: str, work: Path, *, grown: bool) -> Path:
             )
             (recipe / "recipe.toml").write_text(text)
     code = (
-        "import sys; from pathlib import Path; from harness.vm.image import build; "
+        "import sys; from pathlib import Path; from harness.vm.build import build; "
         "print(build(Path(sys.argv[1])).image.directory)"
     )
     out = subprocess.run(
@@ -139,7 +141,7 @@ def _builds(extra: list[str]) -> dict[str, object]:
             [
                 sys.executable,
                 "-c",
-                "import sys; from pathlib import Path; from harness.vm.image import build; "
+                "import sys; from pathlib import Path; from harness.vm.build import build; "
                 "assert build(cache=Path(sys.argv[1]), packages=sys.argv[2:]).cache_hit",
                 tmp,
                 *extra,

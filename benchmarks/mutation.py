@@ -370,7 +370,7 @@ RULES: tuple[Rule, ...] = (
         "*",
         r"self\.lines",
         UNUSED,
-        "`lines` is counted and never read (explore_record sets it on a copy)",
+        "`lines` is counted and never read (explorer/record.py sets it on a copy)",
     ),
     (
         "harness/workloads/stream.py",

@@ -2,7 +2,7 @@
 
     python -m benchmarks.vhost [--seconds 2] [--rounds 3] [--only 4k] [--out benchmarks/results]
 
-See harness/vhost/hostbench.py for the method. Goals: 4 KiB IOPS at least
+See harness/testing/hostbench.py for the method. Goals: 4 KiB IOPS at least
 0.8x qemu-storage-daemon's, 1 MiB bandwidth at least 0.9x. Each run is
 recorded as benchmarks/results/vhost-host-<time>.json with the command and
 the machine.
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import machine_info
-from harness.vhost.hostbench import IMAGE_SIZE, run_host_bench
+from harness.testing.hostbench import IMAGE_SIZE, run_host_bench
 
 
 def main(argv: list[str] | None = None) -> int:

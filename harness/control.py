@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import PowercutError
-from harness.sockets import listen_unix
+from harness.sockets import AcceptLoop, listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +33,19 @@ class ControlServer:
         self.path = Path(path)
         self._listener = listen_unix(self.path)
         self._handlers: dict[str, Handler] = {"ping": lambda _req: "pong"}
-        self._closing = False
-        self._thread = threading.Thread(target=self._serve, name="vhost-control", daemon=True)
+        self._accept = AcceptLoop(self._listener, self._connected, name=f"control {self.path}")
 
     def register(self, name: str, handler: Handler) -> None:
         self._handlers[name] = handler
 
     def start(self) -> ControlServer:
-        self._thread.start()
+        self._accept.start("vhost-control")
         return self
 
-    def _serve(self) -> None:
-        while not self._closing:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(
-                target=self._client, args=(conn,), name="vhost-control-client", daemon=True
-            ).start()
+    def _connected(self, conn: socket.socket) -> None:
+        threading.Thread(
+            target=self._client, args=(conn,), name="vhost-control-client", daemon=True
+        ).start()
 
     def _client(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as stream:
@@ -81,9 +75,8 @@ class ControlServer:
             return {"ok": False, "error": str(exc)}
 
     def close(self) -> None:
-        self._closing = True
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
+        self._accept.stop()
+        self._accept.join(timeout=5)
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

@@ -205,9 +205,9 @@ def guest_image(request: pytest.FixtureRequest) -> Any:
     """The guest image for the repository's recipe, built once (and cached across runs).
 
     `--guest-package`, `--guest-kernel` and `--guest-modules` change what it is made of;
-    `harness.vm.image.ensure_image(packages, kernel, modules)` makes others in a test.
+    `harness.vm.build.ensure_image(packages, kernel, modules)` makes others in a test.
     """
-    from harness.vm.image import ensure_image
+    from harness.vm.build import ensure_image
 
     kernel = request.config.getoption("--guest-kernel")
     modules = request.config.getoption("--guest-modules")

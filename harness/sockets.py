@@ -1,17 +1,38 @@
-"""Unix sockets the harness listens on: owner-only, never stealing a live one.
+"""Sockets the harness listens on: owner-only unix sockets, and the one accept loop.
 
 Every server the harness runs (the vhost-user-blk export, the NBD export,
-the control socket) listens through `listen_unix`.
+the control socket) listens through `listen_unix` (or on a socket it was
+given) and accepts through `AcceptLoop`, so all three behave alike when the
+process runs out of file descriptors: accept(2) fails with EMFILE or ENFILE
+while the client waits in the backlog, and a loop that retried at once would
+spin a core until a descriptor is freed. The loop backs off instead (50 ms,
+doubling to 1 s, reset by the next connection), says so once per spell, and
+still stops at once when the server closes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import socket
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from harness.errors import PowercutError
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 1.0
+# accept(2) errors that say the listener was shut down or closed: the loop ends.
+_CLOSED = frozenset({errno.EBADF, errno.EINVAL})
+# Errors that concern one client that left before it was accepted: take the next one.
+_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.EPERM})
 
 
 def listen_unix(path: str | Path) -> socket.socket:
@@ -79,3 +100,91 @@ def _check_socket_dir(directory: Path) -> None:
             f"socket directory {directory} is writable by others (mode "
             f"{stat.S_IMODE(st.st_mode):o}); use a directory only you can write (mode 0700)"
         )
+
+
+class AcceptLoop:
+    """Accepts connections on `listener` and hands each to `handle`, until stopped.
+
+    `handle(conn)` runs on the loop's thread: it serves the connection there
+    (vhost-user: one frontend at a time) or starts a thread for it (NBD,
+    control). If it raises, the error is logged, the connection closed, and
+    the loop goes on. Any other failure of accept(2) — out of descriptors
+    (EMFILE, ENFILE) or of memory (ENOBUFS, ENOMEM) above all — is retried
+    after a pause that doubles from `backoff` up to `max_backoff`. `stop()`
+    shuts the listener down, which ends a blocked accept(2) and any pause.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        handle: Callable[[socket.socket], None],
+        *,
+        name: str,
+        backoff: float = BACKOFF_FIRST,
+        max_backoff: float = BACKOFF_MAX,
+    ) -> None:
+        self.listener = listener
+        self.handle = handle
+        self.name = name
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.failures = 0  # accept(2) failures that were waited out
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def start(self, thread_name: str | None = None) -> Self:
+        """Run the loop on a daemon thread of its own."""
+        self._thread = threading.Thread(target=self.run, name=thread_name or self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Accept until stopped (or the listener is closed under it)."""
+        delay = self.backoff
+        spell = 0
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError as exc:
+                if self._stopping.is_set() or exc.errno in _CLOSED:
+                    return
+                if exc.errno in _CLIENT_GONE:
+                    continue
+                self.failures += 1
+                spell += 1
+                if spell == 1:
+                    log.warning(
+                        "%s: accept failed: %s; retrying every %.2f-%.1f s until it works",
+                        self.name,
+                        exc,
+                        self.backoff,
+                        self.max_backoff,
+                    )
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            if spell:
+                log.warning("%s: accepting again after %d failed attempts", self.name, spell)
+                spell, delay = 0, self.backoff
+            try:
+                self.handle(conn)
+            except Exception:
+                # Whatever one connection did, the next one must still be served.
+                log.exception("%s: a connection ended with an internal error", self.name)
+                conn.close()
+
+    def stop(self) -> None:
+        """Stop accepting: a blocked accept(2) and a pause both end now."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the loop's thread (not when called from it)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)

@@ -40,13 +40,19 @@ import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.block.options import parse_bool, parse_dotted
 from harness.errors import ConfigError, PowercutError
 from harness.sockets import listen_unix
+from harness.vm.daemons import SocketAddress
+
+if TYPE_CHECKING:
+    from harness.block import BlockBackend
+    from harness.nbd import NbdServer
+    from harness.vhost.server import VhostUserBlkServer
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +80,6 @@ def _flatten_json(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = item
     return flat
-
-
-@dataclass(frozen=True)
-class SocketAddress:
-    """QEMU's SocketAddress as the daemon takes it: unix path, inet host/port, or an fd."""
-
-    type: str  # unix, inet, fd
-    path: str = ""
-    host: str = ""
-    port: int = 0
-    fd: int = -1
-
-    def describe(self) -> str:
-        if self.type == "unix":
-            return self.path
-        if self.type == "inet":
-            return f"{self.host}:{self.port}"
-        return f"fd {self.fd}"
 
 
 def _parse_addr(opts: dict[str, Any], what: str, types: tuple[str, ...]) -> SocketAddress:
@@ -339,7 +327,7 @@ def _open_export_backend(
     writethrough: bool,
     *,
     report_errors: bool = False,
-) -> Any:
+) -> BlockBackend:
     """`report_errors`: werror=report, as QEMU's export BlockBackends have (an NBD client
     is told each error and applies its own policy; a stopped export would only fail)."""
     from harness.block import open_backend
@@ -355,10 +343,93 @@ def _open_export_backend(
     return open_backend(options, cache="writeback", read_only=not writable, name=node_name)
 
 
-def _run(args: argparse.Namespace) -> int:
+@dataclass
+class Exports:
+    """The servers one process runs: its vhost-user-blk exports and its one NBD server."""
+
+    vhost: list[VhostUserBlkServer] = field(default_factory=list)
+    nbd: NbdServer | None = None
+
+    @property
+    def servers(self) -> list[VhostUserBlkServer | NbdServer]:
+        return [*self.vhost, *([self.nbd] if self.nbd is not None else [])]
+
+    def close(self) -> None:
+        """Close every server still listening (created but never run, or run and stopped)."""
+        for server in self.servers:
+            if server.listener.fileno() >= 0:
+                server.close()
+
+
+def open_exports(
+    vhost: Sequence[tuple[ExportSpec, BlockBackend]],
+    nbd_server: NbdServerSpec | None = None,
+    nbd: Sequence[tuple[NbdExportSpec, BlockBackend]] = (),
+    *,
+    parallel_io: bool | None = None,
+    nbd_name: str = "nbd-server",
+) -> Exports:
+    """Each backend wired to its exports, listening (not yet serving: `run_until_signalled`).
+
+    The one place a BlockBackend becomes a virtio-blk device on a vhost-user
+    socket or an NBD export: `powercut serve` and this daemon both come here.
+    The backends stay the caller's. If one export cannot listen, the ones
+    made before are closed.
+    """
     from harness.nbd import MultiConn, NbdExport, NbdServer
     from harness.vhost.blk import BlkConfig, VirtioBlkDevice
     from harness.vhost.server import VhostUserBlkServer
+
+    exports = Exports()
+    try:
+        for spec, backend in vhost:
+            device = VirtioBlkDevice(
+                backend,
+                BlkConfig(
+                    num_queues=spec.num_queues,
+                    serial=spec.serial,
+                    logical_block_size=spec.logical_block_size,
+                    read_only=not spec.writable,
+                ),
+            )
+            exports.vhost.append(
+                VhostUserBlkServer(
+                    device,
+                    _listener(spec),
+                    num_queues=spec.num_queues,
+                    path=spec.addr if spec.addr_type == "unix" else None,
+                    name=spec.id,
+                    parallel_io=parallel_io,
+                )
+            )
+        if nbd_server is not None:
+            items = [
+                NbdExport(
+                    nspec.name,
+                    backend,
+                    writable=nspec.writable,
+                    description=nspec.description,
+                    multi_conn=MultiConn(nspec.multi_conn),
+                )
+                for nspec, backend in nbd
+            ]
+            addr = nbd_server.addr
+            exports.nbd = NbdServer(
+                nbd_listener(addr),
+                items,
+                name=nbd_name,
+                path=Path(addr.path) if addr.type == "unix" else None,
+                max_connections=nbd_server.max_connections,
+                parallel_io=parallel_io,
+            )
+            log.info("NBD server on %s", addr.describe())
+    except BaseException:
+        exports.close()
+        raise
+    return exports
+
+
+def _run(args: argparse.Namespace) -> int:
     from harness.vhost.service import run_until_signalled
 
     for obj in args.object:
@@ -377,76 +448,43 @@ def _run(args: argparse.Namespace) -> int:
     nbd_spec = parse_nbd_server(args.nbd_server[0]) if args.nbd_server else None
     if not args.export:
         raise ConfigError("no --export given: nothing to serve")
-    exports = [parse_export(text) for text in args.export]
-    ids = [e.id for e in exports]
+    specs = [parse_export(text) for text in args.export]
+    ids = [e.id for e in specs]
     if len(set(ids)) != len(ids):
         raise ConfigError("two --export options have the same id")
-    nbd_exports = [e for e in exports if isinstance(e, NbdExportSpec)]
-    if nbd_exports and nbd_spec is None:
+    nbd_specs = [e for e in specs if isinstance(e, NbdExportSpec)]
+    if nbd_specs and nbd_spec is None:
         raise ConfigError(
-            f"--export {nbd_exports[0].id} is type=nbd but no --nbd-server was given; "
+            f"--export {nbd_specs[0].id} is type=nbd but no --nbd-server was given; "
             "add --nbd-server addr.type=unix,addr.path=SOCKET"
         )
-    for nbd_export in nbd_exports:
+    for nbd_export in nbd_specs:
         resolve_node(nodes, nbd_export.node_name)  # a missing node fails before anything listens
-    servers: list[Any] = []
-    backends = []
+    backends: list[BlockBackend] = []
+    exports = Exports()
     try:
-        for spec in exports:
-            if isinstance(spec, NbdExportSpec):
-                continue
-            backend = _open_export_backend(nodes, spec.node_name, spec.writable, spec.writethrough)
-            backends.append(backend)
-            device = VirtioBlkDevice(
-                backend,
-                BlkConfig(
-                    num_queues=spec.num_queues,
-                    serial=spec.serial,
-                    logical_block_size=spec.logical_block_size,
-                    read_only=not spec.writable,
-                ),
-            )
-            path = spec.addr if spec.addr_type == "unix" else None
-            servers.append(
-                VhostUserBlkServer(
-                    device, _listener(spec), num_queues=spec.num_queues, path=path, name=spec.id
-                )
-            )
-        if nbd_spec is not None:
-            nbd_items = []
-            for nspec in nbd_exports:
+        vhost = []
+        for spec in specs:
+            if isinstance(spec, ExportSpec):
                 backend = _open_export_backend(
-                    nodes, nspec.node_name, nspec.writable, nspec.writethrough, report_errors=True
+                    nodes, spec.node_name, spec.writable, spec.writethrough
                 )
                 backends.append(backend)
-                nbd_items.append(
-                    NbdExport(
-                        nspec.name,
-                        backend,
-                        writable=nspec.writable,
-                        description=nspec.description,
-                        multi_conn=MultiConn(nspec.multi_conn),
-                    )
-                )
-            addr = nbd_spec.addr
-            servers.append(
-                NbdServer(
-                    nbd_listener(addr),
-                    nbd_items,
-                    name="nbd-server",
-                    path=Path(addr.path) if addr.type == "unix" else None,
-                    max_connections=nbd_spec.max_connections,
-                )
+                vhost.append((spec, backend))
+        nbd = []
+        for nspec in nbd_specs:
+            backend = _open_export_backend(
+                nodes, nspec.node_name, nspec.writable, nspec.writethrough, report_errors=True
             )
-            log.info("NBD server on %s", addr.describe())
+            backends.append(backend)
+            nbd.append((nspec, backend))
+        exports = open_exports(vhost, nbd_spec, nbd)
         if args.pidfile:
             with open(args.pidfile, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        return run_until_signalled(servers)
+        return run_until_signalled(exports.servers)
     finally:
-        for server in servers:
-            if server.listener.fileno() >= 0:
-                server.close()
+        exports.close()
         for backend in backends:
             backend.close()
         if args.pidfile:

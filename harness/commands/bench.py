@@ -12,7 +12,7 @@ under TCG swing by a third from run to run, so only same-run medians and
 their ratios mean anything. DIR/bench.json holds every slice and the
 medians; the table shows powercut relative to the other two.
 `--host` adds the guest-less comparison of the backends themselves
-(harness.vhost.hostbench).
+(harness.testing.hostbench).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def run_guest(
 ) -> dict[str, Any]:
     from harness.vm.accel import choose_accel
     from harness.vm.backends import make_backend
-    from harness.vm.image import ensure_image
+    from harness.vm.build import ensure_image
     from harness.vm.qemu import QemuMachine
     from harness.vm.spec import MachineSpec
 
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
             )
         console.print(table)
     if args.host:
-        from harness.vhost.hostbench import run_host_bench
+        from harness.testing.hostbench import run_host_bench
 
         host = run_host_bench(
             seconds=max(1.0, args.runtime / 2),

@@ -4,46 +4,62 @@
     powercut explore scenarios/matrix.toml --out r --mode writeback --max-states 500 --workers 2
     powercut explore replay out/explore --state p12-torn-3 --out state.img
 
-Each cell's workload runs once (`harness.crash.explore_record`); the states its
+Each cell's workload runs once (`harness.crash.explorer.record`); the states its
 contract allows are checked host-side and in one checker guest, failing ones
-shrunk (`harness.crash.explore_run`). DIR gets explore.json (written as it
-goes), report.html and plots/. `replay` rebuilds any state of DIR/explore.json
-(minimized ones too) as an image to mount or fsck.
+shrunk (`harness.crash.explorer.cell`). DIR gets explore.json (written as it
+goes, `harness.crash.explorer.run`), report.html, report.md and plots/.
+`replay` rebuilds any state of DIR/explore.json (minimized ones too) as an image
+to mount or fsck (`harness.explore.doc.replay`).
 
-Exit status: 0 when no state breaks its contract (a negative control: when
-one fails), 1 otherwise, 130 after Ctrl-C (explore.json keeps what was checked).
+A cell can take many minutes between two lines of output, so on a terminal a
+live line shows what it is doing (`harness.crash.explorer.progress`); anywhere
+else (a pipe, CI's log) only the results are printed.
+
+Exit status (`EXIT_STATUS`, also in `--help`): 0 when every cell passed; 1 when a
+state breaks its contract (a negative control: when none fails); 2 when a cell
+is an error instead — its recording or its checks failed, or more of its states
+than the scenario's `unjudged-states` could not be judged (a check that could
+not run is not a pass); 130 after Ctrl-C (explore.json keeps what was checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from rich import progress as rich_progress
 from rich.console import Console
-from rich.status import Status
 
-from harness.crash.explore_record import unexplorable
-from harness.crash.explore_run import (
-    CellExplorer,
-    ExploreDoc,
-    ExploreOptions,
-    exploration_cells,
-    explore_id,
-    replay,
-    spec_for,
-)
+from harness.crash.explorer.cell import CellExplorer, ExploreOptions
+from harness.crash.explorer.progress import Phase, Progress
+from harness.crash.explorer.record import unexplorable
+from harness.crash.explorer.run import ExploreDoc, exploration_cells, explore_id, spec_for
 from harness.crash.images import CellImages
 from harness.crash.plan import ACCELS, command_line, make_plan
+from harness.durability.contract import Verdict
 from harness.errors import ConfigError
+from harness.explore.doc import CellRecord, ExploreDocument, replay
+from harness.report.console import STYLE
 from harness.report.explore import render_explore
 from harness.vm.accel import choose_accel
 
 NAME = "explore"
 HELP = "check every crash state a recorded run allows (and `explore replay` one of them)"
+EXIT_STATUS = """\
+exit status:
+  0    every cell passed: no state breaks its contract (a negative control: some state fails)
+  1    a state breaks its contract (a negative control: no state fails)
+  2    a cell is an error: its recording or its checks failed, or more states than
+       [explore] unjudged-states could not be judged (explore.json: states_unjudged)
+  130  interrupted (Ctrl-C); explore.json keeps what was checked"""
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_STATUS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "scenarios",
         nargs="+",
@@ -92,8 +108,58 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the cells to explore and exit")
 
 
+@contextlib.contextmanager
+def progress_display(console: Console) -> Iterator[rich_progress.Progress | None]:
+    """A live display of the work on a terminal; None (nothing drawn) anywhere else."""
+    if not console.is_terminal:
+        yield None
+        return
+    with rich_progress.Progress(
+        rich_progress.SpinnerColumn(),
+        rich_progress.TextColumn("{task.description}"),
+        rich_progress.BarColumn(),
+        rich_progress.MofNCompleteColumn(),
+        rich_progress.TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        yield bar
+
+
+class _CellLine:
+    """The running cell's line: its phase and counters; the bar, its phase's states."""
+
+    def __init__(self, bar: rich_progress.Progress | None, label: str) -> None:
+        self.bar = bar
+        self.label = label
+        self.phase: Phase | None = None
+        self.task = bar.add_task(f"{label}: prepare", total=None) if bar is not None else None
+
+    def __call__(self, progress: Progress) -> None:
+        if self.bar is None or self.task is None:
+            return
+        changed = progress.phase is not self.phase
+        self.phase = progress.phase
+        self.bar.update(
+            self.task,
+            description=f"{self.label}: {progress.describe()}",
+            total=progress.planned or None,
+            completed=progress.checked,
+            refresh=changed,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.remove_task(self.task)
+
+
+def make_console() -> Console:
+    """The command's console (a test may give it another)."""
+    return Console()
+
+
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     if args.scenarios[0] == "replay":
         return _replay(args, console)
     if args.state is not None:
@@ -132,66 +198,84 @@ def run(args: argparse.Namespace) -> int:
     )
     for c in cells:  # a bad budget is an error before anything boots
         CellExplorer.check_budget(spec_for(c, plan.scenarios), options)
-    images = CellImages()
-    with console.status("guest image"):
-        images.prepare(cells)
-    accel = choose_accel(None if plan.accel == "auto" else plan.accel, images(cells[0]).kernel)
     out = Path(args.out)
-    doc = ExploreDoc(out, command_line(sys.argv[1:]))
-    for c, why in skipped:
-        console.print(f"[yellow]SKIP [/] {c.scenario}: {explore_id(c)}: {why}", soft_wrap=True)
-        skip = {"id": explore_id(c), "scenario": c.scenario, "status": "skipped", "reason": why}
-        doc.add_cell({**skip, "index": len(doc.data["cells"]), "verdict": "skipped", "states": []})
-    interrupted = False
-    try:
-        for index, cell in enumerate(cells, start=len(skipped)):
-            prefix = f"{index}/" if len(cells) + len(skipped) > 1 else None
-            label = f"{cell.scenario}: {explore_id(cell)}"
-            with console.status(label) as status:
-
-                def phase(name: str, label: str = label, status: Status = status) -> None:
-                    status.update(f"{label}: {name}")
-
-                explorer = CellExplorer(
-                    cell,
-                    spec_for(cell, plan.scenarios),
-                    out / "cells" / f"{index:03d}",
-                    images(cell),
-                    out=out,
-                    index=index,
-                    options=options,
-                    accel=accel,
-                    doc=doc,
-                    replay_prefix=prefix,
-                    on_phase=phase,
-                )
-                result = explorer.run()
-            entry = result.entry
-            style = "green" if result.ok else "red"
-            console.print(
-                f"[{style}]{str(entry['verdict']).upper():5}[/] {cell.scenario}: {entry['id']}: "
-                f"{entry['reason']}",
-                highlight=False,
-                soft_wrap=True,
+    with progress_display(console) as bar:
+        images = CellImages()
+        if bar is None:
+            images.prepare(cells)
+        else:
+            build = bar.add_task("guest image", total=None)
+            images.prepare(
+                cells, lambda what: bar.update(build, description=f"guest image: {what}")
             )
-    except KeyboardInterrupt:
-        interrupted = True
-    doc.finish(interrupted=interrupted)
-    report = render_explore(out, doc.data)
-    data = doc.data
+            bar.remove_task(build)
+        wanted = None if plan.accel == "auto" else plan.accel
+        accel = choose_accel(wanted, images(cells[0]).kernel)
+        doc = ExploreDoc(out, command_line(sys.argv[1:]))
+        for index, (c, why) in enumerate(skipped):
+            console.print(f"[yellow]SKIP [/] {c.scenario}: {explore_id(c)}: {why}", soft_wrap=True)
+            doc.add_cell(CellRecord.skipped(index, explore_id(c), c.scenario, why))
+        interrupted = False
+        try:
+            for index, cell in enumerate(cells, start=len(skipped)):
+                prefix = f"{index}/" if len(cells) + len(skipped) > 1 else None
+                line = _CellLine(bar, f"{cell.scenario}: {explore_id(cell)}")
+                try:
+                    explorer = CellExplorer(
+                        cell,
+                        spec_for(cell, plan.scenarios),
+                        out / "cells" / f"{index:03d}",
+                        images(cell),
+                        out=out,
+                        index=index,
+                        options=options,
+                        accel=accel,
+                        doc=doc,
+                        replay_prefix=prefix,
+                        on_progress=line,
+                    )
+                    result = explorer.run()
+                finally:
+                    line.close()
+                record = result.record
+                verdict = record.verdict.value if record.verdict is not None else "error"
+                style = STYLE.get(verdict, "default")
+                console.print(
+                    f"[{style}]{verdict.upper():5}[/] {cell.scenario}: {record.id}: "
+                    f"{record.reason}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        except KeyboardInterrupt:
+            interrupted = True
+    document = doc.finish(interrupted=interrupted)
+    report = render_explore(out, document)
+    counts = document.counts
     console.print(
-        f"{data['states_explored']} states explored ({data['states_unique']} unique), "
-        f"{data['states_failing']} failing, {data['states_breaking_contract']} breaking the "
-        f"contract; {out / 'explore.json'}, {report}",
+        f"{counts.states_explored} states explored ({counts.states_unique} unique), "
+        f"{counts.states_failing} failing, {counts.states_breaking_contract} breaking the "
+        f"contract, {counts.states_unjudged} not judged; {out / 'explore.json'}, {report}",
         markup=False,
     )
-    for cell_entry in data["cells"]:
-        shown = [s for s in cell_entry.get("states", []) if s.get("contract_broken")][:3]
-        for s in shown:
-            console.print(f"  {s['id']}: {s.get('replay', '')}", markup=False, soft_wrap=True)
-    if interrupted:
+    for cell_record in document.cells:
+        for s in cell_record.breaking[:3]:
+            console.print(f"  {s.id}: {s.replay or ''}", markup=False, soft_wrap=True)
+        for s in cell_record.unjudged[:3]:
+            why = "; ".join(f"{c.checker}: {c.detail}" for c in s.checks if c.ok is None)
+            console.print(f"  {s.id} not judged: {why}", markup=False, soft_wrap=True)
+    return exit_status(document)
+
+
+def exit_status(document: ExploreDocument) -> int:
+    """The command's exit status for a finished exploration (`EXIT_STATUS`)."""
+    if document.interrupted:
         return 130
-    return 0 if data["ok"] else 1
+    verdicts = {c.verdict for c in document.cells}
+    if Verdict.FAIL in verdicts:
+        return 1
+    if Verdict.ERROR in verdicts:
+        return 2
+    return 0 if document.ok else 1
 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:

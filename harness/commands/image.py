@@ -20,8 +20,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.vm.image import build, recipe_dir
+from harness.vm.build import build
 from harness.vm.kernel import FEATURES
+from harness.vm.recipe import recipe_dir
 
 NAME = "image"
 HELP = "build the guest image (kernel + initramfs) from Debian packages, cached by recipe hash"

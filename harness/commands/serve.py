@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from harness.block import BlockBackend, open_backend
+from harness.block.cache import parse_cache_mode
 from harness.block.options import format_dotted, to_flat
 from harness.block.throttle import BUCKETS
 from harness.control import ControlServer
-from harness.errors import ConfigError
-from harness.nbd import NbdExport, NbdServer
-from harness.storage_daemon import SocketAddress, nbd_listener
-from harness.vhost.blk import BlkConfig, VirtioBlkDevice
+from harness.nbd import NbdServer
+from harness.storage_daemon import Exports, ExportSpec, NbdExportSpec, NbdServerSpec, open_exports
 from harness.vhost.fault_commands import register_fault_commands
 from harness.vhost.server import VhostUserBlkServer
 from harness.vhost.service import run_until_signalled
+from harness.vm.daemons import THROTTLING_KEYS, ParallelIO, ServeOptions, nbd_address
 
 NAME = "serve"
 HELP = "serve a disk image to QEMU guests as a vhost-user-blk backend or an NBD export"
@@ -102,119 +101,131 @@ def register(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--throttle-group", metavar="NAME", help="throttle group to join")
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any] | str:
-    if bool(args.image) == bool(args.blockdev):
-        raise ConfigError("give either an IMAGE or --blockdev SPEC (exactly one)")
-    extra: dict[str, Any] = {}
-    for bucket in BUCKETS:
-        for key in (bucket, f"{bucket}-max"):
-            value = getattr(args, key.replace("-", "_"))
-            if value is not None:
-                extra[f"throttling.{key}"] = value
-    if args.throttle_group:
-        extra["throttling.group"] = args.throttle_group
-    if args.blockdev:
-        spec: str = args.blockdev
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """The command line read back into the options that build it (`ServeOptions.argv`)."""
+    limits = (
+        (key, getattr(args, key.replace("-", "_")))
+        for key in THROTTLING_KEYS
+        if getattr(args, key.replace("-", "_")) is not None
+    )
+    return ServeOptions(
+        image=Path(args.image) if args.image else None,
+        blockdev=args.blockdev or None,
+        socket=Path(args.socket) if args.socket else None,
+        nbd=args.nbd or None,
+        nbd_export=args.nbd_export,
+        cache=parse_cache_mode(args.cache),
+        queues=args.queues,
+        read_only=args.read_only,
+        serial=args.serial,
+        logical_block_size=args.logical_block_size,
+        control=not args.no_control,
+        control_path=Path(args.control) if args.control else None,
+        parallel_io=ParallelIO(args.parallel_io),
+        throttling=tuple(limits),
+        throttle_group=args.throttle_group or "",
+        verbose=getattr(args, "verbose", 0),  # the dispatcher's -v, before `serve`
+    )
+
+
+def graph_options(options: ServeOptions) -> dict[str, Any] | str:
+    """The served graph's options: IMAGE as raw on a file, or the --blockdev, throttled."""
+    extra: dict[str, Any] = {f"throttling.{key}": value for key, value in options.throttling}
+    if options.throttle_group:
+        extra["throttling.group"] = options.throttle_group
+    if options.blockdev is not None:
+        spec = options.blockdev
         if extra:
             spec += "," + format_dotted(extra)
         return spec
     # IMAGE is always a file name, whatever it holds ('=' and ',' included), never options.
-    return {
-        "driver": "raw",
-        "file": {"driver": "file", "filename": args.image},
-        **{k: v for k, v in extra.items()},
-    }
-
-
-_HOST_PORT = re.compile(r"^\[?(?P<host>[^\[\]/]+?)\]?:(?P<port>\d{1,5})$")
-
-
-def nbd_address(text: str) -> SocketAddress:
-    """`--nbd`: HOST:PORT (or [V6]:PORT) is TCP, anything else a unix socket path."""
-    m = _HOST_PORT.match(text)
-    if m and "/" not in text:
-        return SocketAddress("inet", host=m["host"], port=int(m["port"]))
-    return SocketAddress("unix", path=text)
+    return {"driver": "raw", "file": {"driver": "file", "filename": str(options.image)}, **extra}
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.socket and not args.nbd:
-        raise ConfigError(
-            "nothing to serve: give --socket PATH (vhost-user-blk), --nbd ADDR, or both"
-        )
-    nbd_addr = nbd_address(args.nbd) if args.nbd else None
-    control_path = args.control
-    if control_path is None and not args.no_control:
-        if args.socket:
-            control_path = f"{args.socket}.ctl"
-        elif nbd_addr is not None and nbd_addr.type == "unix":
-            control_path = f"{nbd_addr.path}.ctl"
-    options = _options(args)
-    if not args.socket:
+    return serve(serve_options(args))
+
+
+def serve(options: ServeOptions) -> int:
+    """Serve until SIGTERM or SIGINT (exit status 0)."""
+    graph = graph_options(options)
+    if options.socket is None:
         # Only NBD clients: each is told its errors and applies its own werror policy
         # (QEMU's export BlockBackends report); a stopped backend would only fail them.
-        if isinstance(options, str) and "=" not in options:
-            options = {"driver": "raw", "file": {"driver": "file", "filename": options}}
-        options = to_flat(options)
-        options.setdefault("werror", "report")
-    backend = open_backend(options, cache=args.cache, read_only=args.read_only)
-    services: list[Any] = []
+        if isinstance(graph, str) and "=" not in graph:
+            graph = {"driver": "raw", "file": {"driver": "file", "filename": graph}}
+        graph = to_flat(graph)
+        graph.setdefault("werror", "report")
+    backend = open_backend(graph, cache=options.cache, read_only=options.read_only)
+    exports = Exports()
     try:
-        parallel = {"auto": None, "on": True, "off": False}[args.parallel_io]
-        device: VirtioBlkDevice | None = None
-        vhost: VhostUserBlkServer | None = None
-        nbd: NbdServer | None = None
-        if args.socket:
-            device = VirtioBlkDevice(
-                backend,
-                BlkConfig(
-                    num_queues=args.queues,
-                    serial=args.serial,
-                    logical_block_size=args.logical_block_size,
-                    read_only=args.read_only,
-                ),
+        writable = not options.read_only
+        vhost = []
+        if options.socket is not None:
+            path = str(options.socket)
+            spec = ExportSpec(
+                id=path,
+                node_name="",
+                addr_type="unix",
+                addr=path,
+                writable=writable,
+                writethrough=False,  # the cache mode is the graph's own
+                num_queues=options.queues,
+                logical_block_size=options.logical_block_size,
+                serial=options.serial,
             )
-            vhost = VhostUserBlkServer.on_path(
-                device, args.socket, num_queues=args.queues, parallel_io=parallel
+            vhost.append((spec, backend))
+        nbd_server = None
+        nbd = []
+        if options.nbd is not None:
+            nbd_server = NbdServerSpec(nbd_address(options.nbd), max_connections=0)
+            nspec = NbdExportSpec(
+                id="nbd",
+                node_name="",
+                name=options.nbd_export,
+                description="",
+                writable=writable,
+                writethrough=False,
+                multi_conn="auto",
             )
-            services.append(vhost)
-        if nbd_addr is not None:
-            export = NbdExport(args.nbd_export, backend, writable=not args.read_only)
-            nbd = NbdServer(
-                nbd_listener(nbd_addr),
-                [export],
-                name="nbd",
-                path=Path(nbd_addr.path) if nbd_addr.type == "unix" else None,
-                parallel_io=parallel,
-            )
-            services.append(nbd)
-        control = None
-        if control_path is not None:
-            control = ControlServer(control_path)
-            control.register("stats", lambda _req: _stats(backend, vhost, nbd))
-            if device is not None:
-                vdev = device
-                control.register(
-                    "write-cache", lambda req: vdev.write_config(32, bytes([bool(req["enabled"])]))
-                )
-            else:
-                control.register(
-                    "write-cache", lambda req: backend.set_write_cache(bool(req["enabled"]))
-                )
-            register_fault_commands(control, backend)
-        if vhost is not None:
-            print(f"powercut serve: listening on {args.socket}", flush=True)
-        if nbd is not None:
+            nbd.append((nspec, backend))
+        exports = open_exports(
+            vhost, nbd_server, nbd, parallel_io=options.parallel_io.setting, nbd_name="nbd"
+        )
+        control = _control(options, backend, exports)
+        for server in exports.vhost:
+            print(f"powercut serve: listening on {server.path}", flush=True)
+        if exports.nbd is not None:
             print(
-                f"powercut serve: NBD export {args.nbd_export!r} on {nbd.address}",
+                f"powercut serve: NBD export {options.nbd_export!r} on {exports.nbd.address}",
                 flush=True,
             )
-        started, services = services, []
-        return run_until_signalled(started, control)
+        started, exports = exports, Exports()
+        return run_until_signalled(started.servers, control)
     finally:
-        for service in services:  # created but never started (a later step failed)
-            service.close()
+        exports.close()  # created but never started (a later step failed)
         backend.close()
+
+
+def _control(
+    options: ServeOptions, backend: BlockBackend, exports: Exports
+) -> ControlServer | None:
+    """The control socket: stats, the write cache, and the fault drivers' commands."""
+    path = options.control_socket
+    if path is None:
+        return None
+    control = ControlServer(path)
+    vhost = exports.vhost[0] if exports.vhost else None
+    control.register("stats", lambda _req: _stats(backend, vhost, exports.nbd))
+    if vhost is not None:
+        device = vhost.device
+        control.register(
+            "write-cache", lambda req: device.write_config(32, bytes([bool(req["enabled"])]))
+        )
+    else:
+        control.register("write-cache", lambda req: backend.set_write_cache(bool(req["enabled"])))
+    register_fault_commands(control, backend)
+    return control
 
 
 def _stats(

@@ -25,8 +25,8 @@ from rich.console import Console
 from harness.block.cache import VALID_MODES
 from harness.commands.image import add_image_arguments
 from harness.errors import ConfigError
-from harness.vm.backends import BackendKind, DiskBackend, make_backend
-from harness.vm.image import ensure_image
+from harness.vm.backends import Backend, DiskBackend, backend_names, make_backend
+from harness.vm.build import ensure_image
 from harness.vm.machine import Machine
 from harness.vm.spec import Disk, MachineSpec
 
@@ -43,9 +43,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
-        default=BackendKind.BUILTIN.value,
-        choices=[b.value for b in BackendKind],
-        help="who serves the disk (default builtin: QEMU's virtio-blk)",
+        default=Backend.QEMU.value,
+        choices=backend_names(),
+        help="whose block layer serves the disk (default qemu: QEMU's own virtio-blk; "
+        "builtin is its old name)",
     )
     parser.add_argument(
         "--cache", default="writeback", metavar="MODE", help=f"cache mode: {VALID_MODES}"

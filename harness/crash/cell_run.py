@@ -340,6 +340,7 @@ class CellRunner:
         )
         base_flushes = session.requests("FLUSH") if trigger is TriggerKind.AFTER_FLUSHES else 0
         while True:
+            self._waiting(session, run)
             if trigger is TriggerKind.AFTER_EXIT:
                 if not run.alive():
                     return
@@ -358,6 +359,9 @@ class CellRunner:
                 return
             self.deadline.check(f"waiting for the cut ({cell.cut.label})")
             time.sleep(POLL)
+
+    def _waiting(self, session: CellSession, run: Run) -> None:
+        """Called at every poll while waiting for the cut moment (a recording shows progress)."""
 
     def _check(self, guest: _Guest, run: Run, mounted: bool) -> dict[str, Observation]:
         """The workload's own checker (when its filesystem mounted), then the filesystem's."""

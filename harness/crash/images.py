@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from harness.scenario.cells import Cell
-from harness.vm.image import GuestImage, ensure_image
+from harness.vm.build import ensure_image
+from harness.vm.image import GuestImage
 from harness.vm.kernel import BASE_NEEDS
 
 Key = tuple[tuple[str, ...], str | None, str | None, tuple[str, ...]]

@@ -29,16 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from harness.crash.cell_run import CellRunner
-from harness.crash.explore_run import CellExploration, CellExplorer, ExploreDoc, ExploreOptions
+from harness.crash.explorer.cell import EVIDENCE, CellExploration, CellExplorer, ExploreOptions
+from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
 from harness.crash.session import CrashSession, PowerCut
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.errors import ConfigError
+from harness.explore.spec import ExploreSpec
 from harness.guest.ssh import SSHSession
 from harness.report.explore import render_explore
 from harness.report.results import CellResult
 from harness.scenario.cells import single_cell
-from harness.scenario.explore import ExploreSpec
 from harness.scenario.model import BlkdebugRule, CutSpec, DiskSpec, Expectation, GuestSpec
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
@@ -137,8 +138,8 @@ class PowerCutHelper:
         for index, exploration in enumerate(self.explorations):
             if exploration.out is not None:
                 cell = exploration.out / "cells" / "000"
-                logs[f"explore{index} recording console"] = cell / "console.log"
-                logs[f"explore{index} checker console"] = cell / "checker" / "console.log"
+                for name, what in EVIDENCE:
+                    logs[f"explore{index} {what}"] = cell / name
                 logs[f"explore{index} explore.json"] = exploration.out / "explore.json"
         return {k: v for k, v in logs.items() if v.exists()}
 
@@ -227,7 +228,7 @@ class PowerCutHelper:
         expect: Expectation | str = Expectation.CONTRACT,
         seed: int = 0,
         timeout: float = 600.0,
-        max_states: int = 200,
+        max_states: int = ExploreSpec().max_states,
         guest_check: bool = True,
         spec: ExploreSpec | None = None,
         workers: int = 1,
@@ -238,7 +239,10 @@ class PowerCutHelper:
         `[explore]` table is `spec`, or `max_states` and `guest_check`):
         `result.passed`, `result.reason`, `result.failing` and `result.breaking`
         (the states that fail, and those that fail where the contract says they
-        must not), `result.replay(state_id, image)` rebuilds one as an image.
+        must not), `result.replay(state_id, image)` rebuilds one as an image. A
+        state whose checks could not run is no pass: `result.unjudged` names
+        them, and more than `spec.unjudged_states` of them make the exploration
+        an error (`result.passed` is False, `result.record.verdict` ERROR).
         """
         cell = single_cell(
             workload,
@@ -278,10 +282,11 @@ class PowerCutHelper:
         try:
             result = explorer.run()
         finally:
-            doc.finish()
-        render_explore(out, doc.data)
+            document = doc.finish()
+        render_explore(out, document)
         self.explorations.append(result)
-        log.info("explore %s: %s — %s", cell.id, result.entry["verdict"], result.reason)
+        verdict = result.record.verdict
+        log.info("explore %s: %s — %s", cell.id, verdict and verdict.value, result.reason)
         return result
 
     def command(

@@ -55,19 +55,18 @@ from typing import Any
 
 from harness.block.cache import cache_settings
 from harness.block.options import format_dotted
-from harness.control import control_request
 from harness.crash.session import CrashSession, DiskSession, fault_blockdev
 from harness.durability.contract import (
     CacheMode,
 )
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
-from harness.nbd.process import NbdExportProcess
 from harness.scenario.cells import Cell
-from harness.scenario.model import Backend, BlkdebugRule, ImageFormat
-from harness.vm.backends import QsdBackend
+from harness.scenario.model import BlkdebugRule, ImageFormat
+from harness.vm.backends import Backend, ProcessBackend
+from harness.vm.daemons import QsdOptions, ServeOptions
 from harness.vm.image import GuestImage
-from harness.vm.spec import Accel, BlockdevDisk, Disk, VhostUserDisk
+from harness.vm.spec import Accel, BlockdevDisk, Disk
 from harness.workloads.base import DEVICE, QEMU_IMG_CHECK, Observation
 from harness.workloads.filesystem import make_disk
 from harness.workloads.qemu_img import check_image, create_qcow2
@@ -85,10 +84,8 @@ PROTOCOL_NODE = "proto0"
 _NBD_REQUESTS = {"OUT": "WRITE", "IN": "READ", "FLUSH": "FLUSH", "DISCARD": "TRIM"}
 
 
-def qemu_blockdevs(
-    fmt: ImageFormat, mode: CacheMode, socket: Path, export: str = EXPORT
-) -> tuple[str, ...]:
-    """QEMU's `-blockdev` nodes for `mode` on the NBD export: protocol, then format.
+def qemu_graph(fmt: ImageFormat, mode: CacheMode, nbd: ServeOptions) -> tuple[dict[str, Any], ...]:
+    """QEMU's `-blockdev` nodes for `mode` on the NBD export `nbd`: protocol, then format.
 
     The cache mode spelled out as libvirt does for `-drive cache=MODE`:
     `cache.direct` and `cache.no-flush` on both nodes, the write cache on the
@@ -96,14 +93,7 @@ def qemu_blockdevs(
     """
     s = cache_settings(mode)
     cache = {"direct": s.direct, "no-flush": s.no_flush}
-    protocol = {
-        "driver": "nbd",
-        "node-name": PROTOCOL_NODE,
-        "server": {"type": "unix", "path": str(socket)},
-        "export": export,
-        "cache": cache,
-        "discard": "unmap",
-    }
+    protocol = {**nbd.nbd_blockdev(PROTOCOL_NODE), "cache": cache, "discard": "unmap"}
     top = {
         "driver": fmt.value,
         "node-name": FORMAT_NODE,
@@ -111,33 +101,12 @@ def qemu_blockdevs(
         "cache": cache,
         "discard": "unmap",
     }
-    return format_dotted(protocol), format_dotted(top)
+    return protocol, top
 
 
-class _QsdOnNbd(QsdBackend):
-    """qemu-storage-daemon exporting QEMU's graph on the NBD disk as vhost-user-blk."""
-
-    def __init__(
-        self, workdir: Path, blockdevs: tuple[str, ...], write_cache: bool, log_path: Path
-    ) -> None:
-        super().__init__(Path("/dev/null"), workdir, name="qsd0")
-        self.blockdevs = blockdevs
-        self.write_cache = write_cache
-        self.log_path = log_path
-
-    def argv(self) -> list[str]:
-        export = {
-            "type": "vhost-user-blk",
-            "id": "export0",
-            "node-name": FORMAT_NODE,
-            "addr": {"type": "unix", "path": str(self.socket)},
-            "writable": True,
-            "writethrough": not self.write_cache,
-        }
-        argv = [self.process_name]
-        for blockdev in self.blockdevs:
-            argv += ["--blockdev", blockdev]
-        return [*argv, "--export", format_dotted(export)]
+def qemu_blockdevs(fmt: ImageFormat, mode: CacheMode, nbd: ServeOptions) -> tuple[str, ...]:
+    """`qemu_graph` as QEMU's `-blockdev` values (dotted)."""
+    return tuple(format_dotted(node) for node in qemu_graph(fmt, mode, nbd))
 
 
 class QemuSession(DiskSession):
@@ -186,42 +155,57 @@ class QemuSession(DiskSession):
             self._write_blkdebug(blkdebug)
             self.settings = cache_settings(self.mode)
             self.nbd = self._nbd(faulty=True)
-            self.blockdevs = qemu_blockdevs(self.format, self.mode, self.nbd.socket)
-            self.qsd: _QsdOnNbd | None = None
+            self.graph = qemu_graph(self.format, self.mode, self.nbd.options)
+            self.qsd: ProcessBackend[QsdOptions] | None = None
             disk: Disk
             if self.backend_kind is Backend.QSD:
                 self.qsd = self._qsd()
-                disk = VhostUserDisk(self.qsd.socket, reconnect=0)
+                disk = self.qsd.disk()
             else:
-                disk = BlockdevDisk(self.blockdevs, FORMAT_NODE, self.settings.write_cache)
+                blockdevs = tuple(format_dotted(node) for node in self.graph)
+                disk = BlockdevDisk(blockdevs, FORMAT_NODE, self.settings.write_cache)
             self._start_machine(disk, accel, memory_mib, name)
         except BaseException:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
 
+    @classmethod
+    def for_cell(cls, cell: Cell) -> Any:
+        """This class with what `cell` says of QEMU's graph: backend, format, host checks."""
+        disk = cell.disk
+        return functools.partial(
+            cls,
+            backend=disk.backend,
+            format=disk.format,
+            format_options=disk.format_options,
+            host_checkers=cell.checkers,
+        )
+
     # -- the processes ---------------------------------------------------------------
 
-    def _nbd(self, *, faulty: bool) -> NbdExportProcess:
+    def _nbd(self, *, faulty: bool) -> ProcessBackend[ServeOptions]:
         if faulty:
             graph = fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config)
         else:  # after the cut: the same file, no fault drivers
             graph = format_dotted(
                 {"driver": "raw", "file": {"driver": "file", "filename": str(self.disk)}}
             )
-        nbd = NbdExportProcess(
-            graph, self.rundir, export=EXPORT, cache=DISK_CACHE.value, name="nbd"
+        options = ServeOptions(
+            blockdev=graph, nbd=str(self.rundir / "nbd.sock"), nbd_export=EXPORT, cache=DISK_CACHE
         )
-        nbd.log_path = self.directory / ("backend.log" if faulty else "backend-plain.log")
-        return nbd
+        log_path = self.directory / ("backend.log" if faulty else "backend-plain.log")
+        return ProcessBackend(options, name="nbd", log_path=log_path)
 
-    def _qsd(self) -> _QsdOnNbd:
-        qsd = _QsdOnNbd(
-            self.rundir,
-            self.blockdevs,
-            self.settings.write_cache,
-            self.directory / "qemu-storage-daemon.log",
+    def _qsd(self) -> ProcessBackend[QsdOptions]:
+        """qemu-storage-daemon exporting QEMU's graph on the NBD disk as vhost-user-blk."""
+        options = QsdOptions(
+            self.graph,
+            FORMAT_NODE,
+            self.rundir / "qsd0.sock",
+            write_cache=self.settings.write_cache,
         )
-        return qsd
+        log_path = self.directory / "qemu-storage-daemon.log"
+        return ProcessBackend(options, name="qsd0", log_path=log_path, reconnect=0)
 
     def _freeze_host(self) -> None:
         # The disk stops mid-request first, so neither QEMU nor qsd can get anything more
@@ -268,7 +252,7 @@ class QemuSession(DiskSession):
         """Start the NBD disk (and qsd) if they are not serving, and boot the guest."""
         if not self.nbd.running:
             self.nbd.start()
-        if self.qsd is not None and not (self.qsd.proc is not None and self.qsd.proc.running):
+        if self.qsd is not None and not self.qsd.running:
             self.qsd.start()
         ssh = self.machine.boot(timeout)
         if self.qsd is not None:
@@ -282,8 +266,7 @@ class QemuSession(DiskSession):
         return ssh
 
     def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = control_request(self.nbd.control_socket, {"cmd": "stats"}, 5)
-        return result
+        return self.nbd.stats()
 
     def requests(self, kind: str) -> int:
         """Requests of `kind` (OUT, FLUSH, ...) that reached the powercut disk; -1 if unknown.
@@ -337,18 +320,17 @@ def _option_text(value: object) -> str:
     return str(value)
 
 
+# Which crash session drives a cell, by the backend that serves its disk.
+SESSIONS: dict[Backend, type[DiskSession]] = {
+    Backend.POWERCUT: CrashSession,
+    Backend.QEMU: QemuSession,
+    Backend.QSD: QemuSession,
+}
+
+
 def session_for(cell: Cell) -> Any:
-    """The session class (a factory taking `CrashSession`'s arguments) for `cell`'s backend."""
-    disk = cell.disk
-    if disk.backend is Backend.POWERCUT:
-        return CrashSession
-    return functools.partial(
-        QemuSession,
-        backend=disk.backend,
-        format=disk.format,
-        format_options=disk.format_options,
-        host_checkers=cell.checkers,
-    )
+    """The session factory (taking `CrashSession`'s arguments) for `cell`'s backend."""
+    return SESSIONS[cell.disk.backend].for_cell(cell)
 
 
-__all__ = ["DISK_CACHE", "QemuSession", "qemu_blockdevs", "session_for"]
+__all__ = ["DISK_CACHE", "SESSIONS", "QemuSession", "qemu_blockdevs", "qemu_graph", "session_for"]

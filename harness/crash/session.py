@@ -4,9 +4,10 @@ A `CrashSession` owns a disk image in a directory, the `powercut serve`
 backend that serves it (log-writes over [blkdebug over] powerfail over the
 file, so the write log sees what the guest was told and the journal models
 what the host may lose) and the QEMU machine that boots on it. The pieces
-are the other parts' own: `PowercutBackend` (harness.vm.backends) starts the
-backend, `QemuMachine` boots, `apply_cut` (harness.durability.cut) applies a host
-power cut offline, `oracle.check` judges the image.
+are the other parts' own: `ProcessBackend` (harness.vm.backends) runs the
+`powercut serve` its `ServeOptions` (harness.vm.daemons) describe, `QemuMachine`
+boots, `apply_cut` (harness.durability.cut) applies a host power cut
+offline, `oracle.check` judges the image.
 
 The three faults (harness.durability.contract):
 
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any, Self
 
 from harness.block.options import format_dotted
-from harness.control import control_request
 from harness.durability import oracle
 from harness.durability.contract import (
     CacheMode,
@@ -48,11 +48,13 @@ from harness.durability.contract import (
 from harness.durability.cut import CutResult, apply_cut
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
+from harness.scenario.cells import Cell
 from harness.scenario.model import BlkdebugRule
-from harness.vm.backends import PowercutBackend
+from harness.vm.backends import ProcessBackend
+from harness.vm.daemons import ServeOptions
 from harness.vm.image import GuestImage
 from harness.vm.qemu import QemuMachine
-from harness.vm.spec import Accel, Disk, MachineSpec, VhostUserDisk
+from harness.vm.spec import Accel, Disk, MachineSpec
 from harness.workloads.base import Observation
 from harness.workloads.filesystem import make_disk
 
@@ -84,44 +86,6 @@ def fault_blockdev(
 ) -> str:
     """`fault_graph` in the dotted `--blockdev` form `powercut serve` takes."""
     return format_dotted(fault_graph(image, journal, write_log, blkdebug_config))
-
-
-class CrashBackend(PowercutBackend):
-    """`powercut serve` on a `--blockdev` graph (the fault drivers), with info logging."""
-
-    def __init__(
-        self,
-        image: Path,
-        workdir: Path,
-        *,
-        blockdev: str | None,
-        socket: Path | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(image, workdir, **kwargs)
-        self.blockdev = blockdev
-        if socket is not None:  # unix socket paths are short (108 bytes); logs stay in workdir
-            self.socket = socket
-
-    @property
-    def control_path(self) -> Path:
-        return Path(f"{self.socket}.ctl")
-
-    def argv(self) -> list[str]:
-        argv = super().argv()
-        argv.insert(argv.index("serve"), "-v")  # connections and resubmissions in the log
-        if self.blockdev is not None:
-            at = argv.index(str(self.image))
-            argv[at : at + 1] = ["--blockdev", self.blockdev]
-        return argv
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.running
-
-    def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = control_request(self.control_path, {"cmd": "stats"}, timeout=5)
-        return result
 
 
 @dataclass(frozen=True)
@@ -158,6 +122,11 @@ class DiskSession:
     disk: Path
     machine: QemuMachine
     rundir: Path
+
+    @classmethod
+    def for_cell(cls, cell: Cell) -> Any:
+        """What makes this session for `cell`: the class, given what it needs of the cell."""
+        return cls
 
     def _prepare(
         self, directory: Path, image: GuestImage, mode: CacheMode | str, disk_name: str
@@ -356,20 +325,27 @@ class CrashSession(DiskSession):
             )
             self._write_blkdebug(blkdebug)
             self.socket = self.rundir / f"{DISK_NAME}.sock"
-            self.backend = CrashBackend(
-                self.disk,
-                self.directory,
-                blockdev=fault_blockdev(
-                    self.disk, self.journal, self.write_log, self.blkdebug_config
-                ),
-                cache=self.mode,
-                name=DISK_NAME,
-                socket=self.socket,
+            self.backend = self.serve(
+                fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config)
             )
-            self._start_machine(VhostUserDisk(self.socket, reconnect=1), accel, memory_mib, name)
+            self._start_machine(self.backend.disk(), accel, memory_mib, name)
         except BaseException:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
+
+    def serve(self, blockdev: str | None) -> ProcessBackend[ServeOptions]:
+        """`powercut serve` for the disk: on the `blockdev` graph, or (None) the plain file.
+
+        Info logging, so the backend log shows connections and resubmissions.
+        """
+        options = ServeOptions(
+            image=None if blockdev is not None else self.disk,
+            blockdev=blockdev,
+            socket=self.socket,
+            cache=self.mode,
+            verbose=1,
+        )
+        return ProcessBackend.logging_in(options, self.directory, DISK_NAME)
 
     # -- paths worth keeping ---------------------------------------------------
 
@@ -441,12 +417,5 @@ class CrashSession(DiskSession):
         if self.machine.running:
             raise MachineError("the guest is still running: power_cut() or shutdown() first")
         self.backend.stop()
-        self.backend = CrashBackend(
-            self.disk,
-            self.directory,
-            blockdev=None,
-            cache=self.mode,
-            name=DISK_NAME,
-            socket=self.socket,
-        )
+        self.backend = self.serve(None)
         return self.boot(timeout)

@@ -20,8 +20,10 @@ writethrough and directsync hide the write cache from the guest, so every
 completed write was FUA; writeback and none make a write stable only through
 a flush; unsafe never lets a flush reach the disk).
 
-The vocabulary (cache modes, faults, cut policies) lives here too, with the
-one parser of each, so that `off` is an alias of `none` in exactly one place.
+The vocabulary (cache modes, faults, cut policies, the verdict on whether a
+cell kept its contract) lives here too, with the one parser of each, so that
+`off` is an alias of `none` in exactly one place, and so that the report and
+crash-state exploration (which sits below the report) judge in the same words.
 """
 
 from __future__ import annotations
@@ -155,6 +157,16 @@ HOST_POWER_CUT = {
     CacheMode.NONE: Promise.FLUSHED,
     CacheMode.UNSAFE: Promise.NOTHING,
 }
+
+
+class Verdict(enum.Enum):
+    """A cell's verdict (and a checker's): the one vocabulary of runs, explorations, reports
+    and tests."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    ERROR = "error"  # the cell could not be run or a checker produced nothing
+    SKIPPED = "skipped"
 
 
 def promise(

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.explore.doc import Loss, LostWrite
 from harness.explore.states import State, Timeline
 
 log = logging.getLogger(__name__)
@@ -186,22 +187,18 @@ def attribute_extents(
 
 def loss_report(
     timeline: Timeline, state: State, image: Path | str | None = None
-) -> list[dict[str, Any]]:
+) -> list[LostWrite]:
     """Each write `state` loses or tears: offset, length, when (log order, flush epoch), and,
     with an ext4 `image` (the base, or the state replayed), what its blocks hold."""
-    losses: list[tuple[str, int, tuple[int, ...]]] = [("lost", seq, ()) for seq in state.lost]
-    losses += [("torn", seq, sectors) for seq, sectors in state.torn]
+    losses: list[tuple[Loss, int, tuple[int, ...]]] = [(Loss.LOST, seq, ()) for seq in state.lost]
+    losses += [(Loss.TORN, seq, sectors) for seq, sectors in state.torn]
     writes = [timeline.by_seq[seq] for _kind, seq, _s in losses]
     roles: list[list[BlockRole]] = (
         attribute_extents(image, [(w.offset, w.length) for w in writes])
         if image is not None
         else [[] for _ in writes]
     )
-    out = []
-    for (kind, _seq, sectors), w, blocks in zip(losses, writes, roles, strict=True):
-        entry: dict[str, Any] = {"loss": kind, **w.to_json()}
-        if kind == "torn":
-            entry["sectors_lost"] = list(sectors)
-        entry["holds"] = sorted({r.describe() for r in blocks})
-        out.append(entry)
-    return out
+    return [
+        LostWrite.of(w, kind, sorted({r.describe() for r in blocks}), sectors)
+        for (kind, _seq, sectors), w, blocks in zip(losses, writes, roles, strict=True)
+    ]

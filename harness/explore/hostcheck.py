@@ -19,7 +19,9 @@ sectors that differ from the previous state are written), then
   other filesystems' host tools and what they can say are in `checker_for`.
 
 Identical images are checked once: a state whose content hash was seen
-already takes that state's outcome (`duplicate_of`).
+already takes that state's findings (`duplicate_of`). A state's verdict is a
+`StateVerdict` (`harness.explore.doc`): violation when the oracle fails it,
+fail when a filesystem checker does, pass.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from harness.durability.contract import Promise
-from harness.durability.oracle import OracleReport, check
+from harness.durability.oracle import check
 from harness.durability.writelog import Op, Request, WriteLog
 from harness.errors import ConfigError
+from harness.explore.doc import OracleRecord, StateCheck, StateVerdict, Where
 from harness.explore.overlay import Scratch, StateBuilder, StateView
 from harness.explore.states import State, Timeline
 
@@ -128,8 +131,9 @@ class _PointOracle:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """One checker's word on one state: ok True/False, or None when it could not judge."""
+class Finding:
+    """One filesystem checker's word on one state: ok True/False, or None when it could not
+    judge (explore.json keeps it as a `StateCheck` with its role)."""
 
     checker: str
     ok: bool | None
@@ -137,14 +141,15 @@ class Outcome:
     seconds: float = 0.0
     image_changed: bool = False  # the checker wrote the image and could not undo it
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "image_changed"}
+    def record(self, role: str) -> StateCheck:
+        """As explore.json keeps it: a host-side check in `role`."""
+        return StateCheck(self.checker, role, self.ok, self.detail, Where.HOST, None, self.seconds)
 
 
 class FsChecker(Protocol):
     name: str
 
-    def check(self, image: Path) -> Outcome:
+    def check(self, image: Path) -> Finding:
         """Judge the image; leave it exactly as it was (or raise ProcessError)."""
         ...
 
@@ -168,7 +173,7 @@ class Ext4Checker:
             if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
                 raise ConfigError(f"{tool} is not installed; install e2fsprogs")
 
-    def check(self, image: Path) -> Outcome:
+    def check(self, image: Path) -> Finding:
         t0 = time.perf_counter()
         self.undo.unlink(missing_ok=True)
         run = subprocess.run(
@@ -197,7 +202,7 @@ class Ext4Checker:
             restored = code == 8  # could not even open the image: nothing written
         ok = code in (0, 1, 2)  # 1, 2: fixed what a crash leaves (journal, orphans, counts)
         detail = _tail(out) if not ok else ("recovered the journal" if "recover" in out else "")
-        return Outcome(
+        return Finding(
             self.name,
             ok,
             f"exit {code}" + (f": {detail}" if detail else ""),
@@ -224,21 +229,21 @@ class ReadOnlyChecker:
         self.argv = argv
         self.dirty_log_marker = dirty_log_marker
 
-    def check(self, image: Path) -> Outcome:
+    def check(self, image: Path) -> Finding:
         t0 = time.perf_counter()
         run = subprocess.run(
             [*self.argv, str(image)], capture_output=True, text=True, check=False, close_fds=False
         )
         out = (run.stdout + run.stderr).strip()
         if self.dirty_log_marker and self.dirty_log_marker in out:
-            return Outcome(
+            return Finding(
                 self.name,
                 None,
                 "log needs replay: only a mount can judge this state",
                 time.perf_counter() - t0,
             )
         ok = run.returncode == 0
-        return Outcome(
+        return Finding(
             self.name,
             ok,
             f"exit {run.returncode}" + ("" if ok else f": {_tail(out)}"),
@@ -269,55 +274,28 @@ def _tail(text: str, lines: int = 4) -> str:
     return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
 
 
-class Verdict:
-    PASS = "pass"  # every checker is content
-    FAIL = "fail"  # the disk kept its promise, a checker failed: the software's (or fs config's)
-    VIOLATION = "violation"  # the disk lost what it promised (the oracle): the disk's loss
-
-
-@dataclass
+@dataclass(frozen=True)
 class HostResult:
+    """A state checked host-side: its image's hash, the oracle's report, the findings."""
+
     state: State
     digest: str
-    oracle: dict[str, Any]
-    outcomes: list[Outcome]
-    verdict: str
+    oracle: OracleRecord | None  # None: the cell's checkers leave the oracle out
+    findings: list[Finding]
+    verdict: StateVerdict
     seconds: float
     duplicate_of: str | None = None
     sectors_differing: int = 0
 
     @property
     def failed(self) -> bool:
-        return self.verdict != Verdict.PASS
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.state.to_json(),
-            "digest": self.digest,
-            "verdict": self.verdict,
-            "duplicate_of": self.duplicate_of,
-            "oracle": self.oracle,
-            "checks": [o.to_json() for o in self.outcomes],
-            "seconds": round(self.seconds, 6),
-            "sectors_differing": self.sectors_differing,
-        }
+        return self.verdict is not StateVerdict.PASS
 
 
-def _oracle_json(report: OracleReport) -> dict[str, Any]:
-    return {
-        "ok": report.ok,
-        "lost": report.lost,
-        "corrupt": report.corrupt,
-        "must": report.must,
-        "may": report.may,
-        "contract": report.contract,
-    }
-
-
-def verdict_of(oracle_ok: bool, outcomes: Iterable[Outcome]) -> str:
+def verdict_of(oracle_ok: bool, findings: Iterable[Finding]) -> StateVerdict:
     if not oracle_ok:
-        return Verdict.VIOLATION
-    return Verdict.FAIL if any(o.ok is False for o in outcomes) else Verdict.PASS
+        return StateVerdict.VIOLATION
+    return StateVerdict.FAIL if any(f.ok is False for f in findings) else StateVerdict.PASS
 
 
 class HostChecker:
@@ -356,7 +334,7 @@ class HostChecker:
             self._full_view = (at, log_as_of(self.timeline.wlog, at))
         return self._full_view[1]
 
-    def _oracle(self, state: State) -> dict[str, Any]:
+    def _oracle(self, state: State) -> OracleRecord:
         """The oracle on the scratch image, as of the state's point.
 
         Every state at a point shares the content of every sector no pending
@@ -391,11 +369,11 @@ class HostChecker:
             report = check(self.scratch.path, self._full(point.at), self.judge)
             if po.rest_ok is None:
                 po.rest_ok = report.ok
-            return {**_oracle_json(report), "scope": "all"}
+            return OracleRecord.of(report, "all")
         if po.trimmed is None:
             po.trimmed = trim_log(self._full(point.at), po.footprint)
         report = check(self.scratch.path, po.trimmed, self.judge)
-        return {**_oracle_json(report), "scope": "pending sectors"}
+        return OracleRecord.of(report, "pending sectors")
 
     def view(self, state: State) -> StateView:
         return self.scratch.materialize(state)
@@ -414,44 +392,41 @@ class HostChecker:
             view = self.scratch.materialize(state)
         digest = view.digest
         duplicate_of = None
-        oracle_json: dict[str, Any] = {}
-        oracle_ok = True
+        oracle: OracleRecord | None = None
         if self.oracle:
             key = (digest, state.point.at)
-            got = cache.oracle.get(key) if cache is not None else None
-            if got is None:
-                got = self._oracle(state)
+            oracle = cache.oracle.get(key) if cache is not None else None
+            if oracle is None:
+                oracle = self._oracle(state)
                 if cache is not None:
-                    cache.oracle[key] = got
-            oracle_json = got
-            oracle_ok = bool(got["ok"])
-        outcomes: list[Outcome] = []
+                    cache.oracle[key] = oracle
+        findings: list[Finding] = []
         if self.fsck is not None:
             seen = cache.fsck.get(digest) if cache is not None else None
             if seen is None:
                 try:
-                    outcome = self.fsck.check(self.scratch.path)
+                    finding = self.fsck.check(self.scratch.path)
                 except BaseException:
                     self.scratch.forget()
                     raise
-                if outcome.image_changed:
+                if finding.image_changed:
                     self.scratch.forget()  # then hold the state again, as after any check
                     self.scratch.materialize(state)
                 if cache is not None:
-                    cache.fsck[digest] = (state.id, outcome)
-                outcomes.append(outcome)
+                    cache.fsck[digest] = (state.id, finding)
+                findings.append(finding)
             else:
                 duplicate_of = seen[0]
-                outcomes.append(dataclasses.replace(seen[1], seconds=0.0))
+                findings.append(dataclasses.replace(seen[1], seconds=0.0))
         elif cache is not None:
             duplicate_of = cache.first.setdefault(digest, state.id)
             duplicate_of = None if duplicate_of == state.id else duplicate_of
         return HostResult(
             state,
             digest,
-            oracle_json,
-            outcomes,
-            verdict_of(oracle_ok, outcomes),
+            oracle,
+            findings,
+            verdict_of(oracle is None or oracle.ok, findings),
             time.perf_counter() - t0,
             duplicate_of=duplicate_of,
             sectors_differing=len(self.scratch.held),
@@ -478,10 +453,10 @@ def _fast_tmp() -> str | None:
 
 @dataclass
 class CheckCache:
-    """What was checked already: fsck outcomes by content hash, oracle reports by (hash, point)."""
+    """What was checked already: fsck findings by content hash, oracle reports by (hash, point)."""
 
-    fsck: dict[str, tuple[str, Outcome]] = field(default_factory=dict)
-    oracle: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    fsck: dict[str, tuple[str, Finding]] = field(default_factory=dict)
+    oracle: dict[tuple[str, int], OracleRecord] = field(default_factory=dict)
     first: dict[str, str] = field(default_factory=dict)  # digest -> first state id (no fsck)
 
 

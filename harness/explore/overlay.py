@@ -32,7 +32,6 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from harness.durability.contract import Promise
 from harness.durability.delta import write_delta
@@ -317,9 +316,7 @@ class StateBuilder:
         self.close()
 
 
-def replay_state(
-    recording: Recording, keep: Promise, state: dict[str, Any], out: Path | str
-) -> Path:
+def replay_state(recording: Recording, keep: Promise, state: State, out: Path | str) -> Path:
     """`powercut explore replay`: rebuild one recorded state (explore.json's) as an image.
 
     `keep` must be the promise the states were enumerated under (the exploration
@@ -327,7 +324,7 @@ def replay_state(
     """
     timeline = Timeline(recording.read_log(), keep, recording.acks)
     with StateBuilder(timeline, recording.log, recording.base) as builder:
-        return builder.replay(State.from_json(state, timeline), out)
+        return builder.replay(state.on(timeline), out)
 
 
 def _write_runs(fd: int, table: SectorTable, items: Iterator[tuple[int, Version | None]]) -> int:

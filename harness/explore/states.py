@@ -76,6 +76,8 @@ def disk_promise(mode: CacheMode | str, *, lying_flush: bool = False) -> Promise
 
 
 class PointKind(enum.Enum):
+    """The persistence points a cut may follow (a scenario's `[explore] points`)."""
+
     FLUSH = "flush"  # a flush completed
     FUA = "fua"  # a FUA write (or write-zeroes) completed
     ACK = "ack"  # the workload acknowledged something
@@ -137,6 +139,16 @@ class Point:
             "labels": list(self.labels),
             "flush_epoch": self.epoch,
         }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Point:
+        return cls(
+            int(raw["number"]),
+            int(raw["at"]),
+            tuple(parse_point_kind(k) for k in raw.get("kinds", [])),
+            tuple(str(label) for label in raw.get("labels", [])),
+            int(raw.get("flush_epoch", 0)),
+        )
 
 
 class Timeline:
@@ -297,41 +309,47 @@ class State:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any], timeline: Timeline) -> State:
-        point = timeline.point(int(raw["point"]["number"]))
-        if point.at != int(raw["point"]["at"]):
+    def from_json(cls, raw: dict[str, Any], timeline: Timeline | None = None) -> State:
+        """A state as explore.json holds it; with `timeline`, checked against that recording
+        (its point where the recording has it, every lost or torn write pending there)."""
+        state = cls(
+            str(raw["id"]),
+            Point.from_json(raw["point"]),
+            parse_policy(str(raw["policy"])),
+            tuple(int(s) for s in raw.get("lost", [])),
+            tuple(
+                (int(t["seq"]), tuple(int(x) for x in t["sectors_lost"]))
+                for t in raw.get("torn", [])
+            ),
+            int(raw.get("pending", 0)),
+        )
+        return state if timeline is None else state.on(timeline)
+
+    def on(self, timeline: Timeline) -> State:
+        """This state on `timeline`'s own point, or a clear error when it cannot be one of its."""
+        point = timeline.point(self.point.number)
+        if point.at != self.point.at:
             raise ConfigError(
-                f"state {raw.get('id')!r} names point {point.number} at record "
-                f"{raw['point']['at']}, but this recording has it at {point.at}; "
+                f"state {self.id!r} names point {point.number} at record "
+                f"{self.point.at}, but this recording has it at {point.at}; "
                 "is it the same recording?"
             )
-        lost = tuple(int(s) for s in raw.get("lost", []))
-        torn = tuple(
-            (int(t["seq"]), tuple(int(x) for x in t["sectors_lost"])) for t in raw.get("torn", [])
-        )
-        for seq in [*lost, *(seq for seq, _s in torn)]:
+        for seq in [*self.lost, *(seq for seq, _s in self.torn)]:
             w = timeline.by_seq.get(seq)
             if w is None or w.submit_index >= point.at or w.durable_at <= point.at:
                 raise ConfigError(
-                    f"state {raw.get('id')!r}: write {seq} is not pending at point {point.number}"
+                    f"state {self.id!r}: write {seq} is not pending at point {point.number}"
                 )
-        return cls(
-            str(raw["id"]),
-            point,
-            parse_policy(str(raw["policy"])),
-            lost,
-            torn,
-            int(raw.get("pending", 0)),
-        )
+        return State(self.id, point, self.policy, self.lost, self.torn, self.pending)
 
 
-def find_state(states: Iterable[dict[str, Any]], state_id: str) -> dict[str, Any]:
+def find_state(states: Iterable[State], state_id: str) -> State:
     """The state `state_id` among recorded ones (explore.json's), or a clear error."""
     ids = []
-    for raw in states:
-        if raw.get("id") == state_id:
-            return raw
-        ids.append(str(raw.get("id")))
+    for state in states:
+        if state.id == state_id:
+            return state
+        ids.append(state.id)
     sample = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
     raise ConfigError(
         f"no state {state_id!r} in this exploration ({len(ids)} states: {sample or 'none'}); "
@@ -341,9 +359,10 @@ def find_state(states: Iterable[dict[str, Any]], state_id: str) -> dict[str, Any
 
 @dataclass(frozen=True)
 class Bounds:
-    """How much to explore (the scenario's `[explore]` table)."""
+    """How much to explore: what `enumerate_states` takes (from a scenario's `[explore]`
+    table through `harness.explore.spec.bounds_for`; its defaults are the table's)."""
 
-    max_states: int = 1000
+    max_states: int = 200
     per_point: int = 8
     kinds: tuple[PointKind, ...] = tuple(PointKind)
     policies: tuple[CutPolicy, ...] = DEFAULT_POLICIES

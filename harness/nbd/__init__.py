@@ -11,10 +11,11 @@ One job per module: `protocol` (the wire structures and codes), `channel`
 (a connection's byte stream), `negotiation` (the fixed newstyle handshake),
 `transmission` (requests to BlockBackend calls), `export` (what an export
 advertises), `server` (listening, clients, lifetime), `client` (a small
-client for tests and fuzzing), `process` (`powercut-storage-daemon` with an
-NBD export, as a managed child process).
+client for tests and fuzzing). An export in its own process is `powercut
+serve --nbd`, run by `harness.vm.backends.ProcessBackend` on `ServeOptions`
+(harness.vm.daemons).
 
-Depends only on harness.block, harness.errors and harness.proc.
+Depends only on harness.block, harness.errors and harness.sockets.
 
 Why our own protocol server rather than nbdkit with its Python plugin
 (benchmarks/nbd.py; benchmarks/results/nbd-20261201T104704Z.json, one run,

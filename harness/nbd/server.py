@@ -29,7 +29,6 @@ then works too).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 import threading
@@ -44,6 +43,7 @@ from harness.nbd.export import NbdExport
 from harness.nbd.negotiation import negotiate
 from harness.nbd.protocol import NbdCmd
 from harness.nbd.transmission import Transmission
+from harness.sockets import AcceptLoop
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class NbdServer:
         self._threads: set[threading.Thread] = set()
         self._next_id = 0
         self._closing = False
-        self._thread: threading.Thread | None = None
+        self._accept = AcceptLoop(listener, self._connected, name=name)
         self._finished_counts = [0] * 10
         self.connections = 0
         self.dropped = 0  # connections ended by a protocol violation
@@ -123,53 +123,42 @@ class NbdServer:
 
     def start(self) -> NbdServer:
         self.listener.listen(16)
-        self._thread = threading.Thread(
-            target=self.serve_forever, name=f"nbd-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._accept.start(f"nbd-{self.name}")
         return self
 
-    def serve_forever(self) -> None:
-        while not self._closing:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError as exc:
-                if self._closing or exc.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                log.warning("%s: accept failed: %s", self.name, exc)
-                time.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
-            with self._lock:
-                if self._closing:
-                    conn.close()
-                    return
-                if self.max_connections and len(self._clients) >= self.max_connections:
-                    self.refused += 1
-                    log.warning(
-                        "%s: refusing a client: %d connections open (max-connections=%d)",
-                        self.name,
-                        len(self._clients),
-                        self.max_connections,
-                    )
-                    conn.close()
-                    continue
-                self._next_id += 1
-                cid = self._next_id
-                self.connections += 1
-                if conn.family in (socket.AF_INET, socket.AF_INET6):
-                    # Replies are small and often back to back: no Nagle delay (as QEMU).
-                    with contextlib.suppress(OSError):
-                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                channel = Channel(conn, f"client {cid}{_peer_suffix(conn)}")
-                self._clients[cid] = channel
-                thread = threading.Thread(
-                    target=self._client,
-                    args=(cid, channel),
-                    name=f"nbd-{self.name}-client{cid}",
-                    daemon=True,
+    def _connected(self, conn: socket.socket) -> None:
+        """A new client: its own thread, unless the server is closing or full."""
+        with self._lock:
+            if self._closing:
+                conn.close()
+                return
+            if self.max_connections and len(self._clients) >= self.max_connections:
+                self.refused += 1
+                log.warning(
+                    "%s: refusing a client: %d connections open (max-connections=%d)",
+                    self.name,
+                    len(self._clients),
+                    self.max_connections,
                 )
-                self._threads.add(thread)
-            thread.start()
+                conn.close()
+                return
+            self._next_id += 1
+            cid = self._next_id
+            self.connections += 1
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                # Replies are small and often back to back: no Nagle delay (as QEMU).
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            channel = Channel(conn, f"client {cid}{_peer_suffix(conn)}")
+            self._clients[cid] = channel
+            thread = threading.Thread(
+                target=self._client,
+                args=(cid, channel),
+                name=f"nbd-{self.name}-client{cid}",
+                daemon=True,
+            )
+            self._threads.add(thread)
+        thread.start()
 
     def _client(self, cid: int, channel: Channel) -> None:
         transmission: Transmission | None = None
@@ -229,16 +218,14 @@ class NbdServer:
             self._closing = True
             clients = list(self._clients.values())
             threads = list(self._threads)
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
+        self._accept.stop()
         self.listener.close()
         for channel in clients:
             channel.shutdown()
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._accept.join(max(0.0, deadline - time.monotonic()))
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()

@@ -1,28 +1,35 @@
-"""The exploration's report: DIR/report.html and DIR/plots/explore-timeline.png from explore.json.
+"""The exploration's report: DIR/report.html, report.md and plots/explore-timeline.png.
 
-Renders what `powercut explore` wrote (`harness.crash.explore_run`, format in
-its `ExploreDoc`) and judges nothing: per cell the verdict and its reason,
-the counts, where the time went, whether the runner's own cuts at the end are
-among the explored states, and every failing state with the checkers that
-failed, its minimized writes and what they hold, and the command that
-rebuilds it as an image. The plot puts the failing states on the workload's
-timeline: persistence points in log order on the x axis, states explored at
-each as bars, those that fail in colour.
+Renders what `powercut explore` wrote (the records of `harness.explore.doc`)
+and judges nothing: per cell the verdict and its reason, the counts, where
+the time went, whether the runner's own cuts at the end are among the
+explored states, and every failing state with the checkers that failed, its
+minimized writes and what they hold, and the command that rebuilds it as an
+image. The plot puts the failing states on the workload's timeline:
+persistence points in log order on the x axis, states explored at each as
+bars, those that fail in colour.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 from collections import Counter
 from html import escape
 from pathlib import Path
-from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from harness.explore.doc import (
+    CellRecord,
+    ExploreDocument,
+    Minimized,
+    StateRecord,
+    Where,
+    load_doc,
+)
+from harness.explore.states import PointKind
 from harness.report.html import CSS
 
 PLOT = "plots/explore-timeline.png"
@@ -33,15 +40,15 @@ COLOURS = {
 }
 
 
-def _category(state: dict[str, Any]) -> str:
-    if state.get("verdict", "pass") == "pass":
+def _category(state: StateRecord) -> str:
+    if not state.failed:
         return "pass"
-    return "breaks the contract" if state.get("contract_broken") else "fail, allowed"
+    return "breaks the contract" if state.contract_broken else "fail, allowed"
 
 
-def plot_timeline(doc: dict[str, Any], path: Path) -> Path | None:
+def plot_timeline(doc: ExploreDocument, path: Path) -> Path | None:
     """One row per cell: states per persistence point, failing ones in colour."""
-    cells = [c for c in doc.get("cells", []) if c.get("states")]
+    cells = [c for c in doc.cells if c.states]
     if not cells:
         return None
     fig = Figure(figsize=(9.0, 2.4 * len(cells) + 0.6), dpi=100)
@@ -49,21 +56,21 @@ def plot_timeline(doc: dict[str, Any], path: Path) -> Path | None:
     axes = fig.subplots(len(cells), 1, squeeze=False)
     for ax, cell in zip(axes[:, 0], cells, strict=True):
         per: dict[str, Counter[int]] = {k: Counter() for k in COLOURS}
-        for s in cell["states"]:
-            per[_category(s)][int(s["point"]["number"])] += 1
-        points = sorted({int(s["point"]["number"]) for s in cell["states"]})
+        for s in cell.states:
+            per[_category(s)][s.point.number] += 1
+        points = sorted({s.point.number for s in cell.states})
         bottom = [0] * len(points)
         for name, colour in COLOURS.items():
             values = [per[name][p] for p in points]
             if any(values):
                 ax.bar(points, values, 0.9, bottom=bottom, color=colour, label=name)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        acks = [int(p["number"]) for p in cell.get("points", []) if "ack" in p.get("kinds", [])]
+        acks = [p.point.number for p in cell.points if PointKind.ACK in p.point.kinds]
         if acks:
             ax.plot(acks, [0] * len(acks), "|", color="#1565c0", markersize=6, label="ack point")
         ax.set_xlabel("persistence point (log order)")
         ax.set_ylabel("states")
-        ax.set_title(f"{cell.get('scenario')}: {cell.get('id')}", fontsize=9, loc="left")
+        ax.set_title(f"{cell.scenario}: {cell.id}", fontsize=9, loc="left")
         ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, ncols=4)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,15 +83,15 @@ def _img(path: Path) -> str:
     return f"<img alt='{escape(path.name)}' src='data:image/png;base64,{data}'>"
 
 
-def _writes(minimized: dict[str, Any]) -> str:
+def _writes(minimized: Minimized) -> str:
     rows = []
-    for w in minimized.get("writes", []):
-        holds = "; ".join(w.get("holds", [])) or "—"
-        torn = f" (sectors lost {w['sectors_lost']})" if w.get("sectors_lost") else ""
+    for w in minimized.writes:
+        holds = "; ".join(w.holds) or "—"
+        torn = f" (sectors lost {list(w.sectors_lost)})" if w.sectors_lost else ""
         rows.append(
-            f"<tr><td>{escape(w.get('loss', ''))}{escape(torn)}</td><td>{w.get('seq')}</td>"
-            f"<td>{w.get('offset')}</td><td>{w.get('length')}</td>"
-            f"<td>{w.get('submit_index')}</td><td>{w.get('flush_epoch')}</td>"
+            f"<tr><td>{escape(w.loss.value)}{escape(torn)}</td><td>{w.seq}</td>"
+            f"<td>{w.offset}</td><td>{w.length}</td>"
+            f"<td>{w.submit_index}</td><td>{w.flush_epoch}</td>"
             f"<td>{escape(holds)}</td></tr>"
         )
     if not rows:
@@ -95,39 +102,40 @@ def _writes(minimized: dict[str, Any]) -> str:
     )
 
 
-def _failing(cell: dict[str, Any], limit: int = 50) -> str:
-    failing = [s for s in cell.get("states", []) if s.get("verdict") != "pass"]
-    failing.sort(key=lambda s: (not s.get("contract_broken"), "minimized" not in s))
+def _failing(cell: CellRecord, limit: int = 50) -> str:
+    failing = cell.failing
+    failing.sort(key=lambda s: (not s.contract_broken, s.minimized is None))
     items = []
     for s in failing[:limit]:
-        bad = [c for c in s.get("checks", []) if c.get("ok") is False]
+        bad = [c for c in s.checks if c.ok is False]
         checks = "".join(
-            f"<li><b>{escape(str(c.get('checker')))}</b> ({escape(str(c.get('where', 'host')))}): "
-            f"{escape(str(c.get('detail', '')))}</li>"
+            f"<li><b>{escape(c.checker)}</b> ({escape((c.where or Where.HOST).value)}): "
+            f"{escape(c.detail)}</li>"
             for c in bad
         )
-        minimized = s.get("minimized")
+        minimized = s.minimized
         shrunk = ""
-        if isinstance(minimized, dict) and "id" in minimized:
+        if minimized is not None and minimized.state is not None:
             shrunk = (
-                f"<p>Shrunk to <code>{escape(minimized['id'])}</code>: "
-                f"{minimized.get('losses_before')} → {minimized.get('losses_after')} lost or torn "
-                f"writes in {minimized.get('checks')} checks ({escape(minimized.get('by', ''))})."
-                f"</p>{_writes(minimized)}<pre>{escape(minimized.get('replay', ''))}</pre>"
+                f"<p>Shrunk to <code>{escape(minimized.state.id)}</code>: "
+                f"{minimized.losses_before} → {minimized.losses_after} lost or torn "
+                f"writes in {minimized.checks} checks "
+                f"({escape(minimized.by.value if minimized.by else '')})."
+                f"</p>{_writes(minimized)}<pre>{escape(minimized.replay)}</pre>"
             )
-        elif isinstance(minimized, dict):
-            why = minimized.get("note") or minimized.get("error", "")
+        elif minimized is not None:
+            why = minimized.note or minimized.error or ""
             shrunk = f"<p class='small'>{escape(why)}</p>"
-        label = ", ".join(s.get("point", {}).get("labels", []))
-        cls = "fail" if s.get("contract_broken") else "error"
+        label = ", ".join(s.point.labels)
+        cls = "fail" if s.contract_broken else "error"
         items.append(
-            f"<tr><td class='{cls}'>{escape(s.get('verdict', ''))}"
-            f"{'<br>breaks the contract' if s.get('contract_broken') else '<br>allowed'}</td>"
-            f"<td><code>{escape(s['id'])}</code><br><span class='small'>point "
-            f"{s['point']['number']} ({escape(label)}), {s.get('acked', 0)} acknowledged; "
-            f"{len(s.get('lost', []))} lost, {len(s.get('torn', []))} torn of "
-            f"{s.get('pending', 0)} pending</span></td>"
-            f"<td><ul>{checks}</ul>{shrunk}<pre>{escape(s.get('replay', ''))}</pre></td></tr>"
+            f"<tr><td class='{cls}'>{escape(s.verdict.value)}"
+            f"{'<br>breaks the contract' if s.contract_broken else '<br>allowed'}</td>"
+            f"<td><code>{escape(s.id)}</code><br><span class='small'>point "
+            f"{s.point.number} ({escape(label)}), {s.acked} acknowledged; "
+            f"{len(s.state.lost)} lost, {len(s.state.torn)} torn of "
+            f"{s.state.pending} pending</span></td>"
+            f"<td><ul>{checks}</ul>{shrunk}<pre>{escape(s.replay or '')}</pre></td></tr>"
         )
     more = (
         f"<p class='small'>… and {len(failing) - limit} more in explore.json</p>"
@@ -144,73 +152,110 @@ def _failing(cell: dict[str, Any], limit: int = 50) -> str:
     )
 
 
-def _cell(cell: dict[str, Any]) -> str:
-    verdict = cell.get("verdict") or cell.get("status", "")
-    cls = {"pass": "pass", "fail": "fail"}.get(str(verdict), "error")
-    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in cell.get("seconds", {}).items())
-    guest = cell.get("guest") or {}
-    guest_line = ""
-    if guest:
-        guest_line = (
-            f"<li>checker guest: {guest.get('checks', 0)} states mounted and checked, "
-            f"{guest.get('same_image', 0)} identical to one checked, "
-            f"{guest.get('decided_host_side', 0)} decided host-side; "
-            f"{guest.get('states_per_s', 0)} states/s ({guest.get('checks_per_s', 0)} checks/s), "
-            f"boot {guest.get('boot_seconds', 0)} s</li>"
+def _unjudged(cell: CellRecord, limit: int = 50) -> str:
+    """The states no checker failed and some could not judge, with what each checker said."""
+    unjudged = cell.unjudged
+    if not unjudged:
+        return ""
+    rows = []
+    for s in unjudged[:limit]:
+        why = "".join(
+            f"<li><b>{escape(c.checker)}</b> ({escape((c.where or Where.HOST).value)}): "
+            f"{escape(c.detail)}</li>"
+            for c in s.checks
+            if c.ok is None
         )
-    cuts = cell.get("runner_cuts") or {}
+        rows.append(
+            f"<tr><td class='error'>not judged</td><td><code>{escape(s.id)}</code><br>"
+            f"<span class='small'>point {s.point.number}, {s.acked} acknowledged</span></td>"
+            f"<td><ul>{why}</ul></td></tr>"
+        )
+    more = (
+        f"<p class='small'>… and {len(unjudged) - limit} more in explore.json</p>"
+        if len(unjudged) > limit
+        else ""
+    )
+    allowed = cell.explore.unjudged_states if cell.explore is not None else 0
+    return (
+        f"<h4>States not judged ({len(unjudged)}; the scenario's unjudged-states allows "
+        f"{allowed})</h4>"
+        "<table><tr><th></th><th>state</th><th>why not</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + more
+    )
+
+
+def _cell(cell: CellRecord) -> str:
+    verdict = cell.verdict.value if cell.verdict is not None else cell.status.value
+    cls = {"pass": "pass", "fail": "fail"}.get(verdict, "error")
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in cell.seconds.to_json().items())
+    guest = cell.guest
+    guest_line = ""
+    if guest is not None:
+        guest_line = (
+            f"<li>checker guest: {guest.checks} states mounted and checked, "
+            f"{guest.same_image} identical to one checked, "
+            f"{guest.decided_host_side} decided host-side; "
+            f"{guest.states_per_s} states/s ({guest.checks_per_s} checks/s), "
+            f"boot {guest.boot_seconds} s</li>"
+        )
+    cuts = cell.runner_cuts
     cuts_line = ""
-    if cuts and "error" not in cuts:
+    if cuts is not None and cuts.error is None and cuts.cuts:
         parts = [
-            f"{escape(policy)}: "
-            + (
-                "the same image as " + escape(str(v.get("state")))
-                if v.get("same_image")
-                else "differs"
-            )
-            for policy, v in cuts.items()
+            f"{escape(c.policy.value)}: "
+            + ("the same image as " + escape(str(c.state)) if c.same_image else "differs")
+            for c in cuts.cuts
         ]
         cuts_line = f"<li>the runner's cuts at the end: {'; '.join(parts)}</li>"
+    recorded = cell.recorded
+    counts = cell.counts
+    per_s = cell.host_states_per_s
     return f"""
-<h3><span class='verdict'>{escape(str(verdict)).upper()}</span> {escape(str(cell.get("scenario")))}:
-<code>{escape(str(cell.get("id")))}</code></h3>
-<table><tr><td class='{cls}'>{escape(str(cell.get("reason", "")))}</td></tr></table>
+<h3><span class='verdict'>{escape(verdict).upper()}</span> {escape(cell.scenario)}:
+<code>{escape(cell.id)}</code></h3>
+<table><tr><td class='{cls}'>{escape(cell.reason)}</td></tr></table>
 <ul class='small'>
-<li>{cell.get("states_explored", 0)} states explored ({cell.get("states_unique", 0)} unique images)
-at {len(cell.get("points", []))} of {cell.get("points_total", 0)} persistence points;
-{cell.get("states_failing", 0)} fail, {cell.get("states_breaking_contract", 0)} break the contract
+<li>{counts.states_explored} states explored ({counts.states_unique} unique images)
+at {len(cell.points)} of {recorded.points_total if recorded else 0} persistence points;
+{counts.states_failing} fail, {counts.states_breaking_contract} break the contract,
+{counts.states_unjudged} not judged
 </li>
-<li>mode {escape(str(cell.get("mode")))}, workload {escape(str(cell.get("workload")))} on
-{escape(str(cell.get("filesystem")))} {escape(str(cell.get("mount_options") or ""))};
-states enumerated under {escape(str(cell.get("keep")))}, judged under
-{escape(str(cell.get("judge")))}; {cell.get("acks", 0)} acknowledgements,
-{cell.get("writes", 0)} writes in the log</li>
+<li>mode {escape(cell.mode.value if cell.mode else "None")}, workload {escape(cell.workload)} on
+{escape(str(cell.filesystem))} {escape(cell.mount_options or "")};
+states enumerated under {escape(cell.keep.name if cell.keep else "None")}, judged under
+{escape(cell.judge.name if cell.judge else "None")}; {recorded.acks if recorded else 0}
+acknowledgements, {recorded.writes if recorded else 0} writes in the log</li>
 {guest_line}{cuts_line}
-<li>{escape(seconds)}; host side {cell.get("host_states_per_s", 0)} states/s</li>
+<li>{escape(seconds)}; host side {per_s if per_s is not None else 0} states/s</li>
 </ul>
 <h4>Failing states</h4>
 {_failing(cell)}
+{_unjudged(cell)}
 """
 
 
-def render_explore_html(doc: dict[str, Any], plot: Path | None = None) -> str:
-    ok = bool(doc.get("ok"))
-    status = "PASSED" if ok else "INTERRUPTED" if doc.get("interrupted") else "FAILED"
+def render_explore_html(doc: ExploreDocument, plot: Path | None = None) -> str:
+    ok = bool(doc.ok)
+    status = "PASSED" if ok else "INTERRUPTED" if doc.interrupted else "FAILED"
+    counts = doc.counts
     summary = (
-        f"{doc.get('states_explored', 0)} states explored ({doc.get('states_unique', 0)} unique), "
-        f"{doc.get('states_failing', 0)} failing, {doc.get('states_breaking_contract', 0)} "
-        f"breaking the contract, checked in {doc.get('check_seconds', 0)} s"
+        f"{counts.states_explored} states explored ({counts.states_unique} unique), "
+        f"{counts.states_failing} failing, {counts.states_breaking_contract} "
+        f"breaking the contract, {counts.states_unjudged} not judged, "
+        f"checked in {counts.check_seconds} s"
     )
     plot_html = _img(plot) if plot is not None and plot.exists() else ""
-    cells = "".join(_cell(c) for c in doc.get("cells", []))
+    cells = "".join(_cell(c) for c in doc.cells)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>powercut exploration</title>
 <style>{CSS}</style></head>
 <body>
 <h1>powercut exploration</h1>
 <p><span class="status {"ok" if ok else "bad"}">{status}</span> {escape(summary)}</p>
-<ul class="small"><li>command: <code>{escape(str(doc.get("command", "")))}</code></li>
-<li>started {escape(str(doc.get("started")))}, finished {escape(str(doc.get("finished")))}</li></ul>
+<ul class="small"><li>command: <code>{escape(doc.command)}</code></li>
+<li>started {escape(doc.started)}, finished {escape(str(doc.finished))}</li></ul>
 <h2>Exploration</h2>
 <p class="small">Each cell's workload ran once; every crash state its mode's contract allows at
 each persistence point (completed flushes and FUA writes, acknowledgements, the end) was checked
@@ -223,14 +268,60 @@ checker the promise binds finds loss.</p>
 """
 
 
-def render_explore(directory: Path | str, doc: dict[str, Any] | None = None) -> Path:
-    """Write DIR/report.html (and the plot) from DIR/explore.json."""
+def render_explore_markdown(doc: ExploreDocument) -> str:
+    """The same report as Markdown (a CI job's summary, a pull request comment)."""
+    counts = doc.counts
+    status = "PASSED" if doc.ok else "INTERRUPTED" if doc.interrupted else "FAILED"
+    lines = [
+        "# powercut exploration",
+        "",
+        f"**{status}**: {counts.states_explored} states explored ({counts.states_unique} "
+        f"unique), {counts.states_failing} failing, {counts.states_breaking_contract} breaking "
+        f"the contract, {counts.states_unjudged} not judged",
+        "",
+        f"`{doc.command}`",
+        "",
+        "| cell | verdict | explored | failing | breaking the contract | not judged | reason |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in doc.cells:
+        verdict = c.verdict.value if c.verdict is not None else c.status.value
+        reason = c.reason.replace("|", "\\|")
+        lines.append(
+            f"| {c.scenario}: `{c.id}` | {verdict.upper()} | {c.counts.states_explored} | "
+            f"{c.counts.states_failing} | {c.counts.states_breaking_contract} | "
+            f"{c.counts.states_unjudged} | {reason} |"
+        )
+    for c in doc.cells:
+        shown = c.breaking[:5] or (c.failing[:5] if c.expect == "violation" else [])
+        unjudged = c.unjudged[:10]
+        if not shown and not unjudged:
+            continue
+        lines += ["", f"## `{c.id}`"]
+        for s in shown:
+            by = ", ".join(s.broken_by) or s.verdict.value
+            lines.append(f"- `{s.id}` fails ({by}): `{s.replay or ''}`")
+        for s in unjudged:
+            why = "; ".join(f"{x.checker}: {x.detail}" for x in s.checks if x.ok is None)
+            lines.append(f"- `{s.id}` not judged: {why}")
+        if len(c.unjudged) > len(unjudged):
+            lines.append(f"- … and {len(c.unjudged) - len(unjudged)} more not judged")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def render_explore(directory: Path | str, doc: ExploreDocument | None = None) -> Path:
+    """Write DIR/report.html (and the plot) and DIR/report.md from DIR/explore.json (or `doc`,
+    what it holds); returns report.html's path."""
     out = Path(directory)
     if doc is None:
-        doc = json.loads((out / "explore.json").read_text())
+        doc = load_doc(out)
     plot = plot_timeline(doc, out / PLOT)
-    html = out / "report.html"
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(render_explore_html(doc, plot), encoding="utf-8")
-    os.replace(tmp, html)
-    return html
+    _write(out / "report.md", render_explore_markdown(doc))
+    return _write(out / "report.html", render_explore_html(doc, plot))

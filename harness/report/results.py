@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import enum
 import json
 import os
 import socket
@@ -74,17 +73,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
+from harness.durability.contract import Verdict
 from harness.errors import ConfigError
-
-
-class Verdict(enum.Enum):
-    """A cell's verdict (and a checker's): the one vocabulary of runs, reports and tests."""
-
-    PASS = "pass"
-    FAIL = "fail"
-    ERROR = "error"  # the cell could not be run or a checker produced nothing
-    SKIPPED = "skipped"
-
 
 SCHEMA = "powercut-results"
 SCHEMA_VERSION = 1

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from harness.block.drivers.blkdebug import Rule
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
-from harness.scenario.explore import ExploreSpec
+from harness.explore.spec import ExploreSpec
+from harness.vm.backends import Backend
 from harness.workloads.base import OptionValue, Workload
 
 
@@ -120,14 +121,6 @@ class GuestSpec:
         if self.kernel:
             parts.append(f"kernel {self.kernel}")
         return ", ".join(parts) or "the default guest"
-
-
-class Backend(enum.Enum):
-    """Whose block layer serves the guest's disk (on the powercut fault drivers either way)."""
-
-    POWERCUT = "powercut"  # this project's stack reproduces QEMU's cache modes (vhost-user-blk)
-    QEMU = "qemu"  # QEMU's own format driver and cache mode, over NBD to the powercut disk
-    QSD = "qemu-storage-daemon"  # the same graph in qsd, exported to QEMU as vhost-user-blk
 
 
 class ImageFormat(enum.Enum):

@@ -27,7 +27,6 @@ from harness.durability.contract import (
 from harness.errors import ConfigError, ScenarioError
 from harness.scenario.explore import parse_explore
 from harness.scenario.model import (
-    Backend,
     BlkdebugRule,
     CutSpec,
     DiskSpec,
@@ -41,6 +40,7 @@ from harness.scenario.model import (
 )
 from harness.scenario.table import Context, Table, choices_text, describe
 from harness.scenario.tomlines import LineIndex
+from harness.vm.backends import Backend
 from harness.workloads import filesystem as fs
 from harness.workloads.base import QEMU_IMG_CHECK, OptionValue
 from harness.workloads.registry import kinds, workload_class

@@ -20,7 +20,6 @@ running guest: see harness.vhost.inflight.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import GuestError, PowercutError, ProtocolError
-from harness.sockets import listen_unix
+from harness.sockets import AcceptLoop, listen_unix
 from harness.vhost.blk import NoStatusByte, VirtioBlkDevice
 from harness.vhost.inflight import InflightRegion
 from harness.vhost.memory import MAX_MEM_SLOTS, GuestMemory, RegionDesc
@@ -646,8 +645,7 @@ class VhostUserBlkServer:
         self.session: Session | None = None
         self.connections = 0
         self.needs_reset_count = 0
-        self._closing = False
-        self._thread: threading.Thread | None = None
+        self._accept = AcceptLoop(listener, self._serve, name=self.name)
         self.started_at = time.monotonic()
 
     @classmethod
@@ -673,42 +671,26 @@ class VhostUserBlkServer:
         self.needs_reset_count += 1
 
     def start(self) -> VhostUserBlkServer:
-        self._thread = threading.Thread(
-            target=self.serve_forever, name=f"vhost-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._accept.start(f"vhost-{self.name}")
         return self
 
-    def serve_forever(self) -> None:
-        while not self._closing:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError as exc:
-                if self._closing or exc.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                log.warning("%s: accept failed: %s", self.name, exc)
-                continue
-            self.connections += 1
-            log.info("%s: frontend connected (connection %d)", self.name, self.connections)
-            self.session = Session(self, conn)
-            try:
-                self.session.run()
-            except Exception:
-                # Whatever one frontend did, the next one must still be served.
-                log.exception("%s: the connection ended with an internal error", self.name)
-            finally:
-                self.session = None
+    def _serve(self, conn: socket.socket) -> None:
+        """One frontend, served on the accept loop's thread until it goes away."""
+        self.connections += 1
+        log.info("%s: frontend connected (connection %d)", self.name, self.connections)
+        self.session = Session(self, conn)
+        try:
+            self.session.run()
+        finally:
+            self.session = None
 
     def close(self) -> None:
-        self._closing = True
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
+        self._accept.stop()
         session = self.session
         if session is not None:
             with contextlib.suppress(OSError):
                 session.conn.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._accept.join(timeout=30)
         self.listener.close()
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):

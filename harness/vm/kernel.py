@@ -12,6 +12,10 @@ module. This module reads what the kernel itself says, in order of trust:
 2. its modules tree (`modules = PATH`, a `lib/modules/RELEASE` directory):
    `modules.builtin` lists what is built in, the `.ko` files what is a module.
 
+The image builder reads the same tree after depmod: `parse_modules_dep` is
+the one reader of `modules.dep` (which modules, in which order, reach the
+initramfs and the root).
+
 When neither exists (a bare bzImage without IKCONFIG and no modules), nothing
 can be checked before boot; `check_kernel` says so in `KernelCheck.unknown`,
 and the guest's init names a missing feature on the console if it boots that far.
@@ -271,14 +275,14 @@ class ModulesTree:
             )
         builtin_file = path / "modules.builtin"
         builtin = (
-            frozenset(_mod_name(p) for p in builtin_file.read_text().split())
+            parse_modules_builtin(builtin_file.read_text())
             if builtin_file.is_file()
             else frozenset()
         )
         modules: dict[str, str] = {}
         for ko in path.rglob("*.ko*"):
-            if re.search(r"\.ko(\.(xz|gz|zst))?$", ko.name):
-                modules.setdefault(_mod_name(ko.name), str(ko.relative_to(path)))
+            if _MODULE_FILE.search(ko.name):
+                modules.setdefault(module_name(ko.name), str(ko.relative_to(path)))
         if not builtin_file.is_file() and not modules:
             raise ConfigError(
                 f"{field_name}: {path} holds neither modules.builtin nor any .ko; "
@@ -287,10 +291,36 @@ class ModulesTree:
         return cls(path, builtin, modules)
 
 
-def _mod_name(path: str) -> str:
-    name = Path(path).name
-    name = re.sub(r"\.ko(\.(xz|gz|zst))?$", "", name)
-    return name.replace("-", "_")
+_MODULE_FILE = re.compile(r"\.ko(\.(xz|gz|zst))?$")
+
+
+def module_name(path: str) -> str:
+    """A module's name as modprobe matches it: no directory, no .ko[.xz|.gz|.zst], `_` for `-`."""
+    return _MODULE_FILE.sub("", Path(path).name).replace("-", "_")
+
+
+def parse_modules_builtin(text: str) -> frozenset[str]:
+    """The names of the modules a `modules.builtin` lists (built into the kernel)."""
+    return frozenset(module_name(p) for p in text.split())
+
+
+@dataclass(frozen=True)
+class ModuleDep:
+    """One line of `modules.dep`: a module's path and the paths of everything it needs."""
+
+    path: str  # relative to lib/modules/RELEASE
+    needs: tuple[str, ...]  # the whole closure, deepest dependency last (depmod's order)
+
+
+def parse_modules_dep(text: str) -> dict[str, ModuleDep]:
+    """`modules.dep` (depmod's output) by module name."""
+    deps: dict[str, ModuleDep] = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[module_name(path)] = ModuleDep(path, tuple(rest.split()))
+    return deps
 
 
 @dataclass(frozen=True)

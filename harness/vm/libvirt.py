@@ -79,6 +79,11 @@ def domain_xml(
     # Under TCG without a model, libvirt leaves QEMU's default: qemu64.
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, event).text = "destroy"
+    if spec.nics or spec.isolated:
+        raise MachineError(
+            "a libvirt machine has no private network between guests (MachineSpec.nics); "
+            "boot cluster nodes with QemuMachine"
+        )
     dev = ET.SubElement(dom, "devices")
     serial = ET.SubElement(dev, "serial", type="file")
     ET.SubElement(serial, "source", path=str(console), append="on")

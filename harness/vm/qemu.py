@@ -23,6 +23,7 @@ from harness.vm.spec import (
     BlockdevDisk,
     FileDisk,
     MachineSpec,
+    StreamNic,
     VhostUserDisk,
 )
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # PCI slots: fixed, so /dev/vda is always the first disk of the spec.
 _NET_SLOT = 3
 _RNG_SLOT = 4
+_FIRST_NIC_SLOT = 5  # the private network's NICs: 5, 6, 7
 _FIRST_DISK_SLOT = 8
 _PORT_ATTEMPTS = 5
 # QEMU start to QMP greeting; well under a second unless a backend does not answer.
@@ -47,7 +49,8 @@ def qemu_argv(
         "-name",
         f"{spec.name},debug-threads=on",
         "-accel",
-        accel.value,
+        accel.value
+        + (f",tb-size={spec.tcg_tb_mib}" if accel is Accel.TCG and spec.tcg_tb_mib else ""),
         # memfd + share=on: a vhost-user backend maps guest memory through the fds.
         "-object",
         f"memory-backend-memfd,id=mem,size={mem},share=on",
@@ -83,12 +86,14 @@ def qemu_argv(
     if spec.firmware is not None:
         argv += ["-bios", str(spec.firmware)]
     fwd = "".join(f",hostfwd=tcp:{HOST}:{host}-:{guest}" for guest, host in ports.items())
+    restrict = ",restrict=on" if spec.isolated else ""
     argv += [
         "-netdev",
-        f"user,id=net0{fwd}",
+        f"user,id=net0{restrict}{fwd}",
         "-device",
         f"virtio-net-pci,netdev=net0,romfile=,addr={_NET_SLOT:#x}",
     ]
+    argv += nic_arguments(spec.nics)
     for i, disk in enumerate(spec.disks):
         slot = f"addr={_FIRST_DISK_SLOT + i:#x}"
         if isinstance(disk, VhostUserDisk):
@@ -124,6 +129,25 @@ def qemu_argv(
             f"file={q(spec.root_disk)},if=none,id=rootdisk,format=raw,readonly=on,cache=writeback",
             "-device",
             f"virtio-blk-pci,drive=rootdisk,serial={ROOT_DISK_SERIAL},addr={ROOT_DISK_SLOT:#x}",
+        ]
+    return argv
+
+
+def nic_arguments(nics: tuple[StreamNic, ...]) -> list[str]:
+    """`-netdev stream` clients of the switch's ports, each under a virtio-net-pci device."""
+    if len(nics) > _FIRST_DISK_SLOT - _FIRST_NIC_SLOT:
+        raise MachineError(
+            f"{len(nics)} private NICs do not fit before the disks' PCI slots; "
+            f"use at most {_FIRST_DISK_SLOT - _FIRST_NIC_SLOT}"
+        )
+    argv: list[str] = []
+    for i, nic in enumerate(nics, start=1):
+        argv += [
+            "-netdev",
+            f"stream,id=net{i},server=off,addr.type=unix,addr.path={q(nic.socket)}",
+            "-device",
+            f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile=,"
+            f"addr={_FIRST_NIC_SLOT + i - 1:#x}",
         ]
     return argv
 
@@ -212,6 +236,12 @@ class QemuMachine(Machine):
                 f"the image's root disk {self.spec.root_disk} is missing; "
                 "rebuild it with `powercut image build --force`"
             )
+        for nic in self.spec.nics:
+            if not nic.socket.exists():
+                raise MachineError(
+                    f"no switch port at {nic.socket}; start the private network's switch "
+                    "(harness.vm.network.PrivateNetwork.start_switch) first"
+                )
         for disk in self.spec.disks:
             if isinstance(disk, VhostUserDisk) and not disk.socket.exists():
                 raise MachineError(

@@ -63,6 +63,18 @@ Disk = VhostUserDisk | FileDisk | BlockdevDisk
 
 
 @dataclass(frozen=True)
+class StreamNic:
+    """A virtio-net NIC on QEMU's `-netdev stream`, a client of a unix socket.
+
+    The socket is a port of the private network's switch (harness/vm/switch.py);
+    `mac` is how the guest tells this NIC from its user-mode one (eth0).
+    """
+
+    socket: Path
+    mac: str
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """What to boot; host ports and paths of a running machine are not part of it."""
 
@@ -89,6 +101,16 @@ class MachineSpec:
     # `disks`, at a fixed last PCI slot with serial "powercut-root" (the guest's
     # init finds it by serial), so the first disk under test stays /dev/vda.
     root_disk: Path | None = None
+    # NICs beyond the user-mode one (which keeps the forwarded ports): a private
+    # network between guests (harness/vm/network.py).
+    nics: tuple[StreamNic, ...] = ()
+    # User-mode networking with restrict=on: the guest reaches nothing through it
+    # (not the host, not the outside), only the forwarded ports reach the guest.
+    isolated: bool = False
+    # TCG's translation buffer in MiB (-accel tcg,tb-size=N); None: QEMU's default,
+    # which grows to hundreds of MiB of RSS in a guest that starts many programs
+    # (benchmarks/cluster.py, part `memory`).
+    tcg_tb_mib: int | None = None
 
     @classmethod
     def from_image(
@@ -131,6 +153,9 @@ class MachineSpec:
 
     def with_disks(self, *disks: Disk) -> MachineSpec:
         return replace(self, disks=tuple(disks))
+
+    def with_nics(self, *nics: StreamNic, isolated: bool = True) -> MachineSpec:
+        return replace(self, nics=tuple(nics), isolated=isolated)
 
     @property
     def cmdline(self) -> str:

@@ -9,6 +9,7 @@ workload built that way (ack-records, ext4-metadata).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import threading
@@ -23,6 +24,11 @@ from harness.guest.ssh import SSHSession
 from harness.workloads.base import POLL, GuestContext, Run
 
 log = logging.getLogger(__name__)
+
+# Where a streaming workload's output is kept, in its cell's directory: stdout (every
+# acknowledgement line and whatever else it printed) and stderr, as they arrive.
+ACKS_FILE = "acks.txt"
+STDERR_FILE = "workload.stderr"
 
 # Exit statuses of a workload the runner stopped on purpose (SIGKILL, SIGTERM), or
 # whose channel died with the connection.
@@ -128,7 +134,9 @@ class GuestStream:
 
     Runs on its own SSH channel so the cut can come at any moment: the
     command ends when its connection dies with the guest. Every line is
-    also appended to `ack_file` as it arrives.
+    also appended to `ack_file` as it arrives, and every line of its stderr
+    to `stderr_file`: when the workload fails, what it said is kept with the
+    cell, however long it ran and wherever it stopped.
     """
 
     def __init__(
@@ -138,11 +146,13 @@ class GuestStream:
         name: str,
         ack_file: Path,
         stream: Acknowledgements | None = None,
+        stderr_file: Path | None = None,
     ) -> None:
         self.ssh = ssh
         self.command = command
         self.stream: Acknowledgements = stream if stream is not None else AckStream(name)
         self.ack_file = ack_file
+        self.stderr_file = stderr_file
         self.error: BaseException | None = None
         self.exit_code: int | None = None
         self.stderr = ""
@@ -157,14 +167,22 @@ class GuestStream:
 
     def _run(self) -> None:
         try:
-            with open(self.ack_file, "a", buffering=1) as acks:
+            with (
+                open(self.ack_file, "a", buffering=1) as acks,
+                open(self.stderr_file or os.devnull, "a", buffering=1) as errors,
+            ):
 
                 def line(text: str) -> None:
                     with self._lock:
                         self.stream.feed(text + "\n")
                     acks.write(text + "\n")
 
-                result = self.ssh.run(self.command, timeout=3600, on_stdout=line)
+                def error_line(text: str) -> None:
+                    errors.write(text + "\n")
+
+                result = self.ssh.run(
+                    self.command, timeout=3600, on_stdout=line, on_stderr=error_line
+                )
             self.exit_code = result.exit_code
             self.stderr = result.stderr
         except (PowercutError, OSError, EOFError) as exc:
@@ -216,7 +234,12 @@ class StreamRun(Run):
         # How to stop it once the backend is back (after a backend crash).
         self.stop_command = stop or f"killall {shlex.quote(program)} 2>/dev/null; true"
         self.stream = GuestStream(
-            ctx.ssh, command, name, ctx.directory / "acks.txt", stream
+            ctx.ssh,
+            command,
+            name,
+            ctx.directory / ACKS_FILE,
+            stream,
+            stderr_file=ctx.directory / STDERR_FILE,
         ).start()
         self.started = self.stream.started
 

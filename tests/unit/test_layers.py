@@ -24,11 +24,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pytest_scenarios",),  # scenario cells as pytest items; the plugin's, above the run
     ("storage_daemon",),  # an entry point of its own; `powercut serve` reuses its exports
     ("crash", "testing"),
-    ("explore",),
     ("scenario", "report"),
     ("workloads",),
     ("vhost", "nbd", "vm"),
     ("guest",),
+    ("explore",),  # the exploration engine: the block stack and durability only, no VM
     ("block",),
     ("durability",),
     ("control",),

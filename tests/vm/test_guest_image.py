@@ -22,8 +22,11 @@ import pytest
 
 from harness.errors import ConfigError, MachineError
 from harness.pytest_plugin import VMFactory
-from harness.vm.image import cache_root, ensure_image, fetch_deb, resolve_kernel_package
+from harness.vm.build import ensure_image
+from harness.vm.image import cache_root
+from harness.vm.kernelprep import fetch_deb
 from harness.vm.qemu import QemuMachine
+from harness.vm.recipe import resolve_kernel_package
 from harness.vm.spec import FileDisk
 
 pytestmark = pytest.mark.vm

@@ -6,7 +6,7 @@ import pytest
 
 from harness.block.cache import CacheMode
 from harness.guest.fio import RW, FioJob, run_fio
-from harness.vm.backends import QsdBackend
+from harness.vm.backends import Backend, make_backend
 from harness.vm.libvirt import DEFAULT_URI
 from harness.vm.spec import FileDisk
 
@@ -16,8 +16,11 @@ pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 @pytest.fixture(scope="module")
 def libvirt_vm(module_vm_factory):
     builtin = FileDisk(module_vm_factory.disk_file(64, "builtin.img"), CacheMode.WRITETHROUGH)
-    qsd = QsdBackend(
-        module_vm_factory.disk_file(96, "qsd.img"), module_vm_factory.tmpdir, name="qsd0"
+    qsd = make_backend(
+        Backend.QSD,
+        module_vm_factory.disk_file(96, "qsd.img"),
+        module_vm_factory.tmpdir,
+        name="qsd0",
     )
     module_vm_factory.add_cleanup(qsd.stop)
     for name, path in qsd.logs().items():

@@ -15,7 +15,7 @@ from harness.block.cache import CacheMode
 from harness.errors import CommandError
 from harness.guest.fio import RW, FioJob, run_fio
 from harness.proc import live_processes
-from harness.vm.backends import QsdBackend
+from harness.vm.backends import Backend, make_backend
 from harness.vm.qemu import QemuMachine
 from harness.vm.spec import FileDisk
 
@@ -43,8 +43,11 @@ def multi_disk_vm(module_vm_factory):
         FileDisk(module_vm_factory.disk_file(64 + 8 * i, f"mode{i}.img"), mode)
         for i, (mode, _) in enumerate(MODES)
     ]
-    qsd = QsdBackend(
-        module_vm_factory.disk_file(128, "qsd.img"), module_vm_factory.tmpdir, name="qsd0"
+    qsd = make_backend(
+        Backend.QSD,
+        module_vm_factory.disk_file(128, "qsd.img"),
+        module_vm_factory.tmpdir,
+        name="qsd0",
     )
     module_vm_factory.add_cleanup(qsd.stop)
     disks.append(qsd.start())

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from harness.testing.disk import PowercutDisk
+from harness.testing.disk import powercut_serve
+from harness.vm.backends import ProcessBackend
 
 pytestmark = pytest.mark.vm
 
@@ -16,10 +17,10 @@ SERIAL = "PCSERIAL0001"
 
 
 @pytest.fixture(scope="module")
-def served(module_vm_factory: Any) -> Iterator[tuple[PowercutDisk, Any]]:
+def served(module_vm_factory: Any) -> Iterator[tuple[ProcessBackend, Any]]:
     """One guest for the module: 2 vCPUs, a 2-queue powercut disk in writeback mode."""
     image = module_vm_factory.disk_file(256, "guest.img")
-    disk = PowercutDisk(
+    disk = powercut_serve(
         image,
         module_vm_factory.tmpdir / "pc",
         name="vda",
@@ -34,12 +35,12 @@ def served(module_vm_factory: Any) -> Iterator[tuple[PowercutDisk, Any]]:
     disk.stop()
 
 
-def test_serial_is_visible_in_sysfs(served: tuple[PowercutDisk, Any]) -> None:
+def test_serial_is_visible_in_sysfs(served: tuple[ProcessBackend, Any]) -> None:
     _, machine = served
     assert machine.ssh.check_output("cat /sys/block/vda/serial").strip() == SERIAL
 
 
-def test_guest_uses_both_queues(served: tuple[PowercutDisk, Any]) -> None:
+def test_guest_uses_both_queues(served: tuple[ProcessBackend, Any]) -> None:
     disk, machine = served
     assert machine.ssh.check_output("ls /sys/block/vda/mq").split() == ["0", "1"]
     # One reader per vCPU: blk-mq maps each CPU to its own queue.
@@ -51,7 +52,7 @@ def test_guest_uses_both_queues(served: tuple[PowercutDisk, Any]) -> None:
     assert all(q["completed"] > 0 for q in queues), queues
 
 
-def test_mkfs_mount_write_and_fsck(served: tuple[PowercutDisk, Any]) -> None:
+def test_mkfs_mount_write_and_fsck(served: tuple[ProcessBackend, Any]) -> None:
     _, machine = served
     g = machine.ssh
     g.check_output("mkfs.ext4 -q -F /dev/vda", timeout=300)
@@ -63,7 +64,7 @@ def test_mkfs_mount_write_and_fsck(served: tuple[PowercutDisk, Any]) -> None:
     g.check_output("e2fsck -fn /dev/vda", timeout=300)
 
 
-def test_fio_verify(served: tuple[PowercutDisk, Any]) -> None:
+def test_fio_verify(served: tuple[ProcessBackend, Any]) -> None:
     _, machine = served
     out = machine.ssh.check_output(
         "fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=32M "
@@ -74,7 +75,7 @@ def test_fio_verify(served: tuple[PowercutDisk, Any]) -> None:
     assert out.strip(), "fio printed nothing"
 
 
-def test_discard_and_write_zeroes(served: tuple[PowercutDisk, Any]) -> None:
+def test_discard_and_write_zeroes(served: tuple[ProcessBackend, Any]) -> None:
     disk, machine = served
     g = machine.ssh
     assert int(g.check_output("cat /sys/block/vda/queue/discard_max_bytes")) > 0
@@ -95,7 +96,7 @@ def test_discard_and_write_zeroes(served: tuple[PowercutDisk, Any]) -> None:
     g.check_output("e2fsck -fn /dev/vda", timeout=300)
 
 
-def test_guest_cache_type_toggle_changes_fua(served: tuple[PowercutDisk, Any]) -> None:
+def test_guest_cache_type_toggle_changes_fua(served: tuple[ProcessBackend, Any]) -> None:
     disk, machine = served
     g = machine.ssh
     assert g.check_output("cat /sys/block/vda/cache_type").strip() == "write back"

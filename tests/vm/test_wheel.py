@@ -114,7 +114,7 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_holds_the_recipe_and_the_scenarios(venv: Path, tmp_path: Path) -> None:
     probe = (
-        "import harness, json; from harness.vm.image import recipe_dir;"
+        "import harness, json; from harness.vm.recipe import recipe_dir;"
         "from harness.scenario.shipped import shipped_names;"
         "print(json.dumps([harness.__file__, str(recipe_dir()), shipped_names()]))"
     )

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.crash.explore_record import AckClock, CountedRun, RecordedRun, RunAsOf
+from harness.crash.explorer.record import AckClock, CountedRun, RecordedRun, RunAsOf
 from harness.durability.contract import FaultModel
 from harness.explore.recording import Ack, Recording
 from harness.guest.ssh import CommandResult

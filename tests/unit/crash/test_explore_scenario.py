@@ -8,7 +8,8 @@ import pytest
 
 from harness.durability.contract import CutPolicy
 from harness.errors import ScenarioError
-from harness.scenario.explore import DEFAULT, PointKind
+from harness.explore.spec import ExploreSpec
+from harness.explore.states import PointKind
 from harness.scenario.parse import parse_scenario
 
 BASE = """\
@@ -39,7 +40,7 @@ def error_of(text: str) -> str:
 
 def test_a_scenario_without_the_table_has_none_and_an_empty_table_the_defaults() -> None:
     assert parse_scenario(BASE, "s.toml").explore is None
-    assert parse_scenario(explore(""), "s.toml").explore == DEFAULT
+    assert parse_scenario(explore(""), "s.toml").explore == ExploreSpec()
 
 
 def test_every_field_is_read() -> None:
@@ -47,7 +48,7 @@ def test_every_field_is_read() -> None:
         explore(
             'max-states = 50\nstates-per-point = 3\npoints = ["ack", "end"]\n'
             'policies = "torn"\nseed = 9\ntear-unit = "4k"\nguest-check = false\n'
-            "minimize = 0\nminimize-checks = 10"
+            "minimize = 0\nminimize-checks = 10\nunjudged-states = 4"
         ),
         "s.toml",
     ).explore
@@ -56,6 +57,7 @@ def test_every_field_is_read() -> None:
     assert spec.points == (PointKind.ACK, PointKind.END)
     assert spec.policies == (CutPolicy.TORN,)
     assert (spec.guest_check, spec.minimize, spec.minimize_checks) == (False, 0, 10)
+    assert spec.unjudged_states == 4 and ExploreSpec().unjudged_states == 0
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,7 @@ def test_every_field_is_read() -> None:
         ("tear-unit = 1000", "'explore.tear-unit' must be a multiple of 512"),
         ("seed = -2", "'explore.seed' must be an integer >= 0"),
         ("guest-check = 1", "'explore.guest-check' must be true or false"),
+        ("unjudged-states = -1", "'explore.unjudged-states' must be an integer >= 0"),
         ("minimise = 2", "'explore.minimise' is unknown here; valid fields:"),
     ],
 )
@@ -82,6 +85,6 @@ def test_bad_values_name_the_file_line_and_field(line: str, message: str) -> Non
 def test_every_valid_field_is_documented() -> None:
     readme = (Path(__file__).parents[3] / "scenarios" / "README.md").read_text()
     fields = error_of(explore("zzz = 1")).split("valid fields: ")[1].split(", ")
-    assert len(fields) == 9
+    assert len(fields) == 10
     assert "## `[explore]`" in readme
     assert not [f for f in fields if f"| `{f}` |" not in readme]

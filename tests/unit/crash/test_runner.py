@@ -13,8 +13,8 @@ from harness.block import open_backend
 from harness.commands.run import add_run_arguments, plan_from_args
 from harness.crash import runner as runner_mod
 from harness.crash.plan import RunPlan
-from harness.crash.session import CrashBackend, fault_blockdev
-from harness.durability.contract import FaultModel, parse_fault
+from harness.crash.session import fault_blockdev
+from harness.durability.contract import CacheMode, FaultModel, parse_fault
 from harness.durability.cut import apply_cut
 from harness.durability.journal import read_journal
 from harness.durability.oracle import check
@@ -23,6 +23,8 @@ from harness.errors import ConfigError
 from harness.proc import live_processes
 from harness.report.results import load_results
 from harness.scenario.model import BlkdebugRule
+from harness.vm.backends import ProcessBackend
+from harness.vm.daemons import ServeOptions
 from harness.vm.image import GuestImage
 from harness.workloads.filesystem import make_disk
 
@@ -94,9 +96,8 @@ def test_faults_have_short_names_for_users_tests() -> None:
 def test_the_backend_serves_the_fault_graph(tmp_path: Path) -> None:
     make_disk(tmp_path / "disk.img", 1 << 20)
     spec = fault_blockdev(tmp_path / "disk.img", tmp_path / "j", tmp_path / "w.log")
-    backend = CrashBackend(
-        tmp_path / "disk.img", tmp_path, blockdev=spec, cache="unsafe", name="disk"
-    )
+    options = ServeOptions(blockdev=spec, socket=tmp_path / "disk.sock", cache=CacheMode.UNSAFE)
+    backend = ProcessBackend.logging_in(options, tmp_path, "disk")
     try:
         backend.start()
         assert backend.stats()["connected"] is False

@@ -11,6 +11,7 @@ from harness.block.cache import CacheMode
 from harness.crash.qemu_session import (
     DISK_CACHE,
     FORMAT_NODE,
+    SESSIONS,
     QemuSession,
     qemu_blockdevs,
     session_for,
@@ -18,8 +19,10 @@ from harness.crash.qemu_session import (
 from harness.crash.session import CrashSession
 from harness.errors import ScenarioError
 from harness.scenario.cells import expand
-from harness.scenario.model import Backend, ImageFormat
+from harness.scenario.model import ImageFormat
 from harness.scenario.parse import load_scenario, parse_scenario
+from harness.vm.backends import Backend
+from harness.vm.daemons import ServeOptions
 from harness.workloads.base import FSCK, ORACLE, QEMU_IMG_CHECK
 
 SCENARIOS = Path(__file__).parents[3] / "scenarios"
@@ -56,6 +59,18 @@ def test_the_default_backend_is_powercut_on_raw() -> None:
     assert QEMU_IMG_CHECK not in s.workloads[0].checkers
     (cell,) = expand(s)
     assert session_for(cell) is CrashSession
+
+
+def test_every_backend_has_its_crash_session() -> None:
+    assert set(SESSIONS) == set(Backend)
+    assert SESSIONS[Backend.POWERCUT] is CrashSession
+    assert SESSIONS[Backend.QEMU] is SESSIONS[Backend.QSD] is QemuSession
+
+
+def test_builtin_is_no_scenario_backend() -> None:
+    # `builtin` is an alias `powercut vm` keeps; a scenario names QEMU's block layer "qemu".
+    msg = error_of(scenario('backend = "builtin"'))
+    assert "field 'backend'" in msg and "powercut, qemu, qemu-storage-daemon" in msg
 
 
 @pytest.mark.parametrize("backend", ["qemu", "qemu-storage-daemon"])
@@ -157,7 +172,8 @@ def test_the_differential_scenario_is_raw_on_powercut_with_all_five_modes() -> N
 
 @pytest.mark.parametrize("mode", list(CacheMode))
 def test_qemus_graph_carries_the_cache_mode_on_both_nodes(mode: CacheMode) -> None:
-    protocol, top = qemu_blockdevs(ImageFormat.QCOW2, mode, Path("/r/nbd.sock"))
+    nbd = ServeOptions(blockdev="driver=null-co", nbd="/r/nbd.sock")
+    protocol, top = qemu_blockdevs(ImageFormat.QCOW2, mode, nbd)
     direct = "on" if mode in (CacheMode.NONE, CacheMode.DIRECTSYNC) else "off"
     no_flush = "on" if mode is CacheMode.UNSAFE else "off"
     for node in (protocol, top):

@@ -58,8 +58,8 @@ def test_an_unknown_state_id_is_a_clear_error(recorder: Any) -> None:
     rec = recorder()
     workload(rec)
     tl = Timeline(rec.finish().read_log(), Promise.FLUSHED)
-    states = [s.to_json() for s in enumerate_states(tl, Bounds())]
-    assert find_state(states, states[3]["id"]) == states[3]
+    states = list(enumerate_states(tl, Bounds()))
+    assert find_state(states, states[3].id) == states[3]
     with pytest.raises(ConfigError, match=r"no state .p99-lose-all-0.*look like"):
         find_state(states, "p99-lose-all-0")
 

@@ -16,9 +16,9 @@ from harness.block import open_backend
 from harness.control import ControlServer, control_request
 from harness.durability.delta import write_delta
 from harness.errors import ConfigError, JournalError
+from harness.testing.vhost_frontend import VhostUserFrontend
 from harness.vhost.blk import BlkConfig, VirtioBlkDevice
 from harness.vhost.fault_commands import register_fault_commands
-from harness.vhost.frontend import VhostUserFrontend
 from harness.vhost.server import VhostUserBlkServer
 
 SIZE = 1 << 20

@@ -15,11 +15,12 @@ import pytest
 
 from harness.durability.contract import Promise
 from harness.explore.attribute import attribute_extents, loss_report
-from harness.explore.ext4traffic import Ext4Traffic
-from harness.explore.hostcheck import Ext4Checker, HostChecker, Verdict, explore_host
+from harness.explore.doc import StateVerdict
+from harness.explore.hostcheck import Ext4Checker, HostChecker, explore_host
 from harness.explore.minimize import minimize_state
 from harness.explore.overlay import StateBuilder
 from harness.explore.states import Bounds, PointKind, Timeline, enumerate_states
+from harness.testing.ext4traffic import Ext4Traffic
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
 
@@ -63,8 +64,8 @@ def test_ext4_with_barriers_recovers_every_whole_sector_state(
     bounds = Bounds(max_states=150, per_point=6, policies=_whole_writes())
     _tl, result = _explore(recording, tmp_path, bounds)
     assert result.explored > 50
-    assert not result.failing, [(r.state.id, r.outcomes) for r in result.failing[:3]]
-    assert any("recovered the journal" in r.outcomes[0].detail for r in result.results)
+    assert not result.failing, [(r.state.id, r.findings) for r in result.failing[:3]]
+    assert any("recovered the journal" in r.findings[0].detail for r in result.results)
     assert result.unique < result.explored  # identical images were checked once
     assert sum(1 for r in result.results if r.duplicate_of) == result.explored - result.unique
 
@@ -90,7 +91,7 @@ def test_e2fsck_leaves_the_scratch_image_as_the_state(
         for state in states:
             result = hc.check(state)
             replayed = builder.replay(state, tmp_path / "r.img").read_bytes()
-            assert hc.scratch.path.read_bytes() == replayed, result.outcomes
+            assert hc.scratch.path.read_bytes() == replayed, result.findings
 
 
 def test_nobarrier_ext4_fails_within_the_first_hundred_states_and_shrinks(
@@ -99,7 +100,7 @@ def test_nobarrier_ext4_fails_within_the_first_hundred_states_and_shrinks(
     recording = _record(recorder, ext4_base, barriers=False)
     bounds = Bounds(max_states=100, per_point=8, policies=_whole_writes(), seed=1)
     tl, result = _explore(recording, tmp_path, bounds)
-    failing = [r for r in result.failing if r.verdict == Verdict.FAIL]
+    failing = [r for r in result.failing if r.verdict is StateVerdict.FAIL]
     assert failing, "ext4 without barriers under writeback must lose consistency somewhere"
     assert all(PointKind.FLUSH not in r.state.point.kinds for r in failing)
     worst = failing[0]
@@ -118,8 +119,8 @@ def test_nobarrier_ext4_fails_within_the_first_hundred_states_and_shrinks(
     assert len(roles) == len(extents) and all(roles)
     assert all(r.describe() for blocks in roles for r in blocks)
     report = loss_report(tl, minimized.state, recording.base)
-    assert [e["seq"] for e in report] == list(lost)
-    assert all(e["holds"] and "flush_epoch" in e and "submit_index" in e for e in report)
+    assert [w.seq for w in report] == list(lost)
+    assert all(w.holds and {"flush_epoch", "submit_index"} <= w.to_json().keys() for w in report)
 
 
 def test_attribution_names_metadata_files_directories_and_the_journal(ext4_base: Path) -> None:

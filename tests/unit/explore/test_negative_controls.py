@@ -12,7 +12,8 @@ from typing import Any
 
 from harness.durability.contract import CutPolicy, Promise, reference_promise
 from harness.durability.cut import apply_cut
-from harness.explore.hostcheck import HostChecker, Verdict, explore_host
+from harness.explore.doc import StateVerdict
+from harness.explore.hostcheck import HostChecker, explore_host
 from harness.explore.overlay import StateBuilder
 from harness.explore.states import Bounds, Timeline, enumerate_states
 
@@ -42,7 +43,7 @@ def test_unsafe_loses_fsynced_records_within_the_first_hundred_states(recorder: 
     assert judge is Promise.FLUSHED
     result = _explore(recording, Promise.NOTHING, judge)
     failing = result.failing
-    assert failing and all(r.verdict == Verdict.VIOLATION for r in failing)
+    assert failing and all(r.verdict is StateVerdict.VIOLATION for r in failing)
     assert any(r.state.policy is CutPolicy.LOSE_ALL for r in failing)
 
 
@@ -61,7 +62,7 @@ def test_a_lying_flush_is_caught(recorder: Any, tmp_path: Path) -> None:
     recording = rec.finish()
     result = _explore(recording, Promise.NOTHING, Promise.FLUSHED)
     assert result.failing
-    assert any(r.oracle["lost"] for r in result.failing)
+    assert any(r.oracle is not None and r.oracle.lost for r in result.failing)
     # The disk model is right: what the real journal loses is one of the explored states.
     snap = rec.snapshots[0]
     apply_cut(snap.image, snap.journal, CutPolicy.LOSE_ALL, seed=0)

@@ -9,7 +9,7 @@ from typing import Any
 from harness.durability.contract import Promise
 from harness.durability.delta import read_delta, write_delta
 from harness.explore.overlay import Scratch, StateBuilder
-from harness.explore.states import Bounds, Timeline, enumerate_states
+from harness.explore.states import Bounds, State, Timeline, enumerate_states
 
 from .conftest import pattern
 from .test_states import workload
@@ -101,6 +101,8 @@ def test_replay_rebuilds_a_recorded_state_from_its_json(recorder: Any, tmp_path:
     recording = rec.finish()
     tl = Timeline(recording.read_log(), Promise.FLUSHED, recording.acks)
     state = next(s for s in enumerate_states(tl, Bounds()) if s.torn)
-    raw = state.to_json()
-    out = replay_state(open_recording(recording.root), Promise.FLUSHED, raw, tmp_path / "s.img")
+    read_back = State.from_json(state.to_json())  # as explore.json holds it
+    out = replay_state(
+        open_recording(recording.root), Promise.FLUSHED, read_back, tmp_path / "s.img"
+    )
     assert out.read_bytes() == _expected(recording, tl, state)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from harness.crash.explore_guest import CheckerGuest, CheckerShell, NotMounted, mount_request
+from harness.crash.explorer.checker import CheckerGuest, CheckerShell, NotMounted, mount_request
 from harness.errors import CommandError, GuestError, TimeoutExpired
 from harness.guest.checker import HELPER, CheckerLoop, text
 from harness.workloads.base import Observation
@@ -276,7 +276,7 @@ def test_a_state_that_does_not_mount_is_a_failed_check(tmp_path: Path, workload:
     result = guest.check(None, None)  # type: ignore[arg-type]
     assert result.mounted is False and result.failed
     assert "needs cleaning" in (result.error or "")
-    assert result.to_json()["mounted"] is False
+    assert result.record().to_json()["mounted"] is False
     assert len(answers.sent) == 1 and "mount" in answers.sent[0]
     guest, _answers = _guest(tmp_path, workload, mounts=True)
     result = guest.check(None, None)  # type: ignore[arg-type]

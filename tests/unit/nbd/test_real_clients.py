@@ -360,7 +360,7 @@ def test_serve_nbd_with_the_control_socket(
 def test_serve_offers_vhost_and_nbd_of_one_graph_at_once(
     tmp_path: Path, image: Path, procs: list[ManagedProcess]
 ) -> None:
-    from harness.vhost.frontend import VhostUserFrontend
+    from harness.testing.vhost_frontend import VhostUserFrontend
     from harness.vhost.virtio import VirtioBlkStatus
 
     vsock, nsock = tmp_path / "v.sock", tmp_path / "n.sock"

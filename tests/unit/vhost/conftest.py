@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from harness.block import BlockBackend, open_backend
+from harness.testing.vhost_frontend import VhostUserFrontend
 from harness.vhost.blk import BlkConfig, VirtioBlkDevice
-from harness.vhost.frontend import VhostUserFrontend
 from harness.vhost.server import VhostUserBlkServer
 
 IMAGE_SIZE = 8 << 20

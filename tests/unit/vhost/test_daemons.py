@@ -17,7 +17,7 @@ from harness.control import control_request
 from harness.durability.writelog import read_log
 from harness.errors import PowercutError
 from harness.proc import ManagedProcess
-from harness.vhost.frontend import VhostUserFrontend
+from harness.testing.vhost_frontend import VhostUserFrontend
 from harness.vhost.virtio import VirtioBlkFeature, VirtioBlkRequestType, VirtioBlkStatus
 
 OK, IOERR = VirtioBlkStatus.OK, VirtioBlkStatus.IOERR

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.vhost.frontend import VhostUserFrontend
+from harness.testing.vhost_frontend import VhostUserFrontend
 from harness.vhost.protocol import VhostUserRequest
 from harness.vhost.virtio import (
     VIRTQ_DESC_F_INDIRECT,

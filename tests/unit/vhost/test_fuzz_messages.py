@@ -9,7 +9,7 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.vhost.frontend import VhostUserFrontend
+from harness.testing.vhost_frontend import VhostUserFrontend
 from harness.vhost.protocol import (
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_REPLY_MASK,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness.vhost.frontend import Seg, VhostUserFrontend
+from harness.testing.vhost_frontend import Seg, VhostUserFrontend
 from harness.vhost.protocol import VhostUserRequest
 from harness.vhost.virtio import (
     VIRTQ_DESC_F_INDIRECT,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import PowercutError
-from harness.vhost.frontend import VhostUserFrontend
+from harness.testing.vhost_frontend import VhostUserFrontend
 from harness.vhost.inflight import QueueRegionSplit, queue_region_size
 from harness.vhost.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -178,7 +178,7 @@ def test_add_and_remove_memory_regions(serve: Callable[..., Served]) -> None:
         fe.negotiate(num_queues=1)
         second = fe.mem.regions[1]
         buf = second.guest_addr + 4096
-        from harness.vhost.frontend import Seg
+        from harness.testing.vhost_frontend import Seg
         from harness.vhost.virtio import VirtioBlkOuthdr
 
         hdr = fe.mem.alloc(16)

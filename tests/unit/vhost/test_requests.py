@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from harness.vhost.frontend import Seg, VhostUserFrontend
+from harness.testing.vhost_frontend import Seg, VhostUserFrontend
 from harness.vhost.virtio import (
     VirtioBlkFeature,
     VirtioBlkOuthdr,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.vhost.frontend import VhostUserFrontend
+from harness.testing.vhost_frontend import VhostUserFrontend
 from harness.vhost.protocol import VhostUserRequest, VhostVringAddr, VhostVringState
 from harness.vhost.virtio import DeviceStatus, VirtioBlkStatus
 

@@ -1,8 +1,7 @@
-"""The image builder's pure parts: cpio archives, module order, kernel extraction, paths."""
+"""The image builder's pure parts: cpio archives, module order and selection, paths, stubs."""
 
 from __future__ import annotations
 
-import lzma
 import shutil
 import stat
 import subprocess
@@ -13,15 +12,9 @@ from hypothesis import strategies as st
 
 from harness.errors import ImageBuildError
 from harness.vm.cpio import CpioEntry, CpioWriter, read_cpio
-from harness.vm.image import (
-    Stub,
-    _guest_path,
-    _needed,
-    _stub_library,
-    decompress_bzimage,
-    module_load_order,
-    select_modules,
-)
+from harness.vm.initramfs import guest_path, module_load_order
+from harness.vm.kernelprep import select_modules
+from harness.vm.stubs import Stub, needed, stub_library
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-/", min_size=1, max_size=40)
 entries = st.lists(
@@ -105,18 +98,6 @@ def test_builtin_modules_are_skipped_and_unknown_ones_rejected():
         module_load_order(MODULES_DEP, "", ["no_such_module"])
 
 
-def test_the_elf_kernel_is_found_after_a_false_xz_magic():
-    elf = b"\x7fELF" + bytes(range(256)) * 40
-    payload = lzma.compress(elf, format=lzma.FORMAT_XZ)
-    bzimage = b"MZ" + b"\0" * 100 + b"\xfd7zXZ\x00garbage" + b"\0" * 50 + payload + b"\0" * 64
-    assert decompress_bzimage(bzimage) == elf
-
-
-def test_a_kernel_without_xz_payload_is_an_image_build_error():
-    with pytest.raises(ImageBuildError, match="XZ"):
-        decompress_bzimage(b"MZ" + b"\0" * 4096)
-
-
 @pytest.mark.parametrize(
     ("host", "guest"),
     [
@@ -129,7 +110,7 @@ def test_a_kernel_without_xz_payload_is_an_image_build_error():
     ],
 )
 def test_host_paths_map_into_a_merged_usr_guest(host, guest):
-    assert _guest_path(host) == guest
+    assert guest_path(host) == guest
 
 
 needs_host_fio = pytest.mark.skipif(
@@ -141,10 +122,10 @@ needs_host_fio = pytest.mark.skipif(
 @needs_host_fio
 def test_a_stub_exports_what_the_importer_needs_under_the_same_soname(tmp_path):
     fio = shutil.which("fio")
-    assert "libgfapi.so.0" in _needed(fio)
+    assert "libgfapi.so.0" in needed(fio)
     real = subprocess.run(["ldd", fio], capture_output=True, text=True, check=True).stdout
     path = next(ln.split()[2] for ln in real.splitlines() if "libgfapi.so.0 =>" in ln)
-    data = _stub_library(Stub("libgfapi.so.0", path, (fio,)), tmp_path)
+    data = stub_library(Stub("libgfapi.so.0", path, (fio,)), tmp_path)
     stub = tmp_path / "stub.so"
     stub.write_bytes(data)
     dynamic = subprocess.run(

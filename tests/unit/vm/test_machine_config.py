@@ -11,7 +11,7 @@ import pytest
 from harness.block.cache import CacheMode
 from harness.errors import ConfigError
 from harness.vm.accel import choose_accel
-from harness.vm.backends import BackendKind, PowercutBackend, QsdBackend, make_backend
+from harness.vm.backends import Backend, ProcessBackend, make_backend
 from harness.vm.libvirt import QEMU_NS, domain_xml
 from harness.vm.machine import free_port
 from harness.vm.qemu import qemu_argv
@@ -98,28 +98,42 @@ def test_libvirt_uses_a_kvm_domain_only_for_kvm(tmp_path):
     assert root.get("type") == "kvm"
 
 
+def _served(kind: Backend, tmp_path: Path, **settings) -> ProcessBackend:
+    backend = make_backend(kind, tmp_path / "d.img", tmp_path, **settings)
+    assert isinstance(backend, ProcessBackend)
+    return backend
+
+
 def test_qemu_storage_daemon_export_follows_the_cache_mode(tmp_path):
-    qsd = QsdBackend(tmp_path / "d.img", tmp_path, cache="directsync", num_queues=2)
+    qsd = _served(Backend.QSD, tmp_path, cache="directsync", num_queues=2)
     words = " ".join(qsd.argv())
+    assert words.startswith("qemu-storage-daemon --blockdev driver=file,")
     assert "cache.direct=on" in words and "cache.no-flush=off" in words
     assert "writethrough=on" in words and "num-queues=2" in words
     assert f"addr.path={tmp_path / 'disk0.sock'}" in words
-    unsafe = " ".join(QsdBackend(tmp_path / "d.img", tmp_path, cache="unsafe").argv())
+    unsafe = " ".join(_served(Backend.QSD, tmp_path, cache="unsafe").argv())
     assert "cache.no-flush=on" in unsafe and "writethrough=off" in unsafe
+    assert qsd.logs() == {"disk0 qemu-storage-daemon": tmp_path / "disk0-qemu-storage-daemon.log"}
 
 
 def test_powercut_backend_runs_powercut_serve(tmp_path):
-    argv = PowercutBackend(tmp_path / "d.img", tmp_path, cache="none").argv()
+    argv = _served(Backend.POWERCUT, tmp_path, cache="none").argv()
     assert argv[1:5] == ["-m", "harness.cli", "serve", str(tmp_path / "d.img")]
-    assert shlex.join(argv).endswith(f"--socket {tmp_path / 'disk0.sock'} --cache none --queues 1")
+    assert shlex.join(argv).endswith(f"--socket {tmp_path / 'disk0.sock'} --queues 1 --cache none")
 
 
 def test_unknown_backend_names_the_choices(tmp_path):
-    with pytest.raises(ConfigError, match="qemu-storage-daemon"):
+    with pytest.raises(ConfigError, match="qemu, qemu-storage-daemon, builtin"):
         make_backend("nbd", tmp_path / "d.img", tmp_path)
-    assert make_backend(BackendKind.BUILTIN, tmp_path / "d.img", tmp_path).start() == FileDisk(
+    assert make_backend(Backend.QEMU, tmp_path / "d.img", tmp_path).start() == FileDisk(
         tmp_path / "d.img"
     )
+
+
+def test_builtin_is_another_name_for_qemus_own_block_layer(tmp_path):
+    assert Backend.parse("builtin") is Backend.QEMU is Backend.parse("qemu")
+    disk = make_backend("builtin", tmp_path / "d.img", tmp_path, cache="none").start()
+    assert disk == FileDisk(tmp_path / "d.img", CacheMode.NONE)
 
 
 def test_accel_request_and_environment_override_the_probe(monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import os
 import struct
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def test_a_cached_image_refuses_a_filesystem_its_kernel_lacks_without_booting():
 @pytest.fixture
 def offline_plan(monkeypatch, tmp_path):
     """plan() with apt replaced: each package resolves to itself at version 1."""
-    from harness.vm import image
+    from harness.vm import recipe as recipes
 
     versions = {"sqlite3": "1"}
 
@@ -271,12 +272,12 @@ def offline_plan(monkeypatch, tmp_path):
         return pkgs.Resolution(wanted, {p: versions.get(p, "1") for p in wanted})
 
     monkeypatch.setattr(pkgs, "resolve", resolve)
-    monkeypatch.setattr(image, "resolve_kernel_package", lambda meta: ("linux-image-x", "6.1"))
+    monkeypatch.setattr(recipes, "resolve_kernel_package", lambda meta: ("linux-image-x", "6.1"))
     monkeypatch.setattr(pkgs, "lists_digest", lambda lists=None: "lists")
-    recipe = image.Recipe.load()
+    recipe = recipes.Recipe.load()
 
-    def key(**kw):
-        return image.plan(recipe, tmp_path, **kw).recipe_hash
+    def key(recipe=recipe, **kw):
+        return recipes.plan(recipe, tmp_path, **kw).recipe_hash
 
     return key, versions
 
@@ -294,6 +295,57 @@ def test_the_image_key_follows_packages_versions_and_kernel(offline_plan, tmp_pa
     assert first != base
     kernel.write_bytes(b"k2")
     assert key(kernel=kernel) != first
+
+
+def _fixed_recipe(base: Path) -> Path:
+    """A recipe directory whose every hashed input (content, mode, link) is fixed."""
+    files = {
+        "recipe.toml": '[kernel]\npackage = "linux-image-amd64"\n'
+        '[root]\nsuite = "bookworm"\nvariant = "essential"\nformat = "erofs"\n'
+        'packages = ["fio"]\n',
+        "init": "#!/bin/sh\necho stage 1\n",
+        "rootinit": "#!/bin/sh\necho stage 2\n",
+        "guest-files/etc/motd": "powercut\n",
+        "guest-src/ackrecords.c": "int main(void) { return 0; }\n",
+    }
+    directory = base / "recipe"
+    for name, text in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o755 if name in ("init", "rootinit") else 0o644)
+    (directory / "guest-files" / "etc" / "issue").symlink_to("motd")
+    return directory
+
+
+def test_the_image_key_of_a_fixed_recipe_has_not_moved(offline_plan, tmp_path):
+    """The key names every cached image on every machine: a refactor must not change it.
+
+    Bump BUILDER_VERSION (and these values) only when the builder's output changes.
+    """
+    from harness.vm.recipe import Recipe
+
+    key, _ = offline_plan
+    recipe = Recipe.load(_fixed_recipe(tmp_path))
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"a kernel")
+    modules = tmp_path / "modules" / "6.1.0"
+    (modules / "kernel").mkdir(parents=True)
+    (modules / "modules.dep").write_text("kernel/virtio_blk.ko:\n")
+    for path in (modules / "modules.dep", modules / "kernel"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+        os.utime(path, ns=(10**18, 10**18))
+    got = {
+        "debian kernel": key(recipe),
+        "packages": key(recipe, packages=["sqlite3", "xfsprogs"]),
+        "kernel file": key(recipe, kernel=kernel),
+        "kernel and modules": key(recipe, kernel=kernel, modules=modules),
+    }
+    assert got == {
+        "debian kernel": "85ee34e9434dc61a",
+        "packages": "b72c10836690809c",
+        "kernel file": "9ae77795c7a2591b",
+        "kernel and modules": "821b7a569d838f44",
+    }
 
 
 def test_modules_without_a_kernel_and_a_missing_kernel_are_config_errors(offline_plan, tmp_path):

@@ -407,7 +407,7 @@ def test_the_check_in_the_checker_guest_judges_only_the_tokens_acknowledged_by_i
     tmp_path: Path,
 ) -> None:
     """Explore's run as of a point: tokens acknowledged later may be missing."""
-    from harness.crash.explore_record import RecordedRun
+    from harness.crash.explorer.record import RecordedRun
     from harness.explore.recording import Ack
 
     recording = SimpleNamespace(acks=(Ack("a", 3), Ack("b", 5), Ack("c", 9)))

@@ -33,18 +33,23 @@ from pathlib import Path
 from typing import Any, cast
 
 from harness.block.options import format_dotted
-from harness.control import control_request
-from harness.crash.session import CrashBackend
+from harness.durability.contract import CacheMode
 from harness.errors import GuestError, PowercutError, TimeoutExpired
+from harness.explore.doc import CheckSummary, GuestFsck, GuestRecord
 from harness.guest.checker import CheckerLoop, text
 from harness.guest.ssh import CommandResult, LineCallback, SSHSession
+from harness.vm.backends import ProcessBackend
+from harness.vm.daemons import ServeOptions
 from harness.vm.image import GuestImage
 from harness.vm.qemu import QemuMachine
-from harness.vm.spec import Accel, MachineSpec, VhostUserDisk
+from harness.vm.spec import Accel, MachineSpec
 from harness.workloads import filesystem
 from harness.workloads.base import DEVICE, MOUNT, Observation, Run, Workload
 
 log = logging.getLogger(__name__)
+
+CHECKER_DIR = "checker"  # the checker guest's directory, in its cell's
+CHECK_ERRORS = "check-errors.log"  # there: every check that could not run, with its output
 
 # mount(8)'s generic options, as mount(2) flags (value, set): the rest go to the filesystem.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
@@ -146,11 +151,13 @@ class CheckerShell:
         self.after: str | None = None
         self.digest: str | None = None
         self.answers: list[dict[str, Any]] = []
+        self.commands: list[str | None] = []  # each answer's command
 
     def begin(self, *, after: str | None = None, digest: bool = False) -> None:
         self.after = after
         self.digest = DEVICE if digest else None
         self.answers = []
+        self.commands = []
 
     def _request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
         if self.digest is not None and not self.answers:
@@ -165,6 +172,7 @@ class CheckerShell:
             req["after"] = self.after
         answer = self.loop.request(req, timeout + 60)
         self.answers.append(answer)
+        self.commands.append(req.get("command"))
         return answer
 
     def end(self) -> None:
@@ -239,14 +247,14 @@ class _Context:
         """States have no cell deadline: each helper request has its own timeout."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class GuestCheck:
-    """What the checker guest found in one state."""
+    """What the checker guest found in one state (`record()`: as explore.json keeps it)."""
 
     mounted: bool | None  # None: the workload needs no filesystem
     observation: Observation | None  # the workload's own check (None: it did not run)
     error: str | None = None  # the check could not judge (it raised), or the mount's error
-    fsck: dict[str, Any] | None = None  # the guest's filesystem checker after the release
+    fsck: GuestFsck | None = None  # the guest's filesystem checker after the release
     device_md5: str | None = None
     seconds: float = 0.0
     phases: dict[str, int] = field(default_factory=dict)  # helper ms: mount, command, release
@@ -257,25 +265,20 @@ class GuestCheck:
             return True
         if self.observation is not None and (self.observation.loss or self.observation.corruption):
             return True
-        return bool(self.fsck is not None and not self.fsck["ok"])
+        return bool(self.fsck is not None and not self.fsck.ok)
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mounted": self.mounted, "seconds": round(self.seconds, 3)}
-        if self.observation is not None:
-            out["check"] = {
-                "loss": self.observation.loss,
-                "corruption": self.observation.corruption,
-                "summary": self.observation.summary(),
-            }
-        if self.error:
-            out["error"] = self.error
-        if self.fsck is not None:
-            out["fsck"] = self.fsck
-        if self.device_md5:
-            out["device_md5"] = self.device_md5
-        if self.phases:
-            out["ms"] = self.phases
-        return out
+    def record(self) -> GuestRecord:
+        obs = self.observation
+        check = CheckSummary(obs.loss, obs.corruption, obs.summary()) if obs is not None else None
+        return GuestRecord(
+            mounted=self.mounted,
+            seconds=round(self.seconds, 3),
+            check=check,
+            error=self.error,
+            fsck=self.fsck,
+            device_md5=self.device_md5,
+            ms=dict(self.phases),
+        )
 
 
 class CheckerGuest:
@@ -312,17 +315,16 @@ class CheckerGuest:
             }
         )
         try:
-            self.backend = CrashBackend(
-                Path(base),
-                self.directory,
+            options = ServeOptions(
                 blockdev=blockdev,
-                cache="unsafe",  # nothing the checker writes is kept anyway
-                name="state",
                 socket=self.socket,
+                cache=CacheMode.UNSAFE,  # nothing the checker writes is kept anyway
+                verbose=1,
             )
+            self.backend = ProcessBackend.logging_in(options, self.directory, "state")
             spec = MachineSpec.from_image(
                 image,
-                disks=(VhostUserDisk(self.socket, reconnect=1),),
+                disks=(self.backend.disk(),),
                 memory_mib=memory_mib,
                 name="checker",
             )
@@ -350,10 +352,8 @@ class CheckerGuest:
         self.boot_seconds = time.monotonic() - t0
 
     def switch(self, delta: Path | None) -> dict[str, Any]:
-        answer: dict[str, Any] = control_request(
-            self.backend.control_path,
-            {"cmd": "state-switch", "delta": str(delta) if delta is not None else None},
-            timeout=60,
+        answer: dict[str, Any] = self.backend.control(
+            "state-switch", delta=str(delta) if delta is not None else None, timeout=60
         )
         return answer
 
@@ -364,8 +364,14 @@ class CheckerGuest:
         *,
         guest_fsck: bool = False,
         verify: bool = False,
+        state: str = "",
     ) -> GuestCheck:
-        """Present the state `delta` and judge it with the workload's own check."""
+        """Present the state `delta` and judge it with the workload's own check.
+
+        A check that cannot run (any harness error) judges nothing: its error, and
+        what the guest said (each command, exit status, stdout, stderr), are kept in
+        `CHECK_ERRORS`, which the error names with the guest's console.
+        """
         if self.shell is None or self.broken:
             raise GuestError(f"the checker guest is not running: {self.broken or 'not started'}")
         t0 = time.monotonic()
@@ -386,10 +392,26 @@ class CheckerGuest:
             self.broken = str(exc)
             raise
         except PowercutError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = self._keep_failed(state, f"{type(exc).__name__}: {exc}")
         self.shell.end()
         self.checks += 1
         return self._result(mounted, observation, error, time.monotonic() - t0)
+
+    def _keep_failed(self, state: str, error: str) -> str:
+        """Keep what a check that could not run said; the error, naming where it is."""
+        assert self.shell is not None
+        kept = self.directory / CHECK_ERRORS
+        lines = [f"== state {state or '?'}: {error}"]
+        for command, answer in zip(self.shell.commands, self.shell.answers, strict=True):
+            got = answer.get("command")
+            if isinstance(got, dict):
+                lines.append(f"$ {command}  (exit {got.get('exit')})")
+                lines += [f"stdout: {x}" for x in text(got.get("stdout")).splitlines()]
+                lines += [f"stderr: {x}" for x in text(got.get("stderr")).splitlines()]
+        with contextlib.suppress(OSError), open(kept, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        console = self.directory / "console.log"
+        return f"{error} (kept: its output {kept}, the checker guest's console {console})"
 
     def _result(
         self,
@@ -402,7 +424,7 @@ class CheckerGuest:
         answers = self.shell.answers
         phases: dict[str, int] = {}
         md5 = None
-        fsck = None
+        fsck: GuestFsck | None = None
         for answer in answers:
             for step in ("mount", "command", "release", "after"):
                 got = answer.get(step)
@@ -417,14 +439,14 @@ class CheckerGuest:
             if isinstance(answer.get("after"), dict) and self.filesystem:
                 got = answer["after"]
                 fs = filesystem.get(self.filesystem)
-                fsck = {
-                    "command": fs.fsck,
-                    "exit": got.get("exit"),
-                    "ok": got.get("exit") in fs.clean,
-                    "output": "\n".join(
+                fsck = GuestFsck(
+                    fs.fsck,
+                    got.get("exit"),
+                    got.get("exit") in fs.clean,
+                    "\n".join(
                         (text(got.get("stdout")) + text(got.get("stderr"))).splitlines()[-5:]
                     ),
-                }
+                )
         if mounted is not False and self.mount is not None:
             first = answers[0].get("mount") if answers else None
             if isinstance(first, dict) and not first.get("ok"):

@@ -45,11 +45,12 @@ from typing import Any
 
 from harness.block.options import format_dotted
 from harness.crash.cell_run import CellRunner, _Guest, disk_arguments
+from harness.crash.explorer.progress import Phase, Progress, ProgressCallback, seconds_left
 from harness.crash.session import CrashSession, fault_graph
 from harness.durability.contract import CutPolicy, FaultModel
 from harness.durability.cut import apply_cut
 from harness.durability.writelog import read_log
-from harness.errors import ConfigError, GuestError
+from harness.errors import ConfigError, GuestError, PowercutError
 from harness.explore.recording import (
     LOG_NAME,
     Recording,
@@ -61,6 +62,7 @@ from harness.explore.recording import (
 )
 from harness.guest.ssh import SSHSession
 from harness.scenario.cells import Cell
+from harness.scenario.model import TriggerKind
 from harness.vm.image import GuestImage
 from harness.workloads.base import Run
 from harness.workloads.stream import (
@@ -91,7 +93,7 @@ class RecordingSession(CrashSession):
         self.write_log = self.recording_dir / LOG_NAME
         graph = fault_graph(self.disk, self.journal, self.write_log, self.blkdebug_config)
         graph["log-data"] = True
-        self.backend.blockdev = format_dotted(graph)
+        self.backend = self.serve(format_dotted(graph))
 
     def end(self) -> None:
         """The cut moment: freeze the backend, kill QEMU and the backend; revert nothing."""
@@ -257,12 +259,52 @@ def unexplorable(cell: Cell) -> str | None:
 
 
 class RecordingRunner(CellRunner):
-    """Runs a cell's workload once, to its cut moment, into a recording."""
+    """Runs a cell's workload once, to its cut moment, into a recording.
 
-    def __init__(self, cell: Cell, directory: Path, image: GuestImage, **kwargs: Any) -> None:
+    `on_progress` hears the boot, then every half second while the workload
+    runs the acknowledgements and writes recorded so far (and the time left
+    when the cut moment says it), then the cut.
+    """
+
+    PROGRESS_EVERY = 0.5  # seconds between reports while the workload runs
+
+    def __init__(
+        self,
+        cell: Cell,
+        directory: Path,
+        image: GuestImage,
+        *,
+        on_progress: ProgressCallback | None = None,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("out", directory)
         kwargs.setdefault("reproduce", "")
         super().__init__(cell, directory, image, session_factory=RecordingSession, **kwargs)
+        self.on_progress = on_progress or (lambda _p: None)
+        self.label = label or cell.id
+        self._reported = 0.0
+        self._recorded = (0, 0)  # acknowledgements, writes: as last reported
+
+    def _waiting(self, session: Any, run: Run) -> None:
+        now = time.monotonic()
+        if now - self._reported < self.PROGRESS_EVERY:
+            return
+        self._reported = now
+        acks = run.acked()
+        with contextlib.suppress(PowercutError, OSError):  # a report is worth no failure
+            self._recorded = (acks, session.requests("OUT"))
+        cell, elapsed = self.cell, now - run.started
+        left: float | None = None
+        if cell.cut.kind.timed:
+            left = max(0.0, cell.cut_at - elapsed)
+        elif cell.cut.kind is TriggerKind.AFTER_ACKED_WRITES:
+            left = seconds_left(acks, cell.cut_at, elapsed)
+        self._report(Phase.RECORD, left)
+
+    def _report(self, phase: Phase, left: float | None = None) -> None:
+        acks, writes = self._recorded
+        self.on_progress(Progress(self.label, phase, acks, writes, seconds_left=left))
 
     def record(self) -> RecordedRun:
         cell = self.cell
@@ -285,6 +327,7 @@ class RecordingRunner(CellRunner):
             )
         clock = AckClock()
         with session:
+            self._report(Phase.BOOT)
             with self.timer.phase("boot"):
                 session.boot(self.deadline.left(180))
             guest = _Guest(session, self.directory, self.deadline)
@@ -301,6 +344,9 @@ class RecordingRunner(CellRunner):
                     raise GuestError(
                         f"the workload failed before the end of the recording: {failure}"
                     )
+            self._reported = 0.0
+            self._waiting(session, run)  # the counts as they stand at the cut
+            self._report(Phase.CUT)
             with self.timer.phase("cut"):
                 session.end()
             run.after_cut(30)

@@ -1,6 +1,6 @@
 """Host-side comparison of vhost-user-blk backends, without a guest.
 
-The in-process test frontend (harness.vhost.frontend.RequestStream) drives
+The in-process test frontend (harness.testing.vhost_frontend.RequestStream) drives
 each backend over its socket with the same request stream: 4 KiB random
 reads and writes at queue depth 1 and 16, 1 MiB sequential reads and writes
 at depth 4, on a page-cached raw image with the write cache on (neither
@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.durability.contract import CacheMode
 from harness.proc import ManagedProcess
-from harness.vhost.frontend import RequestStream, VhostUserFrontend
+from harness.testing.vhost_frontend import RequestStream, VhostUserFrontend
+from harness.vm.daemons import DaemonOptions, QsdOptions, ServeOptions
 
 IMAGE_SIZE = 256 << 20
 GOALS = {"4k": 0.8, "1m": 0.9}
@@ -54,40 +55,21 @@ WORKLOADS = (
 )
 
 
-def backend_argv(name: str, image: Path, sock: Path) -> list[str]:
+def backend_options(name: str, image: Path, sock: Path) -> DaemonOptions:
+    """The command line of the backend `name` on `image`: page-cached, write cache on."""
     if name == "powercut":
-        return [
-            sys.executable,
-            "-m",
-            "harness.cli",
-            "serve",
-            str(image),
-            "--socket",
-            str(sock),
-            "--cache",
-            "writeback",
-            "--no-control",
-            *os.environ.get("POWERCUT_BENCH_SERVE_ARGS", "").split(),
-        ]
-    return [
-        "qemu-storage-daemon",
-        "--blockdev",
-        f"driver=file,filename={image},node-name=file0,cache.direct=off",
-        "--blockdev",
-        "driver=raw,file=file0,node-name=disk0",
-        "--export",
-        f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on",
-    ]
+        extra = os.environ.get("POWERCUT_BENCH_SERVE_ARGS", "").split()
+        return ServeOptions(image=image, socket=sock, control=False, extra_args=tuple(extra))
+    return QsdOptions.on_image(image, sock, CacheMode.WRITEBACK)
 
 
 @contextmanager
 def connected(name: str, image: Path, workdir: Path) -> Iterator[VhostUserFrontend]:
     sock = workdir / f"{name}.sock"
-    proc = ManagedProcess(
-        backend_argv(name, image, sock), name=name, log_path=workdir / f"{name}.log"
-    )
+    options = backend_options(name, image, sock)
+    proc = ManagedProcess(options.argv(), name=name, log_path=workdir / f"{name}.log")
     with proc:
-        proc.wait_for(sock.exists, 30, f"{name} socket")
+        proc.wait_for(lambda: all(p.exists() for p in options.sockets()), 30, f"{name} socket")
         fe = VhostUserFrontend(sock, memory_sizes=(64 << 20,))
         try:
             fe.negotiate(num_queues=1, queue_size=128)
