@@ -2,6 +2,7 @@
 
     python -m benchmarks.mutation [--max-children 2] [--keep DIR] [--out benchmarks/results]
         [--only MODULE...]
+    python -m benchmarks.mutation --doc-from benchmarks/results/mutation-<time>.json
 
 Runs mutmut (pinned: `MUTMUT_VERSION`; install it beside the project's
 dependencies) over the modules whose mistakes change a verdict: the
@@ -20,8 +21,8 @@ tree again into its `mutants/`), so the checkout is never mutated and nothing
 of mutmut's is left in it. The figures per module — mutants, killed,
 survived, timeout, no tests, score = (killed + timeout) / (all but skipped) —
 and every survivor's diff go to benchmarks/results/mutation-<UTC time>.json;
-docs/mutation.md says, survivor by survivor, why the ones left cannot change
-a verdict.
+`--doc-from` writes docs/mutation.md from such a record: the figures and,
+survivor by survivor, why the ones left cannot change a verdict.
 """
 
 from __future__ import annotations
@@ -641,13 +642,182 @@ def _mutmut(scratch: Path, *args: str, log: Path | None = None) -> str:
     return ""
 
 
+_KIND_WORDS = {
+    MESSAGE: "message text",
+    REPORT: "report only",
+    PERFORMANCE: "performance",
+    EQUIVALENT: "equivalent",
+    UNUSED: "unused",
+    WAITING: "waiting",
+    ORDER: "search order",
+}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def render_doc(report: dict[str, Any], source: str) -> str:
+    """docs/mutation.md from a recorded run: the figures, then every survivor and why."""
+    settings = report["settings"]
+    lines = [
+        "# Mutation testing of the verdict's core",
+        "",
+        "<!-- Written by `python -m benchmarks.mutation --doc-from "
+        f"{source}`; do not edit by hand. -->",
+        "",
+        "Can the unit tests tell right code from wrong? mutmut makes one small change at a "
+        "time (an operator, a constant, a condition, a removed call) in the modules whose "
+        "mistakes change a verdict, and runs the unit tests that execute the changed "
+        "function; a change no test fails on has *survived*. Every survivor is either "
+        "killed by a test or judged here: it cannot change a verdict, and the reason says "
+        "why (`RULES` in benchmarks/mutation.py, or, for a change only to the words of an "
+        "error or a log line, found in the function's source).",
+        "",
+        f"Recorded in `{source}`: `{report['command']}`, mutmut {settings['mutmut']}, "
+        f"{settings['max_children']} children, {report['date']}, "
+        f"{report['seconds'] / 60:.0f} minutes (load average before "
+        f"{report['load_average']['before'][0]}, after {report['load_average']['after'][0]}).",
+        "Score = (killed + timeout) / (all but skipped). *No tests*: no unit test in the "
+        "selection executes the function (mutmut's stats), so nothing could kill it.",
+        "",
+        "| module | mutants | killed | survived | timeout | no tests | score "
+        "| judged harmless | unjudged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for module, row in report["modules"].items():
+        lines.append(
+            f"| `{module}` | {row['mutants']} | {row['killed']} | {row['survived']} "
+            f"| {row['timeout']} | {row['no_tests']} | {row['score']} "
+            f"| {row.get('judged_harmless', 0)} | {row.get('unjudged', 0)} |"
+        )
+    t = report["total"]
+    judged = sum(v for k, v in report.get("judged", {}).items() if k != "unjudged")
+    lines += [
+        f"| all | {t['mutants']} | {t['killed']} | {t['survived']} | {t['timeout']} "
+        f"| {t['no_tests']} | {t['score']} | {judged} "
+        f"| {report.get('judged', {}).get('unjudged', 0)} |",
+        "",
+        "Kinds of harmless survivor: "
+        + (
+            "; ".join(
+                f"{_KIND_WORDS.get(k, k)}: {v}"
+                for k, v in report.get("judged", {}).items()
+                if k != "unjudged"
+            )
+            or "none"
+        )
+        + ".",
+        "",
+    ]
+    entries = [e for e in report["not_killed"] if "judged" in e]
+    unjudged = [e for e in entries if e["judged"] == "unjudged"]
+    if unjudged:
+        lines += [
+            "## Survivors not judged yet",
+            "",
+            "A test must kill each of these, or a rule must say why it cannot matter.",
+            "",
+        ]
+        for e in unjudged:
+            minus, plus = changed(e["diff"])
+            lines.append(f"- `{e['name']}`: `{_cell(' '.join(minus))}` → `{_cell(' '.join(plus))}`")
+        lines.append("")
+    lines += [
+        "## Survivors judged harmless",
+        "",
+        "Grouped by module and function; each row is one mutant (mutmut's number), the "
+        "line it changes and what it changes it to.",
+        "",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in entries:
+        if e["judged"] != "unjudged":
+            groups.setdefault(function_of(e["name"]), []).append(e)
+    current = None
+    for (module, function), items in sorted(groups.items()):
+        if module != current:
+            lines += [f"### {module}", ""]
+            current = module
+        lines.append(f"`{function}`:")
+        lines.append("")
+        for e in items:
+            minus, plus = changed(e["diff"])
+            number = e["name"].rsplit("__mutmut_", 1)[-1]
+            lines.append(
+                f"- {number} ({_KIND_WORDS.get(e['judged'], e['judged'])}): "
+                f"`{_cell(' '.join(minus))[:110]}` → `{_cell(' '.join(plus))[:110]}`; {e['why']}"
+            )
+        lines.append("")
+    others = [e for e in report["not_killed"] if "judged" not in e]
+    if others:
+        lines += [
+            "## Timeouts",
+            "",
+            "A mutant whose tests ran past mutmut's time limit (a loop that no longer "
+            "ends): counted as killed.",
+            "",
+        ]
+        lines += [f"- `{e['name']}`" for e in others]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _count_judged(report: dict[str, Any]) -> None:
+    """Each module's judged_harmless and unjudged, and the kinds over all, from not_killed."""
+    entries = [e for e in report["not_killed"] if "judged" in e]
+    for row in report["modules"].values():
+        row.pop("judged_harmless", None)
+        row.pop("unjudged", None)
+    for entry in entries:
+        row = report["modules"][module_of(entry["name"])]
+        key = "unjudged" if entry["judged"] == "unjudged" else "judged_harmless"
+        row[key] = row.get(key, 0) + 1
+    report["judged"] = {
+        kind: sum(1 for e in entries if e["judged"] == kind)
+        for kind in sorted({e["judged"] for e in entries})
+    }
+
+
+def judge_again(report: dict[str, Any]) -> bool:
+    """Judge a record's survivors with today's rules (the run's figures stay); True: changed.
+
+    Rules are written after a run has shown the survivors; the record then says when its
+    survivors were last judged. The source judged against is this checkout's.
+    """
+    before = json.dumps(report["not_killed"])
+    for entry in report["not_killed"]:
+        if entry["status"] == "timeout":
+            continue
+        verdict = judge(entry["name"], entry["diff"], ROOT)
+        entry["judged"] = verdict[0] if verdict else "unjudged"
+        entry["why"] = verdict[1] if verdict else ""
+    if json.dumps(report["not_killed"]) == before:
+        return False
+    _count_judged(report)
+    now = datetime.datetime.now(datetime.UTC)
+    report["settings"]["judged_again"] = now.isoformat(timespec="seconds")
+    return True
+
+
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mutation", description=__doc__)
+    parser.add_argument(
+        "--doc-from", type=Path, metavar="JSON", help="only write docs/mutation.md from a record"
+    )
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--only", nargs="+", metavar="MODULE", help="a subset of TARGETS")
     parser.add_argument("--keep", type=Path, help="run in (and keep) this scratch directory")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.doc_from is not None:
+        report = json.loads(args.doc_from.read_text())
+        if judge_again(report):
+            args.doc_from.write_text(json.dumps(report, indent=2) + "\n")
+        source = args.doc_from.resolve()
+        shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+        (ROOT / "docs" / "mutation.md").write_text(render_doc(report, str(shown)))
+        return 0
     try:
         from importlib.metadata import version
 
@@ -693,11 +863,6 @@ def run(argv: list[str]) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.monotonic() - t0
     modules = tally(results)
-    for entry in survivors:
-        if "judged" in entry:
-            row = modules[module_of(entry["name"])]
-            key = "unjudged" if entry["judged"] == "unjudged" else "judged_harmless"
-            row[key] = row.get(key, 0) + 1
     total = Counter(results.values())
     tested = sum(total.values()) - total["skipped"]
     now = datetime.datetime.now(datetime.UTC)
@@ -721,12 +886,9 @@ def run(argv: list[str]) -> int:
             "score": round((total["killed"] + total["timeout"]) / tested, 4) if tested else None,
         },
         "modules": modules,
-        "judged": {
-            kind: sum(1 for e in survivors if e.get("judged") == kind)
-            for kind in sorted({e["judged"] for e in survivors if "judged" in e})
-        },
         "not_killed": survivors,
     }
+    _count_judged(report)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"mutation-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
