@@ -156,7 +156,8 @@ def tally(results: dict[str, str]) -> dict[str, dict[str, Any]]:
 #
 # A survivor is either killed by a new test or judged here: it cannot change a verdict, and the
 # reason says why. A rule matches by module, function ("Class.method" or "function", fnmatch)
-# and, when given, a regex over the lines the mutant removes; so it names the change, not
+# and, when given, a regex over the lines the mutant removes ("removed => added": and one
+# over the lines it adds); so it names the change, not
 # mutmut's numbering, and a later run judges the same change the same way. A survivor no rule
 # covers is "unjudged": a test must kill it, or a rule must say why it cannot matter.
 
@@ -167,6 +168,7 @@ EQUIVALENT = "equivalent"  # the same behaviour for every input the code can be 
 UNUSED = "unused"  # code or attributes nothing calls or reads
 WAITING = "waiting"  # how long to wait for a guest or a thread, not what is judged
 ORDER = "order"  # the order candidate states come out in at one point
+PLATFORM = "platform"  # code another kind of host runs (big-endian); unreachable on this one
 
 Rule = tuple[str, str, str | None, str, str]  # module, function, removed-line regex, kind, why
 
@@ -198,7 +200,29 @@ RULES: tuple[Rule, ...] = (
         PERFORMANCE,
         "the size of the zero buffer a write-zeroes is exported in pieces of",
     ),
+    (
+        "harness/durability/writelog.py",
+        "crc_bytes",
+        r'array\("I", crcs\)',
+        PLATFORM,
+        "the byte swap of a big-endian host (`_CRC_BIG_ENDIAN_HOST`); the figures come from a "
+        "little-endian one, where the branch never runs",
+    ),
     # journal.py
+    (
+        "harness/durability/journal.py",
+        "JournalWriter.create",
+        r"O_TRUNC \| os\.O_CLOEXEC, 0o644\) => O_TRUNC \| os\.O_CLOEXEC(, 421|, )\)",
+        EQUIVALENT,
+        "the journal file's permission bits (os.open's mode); the process that opens it owns it",
+    ),
+    (
+        "harness/durability/journal.py",
+        "compact_journal",
+        r'"\.compact"',
+        EQUIVALENT,
+        "the temporary file's name beside the journal, replaced onto it before anything reads it",
+    ),
     (
         "harness/durability/journal.py",
         "_refuse_mid_file_damage",
@@ -615,11 +639,16 @@ def message_lines(module: str, function: str, root: Path = ROOT) -> set[str]:
 def judge(mutant: str, diff: str, root: Path = ROOT) -> tuple[str, str] | None:
     """(kind, why) for a survivor that cannot change a verdict; None: unjudged."""
     module, function = function_of(mutant)
-    minus, _plus = changed(diff)
+    minus, plus = changed(diff)
     for r_module, r_function, pattern, kind, why in RULES:
         if r_module != module or not fnmatch.fnmatchcase(function, r_function):
             continue
-        if pattern is None or any(re.search(pattern, line) for line in minus):
+        if pattern is None:
+            return kind, why
+        removed, _, added = pattern.partition(" => ")  # "removed => added": both must match
+        if any(re.search(removed, line) for line in minus) and (
+            not added or any(re.search(added, line) for line in plus)
+        ):
             return kind, why
     try:
         texts = message_lines(module, function, root)
@@ -650,6 +679,7 @@ _KIND_WORDS = {
     UNUSED: "unused",
     WAITING: "waiting",
     ORDER: "search order",
+    PLATFORM: "other hosts only",
 }
 
 
