@@ -242,3 +242,16 @@ def test_dm_log_writes_cannot_describe_a_write_that_is_not_512_byte_aligned(
         sched.finish()
         with pytest.raises(JournalError, match="is not 512-byte aligned"):
             export_dm_log_writes(read_log(sched.log), tmp_path / "dm.log")
+
+
+def test_dm_log_writes_export_goes_on_past_a_failed_or_unfinished_request(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path / "rec", sectors=16)
+    failed = sched.write(0, b"x" * S)
+    sched.write(2 * S, b"w" * S)  # never completes
+    good = sched.write(4 * S, b"g" * S)
+    sched.complete(failed, status=5)
+    sched.complete(good)
+    sched.finish()
+    out = tmp_path / "dm.log"
+    assert export_dm_log_writes(read_log(sched.log), out) == 1
+    assert [(e.sector, e.data) for e in read_dm_log_writes(out)] == [(4, b"g" * S)]
