@@ -21,7 +21,14 @@ import pytest
 from harness.durability.contract import FaultModel
 from harness.errors import GuestError
 from harness.guest.ssh import CommandResult
-from harness.workloads.stream import AckStream, GuestStream, StreamRun, TokenStream
+from harness.workloads.stream import (
+    ACKS_FILE,
+    STDERR_FILE,
+    AckStream,
+    GuestStream,
+    StreamRun,
+    TokenStream,
+)
 
 
 @dataclass
@@ -41,6 +48,7 @@ class ScriptedSSH:
         timeout: float | None = 60.0,
         *,
         on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
         **_: Any,
     ) -> CommandResult:
         self.commands.append((command, timeout))
@@ -50,6 +58,9 @@ class ScriptedSSH:
             return CommandResult(command, 0, "", "")
         for line in self.lines:
             on_stdout(line)
+        if on_stderr is not None:
+            for line in self.stderr.splitlines():
+                on_stderr(line)
         if self.hold is not None:
             self.hold.wait(30)
         if self.error is not None:
@@ -135,6 +146,23 @@ def test_a_run_starts_its_clock_when_the_stream_starts(tmp_path: Path) -> None:
     run.after_cut(30)
     assert run.acked() == 1 and not run.alive()
     assert run.stop_command == "killall app 2>/dev/null; true"  # the program, not its path
+
+
+def test_a_run_keeps_what_the_program_said_on_stderr_in_the_cells_directory(
+    tmp_path: Path,
+) -> None:
+    ssh = ScriptedSSH(["1", "2"], code=0, stderr="warming up\nready\n")
+    run = StreamRun(Ctx(ssh, tmp_path), "app --go", "the app", FaultModel.HOST_POWER_CUT)
+    run.after_cut(30)
+    assert (tmp_path / STDERR_FILE).read_text() == "warming up\nready\n"
+    assert (tmp_path / ACKS_FILE).read_text() == "1\n2\n"
+    assert run.failure() is None and run.acked() == 2
+    (tmp_path / "bad").mkdir()
+    bad = StreamRun(
+        Ctx(ScriptedSSH(["oops"]), tmp_path / "bad"), "app", "the app", FaultModel.HOST_POWER_CUT
+    )
+    bad.after_cut(30)
+    assert "the app: acknowledgement line b'oops'" in (bad.failure() or "")  # the stream's name
 
 
 def test_after_a_backend_crash_the_run_goes_on_then_is_stopped(tmp_path: Path) -> None:
