@@ -19,7 +19,8 @@ fails on *survived*.
 The run happens in a scratch copy of the tracked files (mutmut copies the
 tree again into its `mutants/`), so the checkout is never mutated and nothing
 of mutmut's is left in it. The figures per module — mutants, killed,
-survived, timeout, no tests, score = (killed + timeout) / (all but skipped) —
+survived, timeout, no tests, not checked, score = (killed + timeout) / (all
+but skipped and not checked) —
 and every survivor's diff go to benchmarks/results/mutation-<UTC time>.json;
 `--doc-from` writes docs/mutation.md from such a record: the figures and,
 survivor by survivor, why the ones left cannot change a verdict.
@@ -31,6 +32,7 @@ import argparse
 import ast
 import datetime
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -87,7 +89,16 @@ TESTS = (
     "tests/unit/test_docs.py",
 )
 PYTEST_ARGS = ("--hypothesis-profile=mutation", "-p", "no:cacheprovider")
-STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault")
+STATUSES = (
+    "killed",
+    "survived",
+    "timeout",
+    "no tests",
+    "suspicious",
+    "skipped",
+    "segfault",
+    "not checked",  # a run stopped before it reached them (--no-run records such a run)
+)
 _RESULT = re.compile(r"^\s+(?P<name>harness\.\S+): (?P<status>.+)$")
 
 
@@ -143,7 +154,7 @@ def tally(results: dict[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for module in sorted(per):
         c = per[module]
-        tested = sum(c.values()) - c["skipped"]
+        tested = sum(c.values()) - c["skipped"] - c["not checked"]
         out[module] = {
             "mutants": sum(c.values()),
             **{s.replace(" ", "_"): c[s] for s in STATUSES},
@@ -708,24 +719,34 @@ def render_doc(report: dict[str, Any], source: str) -> str:
         f"{settings['max_children']} children, {report['date']}, "
         f"{report['seconds'] / 60:.0f} minutes (load average before "
         f"{report['load_average']['before'][0]}, after {report['load_average']['after'][0]}).",
-        "Score = (killed + timeout) / (all but skipped). *No tests*: no unit test in the "
+        "Score = (killed + timeout) / (all but skipped and not checked). *No tests*: no "
+        "unit test in the "
         "selection executes the function (mutmut's stats), so nothing could kill it.",
         "",
-        "| module | mutants | killed | survived | timeout | no tests | score "
+    ]
+    if not report.get("complete", True):
+        lines += [
+            "**This run was stopped before it reached every mutant** (*not checked*); its "
+            "score is over the mutants it checked. `--keep` on the same directory goes on "
+            "where it stopped.",
+            "",
+        ]
+    lines += [
+        "| module | mutants | killed | survived | timeout | no tests | not checked | score "
         "| judged harmless | unjudged |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for module, row in report["modules"].items():
         lines.append(
             f"| `{module}` | {row['mutants']} | {row['killed']} | {row['survived']} "
-            f"| {row['timeout']} | {row['no_tests']} | {row['score']} "
-            f"| {row.get('judged_harmless', 0)} | {row.get('unjudged', 0)} |"
+            f"| {row['timeout']} | {row['no_tests']} | {row.get('not_checked', 0)} "
+            f"| {row['score']} | {row.get('judged_harmless', 0)} | {row.get('unjudged', 0)} |"
         )
     t = report["total"]
     judged = sum(v for k, v in report.get("judged", {}).items() if k != "unjudged")
     lines += [
         f"| all | {t['mutants']} | {t['killed']} | {t['survived']} | {t['timeout']} "
-        f"| {t['no_tests']} | {t['score']} | {judged} "
+        f"| {t['no_tests']} | {t.get('not_checked', 0)} | {t['score']} | {judged} "
         f"| {report.get('judged', {}).get('unjudged', 0)} |",
         "",
         "Kinds of harmless survivor: "
@@ -839,6 +860,12 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--only", nargs="+", metavar="MODULE", help="a subset of TARGETS")
     parser.add_argument("--keep", type=Path, help="run in (and keep) this scratch directory")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--no-run",
+        action="store_true",
+        help="record what the --keep directory holds (a run stopped part way: its mutants "
+        "not reached are 'not checked'); without it, a kept run goes on where it stopped",
+    )
     args = parser.parse_args(argv)
     if args.doc_from is not None:
         report = json.loads(args.doc_from.read_text())
@@ -873,15 +900,25 @@ def run(argv: list[str]) -> int:
                 f.write(mutmut_config(targets))
         log = scratch / "mutmut.log"
         print(f"mutmut {got} in {scratch} (log: {log})", flush=True)
-        _mutmut(scratch, "run", "--max-children", str(args.max_children), log=log)
+        if not args.no_run:
+            _mutmut(scratch, "run", "--max-children", str(args.max_children), log=log)
         results = {
             m["name"]: m["status"]
             for line in _mutmut(scratch, "results", "--all", "true").splitlines()
             if (m := _RESULT.match(line))
         }
         survivors = []
-        for name in sorted(n for n, s in results.items() if s != "killed"):
-            diff = _mutmut(scratch, "show", name)
+        # `mutmut show` starts mutmut anew for each mutant (seconds each on a loaded machine):
+        # its diffs are kept in the scratch directory, by mutant and the module's source.
+        cache_path = scratch / "mutant-diffs.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        for name in sorted(n for n, s in results.items() if s not in ("killed", "not checked")):
+            source = (scratch / module_of(name)).read_bytes()
+            key = f"{name} {hashlib.sha256(source).hexdigest()}"
+            if key not in cache:
+                cache[key] = _mutmut(scratch, "show", name)
+                cache_path.write_text(json.dumps(cache))
+            diff = cache[key]
             entry: dict[str, Any] = {"name": name, "status": results[name], "diff": diff.strip()}
             if results[name] not in ("timeout",):
                 verdict = judge(name, diff, scratch)
@@ -892,9 +929,11 @@ def run(argv: list[str]) -> int:
         if args.keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.monotonic() - t0
+    if args.no_run:  # the run's time: from the scratch copy's making to now (just stopped)
+        seconds = time.time() - (scratch / "pyproject.toml").stat().st_mtime
     modules = tally(results)
     total = Counter(results.values())
-    tested = sum(total.values()) - total["skipped"]
+    tested = sum(total.values()) - total["skipped"] - total["not checked"]
     now = datetime.datetime.now(datetime.UTC)
     report = {
         "benchmark": "mutation",
@@ -910,6 +949,7 @@ def run(argv: list[str]) -> int:
             "pytest_args": list(PYTEST_ARGS),
         },
         "seconds": round(seconds, 1),
+        "complete": total["not checked"] == 0,
         "total": {
             "mutants": sum(total.values()),
             **{s.replace(" ", "_"): total[s] for s in STATUSES},
