@@ -314,6 +314,15 @@ RULES: tuple[Rule, ...] = (
     ),
     (
         "harness/explore/states.py",
+        "Point.from_json",
+        r'raw\.get\("(flush_epoch|kinds|labels)"',
+        REPORT,
+        "a point's epoch, kinds and labels read back (defaults for a file without them, which "
+        "to_json never writes); nothing but explore.json and the report reads them, and a "
+        "state checked against its recording takes the recording's own point",
+    ),
+    (
+        "harness/explore/states.py",
         "Timeline.durable",
         r"submit_index < point.at",
         EQUIVALENT,
