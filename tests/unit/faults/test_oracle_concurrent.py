@@ -197,3 +197,58 @@ def test_violations_name_the_write_the_contract_required(tmp_path: Path, keep: P
     owed = {Promise.FLUSHED: [fua, w], Promise.EVERY_COMPLETED: [fua, w], Promise.NOTHING: []}
     assert [v.expected_seq for v in report.violations] == owed[keep]
     assert all(v.kind == "lost" and v.found_seq == 0 for v in report.violations)
+
+
+# -- sectors more than one write touched (the oracle's per-sector classification) ----------
+
+
+def test_an_overwritten_sector_holding_its_newest_unflushed_write_counts_as_unflushed(
+    tmp_path: Path,
+) -> None:
+    sched = Schedule.new(tmp_path / "log")
+    for fill in (b"a", b"b"):
+        sched.complete(sched.write(0, fill * S))
+    sched.finish()
+    report = check(_image(sched, tmp_path / "i.img", {0: b"b" * S}), sched.log, "writeback")
+    assert report.ok and (report.must, report.may, report.unflushed) == (0, 1, 1)
+
+
+def test_an_unflushed_write_of_what_was_there_already_leaves_the_sector_as_it_must_be(
+    tmp_path: Path,
+) -> None:
+    sched = Schedule.new(tmp_path / "log")
+    sched.complete(sched.write(0, sched.base[:S]))  # the sector's own content
+    sched.complete(sched.write(0, b"b" * S))
+    sched.finish()
+    report = check(_image(sched, tmp_path / "i.img", {}), sched.log, "writeback")
+    assert report.ok and (report.must, report.may, report.unflushed) == (1, 0, 0)
+
+
+def test_the_newest_durable_write_is_the_last_submitted_even_when_an_older_one_ends_later(
+    tmp_path: Path,
+) -> None:
+    sched = Schedule.new(tmp_path / "log")
+    first = sched.write(0, b"0" * S)
+    middle = sched.write(0, b"v" * S)
+    sched.complete(middle)
+    last = sched.write(0, b"2" * S)  # submitted after `middle` completed
+    sched.complete(first)  # completes after `last` was submitted
+    sched.complete(last)
+    sched.complete(sched.flush())
+    sched.finish()
+    # `middle` finished before `last` (durable) started: its content is lost data.
+    report = check(_image(sched, tmp_path / "v.img", {0: b"v" * S}), sched.log, "writeback")
+    assert (report.lost, report.ok) == (1, False)
+    for kept in (b"0", b"2"):  # `first` and `last` overlap: either may be on the disk
+        report = check(_image(sched, tmp_path / "k.img", {0: kept * S}), sched.log, "writeback")
+        assert report.ok and report.must == 1
+
+
+def test_the_sectors_an_unflushed_write_left_as_they_were_must_hold_so(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path / "log")
+    data = b"x" * S + sched.base[3 * S : 4 * S]  # its second sector holds what was there
+    sched.complete(sched.write(2 * S, data))
+    sched.finish()
+    image = _image(sched, tmp_path / "i.img", {2: data[:S], 3: data[S:]})
+    report = check(image, sched.log, "writeback")
+    assert report.ok and (report.must, report.may, report.unflushed) == (1, 1, 1)
