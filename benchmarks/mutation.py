@@ -283,6 +283,22 @@ RULES: tuple[Rule, ...] = (
     # oracle.py
     (
         "harness/durability/oracle.py",
+        "_classify",
+        r"meta\[0\] > newest\[0\] => meta\[1\] > newest\[0\]|meta\[0\] >= newest\[0\]",
+        EQUIVALENT,
+        "a sector's versions come in submission order and no two share a submission index: "
+        "the last durable one listed is the newest either way",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_classify",
+        r"else -1$|meta\[1\] > horizon\] => else (\+1|-2)$|meta\[1\] >= horizon\]",
+        EQUIVALENT,
+        "a log's first record is its OPEN (index 0), so every request completes at index 2 or "
+        "later, and a completion never shares its index with a submission",
+    ),
+    (
+        "harness/durability/oracle.py",
         "OracleReport.summary",
         None,
         MESSAGE,
