@@ -749,6 +749,10 @@ def render_doc(report: dict[str, Any], source: str) -> str:
         "selection executes the function (mutmut's stats), so nothing could kill it.",
         "",
     ]
+    if report.get("runs"):
+        lines += ["How the record was made:", ""]
+        lines += [f"- {_cell(run)}" for run in report["runs"]]
+        lines.append("")
     if not report.get("complete", True):
         lines += [
             "**This run was stopped before it reached every mutant** (*not checked*); its "
