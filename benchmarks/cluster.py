@@ -63,13 +63,12 @@ from harness.durability.contract import CutPolicy, FaultModel, reference_promise
 from harness.durability.cut import apply_cut
 from harness.errors import PowercutError
 from harness.guest.ssh import SSHSession
-from harness.vm.accel import choose_accel
 from harness.vm.clock import clock_append
 from harness.vm.cluster import TCG_TB_MIB, Cluster
 from harness.vm.image import GuestImage, ensure_image
 from harness.vm.network import ENV_FILE, NetworkPlan
 from harness.vm.qemu import QemuMachine
-from harness.vm.spec import FileDisk, MachineSpec, VhostUserDisk
+from harness.vm.spec import Accel, FileDisk, MachineSpec, VhostUserDisk
 from harness.workloads.filesystem import make_disk
 
 ETCD_PACKAGES = ["etcd-server", "etcd-client"]
@@ -205,7 +204,7 @@ def bench_boot(image: GuestImage, args: argparse.Namespace, work: Path) -> dict[
     for run in range(args.runs):
         for n in (1, args.nodes):
             with Cluster(
-                image, NetworkPlan.of(n), memory_mib=args.memory, accel=args.accel
+                image, NetworkPlan.of(n), memory_mib=args.memory, accel=Accel(args.accel)
             ) as cluster:
                 seconds = cluster.boot()
                 times[str(n)].append(round(seconds, 3))
@@ -227,7 +226,9 @@ def bench_boot(image: GuestImage, args: argparse.Namespace, work: Path) -> dict[
 
 
 def bench_net(image: GuestImage, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    with Cluster(image, NetworkPlan.of(2), memory_mib=args.memory, accel=args.accel) as cluster:
+    with Cluster(
+        image, NetworkPlan.of(2), memory_mib=args.memory, accel=Accel(args.accel)
+    ) as cluster:
         cluster.boot()
         n1, n2 = cluster["n1"].ssh, cluster["n2"].ssh
         ping = n1.check_output("ping -c 10 -i 0.2 n2 | tail -1")
@@ -288,7 +289,7 @@ def bench_etcd(image: GuestImage, args: argparse.Namespace, work: Path) -> dict[
     endpoints = ",".join(f"http://{n.address}:2379" for n in plan.nodes)
     result: dict[str, Any] = {"version": None}
     with Cluster(
-        image, plan, disks=_disks(work, "etcd"), memory_mib=args.memory, accel=args.accel
+        image, plan, disks=_disks(work, "etcd"), memory_mib=args.memory, accel=Accel(args.accel)
     ) as cluster:
         result["boot_s"] = round(cluster.boot(), 3)
         n1 = cluster["n1"].ssh
@@ -368,7 +369,7 @@ def bench_redis(image: GuestImage, args: argparse.Namespace, work: Path) -> dict
     replicas = args.nodes - 1
     result: dict[str, Any] = {}
     with Cluster(
-        image, plan, disks=_disks(work, "redis"), memory_mib=args.memory, accel=args.accel
+        image, plan, disks=_disks(work, "redis"), memory_mib=args.memory, accel=Accel(args.accel)
     ) as cluster:
         result["boot_s"] = round(cluster.boot(), 3)
         n1 = cluster["n1"].ssh
@@ -448,7 +449,7 @@ def _rack_once(
             plan,
             disks=lambda n: [VhostUserDisk(rundir / f"{n}.sock")],
             memory_mib=args.memory,
-            accel=args.accel,
+            accel=Accel(args.accel),
             directory=rundir / "cluster",
         ) as cluster:
 
@@ -564,7 +565,7 @@ def bench_memory(image: GuestImage, args: argparse.Namespace, work: Path) -> dic
     """QEMU's RSS per node: TCG's default translation buffer against Cluster's cap, alternating."""
     variants = {"qemu-default": None, f"tb-size={TCG_TB_MIB}": TCG_TB_MIB}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    accel = choose_accel(args.accel, image.kernel)
+    accel = Accel(args.accel)  # --accel is kvm or tcg: nothing to resolve
     for run in range(args.runs):
         for name, tb in variants.items():
             spec = replace(

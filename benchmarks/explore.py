@@ -46,7 +46,7 @@ from typing import Any
 
 from benchmarks import machine_info
 from harness.block import open_backend
-from harness.durability.contract import CutPolicy, Promise
+from harness.durability.contract import CacheMode, CutPolicy, Promise
 from harness.durability.cut import apply_cut
 from harness.durability.oracle import check
 from harness.durability.writelog import read_log
@@ -104,7 +104,7 @@ def record(tmp: Path, steps: int, seed: int, barriers: bool) -> tuple[Recording,
     seconds = time.perf_counter() - t0
     backend.graph.close()  # the power cut: no final flush
     wlog = read_log(root / "write.log")
-    write_recording(root, mode="writeback", acks=acks_from_marks(wlog))
+    write_recording(root, mode=CacheMode.WRITEBACK, acks=acks_from_marks(wlog))
     rec = open_recording(root)
     return rec, {
         "barriers": barriers,

@@ -43,6 +43,7 @@ from typing import Any
 
 from benchmarks import machine_info
 from harness.block import BlockBackend, open_backend
+from harness.durability.contract import CacheMode
 from harness.durability.cut import apply_cut
 from harness.durability.oracle import check
 
@@ -220,7 +221,7 @@ def oracle(writes: int, tmp: Path) -> dict[str, Any]:
     apply_cut(image, tmp / "oracle.journal", "lose-all", 0)
     t1 = time.perf_counter()
     c1 = time.process_time()
-    report = check(image, tmp / "oracle.log", "writeback")
+    report = check(image, tmp / "oracle.log", CacheMode.WRITEBACK)
     check_s = time.perf_counter() - t1
     check_cpu = time.process_time() - c1
     return {

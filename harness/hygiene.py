@@ -5,6 +5,10 @@ its fixtures register; this finds the rest — a `tempfile.mkdtemp` with one of
 the harness's prefixes, or a unix socket bound by this process — so that a
 helper that forgets its run dir or socket fails the session, not the disk.
 Only this process's own creations are seen (other sessions share /tmp).
+
+`processes_naming` is `pgrep -af` read from /proc: a test that asks whether
+anything still runs on its socket or directory needs no procps, which a bare
+Debian root (debootstrap minbase, a `debian:12` container) does not have.
 """
 
 from __future__ import annotations
@@ -85,6 +89,29 @@ def leftovers(mark: int, exclude: Iterable[Path] = ()) -> list[Path]:
             continue
         if (path.is_dir() and not path.is_symlink()) or is_socket(path):
             found.append(path)
+    return found
+
+
+def processes_naming(text: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line contains `text`.
+
+    The arguments are joined by spaces, as `pgrep -f` matches them; the caller
+    is left out, and so are zombies (their command line is empty). What
+    `pgrep -af TEXT` prints, without depending on procps.
+    """
+    needle = os.fsencode(text)
+    found = []
+    pids = sorted(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        line = raw.rstrip(b"\0").replace(b"\0", b" ")  # as pgrep -f matches it
+        if needle in line:
+            found.append((pid, os.fsdecode(line)))
     return found
 
 

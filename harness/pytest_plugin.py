@@ -38,6 +38,7 @@ from harness.proc import live_processes
 # A powercut backend on a disk image (mode, queues, serial, fault drivers via a
 # --blockdev graph); composes with vm_factory.
 from harness.testing.disk import powercut_disk  # noqa: F401
+from harness.vm.accel import ACCEL_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--accel",
         default=None,
-        choices=("auto", "kvm", "tcg"),
+        choices=ACCEL_CHOICES,
         help="accelerator for test VMs (default: $POWERCUT_ACCEL, else probe)",
     )
     group.addoption(
@@ -220,7 +221,7 @@ def guest_image(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(scope="session")
 def powercut_accel(request: pytest.FixtureRequest, guest_image: Any) -> Any:
-    return scenarios.choose_accel_once(request.config.getoption("--accel"), guest_image.kernel)
+    return scenarios.choose_accel_once(request.config, guest_image.kernel)
 
 
 class VMFactory:

@@ -10,10 +10,14 @@ Which TOML files are collected: a file named on the command line, or one
 whose path matches a pattern of the `powercut_scenarios` ini option (default
 `scenarios/*.toml` and `*.scenario.toml`; fnmatch like `python_files`: a
 pattern with a `/` matches the path's tail, else the file name) and that
-looks like a scenario (top-level `[[fault]]` and `[[workload]]` tables) —
-so pyproject.toml and other TOML are never read as scenarios. A collected
+looks like a scenario (`looks_like_scenario`: a top-level field only
+scenarios have, such as `[[fault]]`, `[[workload]]`, `modes`, or a near
+miss of one such as `[[faults]]`; for a file that is not valid TOML, such a
+name anywhere in it) — so pyproject.toml and other TOML are never read as
+scenarios, and a broken scenario is never skipped in silence. A collected
 file that does not validate is a collection error with the scenario
-parser's message (file, line, field).
+parser's message (file, line, field), as `powercut run` gives it; a cell
+whose verdict is fail or error is a failed test.
 
 A cell runs as `powercut run` runs it (`harness.crash.cell_run.CellRunner`,
 its image from `CellImages`, built for every collected cell before the
@@ -23,15 +27,18 @@ evidence files and the reproduce lines. Every cell's result also goes into
 one results directory (`--powercut-out`, default `<basetemp>/powercut`):
 results.json and junit.xml rewritten after every cell by one writer (the
 xdist controller, which gets each worker's result with its test report),
-and the Markdown, HTML and plots at the end of the session.
+and the Markdown, HTML and plots at the end of the session — the writer
+`powercut run` uses too (`harness.report.recorder.ResultsRecorder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import fnmatch
 import logging
+import re
 import shlex
 import tomllib
 from collections.abc import Iterator
@@ -41,17 +48,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from harness.errors import PowercutError
-from harness.report.results import (
-    CellKey,
-    CellResult,
-    RunResults,
-    ScenarioRef,
-    host_info,
-    run_results,
-    utc_now,
-)
+from harness.report.results import CellResult, RunResults, ScenarioRef
 
 if TYPE_CHECKING:
+    from harness.report.recorder import ResultsRecorder
     from harness.scenario.cells import Cell
 
 # The run's modules (QEMU, SSH, the block stack) are imported when a cell is collected
@@ -105,13 +105,58 @@ def _matches(path: Path, patterns: list[str]) -> bool:
     return False
 
 
+# Top-level fields of the scenario schema that other TOML (pyproject.toml, a tool's
+# settings) does not have at its top level; `name`, `seed`, `timeout`, `image` and the
+# like are left out for that reason. A unit test keeps this within the parser's fields.
+SCENARIO_FIELDS = (
+    "fault",
+    "workload",
+    "cut",
+    "modes",
+    "blkdebug",
+    "explore",
+    "repetitions",
+    "expect",
+    "checkers",
+    "filesystem",
+    "disk-size",
+    "mkfs-options",
+    "mount-options",
+    "guest-files",
+    "format-options",
+)
+_KEY_OR_TABLE = re.compile(r"^\s*\[{0,2}\s*[\"']?([A-Za-z][A-Za-z0-9_-]*)")
+
+
+def _scenario_word(key: str) -> bool:
+    """A scenario field, or a near miss of one (`[[faults]]`, `Workload`, `explor`)."""
+    return bool(difflib.get_close_matches(key.lower(), SCENARIO_FIELDS, 1, 0.8))
+
+
 def looks_like_scenario(path: Path) -> bool:
-    """Top-level [[fault]] and [[workload]] tables: what every scenario has and little else."""
+    """Whether a TOML file the patterns match is meant as a scenario.
+
+    Yes when its top level has a scenario field or a near miss of one; a file
+    that is not valid TOML (or not text) when any key or table named in it is
+    one — so a broken scenario becomes a collection error that says what is
+    wrong, never a file skipped in silence, while pyproject.toml and other
+    TOML are left alone. A `*.scenario.toml` name says so by itself.
+    """
+    if path.name.endswith(".scenario.toml"):
+        return True
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raw = path.read_bytes()
+    except OSError:
         return False
-    return isinstance(data.get("fault"), list) and isinstance(data.get("workload"), list)
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return any(
+            (m := _KEY_OR_TABLE.match(line)) is not None and _scenario_word(m.group(1))
+            for line in text.splitlines()
+        )
+    return any(_scenario_word(key) for key in data)
 
 
 def collect_file(file_path: Path, parent: pytest.Collector) -> ScenarioFile | None:
@@ -228,13 +273,24 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def choose_accel_once(requested: str | None, kernel: Path) -> Any:
-    """`choose_accel` under a lock, so parallel workers do not probe KVM side by side."""
-    from harness.vm.accel import choose_accel
-    from harness.vm.image import cache_root
+_ACCEL = pytest.StashKey[Any]()
 
-    with _file_lock(cache_root() / "accel.lock"):
-        return choose_accel(requested, kernel)
+
+def choose_accel_once(config: pytest.Config, kernel: Path) -> Any:
+    """The session's accelerator: `--accel` read, then resolved once (an `Accel`).
+
+    Resolved under a lock, so parallel workers do not probe KVM side by side;
+    the scenario cells and the fixtures of one session share the answer.
+    """
+    accel = config.stash.get(_ACCEL, None)
+    if accel is None:
+        from harness.vm.accel import choose_accel, parse_accel
+        from harness.vm.image import cache_root
+
+        with _file_lock(cache_root() / "accel.lock"):
+            accel = choose_accel(parse_accel(config.getoption("--accel", None)), kernel)
+        config.stash[_ACCEL] = accel
+    return accel
 
 
 class CellSession:
@@ -263,20 +319,18 @@ class CellSession:
         cells = [i.cell for i in session.items if isinstance(i, CellItem)]
         self.images = CellImages()
         self.images.prepare(cells)
-        self.accel = choose_accel_once(
-            self.config.getoption("--accel", None), self.images(cells[0]).kernel
-        )
+        self.accel = choose_accel_once(self.config, self.images(cells[0]).kernel)
         self.prepared = True
 
     def run(self, item: CellItem) -> CellResult:
-        from harness.crash.cell_run import CellRunner
+        from harness.crash.cluster_run import runner_for
         from harness.crash.plan import cell_slug
         from harness.crash.runner import KeepImages, prune_images
 
         self._prepare(item.session)
         cell = item.cell
         directory = self.out / "cells" / cell_slug(cell)
-        runner = CellRunner(
+        runner = runner_for(
             cell,
             directory,
             self.images(cell),
@@ -302,64 +356,17 @@ def results_dir(config: pytest.Config) -> Path:
     return Path(factory.getbasetemp()) / "powercut"
 
 
-class ResultsRecorder:
-    """The one writer of a pytest session's results directory (the xdist controller)."""
+def plan_results(recorder: ResultsRecorder, cells: list[Cell]) -> None:
+    """The collected cells (and their scenario files) as the results directory's plan."""
+    from harness.crash.plan import key, scenario_ref
+    from harness.scenario.parse import load_scenario
 
-    def __init__(self, out: Path, command: str) -> None:
-        self.out = out
-        self.command = command
-        self.started = utc_now()
-        self.planned: list[CellKey] = []
-        self.scenarios: dict[str, ScenarioRef] = {}
-        self.results: dict[CellKey, CellResult] = {}
-        self.accel: str | None = None
-
-    def plan(self, cells: list[Cell]) -> None:
-        from harness.crash.plan import scenario_ref
-        from harness.scenario.parse import load_scenario
-
-        for cell in cells:
-            key = CellKey(cell.scenario, cell.id)
-            if key not in self.planned:
-                self.planned.append(key)
-            if cell.scenario_path not in self.scenarios:
-                self.scenarios[cell.scenario_path] = scenario_ref(load_scenario(cell.scenario_path))
-        if self.planned:
-            self.write()
-
-    def write(self) -> None:
-        from harness.report.render import write_progress
-
-        write_progress(self.snapshot(False), self.out)
-
-    def record(self, result: CellResult) -> None:
-        key = CellKey(result.scenario, result.id)
-        if key not in self.planned:
-            self.planned.append(key)
-        self.results[key] = result
-        self.write()
-
-    def snapshot(self, complete: bool) -> RunResults:
-        order = {k: i for i, k in enumerate(self.planned)}
-        cells = sorted(self.results.values(), key=lambda c: order[CellKey(c.scenario, c.id)])
-        return run_results(
-            cells,
-            started=self.started,
-            command=self.command,
-            host=host_info(self.accel),
-            scenarios=list(self.scenarios.values()),
-            planned=self.planned,
-            complete=complete,
-        )
-
-    def finish(self) -> RunResults | None:
-        if not self.planned:
-            return None
-        from harness.report.render import render_all
-
-        results = self.snapshot(True)
-        render_all(results, self.out)
-        return results
+    refs: dict[str, ScenarioRef] = {}
+    for cell in cells:
+        path = cell.scenario_path
+        if path not in recorder.scenarios and path not in refs:
+            refs[path] = scenario_ref(load_scenario(path))
+    recorder.plan([key(c) for c in cells], refs.values())
 
 
 def cells_of_nodeids(rootpath: Path, nodeids: list[str]) -> list[Cell]:
@@ -413,6 +420,8 @@ def _recorder(config: pytest.Config) -> ResultsRecorder | None:
     if state is None or _is_worker(config):
         return None
     if state.recorder is None:
+        from harness.report.recorder import ResultsRecorder
+
         state.recorder = ResultsRecorder(state.out, _command(config))
     return state.recorder
 
@@ -422,7 +431,7 @@ def collection_finish(session: pytest.Session) -> None:
     if cells and not session.config.getoption("collectonly"):
         recorder = _recorder(session.config)
         if recorder is not None:
-            recorder.plan(cells)
+            plan_results(recorder, cells)
 
 
 def attach_result(item: pytest.Item, report: pytest.TestReport) -> None:
@@ -447,7 +456,10 @@ def session_finish(session: pytest.Session) -> RunResults | None:
     state = session.config.stash.get(_STATE, None)
     if state is None or state.recorder is None or _is_worker(session.config):
         return None
-    return state.recorder.finish()
+    if not state.recorder.planned:
+        return None
+    results, _rendered = state.recorder.finish()
+    return results
 
 
 class ReportHooks:
@@ -476,4 +488,4 @@ class XdistHooks:
         cells = cells_of_nodeids(self.config.rootpath, list(ids))
         recorder = _recorder(self.config) if cells else None
         if recorder is not None and not recorder.planned:
-            recorder.plan(cells)
+            plan_results(recorder, cells)

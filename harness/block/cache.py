@@ -34,5 +34,5 @@ _SETTINGS = {
 }
 
 
-def cache_settings(mode: str | CacheMode) -> CacheSettings:
-    return _SETTINGS[parse_cache_mode(mode)]
+def cache_settings(mode: CacheMode) -> CacheSettings:
+    return _SETTINGS[mode]

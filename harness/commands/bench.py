@@ -142,23 +142,23 @@ def _fio(ssh: Any, dev: str, w: GuestWorkload, runtime: float, size_mib: int) ->
 def run_guest(
     args: argparse.Namespace, workdir: Path, workloads: list[GuestWorkload], progress: Any
 ) -> dict[str, Any]:
-    from harness.vm.accel import choose_accel
+    from harness.block.cache import parse_cache_mode
+    from harness.vm.accel import choose_accel, parse_accel
     from harness.vm.backends import make_backend
     from harness.vm.build import ensure_image
     from harness.vm.qemu import QemuMachine
     from harness.vm.spec import MachineSpec
 
     image = ensure_image()
-    accel = choose_accel(args.accel, image.kernel)
+    accel = choose_accel(parse_accel(args.accel), image.kernel)
+    cache = parse_cache_mode(args.cache)
     sizes = {name: (args.size_mib + i) * MIB for i, name in enumerate(BACKENDS)}
     backends = []
     for i, name in enumerate(BACKENDS):
         path = workdir / f"{name}.img"
         _fill(path, sizes[name])
         backends.append(
-            make_backend(
-                name, path, workdir / name, cache=args.cache, num_queues=1, name=f"disk{i}"
-            )
+            make_backend(name, path, workdir / name, cache=cache, num_queues=1, name=f"disk{i}")
         )
     slices: list[dict[str, Any]] = []
     try:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.durability.contract import cache_mode_names
+from harness.durability.contract import cache_mode_names, parse_cache_mode
 from harness.durability.oracle import check
 
 NAME = "check"
@@ -35,7 +35,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = check(args.image, args.log, args.mode, max_violations=args.max_violations)
+    report = check(
+        args.image, args.log, parse_cache_mode(args.mode), max_violations=args.max_violations
+    )
     if args.json is not None:
         document = json.dumps(report.to_json(), indent=2)
         if args.json == "-":

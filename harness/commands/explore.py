@@ -33,12 +33,13 @@ from pathlib import Path
 from rich import progress as rich_progress
 from rich.console import Console
 
+from harness.commands._cells import SHIPPED, add_cell_arguments, plan_from_cell_arguments
 from harness.crash.explorer.cell import CellExplorer, ExploreOptions
 from harness.crash.explorer.progress import Phase, Progress
 from harness.crash.explorer.record import unexplorable
-from harness.crash.explorer.run import ExploreDoc, exploration_cells, explore_id, spec_for
+from harness.crash.explorer.run import ExploreDoc, exploration_cells, spec_for
 from harness.crash.images import CellImages
-from harness.crash.plan import ACCELS, command_line, make_plan
+from harness.crash.plan import command_line
 from harness.durability.contract import Verdict
 from harness.errors import ConfigError
 from harness.explore.doc import CellRecord, ExploreDocument, replay
@@ -60,29 +61,13 @@ exit status:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_STATUS
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument(
-        "scenarios",
-        nargs="+",
-        metavar="SCENARIO",
-        help="scenario files (TOML); or `replay DIR` to rebuild one explored state",
-    )
-    parser.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="results directory (explore.json, report.html); with replay: the image to write",
+    add_cell_arguments(
+        parser,
+        scenarios=f"{SHIPPED}; or `replay DIR` to rebuild one explored state",
+        out="results directory (explore.json, report.html); with replay: the image to write "
+        "(required, except with --list)",
     )
     parser.add_argument("--state", metavar="ID", help="replay: the state's id (or N/ID: cell N's)")
-    parser.add_argument(
-        "--mode", action="append", metavar="M", dest="modes", help="only these cache modes"
-    )
-    parser.add_argument(
-        "--seed", type=int, metavar="S", help="scenario seed (overrides the files')"
-    )
-    parser.add_argument(
-        "--cell", metavar="ID", help="only the cells whose exploration id starts with this"
-    )
-    parser.add_argument("--accel", choices=ACCELS, default="auto", help="QEMU accelerator")
     parser.add_argument(
         "--workers", type=int, default=1, metavar="N", help="host-side checkers at once (default 1)"
     )
@@ -103,9 +88,6 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="read the checker guest's whole disk before every Nth check and compare it with "
         "the state (proves nothing of one state reaches the next; slow)",
     )
-    parser.add_argument("--kernel", metavar="PATH", help="boot every guest on this kernel")
-    parser.add_argument("--modules", metavar="DIR", help="the --kernel's lib/modules/VERSION tree")
-    parser.add_argument("--list", action="store_true", help="list the cells to explore and exit")
 
 
 @contextlib.contextmanager
@@ -166,27 +148,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--state is for `powercut explore replay DIR --state ID --out IMAGE`")
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: at least 1")
-    plan = make_plan(
-        args.scenarios,
-        args.out,
-        modes=args.modes,
-        seed=args.seed,
-        accel=args.accel,
-        kernel=args.kernel,
-        modules=args.modules,
+    plan = plan_from_cell_arguments(
+        args,
+        out_required="--out DIR is required: the results directory (explore.json, report.html, "
+        "the recordings); only --list runs without one",
     )
     cells = exploration_cells(plan.scenarios, plan.cells)
-    if args.cell:
-        cells = [c for c in cells if explore_id(c).startswith(args.cell)]
-        if not cells:
-            raise ConfigError(f"--cell {args.cell!r} matches no cell to explore (try --list)")
     skipped = [(c, why) for c in cells if (why := unexplorable(c))]
     cells = [c for c in cells if not unexplorable(c)]
     if args.list:
         for c in cells:
-            console.print(f"{c.scenario}: {explore_id(c)}  seed={c.seed}", markup=False)
+            console.print(f"{c.scenario}: {c.exploration_id}  seed={c.seed}", markup=False)
         for c, why in skipped:
-            console.print(f"{c.scenario}: {explore_id(c)}  skipped: {why}", markup=False)
+            console.print(f"{c.scenario}: {c.exploration_id}  skipped: {why}", markup=False)
         return 0
     if not cells:
         raise ConfigError(f"no cell can be explored: {skipped[0][1]}")
@@ -209,17 +183,18 @@ def run(args: argparse.Namespace) -> int:
                 cells, lambda what: bar.update(build, description=f"guest image: {what}")
             )
             bar.remove_task(build)
-        wanted = None if plan.accel == "auto" else plan.accel
-        accel = choose_accel(wanted, images(cells[0]).kernel)
+        accel = choose_accel(plan.accel, images(cells[0]).kernel)
         doc = ExploreDoc(out, command_line(sys.argv[1:]))
         for index, (c, why) in enumerate(skipped):
-            console.print(f"[yellow]SKIP [/] {c.scenario}: {explore_id(c)}: {why}", soft_wrap=True)
-            doc.add_cell(CellRecord.skipped(index, explore_id(c), c.scenario, why))
+            console.print(
+                f"[yellow]SKIP [/] {c.scenario}: {c.exploration_id}: {why}", soft_wrap=True
+            )
+            doc.add_cell(CellRecord.skipped(index, c.exploration_id, c.scenario, why))
         interrupted = False
         try:
             for index, cell in enumerate(cells, start=len(skipped)):
                 prefix = f"{index}/" if len(cells) + len(skipped) > 1 else None
-                line = _CellLine(bar, f"{cell.scenario}: {explore_id(cell)}")
+                line = _CellLine(bar, f"{cell.scenario}: {cell.exploration_id}")
                 try:
                     explorer = CellExplorer(
                         cell,
@@ -283,6 +258,8 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError("usage: powercut explore replay DIR --state ID --out IMAGE")
     if not args.state:
         raise ConfigError("replay needs --state ID (explore.json names every state)")
+    if not args.out:
+        raise ConfigError("replay needs --out IMAGE (the file to write the state to)")
     image = replay(args.scenarios[1], args.state, args.out)
     console.print(f"state {args.state} written to {image}", markup=False)
     return 0

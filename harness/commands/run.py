@@ -29,8 +29,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from harness.commands._cells import SHIPPED, add_cell_arguments, plan_from_cell_arguments
 from harness.crash.images import CellImages
-from harness.crash.plan import ACCELS, RunPlan, command_line, durations_from, make_plan
+from harness.crash.plan import RunPlan, command_line, durations_from
 from harness.crash.runner import KeepImages, RunObserver, run_plan
 from harness.errors import ConfigError
 from harness.report.console import STYLE, print_results
@@ -38,63 +39,29 @@ from harness.report.results import CellResult
 from harness.scenario.cells import Cell
 
 NAME = "run"
+OUT_REQUIRED = (
+    "--out DIR is required: the results directory (results.json, junit.xml, reports, logs); "
+    "only --list runs without one"
+)
 HELP = "run power-cut scenarios and judge every cell against its cache mode's contract"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """`powercut run SCENARIO... --out DIR [--mode M] [--seed S] [--repeat N] [--accel A]`.
 
-    Plus `--cell ID` (one cell or an id prefix, what reproduce commands use)
-    and `--list` (print the cells, run nothing).
+    The options that choose cells are `powercut explore`'s too
+    (`harness.commands._cells`): `--cell ID` (one cell or an id prefix, what
+    reproduce commands use) and `--list` (print the cells, run nothing: it
+    needs no `--out`) among them.
     """
-    parser.add_argument(
-        "scenarios",
-        nargs="+",
-        metavar="SCENARIO",
-        help="scenario files (TOML), or names of shipped scenarios (matrix, guest-crash, ...)",
-    )
-    parser.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="results directory: results.json, junit.xml, report.html, logs",
-    )
-    parser.add_argument(
-        "--mode",
-        action="append",
-        metavar="M",
-        dest="modes",
-        help="only these cache modes (repeatable; writeback, none/off, writethrough, "
-        "directsync, unsafe)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        metavar="S",
-        help="scenario seed (overrides the files'; every cell's seed derives from it)",
+    add_cell_arguments(
+        parser,
+        scenarios=SHIPPED,
+        out="results directory: results.json, junit.xml, report.html, logs (required, "
+        "except with --list)",
     )
     parser.add_argument(
         "--repeat", type=int, metavar="N", help="repetitions per cell (overrides the files')"
-    )
-    parser.add_argument(
-        "--accel",
-        choices=ACCELS,
-        default="auto",
-        help="QEMU accelerator: kvm, tcg, or auto (kvm when it works)",
-    )
-    parser.add_argument(
-        "--cell", metavar="ID", help="only the cell with this id, or the cells under this id prefix"
-    )
-    parser.add_argument("--list", action="store_true", help="list the cells and exit")
-    parser.add_argument(
-        "--kernel",
-        metavar="PATH",
-        help="boot every cell on this kernel (bzImage or vmlinux) instead of the scenarios' own",
-    )
-    parser.add_argument(
-        "--modules",
-        metavar="DIR",
-        help="the --kernel's lib/modules/VERSION tree (when its drivers are modules)",
     )
     parser.add_argument(
         "-j",
@@ -133,16 +100,10 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
     durations = getattr(args, "durations", None)
     if durations is not None and getattr(args, "shard", None) is None:
         raise ConfigError("--durations only balances --shard; give --shard K/N too")
-    return make_plan(
-        args.scenarios,
-        args.out,
-        modes=args.modes,
-        seed=args.seed,
+    return plan_from_cell_arguments(
+        args,
+        out_required=OUT_REQUIRED,
         repeat=args.repeat,
-        cell=args.cell,
-        accel=args.accel,
-        kernel=args.kernel,
-        modules=args.modules,
         shard=getattr(args, "shard", None),
         durations=durations_from(durations) if durations else None,
     )

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.block.cache import VALID_MODES
+from harness.block.cache import VALID_MODES, parse_cache_mode
 from harness.commands.image import add_image_arguments
 from harness.errors import ConfigError
+from harness.vm.accel import ACCEL_CHOICES, parse_accel
 from harness.vm.backends import Backend, DiskBackend, backend_names, make_backend
 from harness.vm.build import ensure_image
 from harness.vm.machine import Machine
@@ -59,7 +60,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--accel",
-        choices=("auto", "kvm", "tcg"),
+        choices=ACCEL_CHOICES,
         default=None,
         help="accelerator (default $POWERCUT_ACCEL, else a KVM probe)",
     )
@@ -78,15 +79,27 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _machine(spec: MachineSpec, args: argparse.Namespace, workdir: Path) -> Machine:
+    accel = parse_accel(args.accel)
     if args.libvirt:
         from harness.vm.libvirt import LibvirtMachine
 
         return LibvirtMachine(
-            spec, uri=args.libvirt, workdir=workdir / "vm", accel=args.accel, keep=args.keep
+            spec, uri=args.libvirt, workdir=workdir / "vm", accel=accel, keep=args.keep
         )
     from harness.vm.qemu import QemuMachine
 
-    return QemuMachine(spec, workdir=workdir / "vm", accel=args.accel, keep=args.keep)
+    return QemuMachine(spec, workdir=workdir / "vm", accel=accel, keep=args.keep)
+
+
+def disk_backend(args: argparse.Namespace, workdir: Path) -> DiskBackend:
+    """`--disk` served by `--backend` in `--cache` mode (QEMU's names: off is none)."""
+    return make_backend(
+        args.backend,
+        args.disk.resolve(),
+        workdir,
+        cache=parse_cache_mode(args.cache),
+        num_queues=args.queues,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
             )
         disks: tuple[Disk, ...] = ()
         if args.disk is not None:
-            backend: DiskBackend = make_backend(
-                args.backend, args.disk.resolve(), workdir, cache=args.cache, num_queues=args.queues
-            )
+            backend = disk_backend(args, workdir)
             stack.callback(backend.stop)
             disks = (backend.start(),)
         spec = MachineSpec.from_image(image, disks=disks, cpus=args.cpus, memory_mib=args.memory)

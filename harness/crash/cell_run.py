@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from harness.crash.qemu_session import session_for
 from harness.crash.record import cell_result, error_result
 from harness.crash.session import PowerCut
 from harness.crash.verdict import Observed, OracleObservation, expected_for_cell, judge
-from harness.durability.contract import FaultModel, Promise
+from harness.durability.contract import CutPolicy, FaultModel, Promise
 from harness.durability.oracle import OracleReport
 from harness.errors import ConfigError, GuestError, PowercutError, TimeoutExpired
 from harness.guest.kernel_log import count_io_errors
@@ -46,7 +46,7 @@ from harness.scenario.model import TriggerKind
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads import filesystem
-from harness.workloads.base import FSCK, ORACLE, POLL, Observation, Run, Workload
+from harness.workloads.base import FSCK, ORACLE, POLL, Observation, Run
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class CellSession(Protocol):
     def requests(self, kind: str) -> int: ...
 
     def power_cut(
-        self, fault: FaultModel, policy: Any, seed: int = 0, *, check: bool = True
+        self, fault: FaultModel, policy: CutPolicy, seed: int = 0, *, check: bool = True
     ) -> PowerCut: ...
 
     def reboot(self, timeout: float = ...) -> SSHSession: ...
@@ -87,18 +87,8 @@ class CellSession(Protocol):
     def artifacts(self) -> dict[str, Path]: ...
 
 
+# (directory, image, mode, the cell's DiskSpec, *, accel=, name=) -> a session.
 SessionFactory = Callable[..., CellSession]
-
-
-def disk_arguments(cell: Cell, workload: Workload) -> dict[str, Any]:
-    """How a session prepares `cell`'s disk for `workload` (size, filesystem, faults)."""
-    return {
-        "disk_size": cell.disk_size,
-        "filesystem": cell.filesystem if workload.needs_filesystem else None,
-        "directories": workload.directories,
-        "mkfs_options": cell.disk.mkfs_options,
-        "blkdebug": cell.blkdebug,
-    }
 
 
 @dataclass
@@ -175,7 +165,7 @@ class CellRunner:
         directory: Path,
         image: GuestImage,
         *,
-        accel: Accel | str | None,
+        accel: Accel | None,
         out: Path,
         reproduce: str,
         on_phase: Callable[[str], None] | None = None,
@@ -209,12 +199,7 @@ class CellRunner:
             self._validate()
             with self.timer.phase("prepare"):
                 session = self.session_factory(
-                    self.directory,
-                    self.image,
-                    cell.mode,
-                    accel=self.accel,
-                    name="cell",
-                    **disk_arguments(cell, self.workload),
+                    self.directory, self.image, cell.mode, cell.disk, accel=self.accel, name="cell"
                 )
             with session:
                 observed = self._run_in(session)
@@ -287,7 +272,7 @@ class CellRunner:
         with self.timer.phase("cut"):
             cut = session.power_cut(
                 cell.fault,
-                cell.policy or "lose-all",
+                cell.policy or CutPolicy.LOSE_ALL,
                 cell.policy_seed or 0,
                 check=ORACLE in cell.checkers,
             )
@@ -303,7 +288,7 @@ class CellRunner:
             session.reboot(self.deadline.left(180))
         self.on_phase("check")
         with self.timer.phase("check"):
-            mounted = self._mount(guest) if self.workload.needs_filesystem else True
+            mounted = self._mount(guest) if self.cell.disk.filesystem is not None else True
             observations.update(self._check(guest, run, mounted))
         with contextlib.suppress(PowercutError, OSError):
             session.power_off()
@@ -311,14 +296,15 @@ class CellRunner:
 
     def _start(self, session: CellSession, guest: _Guest) -> Run:
         cell = self.cell
-        if self.workload.needs_filesystem:
+        disk = cell.disk
+        if disk.filesystem is not None:
             if not self._mount(guest):
-                options = f" -o {cell.disk.mount_options}" if cell.disk.mount_options else ""
+                options = f" -o {disk.mount_options}" if disk.mount_options else ""
                 raise GuestError(
-                    f"could not mount the fresh {cell.filesystem} on {filesystem.DEVICE}"
+                    f"could not mount the fresh {disk.filesystem} on {filesystem.DEVICE}"
                     f"{options}; see the console log in {self.directory}"
                 )
-            filesystem.make_directories(guest.ssh, cell.filesystem, self.workload.directories)
+            filesystem.make_directories(guest.ssh, disk.filesystem, disk.directories)
         for guest_path, host_path in cell.guest_files:
             parent = guest_path.rsplit("/", 1)[0] or "/"
             guest.ssh.run(f"mkdir -p {shlex.quote(parent)}", timeout=60, check=True)
@@ -326,7 +312,9 @@ class CellRunner:
         return self.workload.start(guest, cell.seed, cell.fault)
 
     def _mount(self, guest: _Guest) -> bool:
-        return filesystem.mount(guest.ssh, self.cell.filesystem, self.cell.disk.mount_options)
+        disk = self.cell.disk
+        assert disk.filesystem is not None  # only a cell with a filesystem mounts one
+        return filesystem.mount(guest.ssh, disk.filesystem, disk.mount_options)
 
     def _wait_for_cut(self, session: CellSession, run: Run) -> None:
         """Block until the cell's cut moment (or the workload ended by itself)."""
@@ -370,9 +358,10 @@ class CellRunner:
         own = self.workload.checker
         if own in cell.checkers and mounted:
             observations[own] = self.workload.check(guest, cell.seed, run)
-        if FSCK in cell.checkers:
+        fs = cell.disk.filesystem
+        if FSCK in cell.checkers and fs is not None:  # a workload needing none has no fsck
             with open(self.directory / "checks.log", "a") as out:
-                observations[FSCK] = filesystem.fsck(guest.ssh, mounted, out, cell.filesystem)
+                observations[FSCK] = filesystem.fsck(guest.ssh, mounted, out, fs)
         return observations
 
     # -- a backend crash -------------------------------------------------------------------

@@ -23,8 +23,8 @@ Build = Callable[..., GuestImage]
 
 def needs_of(cell: Cell) -> tuple[str, ...]:
     """What the cell's kernel must have."""
-    fs = (cell.filesystem,) if cell.workload.workload.needs_filesystem else ()
-    return (*BASE_NEEDS, *fs)
+    fs = cell.disk.filesystem
+    return (*BASE_NEEDS, fs) if fs is not None else BASE_NEEDS
 
 
 def key_of(cell: Cell) -> Key:

@@ -25,15 +25,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.durability.contract import VALID_MODES, CacheMode, FaultModel, parse_cache_mode
+from harness.durability.contract import CacheMode, FaultModel
 from harness.errors import ConfigError
 from harness.report.results import CellKey, ScenarioRef, Shard, load_results
 from harness.scenario.cells import Cell, expand_all
 from harness.scenario.model import Scenario, TriggerKind
 from harness.scenario.parse import load_scenario
 from harness.scenario.shipped import resolve_scenario
-
-ACCELS = ("auto", "kvm", "tcg")
+from harness.vm.spec import Accel
 
 # Expected seconds of a cell's parts (TCG on 2 cores, from benchmarks/results/matrix-*.json);
 # only their ratios matter, for balancing shards.
@@ -129,7 +128,7 @@ class RunPlan:
     scenarios: tuple[Scenario, ...]
     cells: tuple[Cell, ...]
     out: Path
-    accel: str
+    accel: Accel | None  # the one asked for; None: auto (the run resolves it once)
     seed: int | None
     repeat: int | None
     shard: Shard | None = None
@@ -144,8 +143,7 @@ class RunPlan:
 
     def reproduce(self, cell: Cell) -> str:
         """The cell's reproduce command; names the accelerator when one was forced."""
-        accel = None if self.accel == "auto" else self.accel
-        return cell.reproduce_command(out=str(self.out / "repro"), accel=accel)
+        return cell.reproduce_command(out=str(self.out / "repro"), accel=self.accel)
 
     def cell_directory(self, index: int, cell: Cell) -> Path:
         """Where cell number `index` keeps its artifacts (logs, write log, journal).
@@ -164,29 +162,15 @@ def cell_slug(cell: Cell) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cell.scenario}_{cell.id}")
 
 
-def _modes(names: Sequence[str] | None) -> list[CacheMode] | None:
-    if not names:
-        return None
-    modes = []
-    for name in names:
-        try:
-            modes.append(parse_cache_mode(name))
-        except ConfigError:
-            raise ConfigError(
-                f"--mode {name!r} is not a cache mode; valid: {VALID_MODES}"
-            ) from None
-    return modes
-
-
 def make_plan(
     scenarios: Sequence[str | Path],
     out: str | Path,
     *,
-    modes: Sequence[str] | None = None,
+    modes: Sequence[CacheMode] | None = None,
     seed: int | None = None,
     repeat: int | None = None,
     cell: str | None = None,
-    accel: str = "auto",
+    accel: Accel | None = None,
     kernel: str | Path | None = None,
     modules: str | Path | None = None,
     shard: str | tuple[int, int] | None = None,
@@ -204,9 +188,7 @@ def make_plan(
     )
     if seed is not None and seed < 0:
         raise ConfigError(f"--seed must be >= 0, not {seed}")
-    if accel not in ACCELS:
-        raise ConfigError(f"--accel {accel!r}: use one of {', '.join(ACCELS)}")
-    chosen = _modes(modes)
+    chosen = list(modes) if modes else None
     cells = tuple(expand_all(loaded, seed=seed, modes=chosen, repeat=repeat, cell=cell))
     if not cells:
         wanted = ", ".join(m.value for m in chosen or [])

@@ -20,7 +20,6 @@ its report.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -29,22 +28,39 @@ from pathlib import Path
 from typing import Any
 
 from harness.crash.cell_run import CellRunner
+from harness.crash.cluster_run import ClusterCellRunner
 from harness.crash.explorer.cell import EVIDENCE, CellExploration, CellExplorer, ExploreOptions
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
 from harness.crash.session import CrashSession, PowerCut
-from harness.durability.contract import CacheMode, CutPolicy, FaultModel
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
+    FaultModel,
+    parse_cache_mode,
+    parse_fault,
+    parse_policy,
+)
 from harness.errors import ConfigError
 from harness.explore.spec import ExploreSpec
 from harness.guest.ssh import SSHSession
 from harness.report.explore import render_explore
 from harness.report.results import CellResult
 from harness.scenario.cells import single_cell
-from harness.scenario.model import BlkdebugRule, CutSpec, DiskSpec, Expectation, GuestSpec
+from harness.scenario.cluster import ClusterScope, ClusterSpec, NodeSpec
+from harness.scenario.model import (
+    BlkdebugRule,
+    CutSpec,
+    DiskSpec,
+    Expectation,
+    GuestSpec,
+    TriggerKind,
+)
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads.base import OptionValue, Workload
 from harness.workloads.command import DEFAULT_ACK, Command
+from harness.workloads.filesystem import default_size
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +68,7 @@ log = logging.getLogger(__name__)
 class PowerCutHelper:
     """One crash-test guest per test: boot, cut, reboot; closed by the fixture."""
 
-    def __init__(self, image: GuestImage, accel: Accel | str | None, workdir: Path) -> None:
+    def __init__(self, image: GuestImage, accel: Accel | None, workdir: Path) -> None:
         self.image = image
         self.accel = accel
         self.workdir = Path(workdir)
@@ -80,11 +96,9 @@ class PowerCutHelper:
         self.session = CrashSession(
             self.workdir / "disk",
             self.image,
-            mode,
-            disk_size=disk_size,
+            parse_cache_mode(mode),
+            DiskSpec("ext4" if ext4 else None, size=disk_size, directories=directories),
             accel=self.accel,
-            filesystem="ext4" if ext4 else None,
-            directories=directories,
             name="crash",
         )
         return self.session.boot(timeout)
@@ -105,7 +119,7 @@ class PowerCutHelper:
         Returns the `PowerCut`: `.ok` (the oracle found the image inside the
         contract), `.oracle` (the full report), `.cut` (what was reverted).
         """
-        cut = self._require().power_cut(fault, policy, seed)
+        cut = self._require().power_cut(parse_fault(fault), parse_policy(policy), seed)
         self.cuts.append(cut)
         log.info("power cut: %s", cut.oracle.summary() if cut.oracle else cut.fault.value)
         return cut
@@ -178,20 +192,23 @@ class PowerCutHelper:
         cell = single_cell(
             workload,
             name=self.workdir.name,
-            mode=mode,
-            fault=fault,
-            policy=policy,
+            mode=parse_cache_mode(mode),
+            fault=parse_fault(fault),
+            policy=parse_policy(policy),
             cut=cut,
-            filesystem=filesystem,
-            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            disk=DiskSpec(
+                filesystem,
+                tuple(mkfs_options),
+                mount_options,
+                size=disk_size or default_size(filesystem),
+            ),
             guest=GuestSpec(
                 tuple(packages),
                 str(Path(kernel).resolve()) if kernel else None,
                 str(Path(modules).resolve()) if modules else None,
             ),
             guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
-            disk_size=disk_size,
-            expect=expect,
+            expect=Expectation(expect),
             seed=seed,
             timeout=timeout,
         )
@@ -247,22 +264,23 @@ class PowerCutHelper:
         cell = single_cell(
             workload,
             name=self.workdir.name,
-            mode=mode,
-            fault="host",
+            mode=parse_cache_mode(mode),
+            fault=FaultModel.HOST_POWER_CUT,
             policy=CutPolicy.LOSE_ALL,
             cut=cut,
-            filesystem=filesystem,
-            disk=DiskSpec(filesystem, tuple(mkfs_options), mount_options),
+            disk=DiskSpec(
+                filesystem,
+                tuple(mkfs_options),
+                mount_options,
+                size=disk_size or default_size(filesystem),
+                blkdebug=tuple(BlkdebugRule(tuple(rule.items())) for rule in blkdebug),
+            ),
             guest=GuestSpec(tuple(packages)),
             guest_files=tuple((g, str(Path(h).resolve())) for g, h in (guest_files or {}).items()),
-            disk_size=disk_size,
-            expect=expect,
+            expect=Expectation(expect),
             seed=seed,
             timeout=timeout,
         )
-        if blkdebug:
-            rules = tuple(BlkdebugRule(tuple(rule.items())) for rule in blkdebug)
-            cell = dataclasses.replace(cell, blkdebug=rules)
         if spec is None:
             spec = ExploreSpec(max_states=max_states, guest_check=guest_check)
         image = CellImages(default=self.image)(cell)
@@ -287,6 +305,89 @@ class PowerCutHelper:
         self.explorations.append(result)
         verdict = result.record.verdict
         log.info("explore %s: %s — %s", cell.id, verdict and verdict.value, result.reason)
+        return result
+
+    # -- a cluster: N guests, each on its own powercut disk ------------------------------
+
+    def cluster(
+        self,
+        run: str,
+        check: str,
+        start: str,
+        *,
+        nodes: int | Sequence[str] = 3,
+        ready: str | None = None,
+        ready_timeout: float = 300.0,
+        setup: str | None = None,
+        node_modes: Mapping[str, CacheMode | str] | None = None,
+        scope: ClusterScope | str = ClusterScope.RACK,
+        stagger: float = 1.0,
+        client: str | None = None,
+        ack: str | None = None,
+        mode: CacheMode | str = CacheMode.WRITEBACK,
+        fault: FaultModel | str = "host",
+        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        cut: CutSpec | None = None,
+        packages: Sequence[str] = (),
+        disk_size: int | None = None,
+        memory_mib: int = 512,
+        expect: Expectation | str = Expectation.CONTRACT,
+        seed: int = 0,
+        timeout: float = 900.0,
+    ) -> CellResult:
+        """One cluster cell, as a `[cluster]` scenario's: `start` on every node at every boot,
+        `ready` retried on the client node, `run` there (`ack TOKEN` for what the cluster
+        acknowledged), the scope's cut, every node back, `check`; judged per node and as a
+        cluster (`harness.crash.cluster_verdict`).
+
+            result = power_cut.cluster(run=..., check=..., start=..., nodes=3, scope="rack",
+                                       packages=["etcd-server", "etcd-client"])
+            assert result.passed, f"{result.reason}: {result.explanation}"
+        """
+        names = [f"n{i}" for i in range(1, nodes + 1)] if isinstance(nodes, int) else list(nodes)
+        modes = {k: parse_cache_mode(v) for k, v in (node_modes or {}).items()}
+        unknown = [k for k in modes if k not in names]
+        if unknown:
+            raise ConfigError(f"node_modes names {unknown}, which are not nodes ({names})")
+        spec = ClusterSpec(
+            nodes=tuple(NodeSpec(n, modes.get(n)) for n in names),
+            start=start,
+            ready=ready,
+            ready_timeout=ready_timeout,
+            setup=setup,
+            client=client or names[0],
+            scopes=(ClusterScope(scope),),
+            stagger=stagger,
+            memory_mib=memory_mib,
+        )
+        workload = Command(run, check, None, ack or DEFAULT_ACK)
+        cell = single_cell(
+            workload,
+            name=self.workdir.name,
+            mode=parse_cache_mode(mode),
+            fault=parse_fault(fault),
+            policy=parse_policy(policy),
+            cut=cut or CutSpec(TriggerKind.AFTER_SECONDS, 10.0),
+            disk=DiskSpec(size=disk_size or default_size("ext4")),
+            guest=GuestSpec(tuple(packages)),
+            expect=Expectation(expect),
+            seed=seed,
+            timeout=timeout,
+            cluster=spec,
+        )
+        image = CellImages(default=self.image)(cell)
+        index = len(self.results)
+        runner = ClusterCellRunner(
+            cell,
+            self.workdir / f"cell{index}",
+            image,
+            accel=self.accel,
+            out=self.workdir,
+            reproduce=f"(pytest) {cell.id}",
+        )
+        result = runner.run()
+        self.results.append(result)
+        log.info("cell %s: %s — %s %s", cell.id, result.verdict, result.reason, result.explanation)
         return result
 
     def command(

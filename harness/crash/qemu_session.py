@@ -62,13 +62,12 @@ from harness.durability.contract import (
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
 from harness.scenario.cells import Cell
-from harness.scenario.model import BlkdebugRule, ImageFormat
+from harness.scenario.model import DiskSpec, ImageFormat
 from harness.vm.backends import Backend, ProcessBackend
 from harness.vm.daemons import QsdOptions, ServeOptions
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel, BlockdevDisk, Disk
 from harness.workloads.base import DEVICE, QEMU_IMG_CHECK, Observation
-from harness.workloads.filesystem import make_disk
 from harness.workloads.qemu_img import check_image, create_qcow2
 
 log = logging.getLogger(__name__)
@@ -116,43 +115,29 @@ class QemuSession(DiskSession):
         self,
         directory: Path,
         image: GuestImage,
-        mode: CacheMode | str,
+        mode: CacheMode,
+        spec: DiskSpec,
         *,
-        backend: Backend | str = Backend.QEMU,
-        format: ImageFormat | str = ImageFormat.RAW,
-        format_options: Sequence[tuple[str, Any]] = (),
         host_checkers: Sequence[str] = (),
-        disk_size: int = 256 << 20,
-        accel: Accel | str | None = None,
-        filesystem: str | None = None,
-        directories: Sequence[str] = (),
-        mkfs_options: Sequence[str] = (),
-        blkdebug: Sequence[BlkdebugRule] = (),
+        accel: Accel | None = None,
         memory_mib: int = 512,
         name: str = "cell",
     ) -> None:
-        self.backend_kind = Backend(backend)
-        self.format = ImageFormat(format)
+        self.backend_kind = spec.backend
+        self.format = spec.format
         if self.backend_kind is Backend.POWERCUT:
             raise ConfigError("QemuSession runs QEMU's block layer; use CrashSession for powercut")
         self.host_checkers = tuple(host_checkers)
         self.qcow2 = self.format is ImageFormat.QCOW2
-        self._prepare(directory, image, mode, "disk.qcow2" if self.qcow2 else "disk.img")
+        self._prepare(directory, image, mode, spec, "disk.qcow2" if self.qcow2 else "disk.img")
         try:
             t0 = time.monotonic()
-            make_disk(
-                self.directory / "mkfs.raw" if self.qcow2 else self.disk,
-                disk_size,
-                filesystem=filesystem,
-                directories=directories,
-                mkfs_options=mkfs_options,
-            )
+            self._make_disk(self.directory / "mkfs.raw" if self.qcow2 else self.disk)
             if self.qcow2:
                 self.disk.unlink(missing_ok=True)
-                options = tuple((k, _option_text(v)) for k, v in format_options)
+                options = tuple((k, _option_text(v)) for k, v in spec.format_options)
                 create_qcow2(self.directory / "mkfs.raw", self.disk, options)
             self.make_seconds = time.monotonic() - t0
-            self._write_blkdebug(blkdebug)
             self.settings = cache_settings(self.mode)
             self.nbd = self._nbd(faulty=True)
             self.graph = qemu_graph(self.format, self.mode, self.nbd.options)
@@ -171,15 +156,8 @@ class QemuSession(DiskSession):
 
     @classmethod
     def for_cell(cls, cell: Cell) -> Any:
-        """This class with what `cell` says of QEMU's graph: backend, format, host checks."""
-        disk = cell.disk
-        return functools.partial(
-            cls,
-            backend=disk.backend,
-            format=disk.format,
-            format_options=disk.format_options,
-            host_checkers=cell.checkers,
-        )
+        """This class with the host-side checks `cell` asks for (its disk says the rest)."""
+        return functools.partial(cls, host_checkers=cell.checkers)
 
     # -- the processes ---------------------------------------------------------------
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from harness.crash.cluster_verdict import ClusterVerdict
 from harness.crash.verdict import CellVerdict, Observed, Outcome, Verdict, expected_for_cell
-from harness.report.results import CellResult, CheckerResult
+from harness.report.results import CellResult, CheckerResult, NodeResult, TimelineEvent
 from harness.scenario.cells import Cell
-from harness.workloads.base import Tally
+from harness.workloads.base import Observation, Tally
 
 
 def _tally(verdict: CellVerdict, observed: Observed) -> tuple[Tally | None, Outcome | None]:
@@ -77,6 +78,82 @@ def cell_result(
         reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
         explanation=verdict.explanation,
     )
+
+
+def cluster_result(
+    cell: Cell,
+    verdict: ClusterVerdict,
+    client: Observation | None,
+    *,
+    nodes: tuple[NodeResult, ...],
+    timeline: tuple[TimelineEvent, ...],
+    timings: Mapping[str, float] | None = None,
+    artifacts: Mapping[str, str] | None = None,
+    reproduce: str | None = None,
+) -> CellResult:
+    """The result of a cluster cell: the client's figures, each node's disk, the time line.
+
+    The checkers are the client's check and each node's oracle (`oracle@n2`),
+    so a report that knows nothing of clusters still shows every verdict.
+    """
+    figures: dict[str, Any] = {}
+    tally = client.tally() if client is not None else None
+    if tally is not None:
+        figures = {
+            "writes_acknowledged": tally.acknowledged,
+            "writes_durable": tally.acknowledged - tally.lost,
+            "lost": tally.lost,
+            "corrupt": tally.corrupt,
+            "loss_unit": tally.unit,
+        }
+    checkers = []
+    own = cell.workload.workload.checker
+    if client is not None:
+        checkers.append(
+            CheckerResult(
+                name=own,
+                expected=verdict.expected.value,
+                verdict=verdict.verdict.value,
+                loss_detected=client.loss,
+                reason=client.summary(),
+                details=client.details(),
+            )
+        )
+    for node in verdict.nodes:
+        if node.disk is None:
+            continue
+        for r in node.disk.checkers:
+            checkers.append(
+                CheckerResult(
+                    name=f"{r.checker}@{node.name}",
+                    expected=r.expected.value,
+                    verdict=r.verdict.value,
+                    loss_detected=r.loss_detected,
+                    reason=r.reason,
+                )
+            )
+    expected = "loss detected" if verdict.expected is Outcome.LOSS_EXPECTED else "contract"
+    return CellResult(
+        **_identity(cell, expected, _cluster_promise(verdict)),
+        verdict=verdict.verdict.value,
+        reason=verdict.reason,
+        **figures,
+        checkers=tuple(checkers),
+        timings=dict(timings or {}),
+        artifacts=dict(artifacts or {}),
+        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
+        explanation=verdict.explanation,
+        nodes=nodes,
+        timeline=timeline,
+    )
+
+
+def _cluster_promise(verdict: ClusterVerdict) -> str:
+    """The promise in words: every node's, or each node's where they differ."""
+    promises = {n.name: n.promise.value for n in verdict.nodes}
+    if len(set(promises.values())) == 1:
+        return next(iter(promises.values()))
+    return "; ".join(f"{name}: {p}" for name, p in promises.items())
 
 
 def error_result(

@@ -7,9 +7,10 @@ after another in this process; `jobs>1` runs each in one of `jobs` worker
 processes (spawned: a clean interpreter, each owning the QEMU and backend of
 its cell, which die with it). Either way this process is the one writer of
 the results: after every cell it rewrites results.json and junit.xml
-atomically (`harness.report.render.write_progress`), so a run killed at a
-CI time limit keeps every verdict it reached, and the plan names the cells
-that never ran; the Markdown, HTML and plots come at the end.
+atomically through `harness.report.recorder.ResultsRecorder` (pytest's
+scenario items write through the same), so a run killed at a CI time limit
+keeps every verdict it reached, and the plan names the cells that never
+ran; the Markdown, HTML and plots come at the end.
 
 Ctrl-C stops the cells that run (their machines and backends are killed by
 their owners on the way out), marks the rest skipped, and still writes every
@@ -35,25 +36,20 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from harness.crash.cell_run import CellRunner, SessionFactory
+from harness.crash.cell_run import SessionFactory
+from harness.crash.cluster_run import runner_for
 from harness.crash.images import CellImages
-from harness.crash.plan import RunPlan, expected_seconds
+from harness.crash.plan import RunPlan, expected_seconds, key
 from harness.crash.record import error_result
 from harness.errors import ConfigError
-from harness.report.render import Rendered, render_all, write_progress
-from harness.report.results import (
-    CellResult,
-    RunResults,
-    Verdict,
-    host_info,
-    run_results,
-    utc_now,
-)
+from harness.report.recorder import ResultsRecorder
+from harness.report.render import Rendered
+from harness.report.results import CellResult, RunResults, Verdict
 from harness.scenario.cells import Cell
 from harness.vm.accel import choose_accel
 from harness.vm.image import GuestImage
@@ -128,7 +124,7 @@ CellRun = Callable[[CellTask, Callable[[str], None]], tuple[CellResult, bool]]
 
 def run_cell_task(task: CellTask, on_phase: Callable[[str], None]) -> tuple[CellResult, bool]:
     """Run one cell to its result; (result, True) when Ctrl-C stopped it."""
-    runner = CellRunner(
+    runner = runner_for(
         task.cell,
         task.directory,
         task.image,
@@ -164,43 +160,23 @@ def _skipped(plan: RunPlan, cell: Cell) -> CellResult:
 
 
 @dataclass
-class _Recorder:
-    """The one writer of the run's results: results.json and junit.xml after every cell."""
+class _RunState:
+    """The plan's cells as they finish: into the results (`ResultsRecorder`, the one writer
+    of results.json and junit.xml, the same as pytest's), then to the observer."""
 
     plan: RunPlan
-    command: str
-    accel: str | None
+    recorder: ResultsRecorder
     observer: RunObserver
-    started: str = field(default_factory=utc_now)
-    results: dict[int, CellResult] = field(default_factory=dict)
-
-    def snapshot(self, complete: bool) -> RunResults:
-        return run_results(
-            [self.results[i] for i in sorted(self.results)],
-            started=self.started,
-            command=self.command,
-            host=host_info(self.accel),
-            scenarios=self.plan.scenario_refs,
-            planned=self.plan.planned,
-            shard=self.plan.shard,
-            complete=complete,
-        )
-
-    def write(self) -> None:
-        write_progress(self.snapshot(complete=False), self.plan.out)
 
     def record(self, index: int, result: CellResult) -> None:
         cell = self.plan.cells[index]
         log.info("cell %s: %s — %s", cell.id, result.verdict, result.reason)
-        self.results[index] = result
-        self.write()
+        self.recorder.record(result)
         self.observer.cell_finished(index, cell, result)
 
-    def finish(self) -> RunResults:
-        for index, cell in enumerate(self.plan.cells):
-            if index not in self.results:
-                self.results[index] = _skipped(self.plan, cell)
-        return self.snapshot(complete=True)
+    def finish(self) -> tuple[RunResults, Rendered]:
+        cells = {key(c): c for c in self.plan.cells}
+        return self.recorder.finish(unrun=lambda k: _skipped(self.plan, cells[k]))
 
 
 def run_plan(
@@ -228,11 +204,13 @@ def run_plan(
     if plan.cells:
         images = images or CellImages(default=image)
         images.prepare(plan.cells)
-        accel = choose_accel(
-            None if plan.accel == "auto" else plan.accel, images(plan.cells[0]).kernel
-        )
-    recorder = _Recorder(plan, command, accel.value if accel else None, observer)
-    recorder.write()  # a run killed during its first cell still names every cell
+        accel = choose_accel(plan.accel, images(plan.cells[0]).kernel)
+    recorder = ResultsRecorder(
+        plan.out, command, accel=accel.value if accel else None, shard=plan.shard
+    )
+    # Written at once: a run killed during its first cell still names every cell.
+    recorder.plan(plan.planned, plan.scenario_refs)
+    run = _RunState(plan, recorder, observer)
     tasks = [
         CellTask(
             index,
@@ -249,21 +227,20 @@ def run_plan(
         if images is not None and accel is not None
     ]
     if jobs == 1 or len(tasks) <= 1:
-        interrupted = _run_inline(tasks, recorder, cell_run)
+        interrupted = _run_inline(tasks, run, cell_run)
     else:
-        interrupted = _Pool(min(jobs, len(tasks)), cell_run, recorder).run(tasks)
-    run = recorder.finish()
-    rendered = render_all(run, plan.out)
-    return RunOutcome(run, rendered, interrupted)
+        interrupted = _Pool(min(jobs, len(tasks)), cell_run, run).run(tasks)
+    results, rendered = run.finish()
+    return RunOutcome(results, rendered, interrupted)
 
 
-def _run_inline(tasks: list[CellTask], recorder: _Recorder, cell_run: CellRun) -> bool:
-    observer = recorder.observer
+def _run_inline(tasks: list[CellTask], run: _RunState, cell_run: CellRun) -> bool:
+    observer = run.observer
     try:
         for task in tasks:
             observer.cell_started(task.index, task.cell)
             result, interrupted = cell_run(task, _phase_callback(observer, task.index, task.cell))
-            recorder.record(task.index, result)
+            run.record(task.index, result)
             if interrupted:
                 return True
     except KeyboardInterrupt:
@@ -344,10 +321,10 @@ class _Worker:
 class _Pool:
     """`jobs` spawned workers fed one cell at a time, longest expected cell first."""
 
-    def __init__(self, jobs: int, cell_run: CellRun, recorder: _Recorder) -> None:
+    def __init__(self, jobs: int, cell_run: CellRun, run: _RunState) -> None:
         self.jobs = jobs
         self.cell_run = cell_run
-        self.recorder = recorder
+        self.state = run
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[_Worker] = []
         self.interrupted = False
@@ -412,7 +389,7 @@ class _Pool:
                 worker.conn.send(None)
 
     def _loop(self, pending: list[tuple[float, int, CellTask]]) -> None:
-        observer = self.recorder.observer
+        observer = self.state.observer
         for worker in self.workers:
             self._feed(worker, pending)
         forwarded = False
@@ -436,14 +413,14 @@ class _Pool:
                     self._lost(worker, pending)
                     continue
                 kind, index = message[0], message[1]
-                cell = self.recorder.plan.cells[index]
+                cell = self.state.plan.cells[index]
                 if kind == "started":
                     observer.cell_started(index, cell)
                 elif kind == "phase":
                     observer.phase(index, cell, message[2])
                 elif kind == "done":
                     result, stopped = message[2], message[3]
-                    self.recorder.record(index, result)
+                    self.state.record(index, result)
                     worker.task = None
                     if stopped:
                         self.interrupted = True
@@ -457,14 +434,14 @@ class _Pool:
         if task is not None:
             code = worker.process.exitcode
             if self.interrupted:
-                result = _skipped(self.recorder.plan, task.cell)
+                result = _skipped(self.state.plan, task.cell)
             else:
                 result = error_result(
                     task.cell,
                     f"the worker process running this cell died (exit status {code})",
                     reproduce=task.reproduce,
                 )
-            self.recorder.record(task.index, result)
+            self.state.record(task.index, result)
             worker.task = None
         if pending and not self.interrupted:
             self._feed(self._start_worker(), pending)

@@ -28,7 +28,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -40,16 +40,13 @@ from harness.durability.contract import (
     CutPolicy,
     FaultModel,
     Promise,
-    parse_cache_mode,
-    parse_fault,
-    parse_policy,
     reference_promise,
 )
 from harness.durability.cut import CutResult, apply_cut
 from harness.errors import ConfigError, MachineError, PowercutError
 from harness.guest.ssh import SSHSession
 from harness.scenario.cells import Cell
-from harness.scenario.model import BlkdebugRule
+from harness.scenario.model import DiskSpec
 from harness.vm.backends import ProcessBackend
 from harness.vm.daemons import ServeOptions
 from harness.vm.image import GuestImage
@@ -61,6 +58,9 @@ from harness.workloads.filesystem import make_disk
 log = logging.getLogger(__name__)
 
 DISK_NAME = "disk"
+
+# What a caller adds to a session's machine (a cluster node's private NIC and clock).
+MachineSpecHook = Callable[[MachineSpec], MachineSpec]
 
 
 def fault_graph(
@@ -129,13 +129,14 @@ class DiskSession:
         return cls
 
     def _prepare(
-        self, directory: Path, image: GuestImage, mode: CacheMode | str, disk_name: str
+        self, directory: Path, image: GuestImage, mode: CacheMode, spec: DiskSpec, disk_name: str
     ) -> None:
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.disk = self.directory / disk_name
         self.guest_image = image
-        self.mode = parse_cache_mode(mode)
+        self.mode = mode
+        self.spec = spec
         self.journal = self.directory / "disk.journal"
         self.write_log = self.directory / "writes.log"
         # A fresh start: the write log and the journal continue existing files (that is
@@ -148,19 +149,36 @@ class DiskSession:
         # paths must fit 108 bytes, and a results directory can be deep.
         self.rundir = Path(tempfile.mkdtemp(prefix="pc-"))
 
-    def _write_blkdebug(self, blkdebug: Sequence[BlkdebugRule]) -> None:
-        if blkdebug:
+    def _make_disk(self, path: Path) -> None:
+        """The disk the spec describes, at `path` (its filesystem made here, on the host),
+        and its blkdebug rules where the graph's blkdebug node reads them."""
+        spec = self.spec
+        make_disk(
+            path,
+            spec.size,
+            filesystem=spec.filesystem,
+            directories=spec.directories,
+            mkfs_options=spec.mkfs_options,
+        )
+        if spec.blkdebug:
             self.blkdebug_config = self.directory / "blkdebug.json"
             self.blkdebug_config.write_text(
-                json.dumps([r.to_rule().to_json() for r in blkdebug], indent=1)
+                json.dumps([r.to_rule().to_json() for r in spec.blkdebug], indent=1)
             )
 
     def _start_machine(
-        self, disk: Disk, accel: Accel | str | None, memory_mib: int, name: str
+        self,
+        disk: Disk,
+        accel: Accel | None,
+        memory_mib: int,
+        name: str,
+        machine_spec: MachineSpecHook | None = None,
     ) -> None:
         spec = MachineSpec.from_image(
             self.guest_image, disks=(disk,), memory_mib=memory_mib, name=name
         )
+        if machine_spec is not None:
+            spec = machine_spec(spec)  # a cluster node: its NIC, its clock (vm/cluster.py)
         self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
 
     # -- the host's side of the disk (the subclass's processes) ------------------
@@ -204,8 +222,8 @@ class DiskSession:
 
     def power_cut(
         self,
-        fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
-        policy: CutPolicy | str = CutPolicy.LOSE_ALL,
+        fault: FaultModel = FaultModel.HOST_POWER_CUT,
+        policy: CutPolicy = CutPolicy.LOSE_ALL,
         seed: int = 0,
         *,
         check: bool = True,
@@ -216,29 +234,51 @@ class DiskSession:
         guest's recovery (journal replay) would change the image the
         contract is about.
         """
-        model = parse_fault(fault)
-        if model is FaultModel.BACKEND_CRASH:
-            raise ConfigError("a backend crash is not a power cut: use crash_backend()")
         t0 = time.monotonic()
-        host = model is FaultModel.HOST_POWER_CUT
-        if host:
-            # The host's power goes for QEMU and the disk at one instant: the disk must
-            # not finish (and make durable) what was in flight while QEMU is being killed.
-            self._freeze_host()
+        self.freeze(fault)
         self.machine.power_cut()
+        return self.settle(fault, policy, seed, check=check, started=t0)
+
+    # A cluster cuts many sessions at one instant: every disk frozen, then every QEMU
+    # killed (harness/vm/cluster.py), then each session settles. `power_cut` is the three
+    # steps for one guest.
+
+    def freeze(self, fault: FaultModel) -> None:
+        """The first instant of a cut: under a host power cut the disk stops mid-request.
+
+        The host's power goes for QEMU and the disk at one instant: the disk must
+        not finish (and make durable) what was in flight while QEMU is being killed.
+        """
+        if fault is FaultModel.BACKEND_CRASH:
+            raise ConfigError("a backend crash is not a power cut: use crash_backend()")
+        if fault is FaultModel.HOST_POWER_CUT:
+            self._freeze_host()
+
+    def settle(
+        self,
+        fault: FaultModel,
+        policy: CutPolicy = CutPolicy.LOSE_ALL,
+        seed: int = 0,
+        *,
+        check: bool = True,
+        started: float | None = None,
+    ) -> PowerCut:
+        """After QEMU is dead: the host's processes end, the cut applies, the oracle judges."""
+        t0 = time.monotonic() if started is None else started
+        host = fault is FaultModel.HOST_POWER_CUT
         cut: CutResult | None = None
         chosen: CutPolicy | None = None
         if host:
-            chosen = parse_policy(policy)
+            chosen = policy
             self._kill_host()
             cut = apply_cut(self.disk, self.journal, chosen, seed)
             (self.directory / "cut.json").write_text(json.dumps(cut.to_json(), indent=1) + "\n")
         else:
             self._stop_host()  # the host stays up: a clean stop, nothing reverted
-        contract = reference_promise(self.oracle_mode, model, chosen)
+        contract = reference_promise(self.oracle_mode, fault, chosen)
         report = self.check_oracle(contract) if check else None
         result = PowerCut(
-            model,
+            fault,
             chosen,
             seed if chosen else None,
             contract.mode_name,
@@ -303,32 +343,22 @@ class CrashSession(DiskSession):
         self,
         directory: Path,
         image: GuestImage,
-        mode: CacheMode | str,
+        mode: CacheMode,
+        spec: DiskSpec,
         *,
-        disk_size: int = 256 << 20,
-        accel: Accel | str | None = None,
-        filesystem: str | None = None,
-        directories: Sequence[str] = (),
-        mkfs_options: Sequence[str] = (),
-        blkdebug: Sequence[BlkdebugRule] = (),
+        accel: Accel | None = None,
         memory_mib: int = 512,
         name: str = "cell",
+        machine_spec: MachineSpecHook | None = None,
     ) -> None:
-        self._prepare(directory, image, mode, "disk.img")
+        self._prepare(directory, image, mode, spec, "disk.img")
         try:
-            make_disk(
-                self.disk,
-                disk_size,
-                filesystem=filesystem,
-                directories=directories,
-                mkfs_options=mkfs_options,
-            )
-            self._write_blkdebug(blkdebug)
+            self._make_disk(self.disk)
             self.socket = self.rundir / f"{DISK_NAME}.sock"
             self.backend = self.serve(
                 fault_blockdev(self.disk, self.journal, self.write_log, self.blkdebug_config)
             )
-            self._start_machine(self.backend.disk(), accel, memory_mib, name)
+            self._start_machine(self.backend.disk(), accel, memory_mib, name, machine_spec)
         except BaseException:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
@@ -414,8 +444,13 @@ class CrashSession(DiskSession):
 
     def reboot(self, timeout: float = 120.0) -> SSHSession:
         """Serve the image with a plain backend (the cut is over) and boot the guest again."""
+        self.serve_after_cut()
+        return self.boot(timeout)
+
+    def serve_after_cut(self) -> None:
+        """The image served again with a plain backend: the cut is over (a reboot's first half)."""
         if self.machine.running:
             raise MachineError("the guest is still running: power_cut() or shutdown() first")
         self.backend.stop()
         self.backend = self.serve(None)
-        return self.boot(timeout)
+        self.backend.start()

@@ -48,7 +48,12 @@ VALID_MODES = "writeback, none (or off), writethrough, directsync, unsafe"
 
 
 def parse_cache_mode(mode: str | CacheMode) -> CacheMode:
-    """The `CacheMode` named by `mode` (QEMU's names; "off" is "none")."""
+    """The `CacheMode` named by `mode` (QEMU's names; "off" is "none").
+
+    Called only where a name enters (docs/architecture.md, "The cache mode,
+    from `--mode` to O_DIRECT"): a scenario file, a command line, the pytest
+    helpers' arguments, a `cache=` option; below them a `CacheMode` is carried.
+    """
     if isinstance(mode, CacheMode):
         return mode
     if mode in MODE_ALIASES:
@@ -169,20 +174,17 @@ class Verdict(enum.Enum):
     SKIPPED = "skipped"
 
 
-def promise(
-    mode: CacheMode | str, fault: FaultModel | str, policy: CutPolicy | str | None = None
-) -> Promise:
+def promise(mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None) -> Promise:
     """What `mode` promises to keep across `fault` (a host cut that keeps all loses nothing)."""
-    mode, fault = parse_cache_mode(mode), parse_fault(fault)
     if fault is not FaultModel.HOST_POWER_CUT:
         return Promise.EVERY_COMPLETED
-    if policy is not None and parse_policy(policy) is CutPolicy.KEEP_ALL:
+    if policy is CutPolicy.KEEP_ALL:
         return Promise.EVERY_COMPLETED
     return HOST_POWER_CUT[mode]
 
 
 def reference_promise(
-    mode: CacheMode | str, fault: FaultModel | str, policy: CutPolicy | str | None = None
+    mode: CacheMode, fault: FaultModel, policy: CutPolicy | None = None
 ) -> Promise:
     """What loss is measured against: the promise, or for unsafe what its flushes told the guest.
 
@@ -194,9 +196,9 @@ def reference_promise(
     return Promise.FLUSHED if p is Promise.NOTHING else p
 
 
-def host_cut_promise(mode: CacheMode | str) -> Promise:
+def host_cut_promise(mode: CacheMode) -> Promise:
     """The promise of `mode` across a host power cut (what `powercut check --mode` checks)."""
-    return HOST_POWER_CUT[parse_cache_mode(mode)]
+    return HOST_POWER_CUT[mode]
 
 
 def contract_table() -> str:

@@ -33,7 +33,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from harness.durability.contract import CacheMode, Promise, host_cut_promise, parse_cache_mode
+from harness.durability.contract import CacheMode, Promise, host_cut_promise
 from harness.durability.writelog import Op, Request, WriteLog, read_log
 
 INFINITY = 1 << 62
@@ -124,18 +124,17 @@ def _durable_flags(requests: Iterable[Request], promise: Promise) -> dict[int, b
     }
 
 
-def _promise(contract: Promise | CacheMode | str) -> tuple[Promise, str]:
+def _promise(contract: Promise | CacheMode) -> tuple[Promise, str]:
     """The promise to check and the name reports give it (a cache mode's, or the promise's)."""
     if isinstance(contract, Promise):
         return contract, contract.mode_name
-    mode = parse_cache_mode(contract)
-    return host_cut_promise(mode), contract if isinstance(contract, str) else mode.value
+    return host_cut_promise(contract), contract.value
 
 
 def check(
     image: Path | str,
     wlog: WriteLog | Path | str,
-    contract: Promise | CacheMode | str,
+    contract: Promise | CacheMode,
     *,
     max_violations: int = 20,
 ) -> OracleReport:

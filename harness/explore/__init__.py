@@ -7,7 +7,7 @@
     overlay.py     a state as base + differing sectors: read, materialize into a scratch
                    image and restore it, content hash, replay as an image
     hostcheck.py   host-side checks of a state: the oracle on the log as of the cut, and
-                   the filesystem checker with journal recovery on a throwaway view
+                   the filesystem checker on a throwaway view (journal recovery: ext4 only)
     minimize.py    delta debugging over the lost and torn writes of a failing state
     attribute.py   what a write's blocks hold on ext4 (debugfs icheck/ncheck)
     doc.py         explore.json as typed records (a state, a cell, the document), reading

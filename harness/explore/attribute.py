@@ -12,6 +12,7 @@ a non-ext* image gets no attribution (an empty list) rather than an error.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Sequence
@@ -68,7 +69,12 @@ class Ext4Layout:
     @classmethod
     def from_image(cls, image: Path | str) -> Ext4Layout | None:
         run = subprocess.run(
-            ["dumpe2fs", str(image)], capture_output=True, text=True, check=False, close_fds=False
+            ["dumpe2fs", str(image)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LC_ALL": "C"},  # its labels are parsed: never translated
+            check=False,
+            close_fds=False,
         )
         if run.returncode != 0:
             return None
@@ -118,6 +124,7 @@ def _debugfs(image: Path | str, commands: Sequence[str]) -> str:
         input="\n".join(commands) + "\n",
         capture_output=True,
         text=True,
+        env={**os.environ, "LC_ALL": "C"},
         check=False,
         close_fds=False,
     )

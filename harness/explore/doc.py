@@ -52,6 +52,7 @@ from harness.explore.overlay import replay_state
 from harness.explore.recording import open_recording
 from harness.explore.spec import ExploreSpec
 from harness.explore.states import Point, State, Write, find_state
+from harness.jsonfile import load_document
 
 DOC_NAME = "explore.json"
 DOC_VERSION = 1
@@ -942,17 +943,16 @@ class ExploreDocument:
 def load_doc(directory: Path | str) -> ExploreDocument:
     """DIR/explore.json, or a clear error when DIR holds no exploration this powercut reads."""
     path = Path(directory) / DOC_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
+    data = load_document(
+        path,
+        "an exploration file",
+        document="an exploration",
+        version=DOC_VERSION,
+        marker="cells",
+        missing=(
             f"{directory} holds no exploration ({DOC_NAME} is missing); run powercut explore first"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") != DOC_VERSION:
-        version = data.get("version") if isinstance(data, dict) else None
-        raise ConfigError(f"{path} has version {version}; this powercut reads {DOC_VERSION}")
+        ),
+    )
     return ExploreDocument.from_json(data)
 
 

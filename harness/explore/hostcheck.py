@@ -155,6 +155,9 @@ class FsChecker(Protocol):
 
 
 E2FSCK_CONF = "[options]\n\tbroken_system_clock = 1\n"
+# The checkers' output is matched against their English messages: never a translation
+# (LC_ALL wins over LANG and LC_MESSAGES, so LANG=C alone is not enough).
+C_LOCALE = {"LC_ALL": "C"}
 
 
 class Ext4Checker:
@@ -168,7 +171,7 @@ class Ext4Checker:
         conf = self.workdir / "e2fsck.conf"
         conf.write_text(E2FSCK_CONF)
         # A crash state's superblock may carry times from the recording: never "in the future".
-        self.env = {**os.environ, "E2FSCK_CONFIG": str(conf), "LANG": "C"}
+        self.env = {**os.environ, "E2FSCK_CONFIG": str(conf), **C_LOCALE}
         for tool in ("e2fsck", "e2undo"):
             if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
                 raise ConfigError(f"{tool} is not installed; install e2fsprogs")
@@ -232,7 +235,12 @@ class ReadOnlyChecker:
     def check(self, image: Path) -> Finding:
         t0 = time.perf_counter()
         run = subprocess.run(
-            [*self.argv, str(image)], capture_output=True, text=True, check=False, close_fds=False
+            [*self.argv, str(image)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **C_LOCALE},  # the dirty-log marker is xfs_repair's English
+            check=False,
+            close_fds=False,
         )
         out = (run.stdout + run.stderr).strip()
         if self.dirty_log_marker and self.dirty_log_marker in out:

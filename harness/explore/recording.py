@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.durability.contract import CacheMode
 from harness.durability.writelog import LogFlags, WriteLog, read_log
 from harness.errors import ConfigError, JournalError
+from harness.jsonfile import load_document
 
 RECORDING_FILE = "recording.json"
 BASE_NAME = "base.img"
@@ -67,7 +69,7 @@ class Recording:
     image_size: int
     sector_size: int
     base_fingerprint: str
-    mode: str
+    mode: CacheMode
     acks: tuple[Ack, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,7 +86,7 @@ class Recording:
             "image_size": self.image_size,
             "sector_size": self.sector_size,
             "base_fingerprint": self.base_fingerprint,
-            "mode": self.mode,
+            "mode": self.mode.value,
             "acks": [a.to_json() for a in self.acks],
             "extra": self.extra,
         }
@@ -192,7 +194,7 @@ def snapshot_base(image: Path | str, root: Path | str) -> Path:
 def write_recording(
     root: Path | str,
     *,
-    mode: str,
+    mode: CacheMode,
     acks: Sequence[Ack] = (),
     base: Path | str | None = None,
     log: Path | str | None = None,
@@ -227,18 +229,13 @@ def open_recording(root: Path | str, *, verify_base: bool = True) -> Recording:
     """Read ROOT/recording.json; refuse a log without data or a base that changed since."""
     root = Path(root)
     path = root / RECORDING_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{root} is not a recording (no {RECORDING_FILE}); record the run first"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    if raw.get("version") != RECORDING_VERSION:
-        raise ConfigError(
-            f"{path} has version {raw.get('version')}; this powercut reads {RECORDING_VERSION}"
-        )
+    raw = load_document(
+        path,
+        "a recording",
+        version=RECORDING_VERSION,
+        marker="log",
+        missing=f"{root} is not a recording (no {RECORDING_FILE}); record the run first",
+    )
     rec = Recording(
         root=root,
         base=root / raw["base"],
@@ -246,13 +243,20 @@ def open_recording(root: Path | str, *, verify_base: bool = True) -> Recording:
         image_size=int(raw["image_size"]),
         sector_size=int(raw["sector_size"]),
         base_fingerprint=str(raw["base_fingerprint"]),
-        mode=str(raw["mode"]),
+        mode=_mode(raw["mode"], path),
         acks=tuple(Ack(str(a["token"]), int(a["index"])) for a in raw.get("acks", [])),
         extra=dict(raw.get("extra", {})),
     )
     if verify_base:
         verify_base_image(rec)
     return rec
+
+
+def _mode(value: Any, path: Path) -> CacheMode:
+    try:
+        return CacheMode(value)
+    except ValueError:
+        raise ConfigError(f"{path}: 'mode' {value!r} is not a cache mode") from None
 
 
 def verify_base_image(rec: Recording) -> None:

@@ -64,7 +64,7 @@ DEFAULT_POLICIES = (
 )
 
 
-def disk_promise(mode: CacheMode | str, *, lying_flush: bool = False) -> Promise:
+def disk_promise(mode: CacheMode, *, lying_flush: bool = False) -> Promise:
     """What a disk in `mode` really keeps across a host power cut: the states to enumerate.
 
     Unsafe's flushes never reach the disk, nor do a lying disk's (blkdebug
@@ -368,8 +368,9 @@ class Bounds:
     policies: tuple[CutPolicy, ...] = DEFAULT_POLICIES
     seed: int = 0
     max_torn_writes: int = 3  # writes torn in one state
-    # Bytes a write tears in (the disk's atomic write unit); 0: the log's sector size, the
-    # contract's granularity. 4096 models a disk that never tears inside a 4 KiB block.
+    # Bytes a write tears in (the disk's atomic write unit, aligned to the disk); 0: the log's
+    # sector size, the contract's granularity. 4096: a disk that never tears inside an
+    # aligned 4 KiB block, whatever sector a write starts at.
     tear_unit: int = 0
     points: tuple[int, ...] | None = None  # only these point numbers
     extra: dict[str, Any] = field(default_factory=dict)
@@ -505,8 +506,11 @@ def _torn(
     unit = max(1, (bounds.tear_unit or ss) // ss)  # sectors that tear together
 
     def units(w: Write) -> list[list[int]]:
+        # The disk's units, aligned to the disk (a 4 KiB unit is an aligned 4 KiB block),
+        # each cut down to the sectors the write covers: the first and last may be partial.
         first, end = w.offset // ss, -(-(w.offset + w.length) // ss)
-        return [list(range(u, min(u + unit, end))) for u in range(first, end, unit)]
+        start = first - first % unit
+        return [list(range(max(u, first), min(u + unit, end))) for u in range(start, end, unit)]
 
     tearable = [w for w in pending if len(units(w)) >= 2]
     if not tearable:

@@ -5,4 +5,7 @@
   for the runner to turn a cell and its verdict into a result.
 * `render` — `render_all(results, DIR)`: results.json, junit.xml, report.md,
   report.html and plots/*.png; `rerender(DIR)` for `powercut report`.
+
+results.json is read through `harness.jsonfile`, as every versioned file is:
+a binary, broken or wrongly shaped file is one `ConfigError` naming it.
 """

@@ -259,8 +259,9 @@ def render_explore_html(doc: ExploreDocument, plot: Path | None = None) -> str:
 <h2>Exploration</h2>
 <p class="small">Each cell's workload ran once; every crash state its mode's contract allows at
 each persistence point (completed flushes and FUA writes, acknowledgements, the end) was checked
-host-side (the oracle, the filesystem checker with journal recovery) and, where that passed, in
-one checker guest (mount, the workload's own check, unmount). A state breaks the contract when a
+host-side (the oracle; the filesystem checker, with journal recovery on ext4, before log recovery
+on xfs, btrfs and f2fs) and, where that passed, in one checker guest (mount with the kernel's
+recovery, the workload's own check, unmount). A state breaks the contract when a
 checker the promise binds finds loss.</p>
 {plot_html}
 {cells}

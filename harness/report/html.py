@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
+from harness.report.cluster import node_names, node_rows, timeline_rows
 from harness.report.grid import build_grid
 from harness.report.results import CellResult, RunResults
 
@@ -78,6 +79,8 @@ def _cells(cells: Sequence[CellResult]) -> str:
         )
         timings = ", ".join(f"{escape(k)} {v:.1f}s" for k, v in c.timings.items())
         explanation = f"<p class='why'>{escape(c.explanation)}</p>" if c.explanation else ""
+        if c.nodes or c.timeline:
+            explanation += _cluster(c)
         rows.append(
             f"<tr><td class='{c.verdict}'><span class='verdict'>{escape(c.verdict)}</span></td>"
             f"<td><code>{escape(c.id)}</code><br>"
@@ -95,6 +98,26 @@ def _cells(cells: Sequence[CellResult]) -> str:
         "<table><tr><th>verdict</th><th>cell</th><th>expected</th><th>observed</th><th>s</th></tr>"
         + "".join(rows)
         + "</table>"
+    )
+
+
+def _cluster(cell: CellResult) -> str:
+    """A cluster cell's nodes, then its time line with one column per node."""
+    nodes = "".join(
+        "<tr>" + "".join(f"<td>{escape(x)}</td>" for x in row) + "</tr>" for row in node_rows(cell)
+    )
+    names = node_names(cell)
+    head = "".join(f"<th>{escape(n)}</th>" for n in names)
+    lines = "".join(
+        f"<tr><td>{escape(row.when)}</td>"
+        + "".join(f"<td>{escape(x)}</td>" for x in row.cells)
+        + "</tr>"
+        for row in timeline_rows(cell)
+    )
+    return (
+        "<table class='small'><tr><th>node</th><th>mode</th><th>lost power</th><th>disk</th>"
+        f"<th>why</th></tr>{nodes}</table>"
+        f"<table class='small'><tr><th>t (s)</th>{head}</tr>{lines}</table>"
     )
 
 

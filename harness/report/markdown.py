@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from harness.report.cluster import node_names, node_rows, timeline_rows
 from harness.report.grid import build_grid
 from harness.report.results import CellResult, RunResults
 
@@ -31,6 +32,22 @@ def matrix_table(cells: Sequence[CellResult]) -> list[str]:
             )
         lines.append("| " + " | ".join(_md(r) for r in row) + " |")
     return lines
+
+
+def cluster_section(cell: CellResult) -> list[str]:
+    """A cluster cell's nodes, then its time line with the nodes side by side."""
+    out = [f"### `{_md(cell.id)}` ({cell.scenario})", ""]
+    if cell.explanation:
+        out += [f"Why: {_md(cell.explanation)}", ""]
+    out += ["| node | mode | lost power | disk | why |", "|---|---|---|---|---|"]
+    out += ["| " + " | ".join(_md(x) for x in row) + " |" for row in node_rows(cell)]
+    names = node_names(cell)
+    out += ["", "| t (s) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    out += [
+        f"| {row.when} | " + " | ".join(_md(x) for x in row.cells) + " |"
+        for row in timeline_rows(cell)
+    ]
+    return out
 
 
 def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
@@ -67,6 +84,11 @@ def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
             f"| {_md(c.reason)}{_md(' — why: ' + c.explanation) if c.explanation else ''} "
             f"| {c.seed} | {c.total_seconds:.1f} |"
         )
+    clusters = [c for c in results.cells if c.nodes or c.timeline]
+    if clusters:
+        out += ["", "## Clusters"]
+        for c in clusters:
+            out += ["", *cluster_section(c)]
     if results.missing:
         out += ["", f"## Never ran ({len(results.missing)})", ""]
         out += [f"- `{_md(k.id)}` ({_md(k.scenario)})" for k in results.missing]

@@ -19,15 +19,16 @@ plan, and the merged report names them as never ran.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.jsonfile import load_json_object
 from harness.report.results import (
     RESULTS_FILE,
+    RESULTS_WHAT,
     SCHEMA,
     CellKey,
     CellResult,
@@ -49,10 +50,10 @@ def _names(keys: Sequence[CellKey]) -> str:
 def _version(directory: Path) -> Any:
     path = directory / RESULTS_FILE if directory.is_dir() else directory
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = load_json_object(path, RESULTS_WHAT)
+    except ConfigError:
         return None  # load_results says what is wrong with it
-    return data.get("version") if isinstance(data, dict) and data.get("schema") == SCHEMA else None
+    return data.get("version") if data.get("schema") == SCHEMA else None
 
 
 def _scenario_set(results: RunResults) -> frozenset[tuple[str, str | None]]:

@@ -75,10 +75,12 @@ from typing import Any
 from harness import __version__
 from harness.durability.contract import Verdict
 from harness.errors import ConfigError
+from harness.jsonfile import check_document, load_json_object
 
 SCHEMA = "powercut-results"
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
+RESULTS_WHAT = "a powercut results file"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,29 @@ class CheckerResult:
     loss_detected: bool
     reason: str
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One node of a cluster cell: its disk's mode, whether it lost power and its verdict."""
+
+    name: str
+    mode: str
+    cut: bool  # lost power in this cell's fault
+    verdict: str  # its disk's verdict ("pass", "fail", "error"), or "not cut"
+    reason: str
+    cut_at: float | None = None  # seconds since the cell began, when it lost power
+    policy_seed: int | None = None
+    artifacts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One instant of a cluster cell, on the cell's clock: a boot, an acknowledgement, a cut."""
+
+    at: float  # seconds since the cell began
+    node: str  # the node it happened on ("" : the whole cluster)
+    event: str
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,9 @@ class CellResult:
     reproduce: str = ""
     # Who lost the data, in words, when a workload found acknowledged data missing.
     explanation: str = ""
+    # A cluster cell: each node side by side, and one time line of the whole cluster.
+    nodes: tuple[NodeResult, ...] = ()
+    timeline: tuple[TimelineEvent, ...] = ()
 
     @property
     def fault_label(self) -> str:
@@ -253,14 +281,17 @@ class RunResults:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "results.json") -> RunResults:
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise ConfigError(f'{source} is not a powercut results file (no "schema": "{SCHEMA}")')
-        version = data.get("version")
-        if version != SCHEMA_VERSION:
-            raise ConfigError(
-                f"{source} has results schema version {version!r}; this powercut reads version "
-                f"{SCHEMA_VERSION} (re-run, or use the powercut that wrote it)"
-            )
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} is not {RESULTS_WHAT} (not a JSON object)")
+        check_document(
+            data,
+            source,
+            RESULTS_WHAT,
+            version=SCHEMA_VERSION,
+            marker="schema",
+            schema=SCHEMA,
+            hint="re-run, or use the powercut that wrote it",
+        )
         cells_data = data.get("cells")
         if not isinstance(cells_data, list):
             raise ConfigError(f"{source}: field 'cells' must be an array")
@@ -332,6 +363,13 @@ def _cell_json(cell: CellResult) -> dict[str, Any]:
     out["checkers"] = [dataclasses.asdict(c) | {"details": dict(c.details)} for c in cell.checkers]
     out["timings"] = dict(cell.timings)
     out["artifacts"] = dict(cell.artifacts)
+    if cell.nodes or cell.timeline:
+        out["nodes"] = [
+            dataclasses.asdict(n) | {"artifacts": dict(n.artifacts)} for n in cell.nodes
+        ]
+        out["timeline"] = [dataclasses.asdict(e) for e in cell.timeline]
+    else:  # a single guest's cell reads as it did before clusters
+        del out["nodes"], out["timeline"]
     return out
 
 
@@ -365,6 +403,14 @@ def _cell_from_json(data: Any, where: str) -> CellResult:
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{where}: a checker entry lacks {exc}") from exc
     known["checkers"] = checkers
+    try:
+        known["nodes"] = tuple(
+            NodeResult(**{**n, "artifacts": dict(n.get("artifacts") or {})})
+            for n in known.get("nodes", [])
+        )
+        known["timeline"] = tuple(TimelineEvent(**e) for e in known.get("timeline", []))
+    except TypeError as exc:
+        raise ConfigError(f"{where}: a node or timeline entry is malformed: {exc}") from exc
     known["timings"] = {str(k): float(v) for k, v in dict(known.get("timings") or {}).items()}
     known["artifacts"] = {str(k): str(v) for k, v in dict(known.get("artifacts") or {}).items()}
     return CellResult(**known)
@@ -392,19 +438,15 @@ def write_results(results: RunResults, directory: Path | str) -> Path:
 
 
 def load_results(directory_or_file: Path | str) -> RunResults:
+    """DIR/results.json (or the file itself); anything else is one `ConfigError` naming it."""
     path = Path(directory_or_file)
     if path.is_dir():
         path = path / RESULTS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {path}: {exc.strerror}; is it a `powercut run --out` directory?"
-        ) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    data = load_json_object(
+        path,
+        RESULTS_WHAT,
+        missing=f"{path} does not exist; is it a `powercut run --out` directory?",
+    )
     return RunResults.from_json(data, str(path))
 
 

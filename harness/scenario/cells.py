@@ -24,25 +24,25 @@ from harness.durability.contract import (
     CacheMode,
     CutPolicy,
     FaultModel,
-    parse_cache_mode,
-    parse_fault,
-    parse_policy,
 )
 from harness.errors import ConfigError
+from harness.scenario.cluster import ClusterScope, ClusterSpec, CutPlan, plan_cut
 from harness.scenario.model import (
-    BlkdebugRule,
     CutSpec,
     DiskSpec,
     Expectation,
+    FaultSpec,
     GuestSpec,
     Scenario,
     TriggerKind,
     WorkloadSpec,
 )
+from harness.vm.spec import Accel
 from harness.workloads.base import Workload
 from harness.workloads.filesystem import default_size
 
 SEED_BITS = 32  # fits fio's randseed, C's uint32 and JSON numbers everywhere
+EXPLORE = "explore"  # an exploration id's second part, where a cell id names its fault
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,25 @@ class Cell:
     expect: Expectation
     timeout: float
     image: str = "default"  # guest image recipe
-    disk_size: int = 256 << 20
-    filesystem: str = "ext4"
-    blkdebug: tuple[BlkdebugRule, ...] = ()  # rules for a blkdebug filter in the backend
     guest: GuestSpec = field(default_factory=GuestSpec)
+    # Its disk: size, filesystem (None: the workload needs none), options, backend, blkdebug.
     disk: DiskSpec = field(default_factory=DiskSpec)
     guest_files: tuple[tuple[str, str], ...] = ()
     label: str = ""  # the workload's part of the id (with its filesystem, when several)
+    # A cluster cell: the scenario's `[cluster]`, and which nodes its power fault takes.
+    cluster: ClusterSpec | None = None
+    scope: ClusterScope | None = None
 
     @property
     def fault_label(self) -> str:
-        return f"{self.fault.value}.{self.policy.value}" if self.policy else self.fault.value
+        return fault_label(self.fault, self.policy, self.scope)
+
+    def cut_plan(self) -> CutPlan:
+        """A cluster cell's nodes to cut and when (seeded by the cell's policy seed or seed)."""
+        if self.cluster is None or self.scope is None:
+            raise ConfigError(f"cell {self.id} is not a cluster cell")
+        seed = derive_seed(self.scenario_seed, self.scenario, self.id, "scope")
+        return plan_cut(self.scope, self.cluster.names, seed, self.cluster.stagger)
 
     @property
     def id(self) -> str:
@@ -87,7 +95,26 @@ class Cell:
             self.repetition,
         )
 
-    def reproduce_command(self, out: str = "results/repro", accel: str | None = None) -> str:
+    @property
+    def exploration_id(self) -> str:
+        """The id `powercut explore` gives the cell: its fault folded away (mode/explore/...).
+
+        Exploration checks every state a host power cut may leave, so the
+        cells of one mode, workload, cut and repetition are one exploration.
+        """
+        return cell_id(
+            self.mode, EXPLORE, self.label or self.workload.name, self.cut.label, self.repetition
+        )
+
+    def named(self, wanted: str) -> bool:
+        """Whether `--cell wanted` selects this cell: its id or its exploration id is
+        `wanted`, or starts with `wanted/` (a prefix of whole parts: `writeback/`)."""
+        wanted = wanted.rstrip("/")
+        return any(
+            i == wanted or i.startswith(wanted + "/") for i in (self.id, self.exploration_id)
+        )
+
+    def reproduce_command(self, out: str = "results/repro", accel: Accel | None = None) -> str:
         """The one line that runs exactly this cell again."""
         argv = [
             "powercut",
@@ -100,13 +127,21 @@ class Cell:
             "--cell",
             self.id,
         ]
-        if accel:
-            argv += ["--accel", accel]
+        if accel is not None:
+            argv += ["--accel", accel.value]
         return shlex.join(argv)
 
 
-def cell_id(mode: CacheMode, fault_label: str, workload: str, cut: str, repetition: int) -> str:
-    return f"{mode.value}/{fault_label}/{workload}/{cut}/r{repetition}"
+def fault_label(
+    fault: FaultModel, policy: CutPolicy | None, scope: ClusterScope | None = None
+) -> str:
+    """A cell id's second part: the fault, its policy for a host power cut, a cluster's scope."""
+    label = f"{fault.value}.{policy.value}" if policy else fault.value
+    return f"{label}.{scope.value}" if scope is not None else label
+
+
+def cell_id(mode: CacheMode, fault: str, workload: str, cut: str, repetition: int) -> str:
+    return f"{mode.value}/{fault}/{workload}/{cut}/r{repetition}"
 
 
 def derive_seed(scenario_seed: int, scenario: str, cell: str, purpose: str = "cell") -> int:
@@ -129,36 +164,56 @@ def expand(
         raise ConfigError(f"--repeat must be at least 1, not {repetitions}")
     chosen_modes = [m for m in scenario.modes if modes is None or m in modes]
     # Several filesystems are a matrix dimension, named in the workload's part of the id.
-    named_fs = len(scenario.filesystems) > 1
+    named_fs = len(scenario.disks) > 1
+    # A cluster's fault scopes are a matrix dimension after the policy (rack, node, ...).
+    scopes: Sequence[ClusterScope | None] = (
+        scenario.cluster.scopes if scenario.cluster is not None else (None,)
+    )
     cells: list[Cell] = []
     for mode in chosen_modes:
         for fault in scenario.faults:
             policies: Iterable[CutPolicy | None] = fault.policies or (None,)
             for policy in policies:
-                for workload in scenario.workloads:
-                    filesystems = (
-                        scenario.filesystems if workload.workload.needs_filesystem else ("",)
-                    )
-                    for fs in filesystems:
-                        label = f"{workload.name}@{fs}" if named_fs and fs else workload.name
-                        for cut in workload.cuts or scenario.cuts:
-                            for rep in range(repetitions):
-                                cells.append(
-                                    _cell(
-                                        scenario,
-                                        scenario_seed,
-                                        mode,
-                                        fault.model,
-                                        policy,
-                                        fault.seed,
-                                        workload,
-                                        label,
-                                        fs or scenario.filesystems[0],
-                                        cut,
-                                        rep,
+                for scope in scopes:
+                    for workload in scenario.workloads:
+                        for disk in disks_for(scenario, workload):
+                            label = (
+                                f"{workload.name}@{disk.filesystem}"
+                                if named_fs and disk.filesystem
+                                else workload.name
+                            )
+                            for cut in workload.cuts or scenario.cuts:
+                                for rep in range(repetitions):
+                                    cells.append(
+                                        _cell(
+                                            scenario,
+                                            scenario_seed,
+                                            mode,
+                                            fault.model,
+                                            policy,
+                                            fault.seed,
+                                            workload,
+                                            label,
+                                            disk,
+                                            cut,
+                                            rep,
+                                            scope,
+                                        )
                                     )
-                                )
     return cells
+
+
+def disks_for(scenario: Scenario, workload: WorkloadSpec) -> tuple[DiskSpec, ...]:
+    """The disks a workload's cells get: one per filesystem, each with the workload's
+    directories; one without a filesystem when the workload needs none.
+
+    The one place "this cell's filesystem, or none" is decided; the cell's
+    `disk` carries the answer to the runner, the sessions and the image.
+    """
+    if not workload.workload.needs_filesystem:
+        return (dataclasses.replace(scenario.disk, filesystem=None, directories=()),)
+    directories = tuple(workload.workload.directories)
+    return tuple(dataclasses.replace(d, directories=directories) for d in scenario.disks)
 
 
 def _cell(
@@ -170,12 +225,13 @@ def _cell(
     fixed_policy_seed: int | None,
     workload: WorkloadSpec,
     label: str,
-    filesystem: str,
+    disk: DiskSpec,
     cut: CutSpec,
     rep: int,
+    scope: ClusterScope | None = None,
 ) -> Cell:
-    fault_label = f"{fault.value}.{policy.value}" if policy else fault.value
-    ident = cell_id(mode, fault_label, label, cut.label, rep)
+    """The one place a `Cell` is made (`expand`; `single_cell` goes through it too)."""
+    ident = cell_id(mode, fault_label(fault, policy, scope), label, cut.label, rep)
     policy_seed = None
     if policy is not None:
         policy_seed = (
@@ -200,13 +256,12 @@ def _cell(
         expect=scenario.expect,
         timeout=scenario.timeout,
         image=scenario.image,
-        disk_size=scenario.disk_size,
-        filesystem=filesystem,
-        blkdebug=scenario.blkdebug,
         guest=scenario.guest,
-        disk=dataclasses.replace(scenario.disk, filesystem=filesystem),
+        disk=disk,
         guest_files=scenario.guest_files,
         label=label,
+        cluster=scenario.cluster,
+        scope=scope,
     )
 
 
@@ -214,56 +269,51 @@ def single_cell(
     workload: Workload,
     *,
     name: str = "test",
-    mode: CacheMode | str = CacheMode.WRITEBACK,
-    fault: FaultModel | str = FaultModel.HOST_POWER_CUT,
-    policy: CutPolicy | str | None = CutPolicy.LOSE_ALL,
+    mode: CacheMode = CacheMode.WRITEBACK,
+    fault: FaultModel = FaultModel.HOST_POWER_CUT,
+    policy: CutPolicy | None = CutPolicy.LOSE_ALL,
     cut: CutSpec | None = None,
     checkers: tuple[str, ...] | None = None,
-    filesystem: str = "ext4",
     disk: DiskSpec | None = None,
     guest: GuestSpec | None = None,
     guest_files: tuple[tuple[str, str], ...] = (),
-    disk_size: int | None = None,
-    expect: Expectation | str = Expectation.CONTRACT,
+    expect: Expectation = Expectation.CONTRACT,
     seed: int = 0,
     timeout: float = 600.0,
+    cluster: ClusterSpec | None = None,
 ) -> Cell:
-    """One cell without a scenario file (the pytest `power_cut.run`), as `expand` would make it.
+    """One cell without a scenario file (the pytest `power_cut.run`), as `expand` makes it:
+    the scenario of that one cell, expanded.
 
     The default cut is right after the workload's run exits, or after 5 s for
-    a workload that cuts itself by time.
+    a workload that cuts itself by time. The default disk is ext4 at its
+    default size.
     """
-    mode, fault = parse_cache_mode(mode), parse_fault(fault)
-    chosen = parse_policy(policy) if fault is FaultModel.HOST_POWER_CUT and policy else None
     if cut is None:
         timed = workload.refuse(timed_cut=False, fault=fault) is not None
         cut = CutSpec(TriggerKind.AFTER_SECONDS, 5.0) if timed else CutSpec(TriggerKind.AFTER_EXIT)
-    spec = WorkloadSpec(workload.kind, workload, checkers or workload.checkers)
-    label = f"{fault.value}.{chosen.value}" if chosen else fault.value
-    ident = cell_id(mode, label, spec.name, cut.label, 0)
-    disk = disk or DiskSpec(filesystem)
-    return Cell(
-        scenario=name,
-        scenario_path=name,
-        scenario_seed=seed,
-        mode=mode,
-        fault=fault,
-        policy=chosen,
-        policy_seed=derive_seed(seed, name, ident, "policy") if chosen else None,
-        workload=spec,
-        cut=cut,
-        cut_at=cut.resolve(derive_seed(seed, name, ident, "cut")),
-        checkers=spec.checkers,
-        repetition=0,
-        seed=derive_seed(seed, name, ident),
-        expect=Expectation(expect) if isinstance(expect, str) else expect,
+    policies = (policy,) if fault is FaultModel.HOST_POWER_CUT and policy else ()
+    one = Scenario(
+        path=name,
+        name=name,
+        description="",
+        image="default",
+        modes=(mode,),
+        faults=(FaultSpec(fault, policies),),
+        workloads=(WorkloadSpec(workload.kind, workload, checkers or workload.checkers),),
+        cuts=(cut,),
+        seed=seed,
+        expect=expect,
         timeout=timeout,
-        disk_size=disk_size or default_size(disk.filesystem),
-        filesystem=disk.filesystem,
+        disks=(disk or DiskSpec(size=default_size("ext4")),),
         guest=guest or GuestSpec(),
-        disk=disk,
         guest_files=guest_files,
+        cluster=cluster,
     )
+    cells = expand(one)
+    if len(cells) != 1:
+        raise ConfigError(f"one cell was asked for, and {len(cells)} were made (one scope only)")
+    return cells[0]
 
 
 _REP = re.compile(r"/r(\d+)$")
@@ -277,21 +327,21 @@ def select(
     modes: Sequence[CacheMode] | None = None,
     repeat: int | None = None,
 ) -> list[Cell]:
-    """The cells whose id is `cell` or starts with `cell/` (`--cell writeback/` picks a mode).
+    """The cells `--cell` names (`Cell.named`): `powercut run` and `powercut explore` alike.
 
-    A repetition index beyond the scenario's repetitions is honoured, so a
-    reproduce command for `r7` works without `--repeat`.
+    A cell id (`writeback/host-power-cut.lose-all/ack-records/after-200-acked/r0`)
+    or an exploration id (`writeback/explore/ack-records/after-200-acked/r0`,
+    every fault of that mode, workload, cut and repetition), or a prefix of
+    whole parts of either (`--cell writeback/` picks a mode). A repetition
+    index beyond the scenario's repetitions is honoured, so a reproduce
+    command for `r7` works without `--repeat`.
     """
     wanted = cell.rstrip("/")
     match = _REP.search(wanted)
     reps = scenario.repetitions if repeat is None else repeat
     if match:
         reps = max(reps, int(match.group(1)) + 1)
-    found = [
-        c
-        for c in expand(scenario, seed=seed, modes=modes, repeat=reps)
-        if c.id == wanted or c.id.startswith(wanted + "/")
-    ]
+    found = [c for c in expand(scenario, seed=seed, modes=modes, repeat=reps) if c.named(wanted)]
     if not found:
         known = ", ".join(c.id for c in expand(scenario, seed=seed, modes=modes)[:6])
         raise ConfigError(

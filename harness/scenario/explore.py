@@ -6,7 +6,7 @@
     points = ["flush", "fua", "ack", "end"]
     policies = ["lose-all", "keep-all", "prefix", "random", "torn"]
     seed = 7                     # default: the cell's own seed
-    tear-unit = "4k"             # a torn write loses whole units of this size (default: a sector)
+    tear-unit = "4k"             # a torn write loses whole disk-aligned units (default: a sector)
     guest-check = true           # also mount each state in one checker guest and run the check
     minimize = 3                 # failing states shrunk by delta debugging
     minimize-checks = 48         # checks each shrink may spend

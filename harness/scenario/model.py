@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from harness.block.drivers.blkdebug import Rule
 from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.explore.spec import ExploreSpec
+from harness.scenario.cluster import ClusterSpec
 from harness.vm.backends import Backend
 from harness.workloads.base import OptionValue, Workload
 
@@ -132,16 +133,26 @@ class ImageFormat(enum.Enum):
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """The disk under a workload: its filesystem (made on the host, mounted in the guest)
-    and whose block layer, in which image format, serves it."""
+    """The disk under a workload, all a session needs to make and serve it.
 
-    filesystem: str = "ext4"
+    Its filesystem is made on the host and mounted in the guest; None when
+    the cell's workload needs none (it gets the raw disk). That is decided
+    once, where the cell is built (`harness.scenario.cells`), and read from
+    here after. Then whose block layer serves it, in which image format,
+    through which blkdebug rules, and the directories the workload wants in
+    the filesystem before the guest boots.
+    """
+
+    filesystem: str | None = "ext4"
     mkfs_options: tuple[str, ...] = ()  # extra mkfs arguments
     mount_options: str = ""  # mount -o OPTIONS (e.g. "nobarrier")
     backend: Backend = Backend.POWERCUT
     format: ImageFormat = ImageFormat.RAW
     # qcow2 creation options (`qemu-img create -o`), e.g. (("lazy_refcounts", "on"),).
     format_options: tuple[tuple[str, OptionValue], ...] = ()
+    size: int = 256 << 20
+    blkdebug: tuple[BlkdebugRule, ...] = ()  # rules for a blkdebug filter in the backend
+    directories: tuple[str, ...] = ()  # the workload's, made with the filesystem
 
 
 @dataclass(frozen=True)
@@ -150,7 +161,6 @@ class Scenario:
     name: str
     description: str
     image: str
-    disk_size: int
     modes: tuple[CacheMode, ...]
     faults: tuple[FaultSpec, ...]
     workloads: tuple[WorkloadSpec, ...]
@@ -158,11 +168,29 @@ class Scenario:
     repetitions: int = 1
     seed: int = 0
     expect: Expectation = Expectation.CONTRACT
-    blkdebug: tuple[BlkdebugRule, ...] = ()
     timeout: float = 300.0
-    filesystems: tuple[str, ...] = ("ext4",)  # several: a matrix dimension
+    # One disk per filesystem the scenario lists (several: a matrix dimension), alike but
+    # for it; a workload that needs no filesystem gets the first without one.
+    disks: tuple[DiskSpec, ...] = (DiskSpec(),)
     guest: GuestSpec = field(default_factory=GuestSpec)
-    disk: DiskSpec = field(default_factory=DiskSpec)
     # Files copied into the guest before the workload's setup: (guest path, host path).
     guest_files: tuple[tuple[str, str], ...] = ()
     explore: ExploreSpec | None = None  # the `[explore]` table (`powercut explore`)
+    cluster: ClusterSpec | None = None  # the `[cluster]` table: N nodes, each its own disk
+
+    @property
+    def disk(self) -> DiskSpec:
+        """The first disk: what every disk shares (size, options, backend, blkdebug rules)."""
+        return self.disks[0]
+
+    @property
+    def filesystems(self) -> tuple[str | None, ...]:
+        return tuple(d.filesystem for d in self.disks)
+
+    @property
+    def disk_size(self) -> int:
+        return self.disk.size
+
+    @property
+    def blkdebug(self) -> tuple[BlkdebugRule, ...]:
+        return self.disk.blkdebug

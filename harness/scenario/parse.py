@@ -12,6 +12,7 @@ then expands a `Scenario` into cells. Nothing here boots a machine.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import shlex
 import tomllib
@@ -25,6 +26,7 @@ from harness.durability.contract import (
     parse_cache_mode,
 )
 from harness.errors import ConfigError, ScenarioError
+from harness.scenario.cluster import ClusterScope, ClusterSpec, NodeSpec
 from harness.scenario.explore import parse_explore
 from harness.scenario.model import (
     BlkdebugRule,
@@ -243,7 +245,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+        raise ScenarioError(_toml_error(path, text, exc)) from exc
     ctx = Context(path, LineIndex(text))
     top = Table(ctx, data, ())
     default_name = Path(path).stem if path != "<scenario>" else "scenario"
@@ -267,8 +269,8 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             "disk-size",
             f"must be at least {fs.get(largest).min_size >> 20}M for {largest}, not {disk_size}",
         )
-    disk = DiskSpec(filesystems[0], _mkfs_options(top), _mount_options(top))
-    if len(filesystems) > 1 and disk.mkfs_options:
+    mkfs_options = _mkfs_options(top)
+    if len(filesystems) > 1 and mkfs_options:
         raise top.error(
             "mkfs-options", "apply to one filesystem; list a single filesystem to use them"
         )
@@ -281,19 +283,14 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("modules", "needs a kernel: give `kernel = PATH` too")
     guest_files = _guest_files(top, path)
     backend, image_format, format_options = _disk_backend(top)
-    disk = dataclasses.replace(
-        disk, backend=backend, format=image_format, format_options=format_options
-    )
     disk_checkers = (QEMU_IMG_CHECK,) if image_format is ImageFormat.QCOW2 else ()
     scenario_checkers = (
         _checker_names(top, "checkers") if top.has("checkers") else top.raw("checkers")
     )
 
-    fault_tables = top.tables("fault")
-    if not fault_tables:
-        raise ScenarioError(
-            f"{path}: a [[fault]] table is required (model = one of: {choices_text(FaultModel)})"
-        )
+    fault_tables = _required_tables(
+        top, "fault", f"model = one of: {choices_text(FaultModel)}", path
+    )
     faults = tuple(_parse_fault(t) for t in fault_tables)
     for table, fault in zip(fault_tables, faults, strict=True):
         if fault.model is FaultModel.BACKEND_CRASH and backend is not Backend.POWERCUT:
@@ -305,11 +302,9 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     if len(set(faults)) != len(faults):
         raise top.error("fault", "lists the same fault twice")
 
-    workload_tables = top.tables("workload")
-    if not workload_tables:
-        raise ScenarioError(
-            f"{path}: a [[workload]] table is required (kind = one of: {', '.join(kinds())})"
-        )
+    workload_tables = _required_tables(
+        top, "workload", f"kind = one of: {', '.join(kinds())}", path
+    )
     workloads = tuple(_parse_workload(t, scenario_checkers, disk_checkers) for t in workload_tables)
     names = [w.name for w in workloads]
     for i, n in enumerate(names):
@@ -332,15 +327,39 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise top.error("cut", f"lists the same cut twice: {labels}")
 
     blkdebug = tuple(_parse_blkdebug(t) for t in top.tables("blkdebug"))
+    disk = DiskSpec(
+        filesystems[0],
+        mkfs_options,
+        _mount_options(top),
+        backend=backend,
+        format=image_format,
+        format_options=format_options,
+        size=disk_size,
+        blkdebug=blkdebug,
+    )
     explore_table = top.table("explore")
     explore = parse_explore(explore_table) if explore_table is not None else None
+    cluster_table = top.table("cluster")
+    cluster = None
+    if cluster_table is not None:
+        cluster = _parse_cluster(cluster_table)
+        _check_cluster(fault_tables, faults, workload_tables)
+        if backend is not Backend.POWERCUT:
+            raise top.error(
+                "backend",
+                f'must be "powercut" in a cluster scenario, not {backend.value!r}: '
+                "each node's disk is a powercut disk",
+            )
+        if explore_table is not None:
+            raise top.error(
+                "explore", "is not built for a cluster yet: `powercut explore` takes single guests"
+            )
     top.finish()
     return Scenario(
         path=path,
         name=name,
         description=description,
         image=image,
-        disk_size=disk_size,
         modes=modes,
         faults=faults,
         workloads=workloads,
@@ -348,14 +367,155 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         repetitions=repetitions,
         seed=seed,
         expect=expect,
-        blkdebug=blkdebug,
         timeout=timeout,
-        filesystems=filesystems,
+        disks=tuple(dataclasses.replace(disk, filesystem=f) for f in filesystems),
         guest=guest,
-        disk=disk,
         guest_files=guest_files,
         explore=explore,
+        cluster=cluster,
     )
+
+
+_NODE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")  # a host name (harness/vm/network.py)
+
+
+def _node_name(t: Table, key: str) -> str:
+    name = t.string(key)
+    if not _NODE_NAME.match(name):
+        raise t.error(
+            key,
+            f"must be a host name (a lower-case letter, then up to 30 lower-case letters, "
+            f"digits or '-'), not {name!r}",
+        )
+    return name
+
+
+def _command(t: Table, key: str) -> str | None:
+    value = t.optional_string(key)
+    if value is not None and not value.strip():
+        raise t.error(key, "must not be empty")
+    return value
+
+
+def _parse_cluster(t: Table) -> ClusterSpec:
+    """The `[cluster]` table: nodes (a count, or one `[[cluster.node]]` table per node)."""
+    node_tables = t.tables("node")
+    count = t.integer("nodes", len(node_tables) or 0, minimum=1) if t.has("nodes") else None
+    if count is None and not node_tables:
+        raise t.error("nodes", "is required: a count (nodes = 3) or [[cluster.node]] tables")
+    overrides: dict[str, NodeSpec] = {}
+    for nt in node_tables:
+        name = _node_name(nt, "name") if nt.has("name") else None
+        if name is None:
+            raise nt.error("name", "is required: the node this table describes (n1, n2, ...)")
+        if name in overrides:
+            raise nt.error("name", f"{name!r} is described twice")
+        mode = nt.choice("mode", CacheMode, None, _parse_mode) if nt.has("mode") else None
+        overrides[name] = NodeSpec(name, mode, _command(nt, "setup"))
+        nt.finish()
+    if count is not None:
+        names = [f"n{i}" for i in range(1, count + 1)]
+        for i, name in enumerate(overrides):
+            if name not in names:
+                raise node_tables[i].error(
+                    "name",
+                    f"must name one of the {count} nodes ({', '.join(names)}), not {name!r}",
+                )
+    else:
+        names = list(overrides)
+    if len(names) > 64:
+        raise t.error("nodes", f"must be at most 64, not {len(names)}")
+    nodes = tuple(overrides.get(n, NodeSpec(n)) for n in names)
+    start = _command(t, "start")
+    if start is None:
+        raise t.error("start", "is required: the command that starts the system on every node")
+    scopes = t.choices("scope", ClusterScope, (ClusterScope.RACK,))
+    for scope in scopes:
+        if len(names) < scope.minimum_nodes() or scope.size(len(names)) < 1:
+            raise t.error(
+                "scope", f"{scope.value!r} needs at least 3 nodes; the cluster has {len(names)}"
+            )
+    client = _node_name(t, "client") if t.has("client") else names[0]
+    if client not in names:
+        raise t.error("client", f"must name a node ({', '.join(names)}), not {client!r}")
+    stagger = t.number("stagger", 1.0, minimum=0.0)
+    if t.has("stagger") and ClusterScope.STAGGERED not in scopes:
+        raise t.error("stagger", 'applies to scope = "staggered" only')
+    spec = ClusterSpec(
+        nodes=nodes,
+        start=start,
+        ready=_command(t, "ready"),
+        ready_timeout=t.number("ready-timeout", 300.0, minimum=1.0),
+        setup=_command(t, "setup"),
+        client=client,
+        scopes=scopes,
+        stagger=stagger,
+        memory_mib=t.integer("memory", 512, minimum=128),
+    )
+    t.finish()
+    return spec
+
+
+def _check_cluster(
+    fault_tables: list[Table],
+    faults: tuple[FaultSpec, ...],
+    workload_tables: list[Table],
+) -> None:
+    """What a cluster cell cannot do, refused with the field that asks for it."""
+    for ft, fault in zip(fault_tables, faults, strict=True):
+        if fault.model is FaultModel.BACKEND_CRASH:
+            raise ft.error(
+                "model",
+                '"backend-crash" is not built for a cluster; use "host-power-cut" or '
+                '"guest-power-cut"',
+            )
+    for wt in workload_tables:
+        kind = wt.data.get("kind")
+        if kind != "command":
+            raise wt.error(
+                "kind",
+                f'must be "command" in a cluster scenario (the client that prints `ack TOKEN` '
+                f"for what the cluster acknowledged), not {kind!r}",
+            )
+
+
+# tomllib (3.11) puts the place in its message: "Unclosed array (at line 2, column 1)".
+_TOML_AT = re.compile(r"^(?P<message>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+_TOML_END = " (at end of document)"
+
+
+def _toml_error(path: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """`FILE:LINE: not valid TOML: what (column C)`, and the field the error is in or after."""
+    message = str(exc)
+    if (m := _TOML_AT.match(message)) is not None:
+        line, message = int(m["line"]), f"{m['message']} (column {m['column']})"
+    elif message.endswith(_TOML_END):
+        line = max(1, len(text.splitlines()))
+        message = message[: -len(_TOML_END)] + " (at the end of the file)"
+    else:
+        return f"{path}: not valid TOML: {message}"
+    said = f"{path}:{line}: not valid TOML: {message}"
+    found = LineIndex(text).key_before(line)
+    if found is None:
+        return said
+    field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in found[0])
+    field = field.replace(".[", "[")
+    if found[1] == line:
+        return f"{said}, in field {field!r}"
+    return f"{said}; the field before it is {field!r} on line {found[1]}"
+
+
+def _required_tables(top: Table, name: str, needs: str, path: str) -> list[Table]:
+    """The [[name]] tables; none is an error that names a misspelt one (`[[faults]]`)."""
+    tables = top.tables(name)
+    if tables:
+        return tables
+    required = f"[[{name}]] table is required ({needs})"
+    spelt = {key.lower(): key for key in top.data if key != name}
+    near = difflib.get_close_matches(name, list(spelt), 1, 0.8)
+    if near:
+        raise top.error(spelt[near[0]], f"is unknown here; did you mean [[{name}]]? A {required}")
+    raise ScenarioError(f"{path}: a {required}")
 
 
 def _filesystems(top: Table) -> tuple[str, ...]:

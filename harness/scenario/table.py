@@ -8,6 +8,7 @@ read their own fields through it (it is the `FieldReader` of
 
 from __future__ import annotations
 
+import difflib
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -187,7 +188,9 @@ class Table:
         for key in self.data:
             if key not in self.known:
                 valid = ", ".join(sorted(self.known))
-                raise self.error(key, f"is unknown here; valid fields: {valid}")
+                near = difflib.get_close_matches(key.lower(), self.known, 1, 0.8)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise self.error(key, f"is unknown here; valid fields: {valid}{hint}")
 
 
 @dataclass

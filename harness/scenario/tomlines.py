@@ -121,6 +121,14 @@ class LineIndex:
                 path.append(array_counts[key])
         return tuple(path)
 
+    def key_before(self, line: int) -> tuple[Path, int] | None:
+        """The key or table defined last at or before `line` (where a syntax error points)."""
+        before = [(at, len(path), path) for path, at in self._lines.items() if at <= line]
+        if not before:
+            return None
+        at, _depth, path = max(before, key=lambda entry: entry[:2])
+        return path, at
+
     def line_of(self, path: Sequence[PathElem]) -> int | None:
         """The line that defines `path`, or of its nearest located ancestor."""
         candidate = tuple(path)

@@ -72,6 +72,7 @@ def _debugfs(image: Path, commands: list[str]) -> None:
         input="\n".join(commands) + "\n",
         capture_output=True,
         text=True,
+        env={**os.environ, "LC_ALL": "C"},  # its messages are matched below: never translated
         check=False,
         close_fds=False,
     )

@@ -5,6 +5,11 @@ some hosts; a few real-mode instructions still run there), so the probe boots
 the guest kernel itself and waits a few seconds for its first console line.
 Silence means TCG. The verdict is cached per host boot (the kernel's boot_id)
 and can be forced with `--accel` or POWERCUT_ACCEL.
+
+"auto" is a word of the command line and of pytest's `--accel` only
+(`parse_accel`, where the option is read): below them the request is an
+`Accel` or None, and `choose_accel` resolves it once per run or session
+(docs/architecture.md); a machine given None resolves it itself.
 """
 
 from __future__ import annotations
@@ -97,18 +102,24 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> bool:
         return True
 
 
-def choose_accel(
-    requested: str | Accel | None, kernel: Path, *, cache: Path | None = None
-) -> Accel:
+ACCEL_CHOICES = ("auto", "kvm", "tcg")  # --accel's words; "auto": KVM when a probe says it works
+
+
+def parse_accel(name: str | None) -> Accel | None:
+    """An `--accel` word (or $POWERCUT_ACCEL) as the accelerator asked for; None: auto."""
+    if not name or name == "auto":
+        return None
+    try:
+        return Accel(name)
+    except ValueError:
+        raise ConfigError(f"unknown accelerator {name!r}; use kvm, tcg or auto") from None
+
+
+def choose_accel(requested: Accel | None, kernel: Path, *, cache: Path | None = None) -> Accel:
     """The accelerator to use: `requested`, else $POWERCUT_ACCEL, else the cached probe."""
-    want = requested if requested is not None else os.environ.get("POWERCUT_ACCEL") or None
-    if isinstance(want, Accel):
+    want = requested or parse_accel(os.environ.get("POWERCUT_ACCEL"))
+    if want is not None:
         return want
-    if want and want != "auto":
-        try:
-            return Accel(want)
-        except ValueError:
-            raise ConfigError(f"unknown accelerator {want!r}; use kvm, tcg or auto") from None
     path = (cache or cache_root()) / "accel.json"
     boot = _boot_id()
     try:

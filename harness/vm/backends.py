@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from harness.block.cache import CacheMode, parse_cache_mode
+from harness.block.cache import CacheMode
 from harness.block.options import format_dotted
 from harness.control import control_request
 from harness.errors import ConfigError
@@ -266,7 +266,7 @@ def make_backend(
     image: Path,
     workdir: Path,
     *,
-    cache: CacheMode | str = CacheMode.WRITEBACK,
+    cache: CacheMode = CacheMode.WRITEBACK,
     read_only: bool = False,
     num_queues: int = 1,
     reconnect: int = 1,
@@ -277,7 +277,7 @@ def make_backend(
         Path(image),
         Path(workdir),
         name,
-        cache=parse_cache_mode(cache),
+        cache=cache,
         read_only=read_only,
         num_queues=num_queues,
         reconnect=reconnect,

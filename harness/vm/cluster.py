@@ -24,7 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +49,71 @@ TCG_TB_MIB = 64
 DisksFor = Callable[[str], Sequence[Disk]]
 
 
+def node_spec(
+    spec: MachineSpec,
+    network: PrivateNetwork,
+    name: str,
+    accel: Accel,
+    tcg_tb_mib: int | None = TCG_TB_MIB,
+) -> MachineSpec:
+    """`spec` as node `name` of a cluster: its private NIC, its clock, its TCG buffer cap.
+
+    Timers that run at the wrong speed on one node break a replicated system.
+    """
+    clock = clock_append(accel)
+    spec = replace(spec, extra_append=f"{spec.extra_append} {clock}".strip(), tcg_tb_mib=tcg_tb_mib)
+    return network.spec_for(spec, name)
+
+
+def boot_nodes(
+    machines: Mapping[str, QemuMachine],
+    network: PrivateNetwork,
+    names: Sequence[str],
+    timeout: float = 180.0,
+) -> float:
+    """Boot `names` of `machines` at once, put them on the network; seconds until all reach all.
+
+    Every QEMU is started first, then each waited for; then each is
+    configured, and every running node must reach every other. The switch
+    starts with the first boot and outlives power cuts.
+    """
+    if not network.switch.running:
+        network.start()
+    t0 = time.monotonic()
+    for name in names:
+        machines[name].start()
+    deadline = t0 + timeout
+    for name in names:
+        machines[name].wait_ready(max(1.0, deadline - time.monotonic()))
+    for name in names:
+        network.configure(machines[name].ssh, name)
+    up = [n for n in machines if machines[n].running]
+    for name in up:
+        network.wait_connected(
+            machines[name].ssh, name, timeout=max(5.0, deadline - time.monotonic()), peers=up
+        )
+    seconds = time.monotonic() - t0
+    log.info("cluster %s up and connected after %.2fs", ",".join(names), seconds)
+    return seconds
+
+
+def kill_at_once(machines: Mapping[str, QemuMachine], names: Sequence[str]) -> float | None:
+    """SIGKILL the QEMU of every running node of `names`, then reap them: one instant.
+
+    Returns how far apart the first and the last signal went (None: none sent).
+    """
+    chosen = [n for n in names if machines[n].running]
+    sent: list[float] = []
+    for name in chosen:
+        proc = machines[name].process
+        if proc is not None:
+            proc.signal(signal.SIGKILL)
+            sent.append(time.monotonic())
+    for name in chosen:
+        machines[name].power_cut()
+    return (sent[-1] - sent[0]) if sent else None
+
+
 class Cluster:
     """The machines of `plan`'s nodes on their private network; closed, nothing is left running.
 
@@ -67,7 +132,7 @@ class Cluster:
         disks: DisksFor = lambda _name: (),
         memory_mib: int = 512,
         tcg_tb_mib: int | None = TCG_TB_MIB,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         directory: Path | None = None,
         keep: bool = False,
     ) -> None:
@@ -84,13 +149,8 @@ class Cluster:
             spec = MachineSpec.from_image(
                 image, disks=tuple(disks(name)), memory_mib=memory_mib, name=name
             )
-            # Timers that run at the wrong speed on one node break a replicated system.
-            clock = clock_append(self.accel)
-            spec = replace(
-                spec, extra_append=f"{spec.extra_append} {clock}".strip(), tcg_tb_mib=tcg_tb_mib
-            )
             self.machines[name] = QemuMachine(
-                self.network.spec_for(spec, name),
+                node_spec(spec, self.network, name, self.accel, tcg_tb_mib),
                 workdir=self.directory / name,
                 accel=self.accel,
                 keep=True,
@@ -117,41 +177,11 @@ class Cluster:
 
         The switch starts with the first boot and outlives power cuts.
         """
-        chosen = self._names(names)
-        if not self.network.switch.running:
-            self.network.start()
-        t0 = time.monotonic()
-        for name in chosen:
-            self.machines[name].start()
-        deadline = t0 + timeout
-        for name in chosen:
-            self.machines[name].wait_ready(max(1.0, deadline - time.monotonic()))
-        for name in chosen:
-            self.network.configure(self.machines[name].ssh, name)
-        up = [n for n in self.machines if self.machines[n].running]
-        for name in up:
-            self.network.wait_connected(
-                self.machines[name].ssh,
-                name,
-                timeout=max(5.0, deadline - time.monotonic()),
-                peers=up,
-            )
-        seconds = time.monotonic() - t0
-        log.info("cluster %s up and connected after %.2fs", ",".join(chosen), seconds)
-        return seconds
+        return boot_nodes(self.machines, self.network, self._names(names), timeout)
 
     def power_cut(self, names: Iterable[str] | None = None) -> None:
         """Kill the QEMU of `names` (every node) at one instant: every signal before any reap."""
-        chosen = [n for n in self._names(names) if self.machines[n].running]
-        sent: list[float] = []
-        for name in chosen:
-            proc = self.machines[name].process
-            if proc is not None:
-                proc.signal(signal.SIGKILL)
-                sent.append(time.monotonic())
-        self.kill_skew = (sent[-1] - sent[0]) if sent else None
-        for name in chosen:
-            self.machines[name].power_cut()
+        self.kill_skew = kill_at_once(self.machines, self._names(names))
 
     def shutdown(self) -> None:
         for machine in self.machines.values():

@@ -24,7 +24,7 @@ from xml.etree import ElementTree as ET
 import libvirt
 
 from harness.errors import MachineError
-from harness.vm.accel import choose_accel
+from harness.vm.accel import parse_accel
 from harness.vm.libvirtd import ensure_libvirtd
 from harness.vm.machine import HOST, Machine, free_port
 from harness.vm.spec import (
@@ -175,27 +175,21 @@ class LibvirtMachine(Machine):
         *,
         uri: str = DEFAULT_URI,
         workdir: Path | None = None,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         keep: bool = False,
     ) -> None:
         super().__init__(spec, workdir=workdir, accel=accel, keep=keep)
         self.uri = uri
         self.domain_name = f"powercut-{spec.name}-{uuid.uuid4().hex[:8]}"
-        self._accel: Accel | None = None
         self._conn: libvirt.virConnect | None = None
         self._dom: libvirt.virDomain | None = None
         self.xml_path = self.workdir / "domain.xml"
 
-    @property
-    def accel(self) -> Accel:
-        if self._accel is None:
-            if _is_local(self.uri):
-                self._accel = choose_accel(self.requested_accel, self.spec.kernel)
-            else:
-                # The probe runs here, not on the remote host: trust the request or KVM.
-                req = self.requested_accel or os.environ.get("POWERCUT_ACCEL") or "kvm"
-                self._accel = Accel(req if req != "auto" else "kvm")
-        return self._accel
+    def _resolve_accel(self) -> Accel:
+        if _is_local(self.uri):
+            return super()._resolve_accel()
+        # The probe runs here, not on the remote host: trust $POWERCUT_ACCEL or KVM.
+        return parse_accel(os.environ.get("POWERCUT_ACCEL")) or Accel.KVM
 
     def _connection(self) -> libvirt.virConnect:
         if self._conn is None:

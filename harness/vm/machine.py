@@ -18,6 +18,7 @@ import paramiko
 
 from harness.errors import MachineError, PowercutError
 from harness.guest.ssh import CommandResult, SSHSession
+from harness.vm.accel import choose_accel
 from harness.vm.spec import Accel, MachineSpec
 
 log = logging.getLogger(__name__)
@@ -61,14 +62,15 @@ class Machine(abc.ABC):
         spec: MachineSpec,
         *,
         workdir: Path | None = None,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         keep: bool = False,
     ) -> None:
         self.spec = spec
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"powercut-{spec.name}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.requested_accel = accel
+        self.requested_accel = accel  # None: resolved on first use (`choose_accel`)
+        self._accel: Accel | None = accel
         self.keep = keep
         self.console_log = ConsoleLog(self.workdir / "console.log")
         self.ports: dict[int, int] = {}  # guest port → host port
@@ -96,8 +98,14 @@ class Machine(abc.ABC):
     def running(self) -> bool: ...
 
     @property
-    @abc.abstractmethod
-    def accel(self) -> Accel: ...
+    def accel(self) -> Accel:
+        """The accelerator asked for; else the one `choose_accel` gives (a run asks for one)."""
+        if self._accel is None:
+            self._accel = self._resolve_accel()
+        return self._accel
+
+    def _resolve_accel(self) -> Accel:
+        return choose_accel(None, self.spec.kernel)
 
     @property
     @abc.abstractmethod

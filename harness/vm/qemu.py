@@ -14,7 +14,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from harness.block.options import escape_value as q
 from harness.errors import MachineError, PowercutError, ProcessError
 from harness.proc import ManagedProcess
-from harness.vm.accel import QEMU, choose_accel
+from harness.vm.accel import QEMU
 from harness.vm.machine import HOST, Machine, free_port
 from harness.vm.spec import (
     ROOT_DISK_SERIAL,
@@ -188,21 +188,14 @@ class QemuMachine(Machine):
         spec: MachineSpec,
         *,
         workdir: Path | None = None,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         keep: bool = False,
         qemu: str = QEMU,
     ) -> None:
         super().__init__(spec, workdir=workdir, accel=accel, keep=keep)
         self.qemu = qemu
-        self._accel: Accel | None = None
         self._proc: ManagedProcess | None = None
         self._qmp: _Monitor | None = None
-
-    @property
-    def accel(self) -> Accel:
-        if self._accel is None:
-            self._accel = choose_accel(self.requested_accel, self.spec.kernel)
-        return self._accel
 
     @property
     def running(self) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from harness.block.cache import CacheMode, parse_cache_mode
+from harness.block.cache import CacheMode
 from harness.vm.image import GuestImage
 
 # The image's root disk: the last PCI slot before libvirt's network slot (0x1f),
@@ -39,9 +39,6 @@ class FileDisk:
     cache: CacheMode = CacheMode.WRITEBACK
     read_only: bool = False
     format: str = "raw"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cache", parse_cache_mode(self.cache))
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,16 @@ PIDFILE = "/run/powercut-workload.pid"
 SHOWN = 5  # lost tokens named in a summary
 
 
+# A cluster node's environment (POWERCUT_NODE, POWERCUT_NODES, ...), where the harness
+# wrote it: harness/vm/network.py's ENV_FILE (a unit test keeps the two equal).
+NODE_ENV = "/etc/powercut/node.env"
+
+
 def _environment(seed: int) -> str:
-    return f"cd {MOUNT} && export POWERCUT_SEED={seed} POWERCUT_MOUNT={MOUNT} && "
+    return (
+        f"{{ [ ! -r {NODE_ENV} ] || . {NODE_ENV}; }} && "
+        f"cd {MOUNT} && export POWERCUT_SEED={seed} POWERCUT_MOUNT={MOUNT} && "
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from harness import cli
 
@@ -34,3 +35,27 @@ def test_unknown_command_is_a_usage_error() -> None:
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_list_needs_no_out_and_anything_else_does(tmp_path: Path) -> None:
+    def powercut(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "harness.cli", *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    listed = powercut("run", "matrix", "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 10 and listed.stdout.startswith("matrix: ")
+    explored = powercut("explore", "matrix", "--list")
+    assert explored.returncode == 0, explored.stderr
+    assert "matrix: writeback/explore/ack-records" in explored.stdout
+    assert list(tmp_path.iterdir()) == []  # a listing writes nothing
+    for command in ("run", "explore"):
+        refused = powercut(command, "matrix")
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"powercut {command}: --out DIR is required")
+        assert "only --list runs without one" in refused.stderr

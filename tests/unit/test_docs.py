@@ -54,3 +54,20 @@ def test_no_docstring_cites_a_file_that_is_not_in_the_repository() -> None:
                 if not any((base / name).exists() for base in (ROOT, ROOT / "docs")):
                     missing.append(f"{path.relative_to(ROOT)}:{line_no}: {name}")
     assert not missing, "references to documents that do not exist:\n" + "\n".join(missing)
+
+
+def test_the_readme_says_what_each_filesystem_gets_host_side(tmp_path: Path) -> None:
+    """Journal recovery host-side is ext4's alone; the others' tools see the state before it."""
+    from harness.explore.hostcheck import Ext4Checker, ReadOnlyChecker, checker_for
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Crash-state exploration", 1)[1].split("\n## ", 1)[0]
+    flat = " ".join(section.split())
+    assert isinstance(checker_for("ext4", tmp_path), Ext4Checker)
+    assert "`e2fsck -p -f`, which replays the journal" in flat
+    for fstype in ("xfs", "btrfs", "f2fs"):
+        checker = checker_for(fstype, tmp_path)
+        assert isinstance(checker, ReadOnlyChecker), fstype  # never writes, never replays
+        command = " ".join(checker.argv[:2])
+        assert f"`{command}" in flat, f"the README does not say what {fstype} gets ({command})"
+    assert "xfs, btrfs and f2fs have no host tool that replays their log" in flat

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,23 @@ def test_sockets_in_tmp_path_and_cleaned_up_dirs_pass(pytester: pytest.Pytester)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.OK
     assert "hygiene check FAILED" not in result.stdout.str()
+
+
+def test_processes_naming_finds_a_command_line_as_pgrep_f_does_without_procps() -> None:
+    marker = f"powercut-hygiene {os.getpid()} a=b,c [d]"  # spaces: matched across arguments
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; time.sleep(60)", *marker.split(" ", 1)]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := hygiene.processes_naming(marker)):
+            assert time.monotonic() < deadline, "the child never showed up in /proc"
+            time.sleep(0.05)
+        assert [pid for pid, _ in found] == [child.pid]
+        assert found[0][1].endswith(f"time.sleep(60) {marker}")
+    finally:
+        child.kill()
+        child.wait()
+    assert hygiene.processes_naming(marker) == []
+    own = Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ")
+    assert os.getpid() not in [pid for pid, _ in hygiene.processes_naming(os.fsdecode(own))]

@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("block",),
     ("durability",),
     ("control",),
-    ("proc", "sockets", "hygiene"),
+    ("proc", "sockets", "hygiene", "jsonfile"),
     ("errors", "__init__"),
 )
 RANK = {name: len(LAYERS) - i for i, layer in enumerate(LAYERS) for name in layer}

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from harness import hygiene
 from harness.cli import main
 from harness.crash.explorer.cell import CellExplorer, ExploreOptions
 from harness.crash.explorer.checker import CheckerGuest
@@ -393,5 +394,5 @@ def test_ctrl_c_keeps_what_was_checked_and_leaves_nothing_running(
     (cell,) = doc.cells
     assert cell.status is CellStatus.INTERRUPTED and 0 < cell.counts.states_explored <= 3000
     socket = backend_log.split("--socket ", 1)[1].split()[0]
-    left = subprocess.run(["pgrep", "-f", socket], capture_output=True, text=True)
-    assert left.stdout.strip() == "", f"still running: {left.stdout}"
+    left = hygiene.processes_naming(socket)
+    assert not left, f"still running: {left}"

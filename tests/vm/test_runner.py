@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from scenario_cells import checker, run_scenario_cell
 
+from harness import hygiene
 from harness.report.results import load_results
 
 pytestmark = pytest.mark.vm
@@ -172,5 +173,5 @@ def test_ctrl_c_stops_the_run_cleanly_and_leaves_nothing_running(
     assert verdicts == ["skipped"] * len(verdicts) and len(verdicts) == 2
     # Nothing the run started is left: its QEMU and backend both used the cell's socket.
     socket = backend_log.split("--socket ", 1)[1].split()[0]
-    left = subprocess.run(["pgrep", "-f", socket], capture_output=True, text=True)
-    assert left.stdout.strip() == "", f"still running: {left.stdout}"
+    left = hygiene.processes_naming(socket)
+    assert not left, f"still running: {left}"

@@ -9,14 +9,15 @@ import json
 import os
 import pwd
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness import hygiene
 from harness.crash.plan import make_plan
 from harness.crash.runner import RunObserver, run_plan
+from harness.durability.contract import CacheMode
 from harness.report.results import CellResult, load_results
 from harness.scenario.cells import Cell
 
@@ -31,9 +32,8 @@ AWKWARD = "a=b,c [d] e'f\"g"
 
 def nothing_runs_under(path: Path) -> None:
     """No process (QEMU, backend, fio) still names a path under `path`."""
-    left = subprocess.run(["pgrep", "-af", str(path)], capture_output=True, text=True)
-    mine = [line for line in left.stdout.splitlines() if "pgrep" not in line]
-    assert not mine, f"still running: {mine}"
+    left = hygiene.processes_naming(path)
+    assert not left, f"still running: {left}"
 
 
 class Order(RunObserver):
@@ -52,7 +52,7 @@ def test_two_cells_run_at_once_and_both_keep_their_contract(
 ) -> None:
     out = tmp_path / "out"
     plan = make_plan(
-        [SCENARIOS / "guest-crash.toml"], out, modes=["writeback"], accel=powercut_accel.value
+        [SCENARIOS / "guest-crash.toml"], out, modes=[CacheMode.WRITEBACK], accel=powercut_accel
     )
     assert len(plan.cells) == 2
     order = Order()
@@ -79,7 +79,7 @@ def test_a_cell_in_a_results_directory_with_awkward_characters(
         [SCENARIOS / "matrix.toml"],
         out,
         cell="writethrough/host-power-cut.lose-all/fio-verify/after-4s/r0",
-        accel=powercut_accel.value,
+        accel=powercut_accel,
     )
     run_plan(plan, command="pytest", image=guest_image)
     result = load_results(out).cells[0]

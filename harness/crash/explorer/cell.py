@@ -59,7 +59,7 @@ from harness.crash.explorer.checker import (
 )
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback, seconds_left
 from harness.crash.explorer.record import RecordedRun, RecordingRunner, runner_cuts
-from harness.crash.explorer.run import ExploreDoc, explore_id
+from harness.crash.explorer.run import ExploreDoc
 from harness.crash.verdict import Outcome, expected_for
 from harness.durability.contract import (
     CutPolicy,
@@ -138,7 +138,7 @@ class ExploreOptions:
 
 def lying_flush(cell: Cell) -> bool:
     """A blkdebug rule that acknowledges flushes without passing them down."""
-    return any(r.as_dict().get("action") == "lying-flush" for r in cell.blkdebug)
+    return any(r.as_dict().get("action") == "lying-flush" for r in cell.disk.blkdebug)
 
 
 def _rel(path: Path, out: Path) -> str:
@@ -208,7 +208,7 @@ class CellExplorer:
         out: Path,
         index: int,
         options: ExploreOptions,
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         doc: ExploreDoc | None = None,
         replay_prefix: str | None = None,
         on_progress: ProgressCallback | None = None,
@@ -239,15 +239,14 @@ class CellExplorer:
         self.keep = disk_promise(cell.mode, lying_flush=lying_flush(cell))
         self.judge = reference_promise(cell.mode, FaultModel.HOST_POWER_CUT)
         self.seed = spec.seed if spec.seed is not None else cell.seed
-        fs_name = cell.filesystem if self.workload.needs_filesystem else None
-        self.filesystem = fs_name
+        self.filesystem = cell.disk.filesystem
         self.guest_wanted = self.workload.checker in cell.checkers and (
             options.guest if options.guest is not None else spec.guest_check
         )
         # The cell as it stands; `snapshot()` adds the states, the counts and the seconds.
         self.record = CellRecord(
             index=index,
-            id=explore_id(cell),
+            id=cell.exploration_id,
             scenario=cell.scenario,
             status=CellStatus.RECORDING,
             cell=cell.id,
@@ -255,7 +254,7 @@ class CellExplorer:
             mode=cell.mode,
             workload=cell.workload.name,
             workload_kind=cell.workload.kind,
-            filesystem=fs_name,
+            filesystem=cell.disk.filesystem,
             mount_options=cell.disk.mount_options,
             cut=cell.cut.label,
             expect=cell.expect.value,

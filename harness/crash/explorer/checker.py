@@ -294,7 +294,7 @@ class CheckerGuest:
         *,
         filesystem_name: str | None,
         mount_options: str = "",
-        accel: Accel | str | None = None,
+        accel: Accel | None = None,
         memory_mib: int = 512,
         drop_cache: bool = True,
     ) -> None:

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.block.options import format_dotted
-from harness.crash.cell_run import CellRunner, _Guest, disk_arguments
+from harness.crash.cell_run import CellRunner, _Guest
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback, seconds_left
 from harness.crash.session import CrashSession, fault_graph
-from harness.durability.contract import CutPolicy, FaultModel
+from harness.durability.contract import CacheMode, CutPolicy, FaultModel
 from harness.durability.cut import apply_cut
 from harness.durability.writelog import read_log
 from harness.errors import ConfigError, GuestError, PowercutError
@@ -62,7 +62,7 @@ from harness.explore.recording import (
 )
 from harness.guest.ssh import SSHSession
 from harness.scenario.cells import Cell
-from harness.scenario.model import TriggerKind
+from harness.scenario.model import DiskSpec, TriggerKind
 from harness.vm.image import GuestImage
 from harness.workloads.base import Run
 from harness.workloads.stream import (
@@ -81,8 +81,10 @@ RECORDING_DIR = "recording"
 class RecordingSession(CrashSession):
     """A `CrashSession` whose write log keeps the data, with the base copied before boot."""
 
-    def __init__(self, directory: Path, image: GuestImage, mode: Any, **kwargs: Any) -> None:
-        super().__init__(directory, image, mode, **kwargs)
+    def __init__(
+        self, directory: Path, image: GuestImage, mode: CacheMode, spec: DiskSpec, **kwargs: Any
+    ) -> None:
+        super().__init__(directory, image, mode, spec, **kwargs)
         self.recording_dir = self.directory / RECORDING_DIR
         shutil.rmtree(self.recording_dir, ignore_errors=True)
         try:
@@ -244,6 +246,11 @@ def recorded_run(recording: Recording, directory: Path) -> RecordedRun:
 def unexplorable(cell: Cell) -> str | None:
     """Why a cell cannot be explored, if it cannot (known before anything boots)."""
     workload = cell.workload.workload
+    if getattr(cell, "cluster", None) is not None:
+        return (
+            "a cluster cell cannot be explored yet: exploration records one guest's disk "
+            "(`powercut run` runs cluster cells)"
+        )
     if not workload.counts_acknowledgements:
         return (
             f"the {workload.kind} workload cannot be explored: exploration checks what a "
@@ -318,12 +325,7 @@ class RecordingRunner(CellRunner):
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.timer.phase("prepare"):
             session = RecordingSession(
-                self.directory,
-                self.image,
-                cell.mode,
-                accel=self.accel,
-                name="record",
-                **disk_arguments(cell, self.workload),
+                self.directory, self.image, cell.mode, cell.disk, accel=self.accel, name="record"
             )
         clock = AckClock()
         with session:
@@ -362,13 +364,13 @@ class RecordingRunner(CellRunner):
         pattern = inner.pattern.pattern if isinstance(inner, TokenStream) else None
         recording = write_recording(
             session.recording_dir,
-            mode=cell.mode.value,
+            mode=cell.mode,
             acks=acks_from_times(wlog, stamps),
             extra={
                 "cell": cell.id,
                 "scenario": cell.scenario,
                 "workload": self.workload.kind,
-                "filesystem": cell.filesystem if self.workload.needs_filesystem else None,
+                "filesystem": cell.disk.filesystem,
                 "mount_options": cell.disk.mount_options,
                 "seed": cell.seed,
                 "start_index": start_index,

@@ -27,19 +27,12 @@ from harness.scenario.model import Scenario
 CellSource = CellRecord | Callable[[], CellRecord]
 
 
-def explore_id(cell: Cell) -> str:
-    """The cell's id with its fault folded away: mode/explore/workload/cut/rN."""
-    parts = cell.id.split("/")
-    parts[1] = "explore"
-    return "/".join(parts)
-
-
 def exploration_cells(scenarios: Sequence[Scenario], cells: Sequence[Cell]) -> list[Cell]:
     """One cell per (scenario, mode, workload, cut, repetition): faults and policies fold away."""
     seen: set[tuple[str, str]] = set()
     out = []
     for cell in cells:
-        key = (cell.scenario_path, explore_id(cell))
+        key = (cell.scenario_path, cell.exploration_id)
         if key not in seen:
             seen.add(key)
             out.append(cell)

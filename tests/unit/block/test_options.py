@@ -76,7 +76,7 @@ def test_bad_sizes_are_refused(text: str) -> None:
 def test_cache_modes_map_as_bdrv_parse_cache_mode(
     mode: str, write_cache: bool, direct: bool, no_flush: bool
 ) -> None:
-    s = cache_settings(mode)
+    s = cache_settings(parse_cache_mode(mode))
     assert (s.write_cache, s.direct, s.no_flush) == (write_cache, direct, no_flush)
 
 

@@ -20,6 +20,7 @@ from harness.crash.record import error_result
 from harness.crash.runner import CellTask, KeepImages, prune_images, run_plan
 from harness.report.results import CellResult, Verdict
 from harness.vm.image import GuestImage
+from harness.vm.spec import Accel
 
 DEADLINE = 120.0
 
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> int:
     """`python -m crash.fake_cells SCENARIO OUT JOBS FUNCTION`: a run in a subprocess."""
     scenario, out, jobs, function = argv
     os.environ["FAKE_RUN_PID"] = str(os.getpid())
-    plan = make_plan([scenario], out, accel="tcg")
+    plan = make_plan([scenario], out, accel=Accel.TCG)
     outcome = run_plan(
         plan,
         command="fake",

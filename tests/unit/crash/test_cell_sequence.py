@@ -36,7 +36,7 @@ from harness.durability.cut import apply_cut
 from harness.errors import GuestError
 from harness.guest.ssh import CommandResult
 from harness.scenario.cells import Cell, expand
-from harness.scenario.model import BlkdebugRule
+from harness.scenario.model import DiskSpec
 from harness.scenario.parse import parse_scenario
 from harness.workloads import registry
 from harness.workloads.base import (
@@ -200,20 +200,18 @@ class FakeSession:
         self,
         directory: Path,
         image: Any,
-        mode: CacheMode | str,
-        *,
-        disk_size: int,
-        blkdebug: tuple[BlkdebugRule, ...] = (),
+        mode: CacheMode,
+        spec: DiskSpec,
         **_: Any,
     ) -> None:
         self.directory = Path(directory)
-        self.mode = CacheMode(mode) if isinstance(mode, str) else mode
+        self.mode = mode
         self.disk_path = self.directory / "disk.img"
         self.journal = self.directory / "disk.journal"
         self.write_log = self.directory / "writes.log"
         with open(self.disk_path, "wb") as f:
-            f.truncate(disk_size)
-        rules = [r.to_rule().to_json() for r in blkdebug]
+            f.truncate(spec.size)
+        rules = [r.to_rule().to_json() for r in spec.blkdebug]
         self.blkdebug = self.directory / "blkdebug.json" if rules else None
         if self.blkdebug is not None:
             self.blkdebug.write_text(json.dumps(rules))

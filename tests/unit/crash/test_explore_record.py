@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.crash.explorer.record import AckClock, CountedRun, RecordedRun, RunAsOf
-from harness.durability.contract import FaultModel
+from harness.durability.contract import CacheMode, FaultModel
 from harness.explore.recording import Ack, Recording
 from harness.guest.ssh import CommandResult
 from harness.workloads.stream import AckStream, StreamRun, TokenStream
@@ -84,7 +84,7 @@ def test_command_tokens_are_stamped_and_the_run_as_of_a_point_has_its_prefix(
         image_size=0,
         sector_size=512,
         base_fingerprint="",
-        mode="writeback",
+        mode=CacheMode.WRITEBACK,
         acks=(Ack("a", 3), Ack("b", 9), Ack("c", 12)),
     )
     recorded = RecordedRun(recording, tmp_path, tmp_path, "tokens", "command", pattern, {})

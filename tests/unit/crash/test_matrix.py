@@ -15,6 +15,7 @@ from harness.durability.cut import CutPolicy
 from harness.errors import ConfigError
 from harness.scenario.cells import derive_seed, expand, expand_all, select
 from harness.scenario.parse import load_scenario, parse_scenario
+from harness.vm.spec import Accel
 
 ROOT = Path(__file__).parents[3]
 
@@ -58,8 +59,9 @@ def test_cells_are_the_product_of_every_dimension() -> None:
 def test_cells_carry_what_the_backend_and_guest_need() -> None:
     lying = load_scenario(ROOT / "scenarios" / "lying-flush.toml")
     cell = expand(lying)[0]
-    assert cell.image == "default" and cell.disk_size == 256 << 20 and cell.filesystem == "ext4"
-    assert cell.blkdebug == lying.blkdebug and cell.timeout == 120
+    assert cell.image == "default" and cell.disk.size == 256 << 20
+    assert cell.disk.filesystem == "ext4"
+    assert cell.disk.blkdebug == lying.blkdebug and cell.timeout == 120
 
 
 def test_policy_only_on_host_power_cut() -> None:
@@ -108,7 +110,7 @@ def test_repeat_overrides_repetitions() -> None:
 def test_reproduce_command_selects_exactly_that_cell() -> None:
     cells = expand(scenario(), seed=5, repeat=4)
     target = cells[-1]
-    argv = shlex.split(target.reproduce_command(out="/tmp/r", accel="tcg"))
+    argv = shlex.split(target.reproduce_command(out="/tmp/r", accel=Accel.TCG))
     assert argv[:3] == ["powercut", "run", "scenarios/m.toml"]
     opts = dict(zip(argv[3::2], argv[4::2], strict=True))
     assert opts["--accel"] == "tcg" and opts["--out"] == "/tmp/r"

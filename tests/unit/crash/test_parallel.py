@@ -19,9 +19,11 @@ import pytest
 from harness.crash.images import CellImages
 from harness.crash.plan import make_plan
 from harness.crash.runner import KeepImages, RunObserver, prune_images, run_plan
+from harness.durability.contract import CacheMode
 from harness.errors import ConfigError
 from harness.report.results import CellResult, load_results
 from harness.scenario.cells import Cell
+from harness.vm.spec import Accel
 
 from . import fake_cells
 
@@ -46,7 +48,7 @@ class Events(RunObserver):
 
 
 def run(tmp_path: Path, *argv: str, jobs: int, cell_run: object, **kw: object) -> object:
-    plan = make_plan([str(MATRIX)], tmp_path / "out", accel="tcg", **kw)  # type: ignore[arg-type]
+    plan = make_plan([str(MATRIX)], tmp_path / "out", accel=Accel.TCG, **kw)  # type: ignore[arg-type]
     events = Events()
     outcome = run_plan(
         plan,
@@ -62,7 +64,9 @@ def run(tmp_path: Path, *argv: str, jobs: int, cell_run: object, **kw: object) -
 def test_two_workers_run_two_cells_at_once_and_the_results_keep_the_plan_order(
     tmp_path: Path,
 ) -> None:
-    plan, outcome, events = run(tmp_path, jobs=2, cell_run=fake_cells.together, modes=["none"])
+    plan, outcome, events = run(
+        tmp_path, jobs=2, cell_run=fake_cells.together, modes=[CacheMode.NONE]
+    )
     results = outcome.results  # type: ignore[attr-defined]
     assert [c.verdict for c in results.cells] == ["pass", "pass"], [c.reason for c in results.cells]
     # Both started before either finished: they ran side by side.
@@ -75,7 +79,7 @@ def test_two_workers_run_two_cells_at_once_and_the_results_keep_the_plan_order(
 
 
 def test_one_job_runs_in_this_process_one_cell_after_another(tmp_path: Path) -> None:
-    _, _outcome, events = run(tmp_path, jobs=1, cell_run=fake_cells.passing, modes=["none"])
+    _, _outcome, events = run(tmp_path, jobs=1, cell_run=fake_cells.passing, modes=[CacheMode.NONE])
     assert events.log == [("started", 0), ("finished", 0), ("started", 1), ("finished", 1)]
     assert (tmp_path / "out" / "started-0").read_text() == str(os.getpid())
 

@@ -11,6 +11,7 @@ import pytest
 
 from harness.block import open_backend
 from harness.commands.run import add_run_arguments, plan_from_args
+from harness.crash import cell_run
 from harness.crash import runner as runner_mod
 from harness.crash.plan import RunPlan
 from harness.crash.session import fault_blockdev
@@ -51,7 +52,7 @@ def test_fault_graph_records_every_write_and_journals_the_volatile_ones(tmp_path
     assert [r.op.label for r in read_log(d / "writes.log").requests] == ["write", "flush", "write"]
     cut = apply_cut(d / "disk.img", d / "disk.journal", "lose-all", 1)
     assert cut.writes_reverted == 1 and cut.writes_durable == 1
-    report = check(d / "disk.img", d / "writes.log", "writeback")
+    report = check(d / "disk.img", d / "writes.log", CacheMode.WRITEBACK)
     assert report.ok and report.writes_durable == 1
 
 
@@ -70,7 +71,7 @@ def test_fault_graph_with_a_lying_flush_loses_flushed_data(tmp_path: Path) -> No
     state, _ = read_journal(tmp_path / "j")
     assert not state.is_durable(state.preimages[0].seq), "the lying flush reached the journal"
     apply_cut(tmp_path / "disk.img", tmp_path / "j", "lose-all", 1)
-    report = check(tmp_path / "disk.img", tmp_path / "w.log", "writeback")
+    report = check(tmp_path / "disk.img", tmp_path / "w.log", CacheMode.WRITEBACK)
     assert report.lost == BLOCK // 512
 
 
@@ -153,7 +154,7 @@ def test_ctrl_c_stops_the_run_marks_the_rest_skipped_and_still_writes_the_report
     def interrupted(self: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner_mod.CellRunner, "run", interrupted)
+    monkeypatch.setattr(cell_run.CellRunner, "run", interrupted)
     outcome = runner_mod.run_plan(plan, command="powercut run test", image=_broken_image(tmp_path))
     assert outcome.interrupted and not outcome.ok
     verdicts = [c.verdict for c in load_results(out).cells]

@@ -38,7 +38,7 @@ def _run(tmp_path: Path, rewrite_twice: bool) -> object:
     backend.graph.close()
     cut = apply_cut(tmp_path / "disk.img", tmp_path / "j", "lose-all", 1)
     assert cut.writes_reverted == 2
-    return check(tmp_path / "disk.img", tmp_path / "w.log", "writeback")
+    return check(tmp_path / "disk.img", tmp_path / "w.log", CacheMode.WRITEBACK)
 
 
 def test_unchanged_sectors_of_a_reverted_rewrite_hold_what_the_contract_requires(
@@ -62,7 +62,7 @@ def test_data_written_after_the_last_flush_completed_counts_as_unflushed(tmp_pat
     backend.write(BLOCK, b"\x02" * BLOCK)  # after the flush completed, never flushed
     backend.graph.close()
     apply_cut(tmp_path / "disk.img", tmp_path / "j", "keep-all", 1)  # a model that kept it
-    report = check(tmp_path / "disk.img", tmp_path / "w.log", "writeback")
+    report = check(tmp_path / "disk.img", tmp_path / "w.log", CacheMode.WRITEBACK)
     assert report.may == report.unflushed == BLOCK // 512
 
 

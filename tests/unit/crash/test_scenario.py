@@ -202,8 +202,32 @@ def test_fio_options_pass_through_but_runner_options_are_reserved() -> None:
     assert "s.toml:13:" in msg and "set by the runner" in msg
 
 
-def test_invalid_toml_is_a_scenario_error() -> None:
-    assert error_of("name = [").startswith("s.toml: not valid TOML")
+def test_invalid_toml_is_a_scenario_error_that_names_the_line_and_the_field() -> None:
+    assert error_of('name = "t"\nmodes = [writeback]\n') == (
+        "s.toml:2: not valid TOML: Invalid value (column 10), in field 'modes'"
+    )
+    # An array left open: tomllib notices on the next line; the field is the one before.
+    assert error_of('modes = ["writeback"\n[[fault]]\nmodel = "host-power-cut"\n') == (
+        "s.toml:2: not valid TOML: Unclosed array (column 1); "
+        "the field before it is 'modes' on line 1"
+    )
+    assert error_of(MINIMAL + "[explore]\nmax-states =").startswith(
+        f"s.toml:{MINIMAL.count(chr(10)) + 2}: not valid TOML: Invalid value (at the end of the "
+        "file), in field 'explore.max-states'"
+    )
+
+
+def test_a_misspelt_table_is_named_with_its_line() -> None:
+    text = MINIMAL.replace("[[fault]]", "[[faults]]")
+    assert error_of(text).startswith(
+        "s.toml:4: field 'faults' is unknown here; did you mean [[fault]]? "
+        "A [[fault]] table is required (model = one of:"
+    )
+    text = MINIMAL.replace("[[workload]]", "[[Workloads]]")
+    assert error_of(text).startswith("s.toml:8: field 'Workloads' is unknown here; did you mean")
+    msg = error_of(MINIMAL.replace("[cut]", "[cuts]"))
+    assert msg.startswith("s.toml:12: field 'cuts' is unknown here; valid fields: ")
+    assert msg.endswith("; did you mean 'cut'?")
 
 
 def test_missing_file_is_a_scenario_error(tmp_path: Path) -> None:

@@ -85,12 +85,12 @@ def test_qcow2_on_a_qemu_backend_adds_qemu_img_check_to_every_workload(backend: 
     assert cell.checkers[-1] == QEMU_IMG_CHECK
     factory = session_for(cell)
     assert isinstance(factory, functools.partial) and factory.func is QemuSession
-    assert factory.keywords == {
-        "backend": Backend(backend),
-        "format": ImageFormat.QCOW2,
-        "format_options": (("lazy_refcounts", "on"),),
-        "host_checkers": cell.checkers,
-    }
+    assert factory.keywords == {"host_checkers": cell.checkers}
+    assert (cell.disk.backend, cell.disk.format, cell.disk.format_options) == (
+        Backend(backend),
+        ImageFormat.QCOW2,
+        (("lazy_refcounts", "on"),),
+    )
 
 
 def test_raw_on_qemu_has_no_qemu_img_check() -> None:

@@ -64,7 +64,7 @@ def verdict_for(
 ) -> tuple[Verdict, str, OracleObservation]:
     expected = expected_for(mode, FaultModel.HOST_POWER_CUT, policy, WORKLOAD, expect=expect)
     _, wlog = run_and_cut(tmp, mode, policy, **kw)
-    report = check(tmp / "d.img", wlog, expected.oracle_mode)
+    report = check(tmp / "d.img", wlog, expected.reference)
     observed = OracleObservation.from_report(report)
     v = judge(expected, Observed(oracle=observed))
     return v.verdict, v.reason, observed

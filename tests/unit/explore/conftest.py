@@ -19,6 +19,7 @@ import pytest
 
 from harness.block import BlockBackend, open_backend
 from harness.block.drivers.log_writes import LogWritesNode
+from harness.durability.contract import CacheMode
 from harness.explore.recording import (
     Recording,
     acks_from_marks,
@@ -115,7 +116,9 @@ class Recorder:
         from harness.durability.writelog import read_log
 
         wlog = read_log(self.root / "write.log")
-        return write_recording(self.root, mode=self.mode, acks=acks_from_marks(wlog), extra=extra)
+        return write_recording(
+            self.root, mode=CacheMode(self.mode), acks=acks_from_marks(wlog), extra=extra
+        )
 
     def close(self) -> None:
         if not self.backend.root.closed:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from harness.durability.contract import Promise
+from harness.durability.contract import CacheMode, Promise
 from harness.errors import ConfigError, JournalError
 from harness.explore.recording import (
     Ack,
@@ -82,7 +82,7 @@ def test_an_ack_outside_the_log_is_refused(recorder: Any) -> None:
     workload(rec)
     rec.finish()
     with pytest.raises(ConfigError, match="outside the log"):
-        write_recording(rec.root, mode="writeback", acks=[Ack("x", 10**6)])
+        write_recording(rec.root, mode=CacheMode.WRITEBACK, acks=[Ack("x", 10**6)])
 
 
 def test_acks_by_time_land_after_every_record_stamped_before(recorder: Any) -> None:

@@ -35,7 +35,7 @@ from harness.crash.explorer.record import RecordedRun, RecordingRunner
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
 from harness.crash.pytest_helpers import PowerCutHelper
-from harness.durability.contract import FaultModel, Promise, Verdict
+from harness.durability.contract import CacheMode, FaultModel, Promise, Verdict
 from harness.durability.cut import apply_cut
 from harness.durability.delta import read_delta
 from harness.durability.oracle import check as oracle_check
@@ -59,7 +59,7 @@ from harness.explore.states import Timeline
 from harness.guest.ssh import CommandResult
 from harness.report.explore import render_explore
 from harness.scenario.cells import single_cell
-from harness.scenario.model import CutSpec, DiskSpec, TriggerKind
+from harness.scenario.model import BlkdebugRule, CutSpec, DiskSpec, Expectation, TriggerKind
 from harness.testing.ext4traffic import Ext4Traffic
 from harness.vm.image import GuestImage
 from harness.workloads.ackrecords import AckRecords
@@ -69,6 +69,7 @@ from harness.workloads.stream import ACKS_FILE, STDERR_FILE, GuestStream
 from .conftest import pattern
 
 RECORD = 4096
+LYING_FLUSH = BlkdebugRule((("op", "flush"), ("action", "lying-flush")))
 
 
 def acked_records(rec: Any, n: int = 6, *, flush: bool = True) -> None:
@@ -159,19 +160,11 @@ def explore(
 ) -> tuple[CellExplorer, dict[str, Any]]:
     cell = single_cell(
         AckRecords(records=6),
-        mode=mode,
-        filesystem="ext4",
-        disk=DiskSpec("ext4"),
+        mode=CacheMode(mode),
+        disk=DiskSpec("ext4", blkdebug=(LYING_FLUSH,) if blkdebug else ()),
         checkers=checkers,
-        expect=expect,
+        expect=Expectation(expect),
     )
-    if blkdebug:
-        import dataclasses
-
-        from harness.scenario.model import BlkdebugRule
-
-        rule = BlkdebugRule((("op", "flush"), ("action", "lying-flush")))
-        cell = dataclasses.replace(cell, blkdebug=(rule,))
     out = tmp_path / "out"
     doc = ExploreDoc(out, "test")
     explorer = CellExplorer(
@@ -261,7 +254,6 @@ def test_explore_json_reads_back_as_records_that_write_the_same_bytes(
     records = single_cell(AckRecords(records=6), checkers=(ORACLE, "ack-records"))
     with_fsck = single_cell(
         AckRecords(records=6),
-        filesystem="ext4",
         disk=DiskSpec("ext4"),
         checkers=(ORACLE, "ack-records", "fsck"),  # e2fsck finds no ext4 here: host-side fails
     )
@@ -605,7 +597,7 @@ def test_a_log_without_data_cannot_be_explored(recorder: Any, tmp_path: Path) ->
     from harness.explore.recording import write_recording
 
     with pytest.raises(JournalError, match=r"without data.*log-data=on"):
-        write_recording(rec.root, mode="writeback", acks=[])
+        write_recording(rec.root, mode=CacheMode.WRITEBACK, acks=[])
     # A recording whose log was swapped for one without data is refused when read.
     good = recorder()
     acked_records(good, 2)

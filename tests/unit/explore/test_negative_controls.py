@@ -10,7 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.durability.contract import CutPolicy, Promise, reference_promise
+from harness.durability.contract import (
+    CacheMode,
+    CutPolicy,
+    FaultModel,
+    Promise,
+    reference_promise,
+)
 from harness.durability.cut import apply_cut
 from harness.explore.doc import StateVerdict
 from harness.explore.hostcheck import HostChecker, explore_host
@@ -39,7 +45,8 @@ def test_unsafe_loses_fsynced_records_within_the_first_hundred_states(recorder: 
     rec = recorder(mode="unsafe")
     acked_records(rec)
     recording = rec.finish()
-    judge = reference_promise("unsafe", "host")  # what its flushes told the guest
+    # What its flushes told the guest:
+    judge = reference_promise(CacheMode.UNSAFE, FaultModel.HOST_POWER_CUT)
     assert judge is Promise.FLUSHED
     result = _explore(recording, Promise.NOTHING, judge)
     failing = result.failing
@@ -76,10 +83,10 @@ def test_a_lying_flush_is_caught(recorder: Any, tmp_path: Path) -> None:
 def test_the_disk_promise_of_unsafe_and_of_a_lying_disk_is_nothing() -> None:
     from harness.explore.states import disk_promise
 
-    assert disk_promise("unsafe") is Promise.NOTHING
-    assert disk_promise("writeback", lying_flush=True) is Promise.NOTHING
-    assert disk_promise("writeback") is Promise.FLUSHED
-    assert disk_promise("directsync") is Promise.EVERY_COMPLETED
+    assert disk_promise(CacheMode.UNSAFE) is Promise.NOTHING
+    assert disk_promise(CacheMode.WRITEBACK, lying_flush=True) is Promise.NOTHING
+    assert disk_promise(CacheMode.WRITEBACK) is Promise.FLUSHED
+    assert disk_promise(CacheMode.DIRECTSYNC) is Promise.EVERY_COMPLETED
 
 
 def test_an_interrupted_exploration_keeps_what_it_checked(recorder: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import ConfigError
-from harness.explore.hostcheck import Ext4Checker, checker_for
+from harness.explore.hostcheck import Ext4Checker, ReadOnlyChecker, checker_for
 
 CASES = [("xfs", "mkfs.xfs", 320), ("btrfs", "mkfs.btrfs", 128), ("f2fs", "mkfs.f2fs", 64)]
 
@@ -51,3 +51,20 @@ def test_checker_names(tmp_path: Path) -> None:
     assert isinstance(checker_for("ext4", tmp_path), Ext4Checker)
     with pytest.raises(ConfigError, match="no host-side checker"):
         checker_for("zfs", tmp_path)
+
+
+def test_the_dirty_log_marker_is_read_in_english_whatever_the_locale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in for xfs_repair -n that, like a translated one, says the marker in English
+    # only under the C locale; LC_ALL set by the user wins over a LANG=C of ours.
+    tool = tmp_path / "fake-xfs-repair"
+    tool.write_text(
+        '#!/bin/sh\nif [ "$LC_ALL" = C ]; then echo "valuable metadata changes in a log"; '
+        'else echo "wertvolle Metadatenänderungen in einem Protokoll"; fi\nexit 1\n'
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    checker = ReadOnlyChecker("xfs_repair", [str(tool)], "valuable metadata changes in a log")
+    outcome = checker.check(tmp_path / "unused.img")
+    assert outcome.ok is None and "log needs replay" in outcome.detail

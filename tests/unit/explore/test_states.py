@@ -211,6 +211,26 @@ def test_a_tear_unit_tears_whole_units_only(recorder: Any) -> None:
             assert len(sectors) == 8 * len(groups)
 
 
+def test_tear_units_are_aligned_to_the_disk_not_to_the_write(recorder: Any) -> None:
+    # A write from sector 3 to sector 26: the 4 KiB units it tears in are the disk's
+    # (sectors 3-7, 8-15, 16-23, 24-26), never eight sectors counted from its first.
+    rec = recorder()
+    rec.write(3 * 512, pattern(1, 12 * KiB))
+    rec.write(64 * KiB + 5 * 512, pattern(2, 6 * KiB))
+    tl = timeline_of(rec.finish())
+    bounds = Bounds(policies=(CutPolicy.TORN,), tear_unit=4096, per_point=64)
+    torn = [t for s in enumerate_states(tl, bounds) for t in s.torn]
+    assert torn
+    writes = {w.seq: w for w in tl.writes}
+    for seq, sectors in torn:
+        w = writes[seq]
+        first, end = w.offset // 512, (w.offset + w.length) // 512
+        blocks = {sec // 8 for sec in sectors}
+        whole = {sec for b in blocks for sec in range(b * 8, b * 8 + 8) if first <= sec < end}
+        assert set(sectors) == whole, (seq, sectors)
+    assert {sec // 8 for _seq, sectors in torn for sec in sectors} >= {0, 1, 2, 3}
+
+
 def test_a_small_budget_reaches_every_point_before_going_deep(recorder: Any) -> None:
     rec = recorder()
     workload(rec)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.durability.contract import CacheMode
 from harness.durability.cut import apply_cut
 from harness.durability.journal import (
     JOURNAL_HEADER,
@@ -71,7 +72,7 @@ def test_a_killed_backend_loses_no_record_and_leaves_only_zero_padding(paths: Pa
     wlog = read_log(paths.log)
     assert wlog.torn_bytes == 0
     assert [r.status for r in wlog.requests] == [0, 0]
-    assert check(paths.image, wlog, "writethrough").ok
+    assert check(paths.image, wlog, CacheMode.WRITETHROUGH).ok
 
 
 def test_a_restarted_backend_cuts_the_padding_and_continues(paths: Paths) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from harness.cli import main
+from harness.durability.contract import CacheMode
 from harness.durability.cut import apply_cut
 from harness.durability.journal import JOURNAL_RECORD, read_journal
 from harness.durability.oracle import check
@@ -35,7 +36,7 @@ def _flushed_then_volatile(paths: Paths, mode: str = "writeback", **kw: object) 
 def test_writeback_cut_is_inside_the_contract(paths: Paths, policy: str) -> None:
     _flushed_then_volatile(paths)
     apply_cut(paths.image, paths.journal, policy, 5)
-    report = check(paths.image, paths.log, "writeback")
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
     assert report.ok, report.violations
     assert report.must >= 8  # sectors 0..7 are pinned by the flushes
     assert report.writes_durable == 2
@@ -44,8 +45,8 @@ def test_writeback_cut_is_inside_the_contract(paths: Paths, policy: str) -> None
 def test_negative_control_unsafe_loses_flushed_writes(paths: Paths) -> None:
     _flushed_then_volatile(paths, "unsafe")
     apply_cut(paths.image, paths.journal, "lose-all", 0)
-    assert check(paths.image, paths.log, "unsafe").ok  # unsafe promises nothing
-    report = check(paths.image, paths.log, "writeback")  # what the guest believed
+    assert check(paths.image, paths.log, CacheMode.UNSAFE).ok  # unsafe promises nothing
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)  # what the guest believed
     assert not report.ok
     assert report.lost == 8
     first = report.violations[0]
@@ -55,7 +56,7 @@ def test_negative_control_unsafe_loses_flushed_writes(paths: Paths) -> None:
 def test_negative_control_lying_flush_is_caught_under_writeback(paths: Paths) -> None:
     _flushed_then_volatile(paths, blkdebug="flush:lying-flush")
     apply_cut(paths.image, paths.journal, "lose-all", 0)
-    report = check(paths.image, paths.log, "writeback")
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
     assert not report.ok and report.lost == 8
 
 
@@ -66,7 +67,7 @@ def test_negative_control_truncated_journal_is_caught(paths: Paths) -> None:
     # Keep its pre-image and completion, drop the DURABLE record and everything after.
     os.truncate(paths.journal, second.payload_offset + second.length + JOURNAL_RECORD.size)
     apply_cut(paths.image, paths.journal, "lose-all", 0)
-    report = check(paths.image, paths.log, "writeback")
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
     assert not report.ok
     v = report.violations[0]
     assert (v.sector, v.kind, v.expected_seq, v.found_seq) == (0, "lost", 3, 1)
@@ -75,13 +76,13 @@ def test_negative_control_truncated_journal_is_caught(paths: Paths) -> None:
 def test_negative_control_image_edited_behind_the_stacks_back(paths: Paths) -> None:
     _flushed_then_volatile(paths)
     apply_cut(paths.image, paths.journal, "keep-all", 0)
-    assert check(paths.image, paths.log, "writeback").ok
+    assert check(paths.image, paths.log, CacheMode.WRITEBACK).ok
     with open(paths.image, "r+b") as f:
         f.seek(3 * S)
         f.write(random.Random(1).randbytes(S))
         f.seek(0)
         f.write(b"A" * S)  # an older version of sector 0
-    report = check(paths.image, paths.log, "writeback")
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
     assert (report.lost, report.corrupt) == (1, 1)
     kinds = {(v.sector, v.kind) for v in report.violations}
     assert kinds == {(0, "lost"), (3, "corrupt")}
@@ -93,12 +94,12 @@ def test_writethrough_requires_every_completed_write(paths: Paths) -> None:
     be.write(S, b"B" * S)
     crash(be)
     apply_cut(paths.image, paths.journal, "lose-all", 0)
-    assert check(paths.image, paths.log, "writethrough").ok
+    assert check(paths.image, paths.log, CacheMode.WRITETHROUGH).ok
     # The same log judged against an image where the last write vanished:
     with open(paths.image, "r+b") as f:
         f.seek(S)
         f.write(b"\x5a" * S)
-    report = check(paths.image, paths.log, "writethrough")
+    report = check(paths.image, paths.log, CacheMode.WRITETHROUGH)
     assert report.lost == 1 and report.violations[0].expected_seq == 2
 
 
@@ -116,14 +117,14 @@ def test_fio_style_random_data_is_identified_by_checksum(paths: Paths) -> None:
         be.write(rng.randrange(0, 64) * 4096, rng.randbytes(4096))
     crash(be)
     apply_cut(paths.image, paths.journal, "random", 3)
-    report = check(paths.image, paths.log, "writeback")
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
     assert report.ok and report.must > 0 and report.unknown == 0
     # Losing a flushed block is named with the write that should be there.
     off = next(iter(blocks))
     with open(paths.image, "r+b") as f:
         f.seek(off)
         f.write(b"\x5a" * 4096)
-    assert check(paths.image, paths.log, "writeback").lost >= 1
+    assert check(paths.image, paths.log, CacheMode.WRITEBACK).lost >= 1
 
 
 def test_check_command_exit_status_and_json(
@@ -162,7 +163,7 @@ def test_first_violations_are_the_lowest_sectors(paths: Paths) -> None:
     be.flush()
     crash(be)
     apply_cut(paths.image, paths.journal, "lose-all", 0)
-    report = check(paths.image, paths.log, "writeback", max_violations=2)
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK, max_violations=2)
     assert report.lost == 16
     assert [v.sector for v in report.violations] == [0, 1]
 
@@ -186,7 +187,7 @@ def test_a_write_in_flight_at_the_cut_is_logged_but_not_counted_as_completed(
         deadline = time.monotonic() + 10
         while len(read_log(paths.log).requests) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        report = check(paths.image, paths.log, "writethrough")
+        report = check(paths.image, paths.log, CacheMode.WRITETHROUGH)
     finally:
         slow.join()
         crash(be)
@@ -217,7 +218,7 @@ def test_a_guest_changing_its_buffer_while_the_write_is_in_flight_leaves_no_unkn
     be.flush()
     crash(be)
     apply_cut(paths.image, paths.journal, "lose-all", 0)
-    report = check(paths.image, paths.log, "writeback")
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
     assert report.ok, report.violations  # the image holds the write the log names
     with open(paths.image, "rb") as f:
         assert f.read(4096) == b"A" * 4096  # the data as it was when the write was submitted

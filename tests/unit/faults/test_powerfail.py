@@ -14,6 +14,7 @@ import pytest
 
 from harness.block import open_backend
 from harness.block.drivers import powerfail
+from harness.durability.contract import CacheMode
 from harness.durability.cut import apply_cut
 from harness.durability.journal import JOURNAL_HEADER, JournalWriter, OpKind, read_journal
 from harness.errors import BlockError, JournalError
@@ -253,7 +254,7 @@ def test_journal_stays_small_while_writes_are_always_in_flight(paths: Paths) -> 
     apply_cut(paths.image, paths.journal, "lose-all", 0)
     data = paths.image.read_bytes()
     assert data[200 * 512 : 201 * 512] == b"\x5a" * 512
-    assert check(paths.image, paths.log, "writeback").ok
+    assert check(paths.image, paths.log, CacheMode.WRITEBACK).ok
 
 
 def test_a_flush_while_a_large_write_takes_its_preimage_keeps_it_revertible(

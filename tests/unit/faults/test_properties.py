@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.block import BlockBackend
+from harness.durability.contract import CacheMode
 from harness.durability.cut import CutPolicy, apply_cut
 from harness.durability.oracle import check
 
@@ -75,7 +76,7 @@ def test_random_concurrent_workload_cut_stays_inside_the_contract(
         finally:
             crash(be)
         apply_cut(paths.image, paths.journal, policy, seed)
-        report = check(paths.image, paths.log, mode)
+        report = check(paths.image, paths.log, CacheMode(mode))
         assert report.ok, (report.summary(), report.violations)
         discards = any(r[0] == "discard" for b in batches for r in b)
         if mode in ("writethrough", "directsync") and not discards:

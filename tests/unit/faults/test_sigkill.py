@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from harness.durability.contract import CacheMode
 from harness.durability.cut import apply_cut
 from harness.durability.journal import read_journal
 from harness.durability.oracle import check
@@ -80,7 +81,7 @@ def test_sigkilled_backend_leaves_readable_journal_and_log(tmp_path: Path) -> No
 
     # A process crash reverts nothing: every completed write is on the image.
     after_kill = paths.image.read_bytes()
-    report = check(paths.image, wlog, "writethrough")
+    report = check(paths.image, wlog, CacheMode.WRITETHROUGH)
     assert report.ok, report.violations
 
     # keep-all is the image as it was.
@@ -96,5 +97,5 @@ def test_sigkilled_backend_leaves_readable_journal_and_log(tmp_path: Path) -> No
         shutil.copy(paths.image, img)
         shutil.copy(paths.journal, j)
         apply_cut(img, j, policy, 7)
-        report = check(img, wlog, "writeback")
+        report = check(img, wlog, CacheMode.WRITEBACK)
         assert report.ok, (policy, report.violations)

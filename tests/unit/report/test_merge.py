@@ -17,13 +17,14 @@ from harness.errors import ConfigError
 from harness.report.merge import merge_results
 from harness.report.render import render_all
 from harness.report.results import load_results
+from harness.vm.spec import Accel
 
 ROOT = Path(__file__).parents[3]
 
 
 def shard(tmp_path: Path, name: str, spec: str | None, scenario: str = "matrix") -> Path:
     out = tmp_path / name
-    plan = make_plan([scenario], out, accel="tcg", shard=spec)
+    plan = make_plan([scenario], out, accel=Accel.TCG, shard=spec)
     run_plan(
         plan,
         command=f"powercut run {scenario} --shard {spec}",

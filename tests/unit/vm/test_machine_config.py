@@ -9,8 +9,10 @@ from xml.etree import ElementTree as ET
 import pytest
 
 from harness.block.cache import CacheMode
+from harness.cli import build_parser
+from harness.commands import vm as vm_command
 from harness.errors import ConfigError
-from harness.vm.accel import choose_accel
+from harness.vm.accel import choose_accel, parse_accel
 from harness.vm.backends import Backend, ProcessBackend, make_backend
 from harness.vm.libvirt import QEMU_NS, domain_xml
 from harness.vm.machine import free_port
@@ -66,10 +68,14 @@ def test_qemu_disks_keep_spec_order_cache_and_reconnect(tmp_path):
     assert _opt(argv, "-cpu") == ["host"]
 
 
-def test_file_disk_accepts_qemu_cache_names():
-    assert FileDisk(Path("x"), "off").cache is CacheMode.NONE  # type: ignore[arg-type]
+def test_powercut_vm_accepts_qemu_cache_names(tmp_path):
+    def served(cache: str) -> object:
+        argv = ["vm", "--disk", str(tmp_path / "d.img"), "--cache", cache]
+        return vm_command.disk_backend(build_parser(argv).parse_args(argv), tmp_path).start()
+
+    assert served("off") == FileDisk(tmp_path / "d.img", CacheMode.NONE)
     with pytest.raises(ConfigError):
-        FileDisk(Path("x"), "fast")  # type: ignore[arg-type]
+        served("fast")
 
 
 def test_libvirt_xml_describes_vhostuser_disks_memfd_and_hostfwd(tmp_path):
@@ -105,19 +111,19 @@ def _served(kind: Backend, tmp_path: Path, **settings) -> ProcessBackend:
 
 
 def test_qemu_storage_daemon_export_follows_the_cache_mode(tmp_path):
-    qsd = _served(Backend.QSD, tmp_path, cache="directsync", num_queues=2)
+    qsd = _served(Backend.QSD, tmp_path, cache=CacheMode.DIRECTSYNC, num_queues=2)
     words = " ".join(qsd.argv())
     assert words.startswith("qemu-storage-daemon --blockdev driver=file,")
     assert "cache.direct=on" in words and "cache.no-flush=off" in words
     assert "writethrough=on" in words and "num-queues=2" in words
     assert f"addr.path={tmp_path / 'disk0.sock'}" in words
-    unsafe = " ".join(_served(Backend.QSD, tmp_path, cache="unsafe").argv())
+    unsafe = " ".join(_served(Backend.QSD, tmp_path, cache=CacheMode.UNSAFE).argv())
     assert "cache.no-flush=on" in unsafe and "writethrough=off" in unsafe
     assert qsd.logs() == {"disk0 qemu-storage-daemon": tmp_path / "disk0-qemu-storage-daemon.log"}
 
 
 def test_powercut_backend_runs_powercut_serve(tmp_path):
-    argv = _served(Backend.POWERCUT, tmp_path, cache="none").argv()
+    argv = _served(Backend.POWERCUT, tmp_path, cache=CacheMode.NONE).argv()
     assert argv[1:5] == ["-m", "harness.cli", "serve", str(tmp_path / "d.img")]
     assert shlex.join(argv).endswith(f"--socket {tmp_path / 'disk0.sock'} --queues 1 --cache none")
 
@@ -132,17 +138,20 @@ def test_unknown_backend_names_the_choices(tmp_path):
 
 def test_builtin_is_another_name_for_qemus_own_block_layer(tmp_path):
     assert Backend.parse("builtin") is Backend.QEMU is Backend.parse("qemu")
-    disk = make_backend("builtin", tmp_path / "d.img", tmp_path, cache="none").start()
+    disk = make_backend("builtin", tmp_path / "d.img", tmp_path, cache=CacheMode.NONE).start()
     assert disk == FileDisk(tmp_path / "d.img", CacheMode.NONE)
 
 
 def test_accel_request_and_environment_override_the_probe(monkeypatch, tmp_path):
     kernel = tmp_path / "no-kernel"
-    assert choose_accel("tcg", kernel, cache=tmp_path) is Accel.TCG
+    assert choose_accel(parse_accel("tcg"), kernel, cache=tmp_path) is Accel.TCG
     monkeypatch.setenv("POWERCUT_ACCEL", "kvm")
-    assert choose_accel(None, kernel, cache=tmp_path) is Accel.KVM
+    assert choose_accel(parse_accel("auto"), kernel, cache=tmp_path) is Accel.KVM
     with pytest.raises(ConfigError, match="kvm, tcg or auto"):
-        choose_accel("hvf", kernel, cache=tmp_path)
+        parse_accel("hvf")
+    monkeypatch.setenv("POWERCUT_ACCEL", "hvf")
+    with pytest.raises(ConfigError, match="kvm, tcg or auto"):
+        choose_accel(None, kernel, cache=tmp_path)
 
 
 def test_accel_verdict_is_cached_per_host_boot(monkeypatch, tmp_path):
