@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from harness.durability.contract import Promise
+from harness.durability.contract import CacheMode, Promise
 from harness.durability.writelog import (
     LogFlags,
     LogHeader,
@@ -177,7 +177,7 @@ class Schedule:
         self.writer.close()
         (self.root / BASE_NAME).write_bytes(self.base)
         acks = acks_from_marks(read_log(self.log))
-        return write_recording(self.root, mode="writeback", acks=acks)
+        return write_recording(self.root, mode=CacheMode.WRITEBACK, acks=acks)
 
     # -- the contract, written out for the test ------------------------------------------
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.durability.contract import Promise
+from harness.durability.contract import CacheMode, Promise
 from harness.durability.oracle import check
 from harness.durability.writelog import Op
 
@@ -54,16 +54,16 @@ def test_a_flush_covers_only_writes_completed_before_it_started(tmp_path: Path) 
     sched, before, inflight = _flush_while_in_flight(tmp_path / "log")
     # The host lost the write that was in flight when the flush started: allowed.
     lost_inflight = _image(sched, tmp_path / "a.img", {0: b"b" * S})
-    report = check(lost_inflight, sched.log, "writeback")
+    report = check(lost_inflight, sched.log, CacheMode.WRITEBACK)
     assert report.ok, report.violations
     assert (report.writes_durable, report.must, report.lost) == (1, 2, 0)
     # Losing the write that completed before the flush started breaks the promise.
     lost_before = _image(sched, tmp_path / "b.img", {4: b"i" * S})
-    report = check(lost_before, sched.log, "writeback")
+    report = check(lost_before, sched.log, CacheMode.WRITEBACK)
     assert not report.ok and report.lost == 1
     assert [(v.sector, v.expected_seq, v.found_seq) for v in report.violations] == [(0, before, 0)]
     # Under writethrough every completed write is owed: losing the in-flight one is lost.
-    report = check(lost_inflight, sched.log, "writethrough")
+    report = check(lost_inflight, sched.log, CacheMode.WRITETHROUGH)
     assert report.lost == 1 and report.violations[0].expected_seq == inflight
 
 
@@ -75,9 +75,11 @@ def test_a_later_write_still_in_flight_may_replace_a_durable_one(tmp_path: Path)
     sched.write(0, b"n" * S)  # in flight at the cut
     sched.finish()
     for content, ok in ((b"o" * S, True), (b"n" * S, True), (sched.base[:S], False)):
-        report = check(_image(sched, tmp_path / "i.img", {0: content}), sched.log, "writeback")
+        report = check(
+            _image(sched, tmp_path / "i.img", {0: content}), sched.log, CacheMode.WRITEBACK
+        )
         assert report.ok is ok, (content[:1], report.summary())
-    report = check(_image(sched, tmp_path / "i.img", {0: b"?" * S}), sched.log, "writeback")
+    report = check(_image(sched, tmp_path / "i.img", {0: b"?" * S}), sched.log, CacheMode.WRITEBACK)
     assert report.corrupt == 1 and report.violations[0].kind == "corrupt"
 
 
@@ -209,7 +211,7 @@ def test_an_overwritten_sector_holding_its_newest_unflushed_write_counts_as_unfl
     for fill in (b"a", b"b"):
         sched.complete(sched.write(0, fill * S))
     sched.finish()
-    report = check(_image(sched, tmp_path / "i.img", {0: b"b" * S}), sched.log, "writeback")
+    report = check(_image(sched, tmp_path / "i.img", {0: b"b" * S}), sched.log, CacheMode.WRITEBACK)
     assert report.ok and (report.must, report.may, report.unflushed) == (0, 1, 1)
 
 
@@ -220,7 +222,7 @@ def test_an_unflushed_write_of_what_was_there_already_leaves_the_sector_as_it_mu
     sched.complete(sched.write(0, sched.base[:S]))  # the sector's own content
     sched.complete(sched.write(0, b"b" * S))
     sched.finish()
-    report = check(_image(sched, tmp_path / "i.img", {}), sched.log, "writeback")
+    report = check(_image(sched, tmp_path / "i.img", {}), sched.log, CacheMode.WRITEBACK)
     assert report.ok and (report.must, report.may, report.unflushed) == (1, 0, 0)
 
 
@@ -237,10 +239,12 @@ def test_the_newest_durable_write_is_the_last_submitted_even_when_an_older_one_e
     sched.complete(sched.flush())
     sched.finish()
     # `middle` finished before `last` (durable) started: its content is lost data.
-    report = check(_image(sched, tmp_path / "v.img", {0: b"v" * S}), sched.log, "writeback")
+    report = check(_image(sched, tmp_path / "v.img", {0: b"v" * S}), sched.log, CacheMode.WRITEBACK)
     assert (report.lost, report.ok) == (1, False)
     for kept in (b"0", b"2"):  # `first` and `last` overlap: either may be on the disk
-        report = check(_image(sched, tmp_path / "k.img", {0: kept * S}), sched.log, "writeback")
+        report = check(
+            _image(sched, tmp_path / "k.img", {0: kept * S}), sched.log, CacheMode.WRITEBACK
+        )
         assert report.ok and report.must == 1
 
 
@@ -250,5 +254,5 @@ def test_the_sectors_an_unflushed_write_left_as_they_were_must_hold_so(tmp_path:
     sched.complete(sched.write(2 * S, data))
     sched.finish()
     image = _image(sched, tmp_path / "i.img", {2: data[:S], 3: data[S:]})
-    report = check(image, sched.log, "writeback")
+    report = check(image, sched.log, CacheMode.WRITEBACK)
     assert report.ok and (report.must, report.may, report.unflushed) == (1, 1, 1)
