@@ -346,7 +346,10 @@ def test_the_check_runs_in_the_mount_with_the_seed(tmp_path: Path) -> None:
     run.after_cut(10)
     workload.check(ctx, 42, run)  # type: ignore[arg-type]
     setup, started, check = guest.commands
-    env = "cd /mnt && export POWERCUT_SEED=42 POWERCUT_MOUNT=/mnt && "
+    env = (
+        "{ [ ! -r /etc/powercut/node.env ] || . /etc/powercut/node.env; } && "
+        "cd /mnt && export POWERCUT_SEED=42 POWERCUT_MOUNT=/mnt && "
+    )
     assert setup == env + "my-app --init"
     assert check == env + "my-app --list"
     assert env + "my-app --commit" in started
