@@ -36,6 +36,7 @@ from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
 from harness.crash.pytest_helpers import PowerCutHelper
 from harness.durability.contract import CacheMode, FaultModel, Promise, Verdict
+from harness.durability.cut import apply_cut
 from harness.durability.delta import read_delta
 from harness.durability.oracle import check as oracle_check
 from harness.errors import ConfigError, GuestError, JournalError
@@ -44,6 +45,7 @@ from harness.explore.doc import (
     CellRecord,
     CellStatus,
     ExploreDocument,
+    GuestFsck,
     StateRecord,
     Where,
     load_doc,
@@ -190,7 +192,9 @@ def test_explore_json_holds_every_state_with_its_checks_and_the_totals(
 ) -> None:
     rec = recorder()
     acked_records(rec)
-    _explorer, doc = explore(tmp_path, rec, rec.finish(), guest=False)
+    rec.write(40 * RECORD, pattern(7))  # never flushed: the runner's two cuts differ
+    recording = rec.finish()
+    explorer, doc = explore(tmp_path, rec, recording, guest=False)
     assert doc["complete"] and doc["ok"] and not doc["interrupted"]
     cell = doc["cells"][0]
     assert cell["status"] == "done" and cell["verdict"] == "pass", cell["reason"]
@@ -203,9 +207,24 @@ def test_explore_json_holds_every_state_with_its_checks_and_the_totals(
         assert state["verdict"] == "pass"
         assert {"id", "point", "lost", "torn", "checks", "acked"} <= state.keys()
         assert state["checks"][0]["checker"] == ORACLE and state["checks"][0]["ok"]
-    # The runner's own lose-all and keep-all cuts at the end are explored states.
-    assert cell["runner_cuts"]["lose-all"]["same_image"]
-    assert cell["runner_cuts"]["keep-all"]["same_image"]
+    # The runner's own lose-all and keep-all cuts at the end are explored states: cut a copy
+    # of the recorded disk as the runner would, and compare with the state each one names.
+    timeline = Timeline(recording.read_log(), Promise.FLUSHED, recording.acks)
+    end = timeline.points[-1].number
+    with StateBuilder(timeline, recording.log, recording.base) as builder:
+        for policy in ("lose-all", "keep-all"):
+            image, journal = tmp_path / f"{policy}.img", tmp_path / f"{policy}.journal"
+            shutil.copyfile(rec.image, image)
+            shutil.copyfile(rec.journal, journal)
+            apply_cut(image, journal, policy, 0)
+            runner = image.read_bytes()
+            ours = builder.replay(explorer.state_of(f"p{end}-{policy}-0"), tmp_path / "s.img")
+            assert ours.read_bytes() == runner, policy
+            assert (runner[40 * RECORD : 41 * RECORD] == pattern(7)) is (policy == "keep-all")
+            named = cell["runner_cuts"][policy]
+            assert named["same_image"] and named["state"] is not None
+            named_image = builder.replay(explorer.state_of(named["state"]), tmp_path / "n.img")
+            assert named_image.read_bytes() == runner, policy
     assert cell["states"][0]["id"].endswith("lose-all-0")
     assert cell["keep"] == "FLUSHED" and cell["judge"] == "FLUSHED"
 
@@ -355,6 +374,59 @@ def test_acks_without_a_flush_are_caught_in_the_guest_and_shrunk_to_the_write(
         assert write["loss"] == "lost" and write["length"] == RECORD
         assert write["offset"] % RECORD == 0 and "flush_epoch" in write
     assert broken[0]["replay"].startswith("powercut explore replay ")
+
+
+def test_a_state_the_checker_guest_cannot_mount_fails_and_is_counted(
+    recorder: Any, tmp_path: Path
+) -> None:
+    """A filesystem that does not mount (its journal did not recover) is damage: fsck's role."""
+    rec = recorder()
+    acked_records(rec)
+    recording = rec.finish()
+
+    class Unmountable(FakeGuest):
+        def check(
+            self, delta: Path, run: Any, *, guest_fsck: bool, verify: bool, state: str = ""
+        ) -> GuestCheck:
+            if run.acked() != 2:
+                return super().check(delta, run, guest_fsck=guest_fsck, verify=verify, state=state)
+            return GuestCheck(False, None, "mount /dev/vda: Structure needs cleaning")
+
+    cell = single_cell(AckRecords(records=6), checkers=(ORACLE, "ack-records"))
+    out = tmp_path / "out"
+    doc = ExploreDoc(out, "test")
+    explorer = CellExplorer(
+        cell,
+        ExploreSpec(max_states=200, minimize=0),
+        out / "cells" / "000",
+        None,
+        out=out,
+        index=0,
+        options=ExploreOptions(guest=True, guest_factory=Unmountable, full_every=1),
+        doc=doc,
+    )
+    explorer.explore(recorded(rec, recording))
+    doc.finish()
+    result = json.loads((out / DOC_NAME).read_text())["cells"][0]
+    unmounted = [s for s in result["states"] if s["acked"] == 2]
+    assert unmounted and len(unmounted) < len(result["states"])
+    for s in unmounted:
+        assert s["verdict"] == "fail" and s["contract_broken"] and s["broken_by"] == ["mount"]
+        mount = next(c for c in s["checks"] if c["checker"] == "mount")
+        assert mount["ok"] is False and "needs cleaning" in mount["detail"]
+    assert result["states_failing"] == result["states_breaking_contract"] == len(unmounted)
+    assert result["verdict"] == "fail"
+    assert "break the contract" in result["reason"]
+
+
+def test_a_guest_check_that_did_not_mount_has_failed() -> None:
+    assert GuestCheck(False, None, "no mount").failed
+    assert GuestCheck(False, RecordsSeen(1, 1)).failed  # whatever the check said
+    assert not GuestCheck(True, RecordsSeen(2, 2)).failed
+    assert not GuestCheck(None, RecordsSeen(2, 2)).failed  # no filesystem to mount
+    assert GuestCheck(True, RecordsSeen(2, 1)).failed
+    assert GuestCheck(True, None, fsck=GuestFsck("fsck", 1, False, "")).failed
+    assert not GuestCheck(True, None, "the check raised").failed  # could not judge
 
 
 def test_negative_controls_pass_when_loss_is_found_and_judge_by_the_promise(

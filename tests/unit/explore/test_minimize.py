@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness.durability.contract import CutPolicy
 from harness.explore.minimize import ddmin, losses_of, minimize_state
@@ -83,3 +85,51 @@ def test_minimize_state_shrinks_lost_and_torn_writes() -> None:
     assert m.checks > 0
     assert m.losses == [("lost", 6, ()), ("torn", 7, (60,))]
     assert len(losses_of(state)) == 7
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    size=st.integers(1, 40),
+    sets=st.lists(st.lists(st.integers(0, 39), min_size=1, max_size=4), min_size=1, max_size=3),
+    budget=st.one_of(st.none(), st.integers(1, 40)),
+)
+def test_any_monotone_failure_is_shrunk_within_budget_to_a_failing_subset(
+    size: int, sets: list[list[int]], budget: int | None
+) -> None:
+    items = list(range(size))
+    causes = [set(s) for s in sets if set(s) <= set(items)] or [{size - 1}]
+    calls: list[frozenset[int]] = []
+
+    def fails(subset: list[int]) -> bool:
+        calls.append(frozenset(subset))
+        return any(c <= set(subset) for c in causes)
+
+    found, checks = ddmin(items, fails, max_checks=budget)
+    assert any(c <= set(found) for c in causes)  # it still fails, whatever the budget
+    assert found == sorted(set(found)) and set(found) <= set(items)  # a subset, in order
+    assert checks == len(calls) == len(set(calls))  # each distinct subset checked once
+    if budget is not None:
+        assert checks <= budget
+    if budget is None or checks < budget:
+        # 1-minimal: without any one of its items it no longer fails.
+        for i in range(len(found)):
+            assert not any(c <= set(found[:i] + found[i + 1 :]) for c in causes)
+
+
+def test_minimize_state_names_its_tries_keeps_the_original_and_respects_its_budget() -> None:
+    point = Point(1, 10, (PointKind.END,), ("end",), 0)
+    state = State("p1-random-2", point, CutPolicy.RANDOM, tuple(range(1, 30)), (), 29)
+    tried: list[str] = []
+
+    def fails(s: State) -> bool:
+        tried.append(s.id)
+        return {3, 17} <= set(s.lost)
+
+    m = minimize_state(state, fails)
+    assert m.original is state and m.state.lost == (3, 17)
+    assert tried == [f"p1-random-2-try{k}" for k in range(1, len(tried) + 1)]
+    assert m.checks == len(tried)
+    tried.clear()
+    small = minimize_state(state, fails, max_checks=4)
+    assert small.checks == len(tried) <= 4
+    assert {3, 17} <= set(small.state.lost)  # shrunk as far as the budget went, still failing

@@ -10,7 +10,7 @@ import pytest
 
 from harness.cli import main
 from harness.durability.cut import CutPolicy, apply_cut
-from harness.durability.journal import read_journal
+from harness.durability.journal import JournalWriter, OpKind, read_journal
 
 from .conftest import crash
 from .stack import Paths, make_paths, open_stack
@@ -99,6 +99,35 @@ def test_prefix_keeps_writes_in_completion_order(paths: Paths, tmp_path: Path) -
         lost = sorted(w.seq for w in result.reverted)
         # The lost writes are a suffix of the volatile ones (seqs 2, 3, 4 in completion order).
         assert lost == list(range(5 - len(lost), 5))
+
+
+def test_prefix_follows_completion_order_when_writes_complete_out_of_order(
+    tmp_path: Path,
+) -> None:
+    """A journal of concurrent writes: completed 3, 1, 2, and 4 still in flight at the cut."""
+    image, journal = tmp_path / "d.img", tmp_path / "d.journal"
+    image.write_bytes(b"\x5a" * (8 * S))
+    writer = JournalWriter.create(journal, S, 8 * S)
+    for seq in (1, 2, 3, 4):  # each write's pre-image, then the write lands on the image
+        writer.preimage(seq, OpKind.WRITE, seq * S, b"\x5a" * S)
+    for index, seq in enumerate((3, 1, 2), start=1):
+        writer.complete(seq, index, failed=False)
+    writer.close()
+    written = b"\x5a" * S + b"".join(bytes([seq]) * S for seq in (1, 2, 3, 4)) + b"\x5a" * 3 * S
+    orders = set()
+    for seed in range(40):
+        img, j = tmp_path / "c.img", tmp_path / "c.journal"
+        img.write_bytes(written)
+        shutil.copy(journal, j)
+        result = apply_cut(img, j, "prefix", seed)
+        data = img.read_bytes()
+        kept = tuple(seq for seq in (1, 2, 3, 4) if data[seq * S] == seq)
+        lost = {w.seq for w in result.reverted}
+        assert set(kept) | lost == {1, 2, 3, 4} and not set(kept) & lost
+        # What survives is the first writes to complete: a prefix of 3, 1, 2, then 4.
+        assert tuple(sorted(kept)) in {(), (3,), (1, 3), (1, 2, 3), (1, 2, 3, 4)}, seed
+        orders.add(kept)
+    assert len(orders) >= 4  # the seeds cut at different places
 
 
 def test_torn_write_persists_some_sectors_only(paths: Paths, tmp_path: Path) -> None:

@@ -19,10 +19,12 @@ from harness.durability.cut import apply_cut
 from harness.durability.journal import (
     JOURNAL_HEADER,
     JOURNAL_RECORD,
+    DurableReason,
     JournalHeader,
     JournalRecordType,
     JournalWriter,
     OpKind,
+    compact_journal,
     read_journal,
 )
 from harness.durability.mapped import MappedAppender, all_zero, last_nonzero
@@ -256,3 +258,39 @@ def test_a_failed_preimage_read_frees_its_range_and_journals_nothing(tmp_path: P
     state, _ = read_journal(journal)
     assert [p.seq for p in state.preimages] == [1]
     assert image.read_bytes()[:S] == b"b" * S
+
+
+def test_compacting_keeps_what_is_owed_with_its_completion_and_failure(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    writer = JournalWriter.create(path, 512, 1 << 20)
+    for seq in (1, 2, 3, 4):
+        writer.preimage(seq, OpKind.WRITE, seq * 512, bytes([seq]) * 512)
+    writer.complete(1, 1, failed=False)
+    writer.complete(3, 2, failed=True)
+    writer.complete(2, 3, failed=False)
+    writer.durable(1, DurableReason.FLUSH)  # write 1 is durable: compaction drops it
+    writer.close()
+    compact_journal(path)
+    state, _ = read_journal(path)
+    assert [p.seq for p in state.preimages] == [2, 3, 4]
+    assert state.completion == {2: 3, 3: 2} and state.failed == {3}
+    assert state.durable_index == 1 and not state.is_durable(2)  # 1 is gone: nothing owed
+
+
+def test_a_new_journal_replaces_whatever_the_file_held(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    path.write_bytes(b"\xee" * 100_000)
+    writer = JournalWriter.create(path, 512, 1 << 20)
+    writer.preimage(1, OpKind.WRITE, 0, b"a" * 512)
+    try:  # read as a crash finds it (no close, which cuts the file to its records)
+        state, _ = read_journal(path)
+    finally:
+        writer.close()
+    assert [p.seq for p in state.preimages] == [1] and state.torn_bytes == 0
+
+
+def test_reopening_a_journal_without_its_header_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    path.write_bytes(b"\0" * 4096)
+    with pytest.raises(JournalError, match=str(path)):
+        JournalWriter.reopen(path, 4096)

@@ -16,7 +16,7 @@ from harness.block import open_backend
 from harness.block.drivers import powerfail
 from harness.durability.contract import CacheMode
 from harness.durability.cut import apply_cut
-from harness.durability.journal import JOURNAL_HEADER, read_journal
+from harness.durability.journal import JOURNAL_HEADER, JournalWriter, OpKind, read_journal
 from harness.errors import BlockError, JournalError
 
 from .conftest import crash
@@ -322,3 +322,46 @@ def test_a_large_write_whose_preimage_cannot_be_read_is_owed_no_longer(
         crash(be)
     state, _ = read_journal(paths.journal)
     assert state.preimages == []  # nothing owed: the durable flush started the journal over
+
+
+def _journal_of(tmp_path: Path, records: list[str]) -> tuple[bytes, list[int]]:
+    """A journal (no padding after its last record) and where each record starts."""
+    path = tmp_path / "j"
+    writer = JournalWriter.create(path, 512, 1 << 20)
+    starts = []
+    for i, kind in enumerate(records, start=1):
+        starts.append(writer.size())
+        if kind == "preimage":
+            writer.preimage(i, OpKind.WRITE, i * 512, bytes([i]) * 512)
+        else:
+            writer.complete(1, i, failed=False)
+    end = writer.size()
+    writer.close()
+    return path.read_bytes()[:end], starts
+
+
+@pytest.mark.parametrize(
+    ("records", "damaged"),
+    [
+        (["preimage", "preimage"], 0),  # a record with a payload follows, last in the file
+        (["preimage", "preimage", "complete"], 1),  # one without, ending the file exactly
+        (["preimage", "complete", "complete"], 0),
+    ],
+)
+def test_any_good_record_after_a_damaged_one_is_found(
+    tmp_path: Path, records: list[str], damaged: int
+) -> None:
+    data, starts = _journal_of(tmp_path, records)
+    bad = bytearray(data)
+    bad[starts[damaged] + 40] ^= 0xFF  # inside the record (header or pre-image)
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    with pytest.raises(
+        JournalError, match=f"damaged but good records follow \\(at byte {starts[damaged + 1]}"
+    ):
+        read_journal(tmp_path / "bad")
+    # Damage to the last record alone is a torn tail: the records before it count.
+    torn = bytearray(data)
+    torn[starts[-1] + 20] ^= 0xFF
+    (tmp_path / "torn").write_bytes(bytes(torn))
+    state, _ = read_journal(tmp_path / "torn")
+    assert state.torn_bytes == len(data) - starts[-1] and state.valid_length == starts[-1]

@@ -24,6 +24,7 @@ from harness.durability.writelog import (
 )
 from harness.errors import BackendStoppedError, JournalError
 
+from .concurrent import Schedule
 from .conftest import crash
 from .stack import Paths, open_stack
 
@@ -174,3 +175,83 @@ def test_write_cache_state_is_recorded_from_open_and_on_every_switch(paths: Path
     assert (first["write_cache"], first["fua"]) == (True, False)
     assert (second["write_cache"], second["fua"]) == (False, True)
     assert [state for _i, state in wlog.write_cache_changes] == [True, False]
+
+
+def test_dm_log_writes_export_of_concurrent_io_orders_as_the_kernel_logs(tmp_path: Path) -> None:
+    """dm-log-writes logs a write when it completes and a flush when it starts; failed and
+    unfinished requests never reached its log device."""
+    sched = Schedule.new(tmp_path / "rec", sectors=64)
+    a = sched.write(0, b"a" * 2 * S)
+    z = sched.zeroes(8 * S, 4 * S, fua=True)
+    f = sched.flush()  # starts before `a` and `z` complete
+    sched.complete(z)
+    sched.complete(a)
+    d = sched.discard(16 * S, 8 * S)
+    sched.complete(f)
+    b = sched.write(32 * S, b"b" * S, fua=True)
+    failed = sched.write(40 * S, b"x" * S)
+    sched.complete(failed, status=5)
+    sched.complete(d)
+    sched.complete(b)
+    sched.write(48 * S, b"w" * S)  # in flight at the end
+    sched.flush()  # in flight too
+    sched.finish()
+    out = tmp_path / "dm.log"
+    assert export_dm_log_writes(read_log(sched.log), out) == 5
+    entries = read_dm_log_writes(out)
+    got = [(e.sector, e.nr_sectors, e.flags, e.data) for e in entries]
+    assert got == [
+        (0, 0, DM_LOG_FLUSH, b""),  # f, at its start
+        (8, 4, DM_LOG_FUA, bytes(4 * S)),  # z, at its completion
+        (0, 2, 0, b"a" * 2 * S),
+        (16, 8, DM_LOG_DISCARD, b""),
+        (32, 1, DM_LOG_FUA, b"b" * S),
+    ]
+
+    # Byte for byte as replay-log reads it: the super block, then each entry in a sector of
+    # its own (zero padded) followed by its data.
+    def sector(*fields: int) -> bytes:
+        return struct.pack("<" + "Q" * len(fields[:-1]) + "I", *fields).ljust(S, b"\0")
+
+    def entry(first: int, count: int, flags: int) -> bytes:
+        return struct.pack("<QQQQ", first, count, flags, 0).ljust(S, b"\0")
+
+    raw = out.read_bytes()
+    assert raw == b"".join(
+        [
+            sector(0x6A736677736872, 1, 5, S),
+            entry(0, 0, DM_LOG_FLUSH),
+            entry(8, 4, DM_LOG_FUA) + bytes(4 * S),
+            entry(0, 2, 0) + b"a" * 2 * S,
+            entry(16, 8, DM_LOG_DISCARD),
+            entry(32, 1, DM_LOG_FUA) + b"b" * S,
+        ]
+    )
+    for bad in (struct.pack("<QQ", 0x6A736677736872, 2), struct.pack("<QQ", 7, 1)):
+        (tmp_path / "bad.log").write_bytes(bad + raw[16:])
+        with pytest.raises(JournalError, match="is not a dm-log-writes log"):
+            read_dm_log_writes(tmp_path / "bad.log")
+
+
+def test_dm_log_writes_cannot_describe_a_write_that_is_not_512_byte_aligned(
+    tmp_path: Path,
+) -> None:
+    for offset, length in ((S, 100), (3, S)):
+        sched = Schedule.new(tmp_path / f"r{offset}", sectors=8)
+        sched.complete(sched.write(offset, b"u" * length))
+        sched.finish()
+        with pytest.raises(JournalError, match="is not 512-byte aligned"):
+            export_dm_log_writes(read_log(sched.log), tmp_path / "dm.log")
+
+
+def test_dm_log_writes_export_goes_on_past_a_failed_or_unfinished_request(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path / "rec", sectors=16)
+    failed = sched.write(0, b"x" * S)
+    sched.write(2 * S, b"w" * S)  # never completes
+    good = sched.write(4 * S, b"g" * S)
+    sched.complete(failed, status=5)
+    sched.complete(good)
+    sched.finish()
+    out = tmp_path / "dm.log"
+    assert export_dm_log_writes(read_log(sched.log), out) == 1
+    assert [(e.sector, e.data) for e in read_dm_log_writes(out)] == [(4, b"g" * S)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 
 from hypothesis import given, settings
@@ -52,3 +53,36 @@ def test_logged_writes_carry_a_span_crc_the_oracle_can_compare(paths: Paths) -> 
     whole = paths.image.read_bytes()[8192 + 512 : 8192 + 3 * 512]
     assert second.span_crc == zlib.crc32(whole)
     assert second.crcs is not None and len(second.crcs) == 2
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(
+    data=st.binary(min_size=0, max_size=9 * 512),
+    offset=st.integers(0, 3 * 4096),
+    sector_size=st.sampled_from([512, 4096]),
+)
+def test_sector_crcs_are_those_of_the_whole_sectors_inside_the_buffer(
+    data: bytes, offset: int, sector_size: int
+) -> None:
+    first = -(-offset // sector_size) * sector_size  # the first sector boundary at or after
+    whole = [
+        zlib.crc32(data[at - offset : at - offset + sector_size])
+        for at in range(first, offset + len(data) - sector_size + 1, sector_size)
+    ]
+    assert list(sector_crcs(data, offset, sector_size)) == whole
+
+
+@settings(deadline=None, derandomize=True, max_examples=50)
+@given(count=st.integers(0, 300), sector_size=st.sampled_from([512, 1024, 4096]))
+def test_aligned_sector_crcs_of_sizes_not_seen_before(count: int, sector_size: int) -> None:
+    import harness.durability.writelog as writelog
+
+    data = os.urandom(count * sector_size)
+    saved = dict(writelog._sector_packers)
+    writelog._sector_packers.clear()  # the packers are cached per size: make this one anew
+    try:
+        got = aligned_sector_crcs(data, sector_size)
+    finally:
+        writelog._sector_packers.update(saved)
+    want = [zlib.crc32(data[i : i + sector_size]) for i in range(0, len(data), sector_size)]
+    assert got == struct.pack(f"<{count}I", *want)

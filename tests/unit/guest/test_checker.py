@@ -16,14 +16,17 @@ import select
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from harness.crash.explorer.checker import CheckerShell, NotMounted
+from harness.crash.explorer.checker import CheckerGuest, CheckerShell, NotMounted, mount_request
 from harness.errors import CommandError, GuestError, TimeoutExpired
 from harness.guest.checker import HELPER, CheckerLoop, text
+from harness.workloads.base import Observation
 
 pytestmark = pytest.mark.skipif(shutil.which("perl") is None, reason="needs perl")
 
@@ -202,6 +205,84 @@ def test_a_helper_that_dies_is_a_clear_error(tmp_path: Path) -> None:
             helper.request({"command": "true"}, 10)
     finally:
         helper.close()
+
+
+class _Answers:
+    """The helper's answers for a state that does (or does not) mount."""
+
+    def __init__(self, mounts: bool) -> None:
+        self.mounts = mounts
+        self.sent: list[dict[str, Any]] = []
+
+    def request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self.sent.append(req)
+        answer: dict[str, Any] = {"release": {"ok": True, "ms": 1}}
+        if "mount" in req:
+            answer["mount"] = (
+                {"ok": True, "ms": 2}
+                if self.mounts
+                else {"ok": False, "error": "mount /dev/vda: Structure needs cleaning", "ms": 2}
+            )
+        if "command" in req and self.mounts:
+            answer["command"] = {"exit": 0, "stdout": "7\n", "stderr": "", "ms": 3}
+        return answer
+
+
+@dataclass(frozen=True)
+class _Found(Observation):
+    found: str
+
+    @property
+    def loss(self) -> bool:
+        return self.found != "7\n"
+
+    def summary(self) -> str:
+        return self.found
+
+
+class _ReadsTheMount:
+    """A workload whose check runs one command in the state (most do)."""
+
+    def check(self, ctx: Any, seed: int, run: Any) -> Observation:
+        return _Found(ctx.ssh.run("cat /mnt/count").stdout)
+
+
+class _RunsNothing:
+    """A workload whose check decides without a command (the state is still mounted once)."""
+
+    def check(self, ctx: Any, seed: int, run: Any) -> Observation:
+        return _Found("7\n")
+
+
+def _guest(tmp_path: Path, workload: Any, mounts: bool) -> tuple[CheckerGuest, _Answers]:
+    """A checker guest without its VM: the helper's answers are given, the rest is real."""
+    answers = _Answers(mounts)
+    guest = CheckerGuest.__new__(CheckerGuest)
+    guest.directory = tmp_path
+    guest.workload = workload
+    guest.seed = 1
+    guest.filesystem = "ext4"
+    guest.mount = mount_request("ext4")
+    guest.broken = None
+    guest.checks = 0
+    guest.shell = CheckerShell(None, answers, guest.mount)  # type: ignore[arg-type]
+    guest.context = SimpleNamespace(ssh=guest.shell, directory=tmp_path)  # type: ignore[assignment]
+    guest.switch = lambda delta: {}  # type: ignore[method-assign]
+    return guest, answers
+
+
+@pytest.mark.parametrize("workload", [_ReadsTheMount(), _RunsNothing()])
+def test_a_state_that_does_not_mount_is_a_failed_check(tmp_path: Path, workload: Any) -> None:
+    guest, answers = _guest(tmp_path, workload, mounts=False)
+    result = guest.check(None, None)  # type: ignore[arg-type]
+    assert result.mounted is False and result.failed
+    assert "needs cleaning" in (result.error or "")
+    assert result.record().to_json()["mounted"] is False
+    assert len(answers.sent) == 1 and "mount" in answers.sent[0]
+    guest, _answers = _guest(tmp_path, workload, mounts=True)
+    result = guest.check(None, None)  # type: ignore[arg-type]
+    assert result.mounted is True and not result.failed and result.error is None
+    assert result.observation == _Found("7\n")
 
 
 def test_two_helpers_on_one_machine_keep_their_output_apart(tmp_path: Path) -> None:

@@ -116,6 +116,41 @@ def test_a_flush_makes_the_powerfail_journal_durable(
         assert image[:4096] == canary()[:4096]
 
 
+@pytest.mark.parametrize("fua", [True, False])
+def test_a_fua_trim_is_flushed_before_its_reply(serve: Callable[..., Served], fua: bool) -> None:
+    s = serve(LOGGED)
+    with NbdClient(s.socket) as c:
+        c.handshake("disk")
+        c.write(65536, b"data" * 1024)
+        c.flush()
+        c.trim(65536, 4096, fua=fua)
+        assert c.read(65536, 4096) == bytes(4096)
+    # Close without the backend's own closing flush: a host power cut right now.
+    s.server.close()
+    s.backend.graph.close()
+    log = write_log(s.workdir / "w.log")
+    ops = [(e["op"], e["offset"]) for e in log["entries"]]
+    assert ops == [("write", 65536), ("flush", 0), ("discard", 65536)] + (
+        [("flush", 0)] if fua else []
+    )
+    subprocess.run(
+        [
+            *CLI,
+            "cut",
+            str(s.image),
+            "--journal",
+            str(s.workdir / "d.journal"),
+            "--policy",
+            "lose-all",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # With FUA the trim was stable when the client heard of it: the cut cannot undo it.
+    trimmed = s.image_bytes()[65536 : 65536 + 4096]
+    assert trimmed == (bytes(4096) if fua else b"data" * 1024)
+
+
 def test_fua_write_is_durable_without_a_flush(serve: Callable[..., Served]) -> None:
     s = serve(LOGGED)
     with NbdClient(s.socket) as c:
