@@ -213,7 +213,10 @@ class GuestStream:
         if isinstance(self.error, GuestError):
             return str(self.error)
         if self.exit_code not in (None, 0, -1):
-            return f"{self.command!r} exited {self.exit_code}: {self.stderr.strip()[-300:]}"
+            # The status and the program's own words first: a traced command line is
+            # long, and a reason shortened for display must keep what says why.
+            said = self.stderr.strip()[-300:]
+            return f"exited {self.exit_code}: {said} (the command: {self.command!r})"
         return None
 
 

@@ -112,7 +112,7 @@ def test_a_run_that_exits_0_or_loses_its_connection_did_not_fail(tmp_path: Path,
 @pytest.mark.parametrize("code", [1, 2, 137])
 def test_a_run_that_exits_otherwise_failed(tmp_path: Path, code: int) -> None:
     gs = finished(ScriptedSSH(["1"], code=code, stderr="boom\n"), tmp_path)
-    assert gs.failure() == f"'app --run' exited {code}: boom"
+    assert gs.failure() == f"exited {code}: boom (the command: 'app --run')"
 
 
 def test_output_that_is_not_acknowledgements_fails_the_run(tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_a_run_that_fails_across_a_backend_crash_fails_the_cell(tmp_path: Path) 
     ssh = ScriptedSSH(["1", "2"], code=3, stderr="I/O error\n")
     ctx = Ctx(ssh, tmp_path)
     run = StreamRun(ctx, "app", "app", FaultModel.BACKEND_CRASH, stop="kill-it")
-    with pytest.raises(GuestError, match="failed across the backend crash: 'app' exited 3: I/O"):
+    with pytest.raises(GuestError, match="failed across the backend crash: exited 3: I/O"):
         run.after_backend_crash(ctx, 1)  # type: ignore[arg-type]
     stopped = StreamRun(
         Ctx(ScriptedSSH(["1"], code=143), tmp_path), "app", "app", FaultModel.BACKEND_CRASH
