@@ -75,6 +75,17 @@ class ClusterPoint:
             "nodes": {name: p.to_json() for name, p in self.nodes},
         }
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClusterPoint:
+        ns = raw.get("ns")
+        return cls(
+            int(raw["number"]),
+            str(raw["label"]),
+            None if ns is None else int(ns),
+            int(raw.get("acked", 0)),
+            tuple((str(n), Point.from_json(p)) for n, p in raw.get("nodes", {}).items()),
+        )
+
 
 class ClusterTimeline:
     """Every node's `Timeline` with the client's acknowledgements placed in its log.
@@ -159,11 +170,17 @@ class ClusterState:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "point": self.point.number,
-            "label": self.point.label,
-            "acked": self.point.acked,
+            "point": self.point.to_json(),
             "nodes": {name: s.to_json() for name, s in self.nodes},
         }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClusterState:
+        return cls(
+            str(raw["id"]),
+            ClusterPoint.from_json(raw["point"]),
+            tuple((str(n), State.from_json(s)) for n, s in raw.get("nodes", {}).items()),
+        )
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -179,3 +180,10 @@ def test_a_keep_all_node_is_keep_all_by_its_policy_too(recorder: Any) -> None:
     m = minimize_cluster_state(state, lambda s: "n1" in s.deviating)
     assert m.state.state("n2").policy is CutPolicy.KEEP_ALL
     assert m.state.state("n1").policy is CutPolicy.LOSE_ALL
+
+
+def test_cluster_states_round_trip_through_json(recorder: Any) -> None:
+    ct, _ = record_cluster(recorder)
+    for s in cluster_states(ct, ClusterBounds(max_states=20, seed=2)):
+        again = ClusterState.from_json(json.loads(json.dumps(s.to_json())))
+        assert again == s
