@@ -286,7 +286,13 @@ def _mixes(
 
 def keep_all(state: State) -> State:
     """The node's keep-all state at the same point."""
-    return dataclasses.replace(state, policy=CutPolicy.KEEP_ALL, lost=(), torn=())
+    return dataclasses.replace(
+        state,
+        id=f"p{state.point.number}-{CutPolicy.KEEP_ALL.value}-0",
+        policy=CutPolicy.KEEP_ALL,
+        lost=(),
+        torn=(),
+    )
 
 
 def with_nodes(state: ClusterState, deviate: Sequence[str], suffix: str) -> ClusterState:

@@ -179,6 +179,7 @@ def test_a_keep_all_node_is_keep_all_by_its_policy_too(recorder: Any) -> None:
     _ct, state = _lose_all_at_end(recorder)
     m = minimize_cluster_state(state, lambda s: "n1" in s.deviating)
     assert m.state.state("n2").policy is CutPolicy.KEEP_ALL
+    assert m.state.state("n2").id == f"p{m.state.state('n2').point.number}-keep-all-0"
     assert m.state.state("n1").policy is CutPolicy.LOSE_ALL
 
 
