@@ -1,4 +1,5 @@
-"""A rack power cut of a 3-node etcd cluster through `power_cut.cluster` (one cell, ~2 min TCG).
+"""Cluster cuts through `power_cut.cluster`: an etcd rack cut (~2 min TCG), a minority and a
+staggered cut (~1 min each).
 
 The commands are the shipped scenario's (scenarios/etcd-cluster.toml), so
 the test and the scenario cannot drift apart: three guests on their own
