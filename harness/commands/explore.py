@@ -237,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
                     highlight=False,
                     soft_wrap=True,
                 )
+                for text in cause_lines(record):
+                    console.print(f"  {text}", markup=False, soft_wrap=True)
         except KeyboardInterrupt:
             interrupted = True
     document = doc.finish(interrupted=interrupted)
@@ -276,6 +278,22 @@ def _print_cluster(console: Console, cluster: ClusterRecord) -> None:
             console.print(f"    not shrunk: {m.note or m.error}", markup=False, soft_wrap=True)
     for c in cluster.unjudged[:3]:
         console.print(f"  {c.id} not judged: {c.unjudged}", markup=False, soft_wrap=True)
+
+
+def cause_lines(record: CellRecord) -> list[str]:
+    """What a traced cell's failing states relied on, one line per cause; what the
+    filesystem kept that was never made durable; and a trace that could not be read."""
+    if record.trace is None:
+        return []
+    out = [f"cause: {g.line()}" for g in record.causes]
+    out += [f"kept: {k}" for k in record.kept[:5]]
+    if not record.trace.startswith(("not traced", "0 calls")) and not out:
+        risky = sum(1 for r in record.at_risk if r.risks)
+        out.append(f"trace: {record.trace}; {risky} of {len(record.at_risk)} acks had "
+                   "changes not yet durable")  # fmt: skip
+    elif record.trace.startswith("not traced"):
+        out.append(f"trace: {record.trace}")
+    return out
 
 
 def exit_status(document: ExploreDocument) -> int:

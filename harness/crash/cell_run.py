@@ -31,13 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from harness.crash.explain import explain_cell
 from harness.crash.qemu_session import session_for
 from harness.crash.record import cell_result, error_result
 from harness.crash.session import PowerCut
+from harness.crash.tracer import RunTracer
 from harness.crash.verdict import Observed, OracleObservation, expected_for_cell, judge
 from harness.durability.contract import CutPolicy, FaultModel, Promise
 from harness.durability.oracle import OracleReport
 from harness.errors import ConfigError, GuestError, PowercutError, TimeoutExpired
+from harness.explore.causes import Explanation
+from harness.explore.fileview import FileView
+from harness.explore.traced import TRACE_FILE, TRACE_TEXT, TracedRun
+from harness.guest.fileview import file_view
 from harness.guest.kernel_log import count_io_errors
 from harness.guest.ssh import SSHSession
 from harness.report.results import CellResult
@@ -46,7 +52,8 @@ from harness.scenario.model import TriggerKind
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads import filesystem
-from harness.workloads.base import FSCK, ORACLE, POLL, Observation, Run
+from harness.workloads.base import FSCK, MOUNT, ORACLE, POLL, Observation, Run
+from harness.workloads.stream import AckClock, GuestStream
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,8 @@ class CellSession(Protocol):
     def fio_server_port(self) -> int | None: ...
 
     def requests(self, kind: str) -> int: ...
+
+    def freeze_disk(self) -> None: ...
 
     def power_cut(
         self, fault: FaultModel, policy: CutPolicy, seed: int = 0, *, check: bool = True
@@ -133,6 +142,7 @@ class _Guest:
         self._session = session
         self._directory = directory
         self._deadline = deadline
+        self.tracer: RunTracer | None = None
 
     @property
     def ssh(self) -> SSHSession:
@@ -155,6 +165,9 @@ class _Guest:
     def check_deadline(self, what: str) -> None:
         self._deadline.check(what)
 
+    def traced(self, command: str) -> str:
+        return command if self.tracer is None else self.tracer.wrap(self.ssh, command)
+
 
 class CellRunner:
     """Runs one cell in its directory and returns its `CellResult`."""
@@ -170,6 +183,7 @@ class CellRunner:
         reproduce: str,
         on_phase: Callable[[str], None] | None = None,
         session_factory: SessionFactory | None = None,
+        trace: bool = True,
     ) -> None:
         self.cell = cell
         # Absolute: fio's client and the backend run in other working directories.
@@ -186,6 +200,12 @@ class CellRunner:
         self.expected = expected_for_cell(cell)
         self.workload = cell.workload.workload
         self.notes: dict[str, object] = {}
+        # Trace a command workload's run (its `trace` field) under a power cut: the
+        # explanation of what it lost (`harness.crash.explain`). `trace=False` turns it off.
+        self.trace = trace
+        self.tracer: RunTracer | None = None
+        self.ack_clock: AckClock | None = None
+        self.traced_run: TracedRun | None = None
 
     # -- the cell --------------------------------------------------------------------
 
@@ -206,6 +226,11 @@ class CellRunner:
             timings = self.timer.total()
             if isinstance(reconnect := self.notes.get("reconnect_seconds"), float):
                 timings["reconnect"] = round(reconnect, 3)
+            if isinstance(ran := self.notes.get("run_seconds"), float):
+                timings["run"] = round(ran, 3)
+            if self.tracer is not None:
+                for phase, seconds in self.tracer.seconds.items():
+                    timings[f"trace_{phase}"] = seconds
             result = cell_result(
                 cell,
                 judge(self.expected, observed),
@@ -217,6 +242,13 @@ class CellRunner:
             if self.notes.get("early_end"):
                 note = "; note: the workload ended by itself before the cut moment"
                 result = dataclasses.replace(result, reason=result.reason + note)
+            if self.traced_run is not None:
+                causes = self.notes.get("causes")
+                result = dataclasses.replace(
+                    result,
+                    trace=self.traced_run.summary(),
+                    causes=causes if isinstance(causes, Explanation) else None,
+                )
         except PowercutError as exc:
             log.warning("cell %s: %s", cell.id, exc)
             result = error_result(
@@ -236,7 +268,7 @@ class CellRunner:
 
     def _artifacts(self, session: CellSession) -> dict[str, str]:
         files = session.artifacts()
-        for name in ("acks.txt", "fio", "checks.log"):
+        for name in ("acks.txt", "fio", "checks.log", TRACE_FILE, TRACE_TEXT):
             path = self.directory / name
             if path.exists():
                 files[name.replace(".", "_")] = path
@@ -268,7 +300,10 @@ class CellRunner:
                 self._wait_for_cut(session, run)
             if failure := run.failure():
                 raise GuestError(f"the workload failed before the cut: {failure}")
+        host_cut = cell.fault is FaultModel.HOST_POWER_CUT
+        self._run_ended(guest, run, freeze=session.freeze_disk if host_cut else None)
         self.on_phase("cut")
+        cut_ns = time.monotonic_ns()
         with self.timer.phase("cut"):
             cut = session.power_cut(
                 cell.fault,
@@ -277,6 +312,7 @@ class CellRunner:
                 check=ORACLE in cell.checkers,
             )
         run.after_cut(30)
+        self._traced(run)
         if cut.cut is not None:
             self.notes["cut"] = cut.cut.summary()
         observations: dict[str, Observation] = {}
@@ -289,7 +325,19 @@ class CellRunner:
         self.on_phase("check")
         with self.timer.phase("check"):
             mounted = self._mount(guest) if self.cell.disk.filesystem is not None else True
+            recovered = self._recovered_view(guest) if mounted else None
             observations.update(self._check(guest, run, mounted))
+        if self.traced_run is not None:
+            with self.timer.phase("explain"):
+                found = explain_cell(
+                    self.traced_run,
+                    observations.get(self.workload.checker),
+                    recovered,
+                    cut.cut,
+                    cut_ns,
+                )
+            if found is not None:
+                self.notes["causes"] = found
         with contextlib.suppress(PowercutError, OSError):
             session.power_off()
         return Observed.of(observations)
@@ -309,7 +357,62 @@ class CellRunner:
             parent = guest_path.rsplit("/", 1)[0] or "/"
             guest.ssh.run(f"mkdir -p {shlex.quote(parent)}", timeout=60, check=True)
             guest.ssh.put(host_path, guest_path, mode=Path(host_path).stat().st_mode & 0o7777)
-        return self.workload.start(guest, cell.seed, cell.fault)
+        pattern = self.workload.trace_pattern
+        if self.trace and pattern is not None and cell.fault is not FaultModel.BACKEND_CRASH:
+            self.tracer = guest.tracer = RunTracer(
+                self.trace_directory,
+                cell.disk.filesystem,
+                ack_pattern=pattern,
+            )
+        run = self.workload.start(guest, cell.seed, cell.fault)
+        self.ack_clock = AckClock()
+        self.ack_clock.attach(run)
+        return run
+
+    @property
+    def trace_directory(self) -> Path:
+        """Where the traced run is kept (trace.json, trace.txt)."""
+        return self.directory
+
+    def _run_ended(self, guest: _Guest, run: Run, freeze: Callable[[], None] | None = None) -> None:
+        """Before the cut: a traced workload that ended by itself has its trace read to the
+        end and its tree listed (`RunTracer.run_ended`). The run phase's own time (its
+        command's start to its end, traced or not) is kept as the `run` timing.
+
+        Under a host power cut the disk is frozen first (`freeze`): the seconds the
+        tracer takes must not give the filesystem's own periodic commit the chance to make
+        durable what the run left unsynced (the shipped rename example, cut untraced at
+        once, lost its last rename; traced, ext4's journal commit kept it 5 s later)."""
+        stream = getattr(run, "stream", None)
+        if isinstance(stream, GuestStream) and stream.ended is not None:
+            self.notes["run_seconds"] = stream.ended - stream.started
+        if self.tracer is not None and not run.alive():
+            if freeze is not None:
+                freeze()
+            with self.timer.phase("trace"):
+                self.tracer.run_ended(guest.ssh)
+
+    def _traced(self, run: Run) -> TracedRun | None:
+        """After the cut: the acknowledgements' stamps, and the traced run, kept in
+        `trace_directory`."""
+        stamps = self.ack_clock.finish(run) if self.ack_clock is not None else []
+        if self.tracer is None:
+            return None
+        self.tracer.at_cut()
+        self.traced_run = self.tracer.result(stamps)
+        return self.traced_run
+
+    def _recovered_view(self, guest: _Guest) -> FileView | None:
+        """The workload's tree as the filesystem recovered it, before its check reads it."""
+        fs = self.cell.disk.filesystem
+        if self.traced_run is None or not self.traced_run.traced or fs is None:
+            return None
+        try:
+            with self.timer.phase("explain"):
+                return file_view(guest.ssh, MOUNT, fs, sync=False)
+        except PowercutError as exc:
+            self.notes["recovered_view"] = str(exc)
+            return None
 
     def _mount(self, guest: _Guest) -> bool:
         disk = self.cell.disk
@@ -377,6 +480,7 @@ class CellRunner:
             self.notes["reconnect_seconds"] = session.crash_backend(self.deadline.left(60))
         with self.timer.phase("workload"):
             run.after_backend_crash(guest, acked_at_crash)
+        self._traced(run)  # never traced under a backend crash: the acks' stamps end here
         self.on_phase("check")
         with self.timer.phase("check"):
             io_errors = count_io_errors(guest.ssh.check_output("dmesg", timeout=60), "vda")

@@ -176,7 +176,7 @@ class ClusterCellRunner:
         for node in self.spec.nodes:
 
             def spec_for(spec: MachineSpec, name: str = node.name) -> MachineSpec:
-                return node_spec(spec, network, name, accel)
+                return node_spec(spec, network, name)
 
             self.sessions[node.name] = CrashSession(
                 self.directory / node.name,

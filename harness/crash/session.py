@@ -220,6 +220,16 @@ class DiskSession:
 
     # -- the cut -------------------------------------------------------------------
 
+    def freeze_disk(self) -> None:
+        """A host power cut's first instant, taken early: the disk stops where it stands
+        while the guest stays up (the tracer reads the trace's end and lists the tree
+        through the page cache). Nothing the guest sends after this completes, so what
+        the filesystem does meanwhile (ext4's 5 s journal commit, btrfs's 30 s
+        transaction) cannot make durable what the run left unsynced; `power_cut` then
+        cuts with the disk as it was here. Only for a host power cut: any other fault
+        keeps the host's side running."""
+        self._freeze_host()
+
     def power_cut(
         self,
         fault: FaultModel = FaultModel.HOST_POWER_CUT,

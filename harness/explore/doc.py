@@ -48,6 +48,7 @@ from typing import Any
 from harness.durability.contract import CacheMode, CutPolicy, Promise, Verdict, parse_policy
 from harness.durability.oracle import OracleReport
 from harness.errors import ConfigError
+from harness.explore.causes import AckRisk, CauseGroup, Explanation
 from harness.explore.cluster import ClusterState
 from harness.explore.overlay import replay_state
 from harness.explore.recording import open_recording
@@ -210,13 +211,22 @@ class CheckSummary:
     loss: bool
     corruption: bool
     summary: str
+    lost: tuple[str, ...] = ()  # the acknowledged tokens it did not find (command workloads)
 
     def to_json(self) -> dict[str, Any]:
-        return {"loss": self.loss, "corruption": self.corruption, "summary": self.summary}
+        out: dict[str, Any] = {
+            "loss": self.loss,
+            "corruption": self.corruption,
+            "summary": self.summary,
+        }
+        if self.lost:
+            out["lost"] = list(self.lost)
+        return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> CheckSummary:
-        return cls(raw["loss"], raw["corruption"], str(raw["summary"]))
+        lost = tuple(str(t) for t in raw.get("lost", []))
+        return cls(raw["loss"], raw["corruption"], str(raw["summary"]), lost)
 
 
 @dataclass(frozen=True)
@@ -430,6 +440,7 @@ class StateRecord:
     device_md5_matches: bool | None = None  # ... and whether the guest's device showed it
     replay: str | None = None  # the command that rebuilds a failing state as an image
     minimized: Minimized | None = None
+    explanation: Explanation | None = None  # a failing state of a traced run: why it was lost
 
     @property
     def id(self) -> str:
@@ -477,11 +488,14 @@ class StateRecord:
             out["replay"] = self.replay
         if self.minimized is not None:
             out["minimized"] = self.minimized.to_json()
+        if self.explanation is not None:
+            out["explanation"] = self.explanation.to_json()
         return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> StateRecord:
         oracle, guest, minimized = raw.get("oracle"), raw.get("guest"), raw.get("minimized")
+        explanation = raw.get("explanation")
         return cls(
             state=State.from_json(raw),
             acked=int(raw.get("acked", 0)),
@@ -501,6 +515,7 @@ class StateRecord:
             device_md5_matches=raw.get("device_md5_matches"),
             replay=raw.get("replay"),
             minimized=Minimized.from_json(minimized) if minimized is not None else None,
+            explanation=Explanation.from_json(explanation) if explanation is not None else None,
         )
 
 
@@ -801,7 +816,7 @@ class GuestStats:
         )
 
 
-PHASES = ("record", "host", "guest", "minimize", "total")
+PHASES = ("record", "host", "guest", "minimize", "explain", "total")
 
 
 @dataclass(frozen=True)
@@ -812,6 +827,7 @@ class PhaseSeconds:
     host: float | None = None
     guest: float | None = None
     minimize: float | None = None
+    explain: float | None = None
     total: float | None = None
 
     def to_json(self) -> dict[str, float]:
@@ -913,6 +929,10 @@ class CellRecord:
     runner_cuts: RunnerCuts | None = None
     guest: GuestStats | None = None
     cluster: ClusterRecord | None = None  # a cluster cell's states (`states` is empty)
+    trace: str | None = None  # how the recording's run was traced (None: not a traced workload)
+    causes: tuple[CauseGroup, ...] = ()  # the failing states by cause, one line each
+    at_risk: tuple[AckRisk, ...] = ()  # at every acknowledgement, what was not yet durable
+    kept: tuple[str, ...] = ()  # what the filesystem kept that the calls never made durable
 
     @classmethod
     def skipped(cls, index: int, id: str, scenario: str, reason: str) -> CellRecord:
@@ -978,6 +998,11 @@ class CellRecord:
             out["guest"] = self.guest.to_json()
         if self.cluster is not None:
             out["cluster"] = self.cluster.to_json()
+        if self.trace is not None:
+            out["trace"] = self.trace
+            out["causes"] = [g.to_json() for g in self.causes]
+            out["at_risk"] = [r.to_json() for r in self.at_risk]
+            out["kept"] = list(self.kept)
         return out
 
     @classmethod
@@ -1015,6 +1040,10 @@ class CellRecord:
             runner_cuts=RunnerCuts.from_json(cuts) if cuts is not None else None,
             guest=GuestStats.from_json(guest) if guest is not None else None,
             cluster=ClusterRecord.from_json(raw["cluster"]) if raw.get("cluster") else None,
+            trace=raw.get("trace"),
+            causes=tuple(CauseGroup.from_json(g) for g in raw.get("causes", [])),
+            at_risk=tuple(AckRisk.from_json(r) for r in raw.get("at_risk", [])),
+            kept=tuple(str(k) for k in raw.get("kept", [])),
         )
 
     @property

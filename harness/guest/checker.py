@@ -57,7 +57,11 @@ use Digest::MD5 ();
 my ($SYS_ioctl, $SYS_mount, $SYS_umount2) = (16, 165, 166);
 my $BLKFLSBUF = 0x1261;
 my ($ENOENT, $EBUSY, $EINVAL) = (2, 16, 22);
-my ($OUT, $ERR, $IN) = map { "/run/powercut-checker.$_" } qw(out err in);
+my $MAIN = $$;
+# Named by this helper's PID: two helpers on one machine (the unit tests run it on the host,
+# in parallel) must never read each other's output.
+my ($OUT, $ERR, $IN) = map { "/run/powercut-checker.$$.$_" } qw(out err in);
+END { unlink($OUT, $ERR, $IN) if $$ == $MAIN; }
 my $json = JSON::PP->new->utf8->canonical;
 my ($T, $F) = (JSON::PP::true, JSON::PP::false);
 $| = 1;

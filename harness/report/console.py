@@ -37,13 +37,15 @@ def print_results(results: RunResults, console: Console | None = None) -> None:
     console = console or Console()
     console.print(matrix_table(results))
     for cell in results.cells:
-        if cell.verdict in ("fail", "error"):
+        if cell.verdict in ("fail", "error") or cell.causes is not None:
             console.print(Text(f"{cell.verdict.upper()} {cell.id}", style=STYLE[cell.verdict]))
             console.print(f"  {cell.reason}", markup=False, highlight=False, soft_wrap=True)
             if cell.explanation:
                 console.print(
                     f"  why: {cell.explanation}", markup=False, highlight=False, soft_wrap=True
                 )
+            for line in cell.cause_lines():
+                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
             console.print(
                 f"  reproduce: {cell.reproduce}", markup=False, highlight=False, soft_wrap=True
             )

@@ -21,6 +21,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from harness.durability.writelog import Op, read_log
+from harness.errors import ConfigError, PowercutError
+from harness.explore.causes import Explanation
 from harness.explore.doc import (
     CellRecord,
     ClusterRecord,
@@ -30,7 +33,10 @@ from harness.explore.doc import (
     Where,
     load_doc,
 )
+from harness.explore.recording import LOG_NAME
 from harness.explore.states import PointKind
+from harness.explore.syscalls import CallKind
+from harness.explore.traced import load_traced
 from harness.report.html import CSS
 
 PLOT = "plots/explore-timeline.png"
@@ -136,7 +142,8 @@ def _failing(cell: CellRecord, limit: int = 50) -> str:
             f"{s.point.number} ({escape(label)}), {s.acked} acknowledged; "
             f"{len(s.state.lost)} lost, {len(s.state.torn)} torn of "
             f"{s.state.pending} pending</span></td>"
-            f"<td><ul>{checks}</ul>{shrunk}<pre>{escape(s.replay or '')}</pre></td></tr>"
+            f"<td><ul>{checks}</ul>{_why(s.explanation)}{shrunk}"
+            f"<pre>{escape(s.replay or '')}</pre></td></tr>"
         )
     more = (
         f"<p class='small'>… and {len(failing) - limit} more in explore.json</p>"
@@ -151,6 +158,134 @@ def _failing(cell: CellRecord, limit: int = 50) -> str:
         + "</table>"
         + more
     )
+
+
+def _why(e: Explanation | None) -> str:
+    """A failing state's explanation: its causes, or why none is named, with the evidence."""
+    if e is None:
+        return ""
+    head = f"<p><b>Why</b> (boundary: {escape(e.boundary)}):</p>"
+    if e.causes:
+        items = "".join(
+            f"<li><b>{escape(c.relied_on.value)}</b>: "
+            f"{escape(', '.join(call.describe() for call in c.calls))} — {escape(c.evidence)}"
+            f"<br>fix: {escape(c.fix)}</li>"
+            for c in e.causes
+        )
+    else:
+        items = "<li><b>unexplained</b>: no call's missing durability explains it</li>"
+    evidence = "".join(f"<li>{escape(x)}</li>" for x in (*e.evidence, *e.writes, *e.kept)[:12])
+    return f"{head}<ul>{items}</ul><ul class='small'>{evidence}</ul>"
+
+
+def _causes(cell: CellRecord) -> str:
+    """The failing states by cause (one line each), what was kept, and the trace itself."""
+    if cell.trace is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{escape(g.relied_on.value if g.relied_on else 'unexplained')}</td>"
+        f"<td>{escape(g.fix)}</td><td>{len(g.states)}</td><td><code>{escape(g.smallest)}"
+        f"</code><pre>{escape(g.replay or '')}</pre></td></tr>"
+        for g in cell.causes
+    )
+    table = (
+        "<table><tr><th>relied on</th><th>what would have kept it</th><th>states</th>"
+        f"<th>smallest</th></tr>{rows}</table>"
+        if rows
+        else "<p>No failing state to explain.</p>"
+    )
+    kept = "".join(f"<li>{escape(k)}</li>" for k in cell.kept[:20])
+    kept_html = (
+        f"<p>Kept by the filesystem though never made durable:</p><ul>{kept}</ul>" if kept else ""
+    )
+    return f"<h4>Why it was lost</h4><p class='small'>{escape(cell.trace)}</p>{table}{kept_html}"
+
+
+def _timeline(cell: CellRecord, out: Path | None, limit: int = 120) -> str:
+    """The traced calls, the log's flushes and the acknowledgements in one order (the guest's
+    clock), each acknowledgement with what was not yet durable and the failing states whose
+    first lost acknowledgement it is."""
+    if out is None or cell.recorded is None or cell.trace is None:
+        return ""
+    root = Path(cell.recorded.recording)
+    try:
+        traced = load_traced(root if root.is_absolute() else out / root)
+    except ConfigError:
+        return ""
+    if traced is None or not traced.traced:
+        return ""
+    top = traced.root.rstrip("/") + "/"
+    events: list[tuple[int, str, str]] = []
+    for call in traced.trace.calls:
+        if not call.ok or call.kind not in _SHOWN or not (call.path or "").startswith(top):
+            continue
+        events.append((call.enter_ns, "call", call.describe()))
+    risks = {r.token: r for r in cell.at_risk}
+    lost_at: dict[str, list[str]] = {}
+    for s in cell.failing:
+        if s.explanation is not None and s.explanation.boundary.startswith("ack "):
+            lost_at.setdefault(s.explanation.boundary[4:], []).append(s.id)
+    for token, (latest, _earliest) in traced.ack_times().items():
+        r = risks.get(token)
+        at = "; ".join(x.describe() for x in r.risks) if r is not None else ""
+        states = lost_at.get(token, [])
+        note = f" — lost in {len(states)} state(s): {', '.join(states[:4])}" if states else ""
+        events.append((latest, "ack", f"ack {token}{note}" + (f"; at risk: {at}" if at else "")))
+    if traced.clock is not None and traced.clock.consistent:
+        try:
+            wlog = read_log(Path(root if root.is_absolute() else out / root) / LOG_NAME)
+        except (OSError, PowercutError):
+            wlog = None
+        for req in wlog.requests if wlog is not None else ():
+            if req.op == Op.FLUSH and req.complete_ns is not None:
+                g = req.complete_ns - traced.clock.midpoint
+                error = f"±{traced.clock.error_ns / 1e6:.2f} ms"
+                events.append((g, "flush", f"flush {req.seq} completed ({error})"))
+    events.sort(key=lambda e: e[0])
+    first_call = next((t for t, kind, _ in events if kind == "call"), None)
+    events = [e for e in events if first_call is None or e[0] >= first_call]
+    if not events:
+        return ""
+    t0 = events[0][0]
+    keep = events
+    if len(events) > limit:  # the acknowledgements first states lost, and what came before
+        marked = [i for i, e in enumerate(events) if " — lost in " in e[2]]
+        end = (marked[0] + limit // 2) if marked else limit
+        keep = events[max(0, end - limit) : end]
+    rows = "".join(
+        f"<tr><td>{(t - t0) / 1e6:.3f}</td><td>{escape(kind)}</td><td>{escape(text)}</td></tr>"
+        for t, kind, text in keep
+    )
+    more = (
+        f"<p class='small'>{len(events) - len(keep)} more events not shown</p>"
+        if len(keep) < len(events)
+        else ""
+    )
+    return (
+        "<details><summary>Timeline: calls, flushes and acknowledgements</summary>"
+        "<table><tr><th>ms</th><th></th><th>what</th></tr>" + rows + f"</table>{more}</details>"
+    )
+
+
+_SHOWN = frozenset(
+    {
+        CallKind.OPEN,
+        CallKind.WRITE,
+        CallKind.TRUNCATE,
+        CallKind.FALLOCATE,
+        CallKind.RENAME,
+        CallKind.LINK,
+        CallKind.SYMLINK,
+        CallKind.UNLINK,
+        CallKind.MKDIR,
+        CallKind.RMDIR,
+        CallKind.FSYNC,
+        CallKind.FDATASYNC,
+        CallKind.SYNC,
+        CallKind.SYNCFS,
+        CallKind.MSYNC,
+    }
+)
 
 
 def _unjudged(cell: CellRecord, limit: int = 50) -> str:
@@ -187,7 +322,7 @@ def _unjudged(cell: CellRecord, limit: int = 50) -> str:
     )
 
 
-def _cell(cell: CellRecord) -> str:
+def _cell(cell: CellRecord, out: Path | None = None) -> str:
     verdict = cell.verdict.value if cell.verdict is not None else cell.status.value
     cls = {"pass": "pass", "fail": "fail"}.get(verdict, "error")
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in cell.seconds.to_json().items())
@@ -241,13 +376,17 @@ acknowledgements, {recorded.writes if recorded else 0} writes in the log</li>
 {guest_line}{cuts_line}
 <li>{escape(seconds)}; host side {per_s if per_s is not None else 0} states/s</li>
 </ul>
+{_causes(cell)}
+{_timeline(cell, out)}
 <h4>Failing states</h4>
 {_failing(cell)}
 {_unjudged(cell)}
 """
 
 
-def render_explore_html(doc: ExploreDocument, plot: Path | None = None) -> str:
+def render_explore_html(
+    doc: ExploreDocument, plot: Path | None = None, out: Path | None = None
+) -> str:
     ok = bool(doc.ok)
     status = "PASSED" if ok else "INTERRUPTED" if doc.interrupted else "FAILED"
     counts = doc.counts
@@ -258,7 +397,7 @@ def render_explore_html(doc: ExploreDocument, plot: Path | None = None) -> str:
         f"checked in {counts.check_seconds} s"
     )
     plot_html = _img(plot) if plot is not None and plot.exists() else ""
-    cells = "".join(_cell(c) for c in doc.cells)
+    cells = "".join(_cell(c, out) for c in doc.cells)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>powercut exploration</title>
 <style>{CSS}</style></head>
@@ -310,12 +449,18 @@ def render_explore_markdown(doc: ExploreDocument) -> str:
             continue
         shown = c.breaking[:5] or (c.failing[:5] if c.expect == "violation" else [])
         unjudged = c.unjudged[:10]
-        if not shown and not unjudged:
+        if not shown and not unjudged and not c.causes and not c.kept:
             continue
         lines += ["", f"## `{c.id}`"]
+        for g in c.causes:
+            lines.append(f"- cause: {g.line()}")
+        for k in c.kept[:5]:
+            lines.append(f"- kept: {k}")
         for s in shown:
             by = ", ".join(s.broken_by) or s.verdict.value
             lines.append(f"- `{s.id}` fails ({by}): `{s.replay or ''}`")
+            if s.explanation is not None:
+                lines += [f"  - {line}" for line in s.explanation.lines()]
         for s in unjudged:
             why = "; ".join(f"{x.checker}: {x.detail}" for x in s.checks if x.ok is None)
             lines.append(f"- `{s.id}` not judged: {why}")
@@ -381,4 +526,4 @@ def render_explore(directory: Path | str, doc: ExploreDocument | None = None) ->
         doc = load_doc(out)
     plot = plot_timeline(doc, out / PLOT)
     _write(out / "report.md", render_explore_markdown(doc))
-    return _write(out / "report.html", render_explore_html(doc, plot))
+    return _write(out / "report.html", render_explore_html(doc, plot, out))

@@ -54,10 +54,13 @@ class Square:
         corrupt = sum(c.corrupt for c in judged)
         units = {c.loss_unit for c in judged}
         unit = units.pop() if len(units) == 1 else "units"
+        # The figures are the first checker's (the oracle's sectors): a loss another
+        # checker caught (a workload's tokens in a negative control) is named beside them.
+        caught = sorted({ch.name for c in judged for ch in c.checkers if ch.loss_detected})
         if not lost and not corrupt:
-            return "nothing lost"
-        text = f"{lost} {unit} lost"
-        return text + (f", {corrupt} corrupt" if corrupt else "")
+            return f"loss caught by {', '.join(caught)}" if caught else "nothing lost"
+        text = f"{lost} {unit} lost" + (f", {corrupt} corrupt" if corrupt else "")
+        return text if not caught else f"{text}; loss caught by {', '.join(caught)}"
 
     @property
     def label(self) -> str:

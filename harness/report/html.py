@@ -79,6 +79,9 @@ def _cells(cells: Sequence[CellResult]) -> str:
         )
         timings = ", ".join(f"{escape(k)} {v:.1f}s" for k, v in c.timings.items())
         explanation = f"<p class='why'>{escape(c.explanation)}</p>" if c.explanation else ""
+        causes = "".join(f"<li>{escape(line)}</li>" for line in c.cause_lines())
+        if causes:
+            explanation += f"<ul class='why'>{causes}</ul>"
         if c.nodes or c.timeline:
             explanation += _cluster(c)
         rows.append(

@@ -30,8 +30,8 @@ def _testcase(cell: CellResult, base: Path | None) -> ET.Element:
     detail_lines = [
         f"{c.name} (expected {c.expected}): {c.verdict}: {c.reason}" for c in cell.checkers
     ]
-    if cell.explanation:
-        detail_lines.insert(0, cell.explanation)
+    why = [cell.explanation] if cell.explanation else []
+    detail_lines = why + cell.cause_lines() + detail_lines
     detail_lines += [f"seed {cell.seed}", f"reproduce: {cell.reproduce}"]
     detail = "\n".join(detail_lines)
     if cell.verdict == "fail":

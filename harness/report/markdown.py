@@ -92,6 +92,13 @@ def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
     if results.missing:
         out += ["", f"## Never ran ({len(results.missing)})", ""]
         out += [f"- `{_md(k.id)}` ({_md(k.scenario)})" for k in results.missing]
+    explained = [c for c in results.cells if c.causes is not None and c.verdict == "pass"]
+    if explained:
+        out += ["", "## Losses explained (negative controls that caught them)", ""]
+        for c in explained:
+            out += [f"### `{c.id}` ({c.scenario})", ""]
+            out += [f"- {line}" for line in c.cause_lines()]
+            out.append("")
     bad = [c for c in results.cells if c.verdict in ("fail", "error")]
     if bad:
         out += ["", "## Failures", ""]
@@ -99,6 +106,7 @@ def render_markdown(results: RunResults, plots: Sequence[str] = ()) -> str:
             out += [f"### `{c.id}` ({c.scenario})", "", f"{c.verdict.upper()}: {c.reason}", ""]
             if c.explanation:
                 out += [f"Why: {c.explanation}", ""]
+            out += [f"- {line}" for line in c.cause_lines()]
             out += [
                 f"- {ch.name} (expected {ch.expected}): {ch.verdict} — {ch.reason}"
                 for ch in c.checkers

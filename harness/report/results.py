@@ -55,6 +55,11 @@ A JSON object:
   ``explanation``     when a workload found acknowledged data missing: whether the disk
                       kept its contract (then the application acknowledged what it never
                       made durable) or broke it, with the figures ("" otherwise)
+  ``trace``           a traced command workload: "N calls traced with tracefs" (or strace,
+                      and why), or "not traced: why" ("" when tracing was off)
+  ``causes``          when a traced workload's check lost something: the explanation
+                      (``harness.explore.causes.Explanation``: the boundary, each cause's
+                      property, calls, fix and evidence, or why none is named), else null
 
 ``scenarios``, ``planned``, ``shard`` and ``complete`` came later within version 1:
 a file without them reads as a complete run of exactly its cells.
@@ -75,6 +80,7 @@ from typing import Any
 from harness import __version__
 from harness.durability.contract import Verdict
 from harness.errors import ConfigError
+from harness.explore.causes import Explanation
 from harness.jsonfile import check_document, load_json_object
 
 SCHEMA = "powercut-results"
@@ -146,6 +152,23 @@ class CellResult:
     reproduce: str = ""
     # Who lost the data, in words, when a workload found acknowledged data missing.
     explanation: str = ""
+    # The workload's traced calls (a command workload under a power cut): how it was traced,
+    # and, when its check lost something, the calls and the durability each relied on.
+    trace: str = ""
+    causes: Explanation | None = None
+
+    def cause_lines(self) -> list[str]:
+        """A traced cell's explanation as a person reads it: one line per cause (or why none
+        is named), what the filesystem kept though it was never made durable."""
+        e = self.causes
+        if e is None:
+            return []
+        out = [f"cause: {c.relied_on.value}: {c.fix} ({c.evidence})" for c in e.causes]
+        if e.unexplained:
+            out.append("cause: none named: " + "; ".join(e.evidence[:4]))
+        out += [f"kept: {k}" for k in e.kept[:3]]
+        return out
+
     # A cluster cell: each node side by side, and one time line of the whole cluster.
     nodes: tuple[NodeResult, ...] = ()
     timeline: tuple[TimelineEvent, ...] = ()
@@ -363,6 +386,7 @@ def _cell_json(cell: CellResult) -> dict[str, Any]:
     out["checkers"] = [dataclasses.asdict(c) | {"details": dict(c.details)} for c in cell.checkers]
     out["timings"] = dict(cell.timings)
     out["artifacts"] = dict(cell.artifacts)
+    out["causes"] = cell.causes.to_json() if cell.causes is not None else None
     if cell.nodes or cell.timeline:
         out["nodes"] = [
             dataclasses.asdict(n) | {"artifacts": dict(n.artifacts)} for n in cell.nodes
@@ -413,6 +437,11 @@ def _cell_from_json(data: Any, where: str) -> CellResult:
         raise ConfigError(f"{where}: a node or timeline entry is malformed: {exc}") from exc
     known["timings"] = {str(k): float(v) for k, v in dict(known.get("timings") or {}).items()}
     known["artifacts"] = {str(k): str(v) for k, v in dict(known.get("artifacts") or {}).items()}
+    causes = known.get("causes")
+    try:
+        known["causes"] = Explanation.from_json(causes) if causes else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: its causes cannot be read: {exc}") from exc
     return CellResult(**known)
 
 

@@ -85,6 +85,9 @@ class Table:
             raise self.error(key, f"must be a number >= {minimum}, not {num(value)}")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        return bool(self.typed(key, bool, default, "true or false"))
+
     def optional_string(self, key: str) -> str | None:
         value = self.typed(key, str, None, "a string")
         return None if value is None else str(value)

@@ -36,7 +36,7 @@ from harness.errors import ImageBuildError
 from harness.vm import rootfs
 from harness.vm.image import GuestImage, cache_root
 from harness.vm.initramfs import build_initramfs
-from harness.vm.kernelprep import PreparedKernel, install_modules, prepare_kernel
+from harness.vm.kernelprep import PreparedKernel, install_modules, kernel_cmdline, prepare_kernel
 from harness.vm.recipe import BUILDER_VERSION, Plan, Recipe, plan
 from harness.vm.stubs import stub_program
 from harness.vm.tools import Progress, run
@@ -246,12 +246,6 @@ def build(
     return BuildResult(image, False, time.monotonic() - t0)
 
 
-def _cmdline(p: Plan) -> str:
-    conf = p.recipe.data["kernel"]
-    extra = conf.get("package_cmdline", "") if p.kernel_file is None else ""
-    return f"{conf['cmdline']} {extra}".strip()
-
-
 def _build(p: Plan, cache: Path, final: Path, force: bool, say: Progress) -> None:
     images = final.parent
     work = Path(tempfile.mkdtemp(prefix=f".build-{p.recipe_hash}-", dir=images))
@@ -292,7 +286,7 @@ def _build(p: Plan, cache: Path, final: Path, force: bool, say: Progress) -> Non
                 "stubbed_libraries": root_info["stubbed_libraries"],
             },
             "initramfs_modules": modules,
-            "cmdline": _cmdline(p),
+            "cmdline": kernel_cmdline(p),
             "ssh_port": guest.get("ssh_port", 22),
             "fio_server_port": guest.get("fio_server_port", 8765),
             "host_public_key": root_info["host_public_key"],

@@ -10,9 +10,13 @@ three booted at once logged "PIT calibration deviates from HPET: 343148
 343 MHz, so its clock ran 7.6 times too fast (uptime 4013 s after 9 minutes).
 The kernel's later refinement against the HPET gives up beyond a 1%
 difference, and the image boots with `tsc=reliable`, so nothing corrects it.
-One guest alone hardly notices; a replicated system does: that node's
-election and heartbeat timers fire 7.6 times early and an etcd cluster
-never becomes healthy.
+A replicated system notices at once: that node's election and heartbeat
+timers fire 7.6 times early and an etcd cluster never becomes healthy. One
+guest notices too: a fio-verify cell's timed trigger fired against a clock
+running fast (the console's "soft lockup", 418 s of guest time in a 14 s
+boot) and the cell ended in "fio ended before its trigger fired". So every
+TCG guest boots with the host's frequency (qemu.py and libvirt.py build the
+command line through `kernel_cmdline`).
 
 `tsc_early_khz=` (Linux 5.x and later) makes the kernel take the frequency
 as given and skip both calibrations. The frequency is the host's TSC's,
@@ -70,6 +74,11 @@ def host_tsc_khz() -> int | None:
     khz = round((c1 - c0) * 1_000_000 / (t1 - t0))
     log.info("host TSC: %d kHz", khz)
     return khz
+
+
+def kernel_cmdline(cmdline: str, accel: Accel) -> str:
+    """A machine's kernel command line as booted: with the clock's words under TCG."""
+    return f"{cmdline} {clock_append(accel)}".strip()
 
 
 def clock_append(accel: Accel) -> str:

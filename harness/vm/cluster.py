@@ -8,9 +8,10 @@ the boots overlap and the cluster is ready when its slowest node is. Each
 node is then put on the network (its address, /etc/hosts, the node
 environment) and the call returns once every node reaches every other.
 
-Under TCG each node's kernel is told the TSC frequency (harness/vm/clock.py):
-left to measure it on a loaded host, one node's clock was seen running 7.6
-times fast, and an etcd cluster never settled.
+Under TCG every guest's kernel is told the TSC frequency (harness/vm/clock.py,
+applied where the command line is built): left to measure it on a loaded
+host, one node's clock was seen running 7.6 times fast, and an etcd cluster
+never settled.
 
 A power cut of several nodes sends every SIGKILL before reaping any, so
 the nodes die within microseconds of one another rather than one reap
@@ -31,7 +32,6 @@ from types import TracebackType
 
 from harness.errors import ConfigError, MachineError
 from harness.vm.accel import choose_accel
-from harness.vm.clock import clock_append
 from harness.vm.image import GuestImage
 from harness.vm.network import NetworkPlan, PrivateNetwork
 from harness.vm.qemu import QemuMachine
@@ -53,15 +53,10 @@ def node_spec(
     spec: MachineSpec,
     network: PrivateNetwork,
     name: str,
-    accel: Accel,
     tcg_tb_mib: int | None = TCG_TB_MIB,
 ) -> MachineSpec:
-    """`spec` as node `name` of a cluster: its private NIC, its clock, its TCG buffer cap.
-
-    Timers that run at the wrong speed on one node break a replicated system.
-    """
-    clock = clock_append(accel)
-    spec = replace(spec, extra_append=f"{spec.extra_append} {clock}".strip(), tcg_tb_mib=tcg_tb_mib)
+    """`spec` as node `name` of a cluster: its private NIC and its TCG buffer cap."""
+    spec = replace(spec, tcg_tb_mib=tcg_tb_mib)
     return network.spec_for(spec, name)
 
 
@@ -150,7 +145,7 @@ class Cluster:
                 image, disks=tuple(disks(name)), memory_mib=memory_mib, name=name
             )
             self.machines[name] = QemuMachine(
-                node_spec(spec, self.network, name, self.accel, tcg_tb_mib),
+                node_spec(spec, self.network, name, tcg_tb_mib),
                 workdir=self.directory / name,
                 accel=self.accel,
                 keep=True,

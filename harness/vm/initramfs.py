@@ -124,7 +124,7 @@ def build_initramfs(p: Plan, k: PreparedKernel, work: Path, out: Path, fs_type: 
         )
         for rel in order:
             name = Path(rel).name
-            ir.file(f"usr/lib/modules/{name}", (k.moddir / rel).read_bytes())
+            ir.file(f"usr/lib/modules/{name}", k.module_bytes(rel))
             names.append(name)
     ir.file("etc/modules.order", ("\n".join(names) + "\n").encode() if names else b"")
     ir.file("etc/root-fstype", f"{fs_type}\n".encode())

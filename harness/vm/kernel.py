@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ImageBuildError
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -321,6 +321,60 @@ def parse_modules_dep(text: str) -> dict[str, ModuleDep]:
         path, _, rest = line.partition(":")
         deps[module_name(path)] = ModuleDep(path, tuple(rest.split()))
     return deps
+
+
+# What `scripts/sign-file` appends to a module: the signature, then `struct
+# module_signature` (algo, hash, id_type, signer_len, key_id_len, 3 pad bytes,
+# big-endian sig_len), then this marker.
+MODULE_SIG_MARKER = b"~Module signature appended~\n"
+_MODULE_SIG_INFO = struct.Struct(">BBBBB3xI")
+
+
+def strip_module_signature(data: bytes) -> bytes:
+    """A module file without its appended signature (as it is if it has none).
+
+    The kernel hashes the whole file and checks the signature at every load;
+    under TCG that is over a quarter of loading ext4 (2 MB), at each boot's
+    first mount. A compressed module (.ko.xz, ...) is returned as it is: its
+    signature is inside the compressed payload.
+    """
+    if not data.endswith(MODULE_SIG_MARKER):
+        return data
+    end = len(data) - len(MODULE_SIG_MARKER)
+    info_at = end - _MODULE_SIG_INFO.size
+    if info_at < 0:
+        raise ImageBuildError("module signature: the file is shorter than its signature trailer")
+    _, _, _, signer_len, key_id_len, sig_len = _MODULE_SIG_INFO.unpack_from(data, info_at)
+    body = info_at - signer_len - key_id_len - sig_len
+    if body <= 0:
+        raise ImageBuildError(
+            f"module signature: {sig_len} signature bytes in a {len(data)}-byte file"
+        )
+    return data[:body]
+
+
+def unsigned_modules_load(config: dict[str, str] | None, cmdline: str) -> bool:
+    """Whether this kernel, booted with `cmdline`, loads a module with no signature.
+
+    Only when its config is known and says so: signatures not enforced
+    (CONFIG_MODULE_SIG_FORCE) and no lockdown forced by the config or asked on
+    the command line (lockdown refuses unsigned modules). An unsigned module
+    taints the kernel (`E`), nothing else.
+    """
+    if config is None:
+        return False
+    forced = (
+        "CONFIG_MODULE_SIG_FORCE",
+        "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY",
+        "CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY",
+    )
+    if any(config.get(symbol, "n") == "y" for symbol in forced):
+        return False
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key == "lockdown" or (key == "module.sig_enforce" and value not in ("0", "n", "N")):
+            return False
+    return True
 
 
 @dataclass(frozen=True)

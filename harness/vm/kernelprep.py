@@ -58,6 +58,22 @@ class PreparedKernel:
     release: str
     moddir: Path | None  # lib/modules/RELEASE with modules.dep, or None
     features: dict[str, str]
+    # The image's modules go in without their signatures (`module_bytes`): this
+    # kernel, booted with the image's command line, loads unsigned modules.
+    strip_signatures: bool = False
+
+    def module_bytes(self, rel: str) -> bytes:
+        """A module of `moddir` as the image holds it."""
+        assert self.moddir is not None
+        data = (self.moddir / rel).read_bytes()
+        return kern.strip_module_signature(data) if self.strip_signatures else data
+
+
+def kernel_cmdline(p: Plan) -> str:
+    """The kernel command line the image records (the recipe's, and its package's extra)."""
+    conf = p.recipe.data["kernel"]
+    extra = conf.get("package_cmdline", "") if p.kernel_file is None else ""
+    return f"{conf['cmdline']} {extra}".strip()
 
 
 def prepare_kernel(p: Plan, work: Path, out: Path, cache: Path, say: Progress) -> PreparedKernel:
@@ -115,7 +131,11 @@ def prepare_kernel(p: Plan, work: Path, out: Path, cache: Path, say: Progress) -
                 ignore=shutil.ignore_patterns("build", "source"),
             )
         _depmod(moddir, release)
-    return PreparedKernel(boot, bz, release, moddir, features)
+    config = info.config
+    if config is None and tree is not None and (tree.path / "build" / ".config").is_file():
+        config = kern.parse_config((tree.path / "build" / ".config").read_text(errors="replace"))
+    strip = kern.unsigned_modules_load(config, kernel_cmdline(p))
+    return PreparedKernel(boot, bz, release, moddir, features, strip)
 
 
 def _depmod(moddir: Path, release: str) -> None:
@@ -136,7 +156,7 @@ def install_modules(k: PreparedKernel, trees: list[str], root: Path) -> None:
     for rel in select_modules(dep, trees):
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(k.moddir / rel, target)
+        target.write_bytes(k.module_bytes(rel))
     for meta in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
         if (k.moddir / meta).is_file():
             shutil.copyfile(k.moddir / meta, dest / meta)

@@ -25,6 +25,7 @@ import libvirt
 
 from harness.errors import MachineError
 from harness.vm.accel import parse_accel
+from harness.vm.clock import kernel_cmdline
 from harness.vm.libvirtd import ensure_libvirtd
 from harness.vm.machine import HOST, Machine, free_port
 from harness.vm.spec import (
@@ -68,7 +69,7 @@ def domain_xml(
         ET.SubElement(os_, "loader", readonly="yes", type="rom").text = str(spec.firmware)
     ET.SubElement(os_, "kernel").text = str(spec.kernel)
     ET.SubElement(os_, "initrd").text = str(spec.initramfs)
-    ET.SubElement(os_, "cmdline").text = spec.cmdline
+    ET.SubElement(os_, "cmdline").text = kernel_cmdline(spec.cmdline, accel)
     # Without <acpi/> libvirt passes -no-acpi, and `poweroff` in the guest only halts it.
     ET.SubElement(ET.SubElement(dom, "features"), "acpi")
     if spec.cpu_model:

@@ -15,6 +15,7 @@ from harness.block.options import escape_value as q
 from harness.errors import MachineError, PowercutError, ProcessError
 from harness.proc import ManagedProcess
 from harness.vm.accel import QEMU
+from harness.vm.clock import kernel_cmdline
 from harness.vm.machine import HOST, Machine, free_port
 from harness.vm.spec import (
     ROOT_DISK_SERIAL,
@@ -72,7 +73,7 @@ def qemu_argv(
         "-initrd",
         str(spec.initramfs),
         "-append",
-        spec.cmdline,
+        kernel_cmdline(spec.cmdline, accel),
         "-chardev",
         f"file,id=con,path={q(workdir / 'console.log')},append=on",
         "-serial",

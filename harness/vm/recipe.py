@@ -30,7 +30,7 @@ from harness.vm.image import cache_root
 from harness.vm.tools import run
 
 # Bump when the builder's output changes for the same inputs.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 
 # The recipe, init scripts and guest sources: package data (harness/data/images, in
 # the repository a link to the top-level images/), so an installed powercut builds

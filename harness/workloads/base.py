@@ -65,6 +65,8 @@ class FieldReader(Protocol):
 
     def integer(self, key: str, default: int, minimum: int | None = None) -> int: ...
 
+    def boolean(self, key: str, default: bool) -> bool: ...
+
     def number(self, key: str, default: float, minimum: float | None = None) -> float: ...
 
     def size(self, key: str, default: int, minimum: int = 1) -> int: ...
@@ -104,6 +106,11 @@ class GuestContext(Protocol):
 
     def check_deadline(self, what: str) -> None:
         """Raise `TimeoutExpired` naming `what` when the cell's timeout has passed."""
+        ...
+
+    def traced(self, command: str) -> str:
+        """`command` (the workload's run, a /bin/sh command) as the cell traces it: called
+        once, after the setup and before the run starts; unchanged when nothing traces."""
         ...
 
 
@@ -203,6 +210,12 @@ class Workload(abc.ABC):
     def directories(self) -> tuple[str, ...]:
         """Directories the fresh filesystem must hold before the workload starts."""
         return ()
+
+    @property
+    def trace_pattern(self) -> str | None:
+        """The acknowledgement regex (one group, the token) when the runner should trace this
+        workload's run for the explanation of a loss (`GuestContext.traced`); None: not."""
+        return None
 
     def refuse(self, *, timed_cut: bool, fault: FaultModel) -> str | None:
         """Why this workload cannot run a cell the schema allows, if it cannot (before booting)."""

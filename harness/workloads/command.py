@@ -96,13 +96,14 @@ class CommandObservation(Observation):
 
 @dataclass(frozen=True)
 class Command(Workload):
-    """`kind = "command"`: `run`, `check` (required), `setup`, `ack`, `check-timeout`."""
+    """`kind = "command"`: `run`, `check` (required), `setup`, `ack`, `check-timeout`, `trace`."""
 
     run_command: str
     check_command: str
     setup_command: str | None = None
     ack: str = DEFAULT_ACK
     check_timeout: float = 300.0
+    trace: bool = True  # trace the run's system calls (the explanation of a loss)
 
     kind = "command"
     checker = "check"
@@ -132,7 +133,12 @@ class Command(Workload):
             if value is not None and not value.strip():
                 raise fields.error(key, "must not be empty")
         timeout = fields.number("check-timeout", 300.0, minimum=1.0)
-        return cls(run, check, setup, ack, timeout)
+        trace = fields.boolean("trace", True)
+        return cls(run, check, setup, ack, timeout, trace)
+
+    @property
+    def trace_pattern(self) -> str | None:
+        return self.ack if self.trace else None
 
     def keeps_acknowledged(self, promise: Promise) -> bool:
         # An acknowledgement is the application's claim that the unit is durable.
@@ -148,7 +154,7 @@ class Command(Workload):
                     f"{result.stderr.strip()[-300:] or result.stdout.strip()[-300:]}"
                 )
         # In a session of its own, so that after a backend crash the whole tree can be stopped.
-        inner = _environment(seed) + self.run_command
+        inner = ctx.traced(_environment(seed) + self.run_command)
         command = f"setsid -w sh -c 'echo $$ > {PIDFILE}; exec sh -c \"$0\"' {shlex.quote(inner)}"
         stop = f"kill -TERM -- -$(cat {PIDFILE}) 2>/dev/null; true"
         stream = TokenStream(re.compile(self.ack), self.kind)

@@ -3,7 +3,10 @@
 `AckStream` parses lines that arrive in pieces from a guest that may die
 mid-line; `GuestStream` runs the command on its own SSH channel in a thread,
 so the power can be cut at any moment; `StreamRun` is the `Run` of every
-workload built that way (ack-records, ext4-metadata).
+workload built that way (ack-records, ext4-metadata). `AckClock` stamps each
+acknowledgement with the host's CLOCK_MONOTONIC as it arrives (the clock the
+write log is stamped with): exploration places acknowledgements in the log by
+it, and an explanation places them between the traced calls.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from harness.durability.contract import FaultModel
 from harness.errors import GuestError, PowercutError
@@ -157,6 +160,7 @@ class GuestStream:
         self.exit_code: int | None = None
         self.stderr = ""
         self.started = 0.0
+        self.ended: float | None = None  # when the command's channel closed (host monotonic)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"guest-{name}", daemon=True)
 
@@ -189,6 +193,8 @@ class GuestStream:
             self.error = exc
         except Exception as exc:  # noqa: BLE001 - paramiko raises its own kinds when the guest dies
             self.error = exc
+        finally:
+            self.ended = time.monotonic()
 
     @property
     def acked(self) -> int:
@@ -250,7 +256,15 @@ class StreamRun(Run):
         return self.stream.alive
 
     def failure(self) -> str | None:
-        return self.stream.failure()
+        """Why the run failed before the cut; a channel that ended without the command's
+        exit status (killed by a signal, or closed under it) while the guest lived is one."""
+        found = self.stream.failure()
+        if found or self.stream.alive:
+            return found
+        if self.stream.error is not None or self.stream.exit_code == -1:
+            why = self.stream.error or "no exit status: a signal killed it or its channel closed"
+            return f"its SSH channel ended before the command exited ({why})"
+        return None
 
     def after_cut(self, timeout: float) -> None:
         # Every acknowledgement the host had received when the power went is a
@@ -270,3 +284,79 @@ class StreamRun(Run):
         failure = self.stream.failure()
         if failure and self.stream.exit_code not in _STOPPED:
             raise GuestError(f"the workload failed across the backend crash: {failure}")
+
+
+# -- when the host received each acknowledgement ----------------------------------------
+
+
+class Stamping:
+    """An acknowledgement stream that time-stamps what it completes (delegates the rest)."""
+
+    def __init__(self, inner: Acknowledgements, clock: AckClock) -> None:
+        self.inner = inner
+        self.clock = clock
+
+    def feed(self, data: bytes | str) -> Sequence[object]:
+        items = self.inner.feed(data)
+        if items:
+            self.clock.stamp(items, time.monotonic_ns())
+        return items
+
+    @property
+    def count(self) -> int:
+        return self.inner.count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def acked_items(stream: Acknowledgements) -> list[str]:
+    """Every acknowledgement a stream has completed, in order, as tokens."""
+    if isinstance(stream, TokenStream):
+        return list(stream.tokens)
+    return [str(i) for i in range(1, stream.count + 1)]
+
+
+class AckClock:
+    """The host's receipt time of each acknowledgement (CLOCK_MONOTONIC ns), in order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stamps: list[tuple[str, int]] = []
+        self._stream: Acknowledgements | None = None
+
+    def stamp(self, items: Sequence[object], ns: int) -> None:
+        with self._lock:
+            self.stamps.extend((str(item), ns) for item in items)
+
+    def attach(self, run: Run) -> None:
+        """Start stamping `run`'s acknowledgements (those already in: now, which is later)."""
+        if not isinstance(run, StreamRun):
+            return
+        inner = run.stream.stream
+        run.stream.stream = Stamping(inner, self)
+        self._stream = inner
+        self._catch_up(time.monotonic_ns())
+
+    def _catch_up(self, ns: int) -> None:
+        if self._stream is None:
+            return
+        items = acked_items(self._stream)
+        with self._lock:
+            missing = items[len(self.stamps) :]
+            self.stamps.extend((item, ns) for item in missing)
+
+    def finish(self, run: Run) -> list[tuple[str, int]]:
+        """After the cut: every acknowledgement, stamped (late ones at the end of the run);
+        the run's stream is its own again (its checker reads it as it was)."""
+        now = time.monotonic_ns()
+        if self._stream is not None:
+            self._catch_up(now)
+            if isinstance(run, StreamRun) and isinstance(run.stream.stream, Stamping):
+                run.stream.stream = run.stream.stream.inner
+        else:
+            with self._lock:
+                done = len(self.stamps)
+                self.stamps.extend((str(i), now) for i in range(done + 1, run.acked() + 1))
+        with self._lock:
+            return list(self.stamps)

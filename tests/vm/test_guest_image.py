@@ -120,8 +120,11 @@ def test_each_filesystem_is_made_mounted_and_checked_in_the_guest(fs_machine, fs
         "echo data > /mnt/f && sync && umount /mnt",
         timeout=180,
     )
-    # The module came from the root's modules tree on demand.
+    # The module came from the root's modules tree on demand, through busybox's
+    # modprobe (images/rootinit), without its signature (the image strips them).
     assert fs in guest.check_output("cat /proc/filesystems")
+    assert guest.check_output("cat /proc/sys/kernel/modprobe").strip() == "/run/modprobe"
+    assert "E" in guest.check_output(f"cat /sys/module/{fs}/taint")
     check = guest.run(CHECKERS[fs], timeout=180)
     assert check.exit_code == 0, check.stdout + check.stderr
     guest.check_output(f"mount -t {fs} -o ro /dev/vda /mnt && cat /mnt/f && umount /mnt")

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.crash.explain import explain_state
 from harness.crash.explorer.checker import (
     CHECK_ERRORS,
     CHECKER_DIR,
@@ -70,6 +71,7 @@ from harness.durability.contract import (
 )
 from harness.errors import ConfigError, PowercutError
 from harness.explore.attribute import loss_report
+from harness.explore.causes import AckRisk, CauseGroup, Explanation, at_risk, group, kept_at
 from harness.explore.doc import (
     CellRecord,
     CellStatus,
@@ -88,6 +90,7 @@ from harness.explore.doc import (
     Where,
 )
 from harness.explore.doc import replay as replay_doc
+from harness.explore.fileview import FileView
 from harness.explore.hostcheck import (
     CheckCache,
     HostChecker,
@@ -100,6 +103,7 @@ from harness.explore.overlay import StateBuilder
 from harness.explore.recording import fingerprint
 from harness.explore.spec import ExploreSpec, bounds_for, explored_states
 from harness.explore.states import State, Timeline, disk_promise
+from harness.explore.traced import TracedRun, load_traced
 from harness.scenario.cells import Cell
 from harness.scenario.model import Expectation
 from harness.vm.image import GuestImage
@@ -186,6 +190,24 @@ class CellExploration:
         """States no checker failed and some could not judge (beyond the scenario's
         `unjudged-states` they make the cell an error: `passed` is False)."""
         return self.record.unjudged
+
+    @property
+    def causes(self) -> tuple[CauseGroup, ...]:
+        """The failing states by what they relied on (a traced run; one entry per distinct
+        cause, with how many states it explains and the smallest's replay command; the
+        states no cause explains last, `unexplained`)."""
+        return self.record.causes
+
+    @property
+    def at_risk(self) -> tuple[AckRisk, ...]:
+        """At every acknowledgement of the recorded run: what was not yet durable, since
+        which call."""
+        return self.record.at_risk
+
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """Changes never made durable that the filesystem kept in the failing states."""
+        return self.record.kept
 
     def replay(self, state: str, image: Path | str) -> Path:
         """Rebuild one explored (or minimized) state as an image file."""
@@ -413,6 +435,7 @@ class CellExplorer:
                 self._guest_phase(guest, host)
             self._set(status=CellStatus.MINIMIZE)
             self._minimize(host, guest)
+            self._explain(guest)
         finally:
             self._stop.set()  # an interrupted host phase stops at its next state
             if checking.is_alive():
@@ -808,6 +831,150 @@ class CellExplorer:
             return f"{head}; first: {first.id} ({detail}); {reason}"
         return f"{reason}; {unjudged} not judged (unjudged-states allows {allowed})"
 
+    # -- why it was lost ----------------------------------------------------------------------
+
+    def _explain(self, guest: Any) -> None:
+        """Every failing state of a traced run explained by its calls (`harness.crash.explain`):
+        the recovered tree listed in the checker guest, compared with the tree the calls
+        left; the states grouped by cause; what was at risk at every acknowledgement."""
+        rec = self.recorded.recording
+        try:
+            traced = load_traced(rec.root)
+        except ConfigError as exc:
+            traced = TracedRun("/mnt", error=str(exc))
+        if traced is None:
+            return
+        t0 = time.monotonic()
+        explanations: list[Explanation] = []
+        views: dict[str, FileView | str] = {}  # by image digest: the view, or why there is none
+        delta = self.directory / "explain.delta"
+        times = _record_times(self.timeline)
+        builder = StateBuilder(self.timeline, rec.log, rec.base)
+        existing = traced.existing if traced.existing is not None else ()
+        risks = (
+            at_risk(traced.trace, traced.ack_times(), traced.root, existing)
+            if traced.traced
+            else []
+        )
+        kept: list[str] = []
+        try:
+            failing = [i for i, s in enumerate(self.states) if s.failed]
+            for done, i in enumerate(failing):
+                self._progress(Phase.EXPLAIN, done, len(failing), t0, force=not done)
+                entry = self.states[i]
+                found = self._explain_state(entry, traced, guest, builder, delta, views, times)
+                self._state(i, dataclasses.replace(entry, explanation=found))
+                explanations.append(found)
+                kept += found.kept
+                self._save()
+            # What the filesystem kept though the calls never made it durable: the lose-all
+            # states of the acknowledgements with something at risk that lost nothing.
+            risky = {r.token for r in risks if r.risks}
+            ack_times = traced.ack_times()
+            for entry in self._kept_probes(risky):
+                token = [x[4:] for x in entry.point.labels if x.startswith("ack ")][-1]
+                boundary = ack_times.get(token)
+                view = self._view(entry, guest, builder, delta, views)
+                if isinstance(view, FileView) and boundary is not None:
+                    found_kept = kept_at(
+                        traced.trace,
+                        view,
+                        boundary,
+                        existing=existing,
+                        final=traced.final,
+                    )
+                    kept += [f"{entry.id} (ack {token}): {k}" for k in found_kept]
+        finally:
+            builder.close()
+            delta.unlink(missing_ok=True)
+        sizes = {s.id: len(s.state.lost) + len(s.state.torn) for s in self.states}
+        replays = {s.id: s.replay for s in self.states}
+        groups = group(explanations, sizes.__getitem__, replays.__getitem__)
+        self.record = dataclasses.replace(
+            self.record,
+            trace=traced.summary(),
+            causes=tuple(groups),
+            at_risk=tuple(risks),
+            kept=tuple(dict.fromkeys(kept)),
+        )
+        self._took(explain=time.monotonic() - t0)
+        self._save()
+
+    KEPT_PROBES = 8  # passing lose-all states looked at for what the filesystem kept
+
+    def _kept_probes(self, risky: set[str]) -> list[StateRecord]:
+        """Passing lose-all states at acknowledgements with changes at risk, one per image."""
+        out: list[StateRecord] = []
+        digests: set[str] = set()
+        for s in self.states:
+            if s.failed or s.state.policy is not CutPolicy.LOSE_ALL or s.digest in digests:
+                continue
+            if any(x.startswith("ack ") and x[4:] in risky for x in s.point.labels):
+                out.append(s)
+                digests.add(s.digest)
+        return out[: self.KEPT_PROBES]
+
+    def _view(
+        self,
+        entry: StateRecord,
+        guest: Any,
+        builder: StateBuilder,
+        delta: Path,
+        views: dict[str, FileView | str],
+    ) -> FileView | str:
+        """The state's recovered tree listed in the checker guest (once per image), or why
+        it could not be."""
+        view = views.get(entry.digest)
+        if view is None:
+            if guest is None or getattr(guest, "broken", None):
+                view = "no checker guest to list the recovered tree in"
+            else:
+                try:
+                    builder.delta(entry.state, delta)
+                    view = guest.view(delta)
+                except PowercutError as exc:
+                    view = f"the recovered tree could not be listed: {exc}"
+            views[entry.digest] = view
+        return view
+
+    def _explain_state(
+        self,
+        entry: StateRecord,
+        traced: TracedRun,
+        guest: Any,
+        builder: StateBuilder,
+        delta: Path,
+        views: dict[str, FileView | str],
+        times: dict[int, int],
+    ) -> Explanation:
+        t0 = time.monotonic()
+        state = entry.state
+        check = entry.guest.check if entry.guest is not None else None
+        lost = check.lost if check is not None else ()
+        why = _not_the_workloads(entry)
+        if why is not None:
+            return explain_state(
+                TracedRun(traced.root, error=why), state.id, None, lost, point_host_ns=None
+            )
+        view = self._view(entry, guest, builder, delta, views)
+        ss = self.timeline.sector_size
+        lost_writes = [
+            (w.offset, w.length) for seq in state.lost if (w := self.timeline.by_seq.get(seq))
+        ]
+        torn_writes = [(s * ss, ss) for _seq, sectors in state.torn for s in sectors]
+        found = explain_state(
+            traced,
+            state.id,
+            view if isinstance(view, FileView) else None,
+            lost,
+            point_host_ns=times.get(state.point.at - 1),
+            lost_writes=lost_writes,
+            torn_writes=_merged(torn_writes),
+            why_no_view=view if isinstance(view, str) else "",
+        )
+        # The state's own time: its view (unless an identical image's was reused) and the engine.
+        return dataclasses.replace(found, seconds=round(time.monotonic() - t0, 3))
+
     # -- minimization ------------------------------------------------------------------------
 
     def _minimize(self, host: dict[str, HostResult], guest: Any) -> None:
@@ -873,6 +1040,44 @@ class CellExplorer:
             writes=tuple(writes),
             replay=self._replay_command(m.state.id),
         )
+
+
+def _not_the_workloads(entry: StateRecord) -> str | None:
+    """Why a failing state's loss is no call's to explain, if it is not: the disk broke its
+    promise (the oracle), or a host-side checker decided it before the guest looked."""
+    if entry.verdict is StateVerdict.VIOLATION:
+        return (
+            "the disk lost what it promised (the oracle failed the state): not the "
+            "application's doing, and no call is blamed"
+        )
+    guest = entry.guest
+    if guest is None or guest.skipped is not None or guest.check is None:
+        failed = [f"{c.checker}: {c.detail}" for c in entry.checks if c.ok is False]
+        return "the workload's check did not judge this state; " + (
+            "; ".join(failed) or "no checker says what it lost"
+        )
+    return None
+
+
+def _record_times(timeline: Timeline) -> dict[int, int]:
+    """The host's CLOCK_MONOTONIC time of every log record, by index."""
+    out: dict[int, int] = {}
+    for r in timeline.wlog.requests:
+        out[r.submit_index] = r.submit_ns
+        if r.complete_index is not None and r.complete_ns is not None:
+            out[r.complete_index] = r.complete_ns
+    return out
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges (offset, length), adjacent ones joined."""
+    out: list[tuple[int, int]] = []
+    for offset, length in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((offset, length))
+    return out
 
 
 class Interrupted(PowercutError):

@@ -36,6 +36,8 @@ from harness.block.options import format_dotted
 from harness.durability.contract import CacheMode
 from harness.errors import GuestError, PowercutError, TimeoutExpired
 from harness.explore.doc import CheckSummary, GuestFsck, GuestRecord
+from harness.explore.fileview import Chunk, FileView, parse_chunk_tree, parse_view
+from harness.guest import fileview
 from harness.guest.checker import CheckerLoop, text
 from harness.guest.ssh import CommandResult, LineCallback, SSHSession
 from harness.vm.backends import ProcessBackend
@@ -45,6 +47,7 @@ from harness.vm.qemu import QemuMachine
 from harness.vm.spec import Accel, MachineSpec
 from harness.workloads import filesystem
 from harness.workloads.base import DEVICE, MOUNT, Observation, Run, Workload
+from harness.workloads.command import CommandObservation
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +249,9 @@ class _Context:
     def check_deadline(self, what: str) -> None:
         """States have no cell deadline: each helper request has its own timeout."""
 
+    def traced(self, command: str) -> str:
+        return command  # the checker guest runs checks, never a run
+
 
 @dataclass(frozen=True)
 class GuestCheck:
@@ -269,7 +275,10 @@ class GuestCheck:
 
     def record(self) -> GuestRecord:
         obs = self.observation
-        check = CheckSummary(obs.loss, obs.corruption, obs.summary()) if obs is not None else None
+        check = None
+        if obs is not None:
+            lost = obs.lost if isinstance(obs, CommandObservation) else ()
+            check = CheckSummary(obs.loss, obs.corruption, obs.summary(), tuple(lost))
         return GuestRecord(
             mounted=self.mounted,
             seconds=round(self.seconds, 3),
@@ -339,6 +348,7 @@ class CheckerGuest:
         self.checks = 0
         self.broken: str | None = None
         self.boot_seconds = 0.0
+        self._view_ready = False
 
     def start(self, timeout: float = 180.0) -> None:
         """Serve the base, boot, start the helper, and mount the base once (module loads)."""
@@ -396,6 +406,31 @@ class CheckerGuest:
         self.shell.end()
         self.checks += 1
         return self._result(mounted, observation, error, time.monotonic() - t0)
+
+    def view(self, delta: Path | None, timeout: float = 300.0) -> FileView:
+        """The workload's tree in the state `delta`, as its mount recovers it (the explanation's
+        view: names, sizes, digests, extents; on btrfs with the chunk map, read unmounted)."""
+        if self.shell is None or self.broken:
+            raise GuestError(f"the checker guest is not running: {self.broken or 'not started'}")
+        if self.mount is None or self.filesystem is None:
+            raise GuestError("the workload has no filesystem to list")
+        if not self._view_ready:
+            assert self.ssh is not None
+            fileview.install(self.ssh)
+            self._view_ready = True
+        self.switch(delta)
+        self.shell.begin()
+        try:
+            listing = self.shell.run(fileview.view_command(MOUNT, sync=False), timeout)
+            chunks: tuple[Chunk, ...] = ()
+            if self.filesystem == "btrfs" and listing.ok:
+                dump = self.shell.run(f"btrfs inspect-internal dump-tree -t chunk {DEVICE}", 120)
+                chunks = parse_chunk_tree(dump.stdout) if dump.ok else ()
+        finally:
+            self.shell.end()
+        if not listing.ok:
+            raise GuestError(f"the tree could not be listed: {listing.stderr.strip()[-300:]}")
+        return parse_view(listing.stdout, MOUNT, self.filesystem, chunks)
 
     def _keep_failed(self, state: str, error: str) -> str:
         """Keep what a check that could not run said; the error, naming where it is."""

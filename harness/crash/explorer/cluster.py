@@ -50,7 +50,7 @@ from harness.crash.cluster_run import ClusterCellRunner
 from harness.crash.cluster_verdict import NodeJudgement, cluster_expectation, judge_cluster
 from harness.crash.explorer.cell import CellExploration
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback
-from harness.crash.explorer.record import AckClock, RecordingSession, RunAsOf
+from harness.crash.explorer.record import RecordingSession, RunAsOf
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.session import CrashSession
 from harness.durability.contract import CutPolicy, FaultModel, Promise, Verdict, promise
@@ -84,7 +84,7 @@ from harness.vm.image import GuestImage
 from harness.vm.network import NetworkPlan, PrivateNetwork
 from harness.vm.spec import Accel, MachineSpec
 from harness.workloads.base import Observation, Run
-from harness.workloads.stream import StreamRun, TokenStream
+from harness.workloads.stream import AckClock, StreamRun, TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class ClusterRecorder(ClusterCellRunner):
         for node in self.spec.nodes:
 
             def spec_for(spec: MachineSpec, name: str = node.name) -> MachineSpec:
-                return node_spec(spec, network, name, accel)
+                return node_spec(spec, network, name)
 
             self.sessions[node.name] = RecordingSession(
                 self.directory / node.name,
@@ -259,7 +259,7 @@ class StateCheck(ClusterCellRunner):
         for node in self.spec.nodes:
 
             def spec_for(spec: MachineSpec, name: str = node.name) -> MachineSpec:
-                return node_spec(spec, network, name, accel)
+                return node_spec(spec, network, name)
 
             self.sessions[node.name] = OverlaySession(
                 self.directory / node.name,

@@ -23,6 +23,7 @@ class Phase(enum.Enum):
     HOST = "host"  # host-side checks of every state (the checker guest boots meanwhile)
     GUEST = "guest"  # the states the host passed, in the checker guest
     MINIMIZE = "minimize"
+    EXPLAIN = "explain"  # failing states of a traced run explained by its calls
     DONE = "done"
 
 

@@ -36,9 +36,7 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +67,7 @@ from harness.workloads.stream import (
     Acknowledgements,
     AckStream,
     GuestStream,
+    Stamping,
     StreamRun,
     TokenStream,
 )
@@ -102,76 +101,6 @@ class RecordingSession(CrashSession):
         self.backend.freeze()
         self.machine.power_cut()
         self.backend.kill()
-
-
-class _Stamping:
-    """An acknowledgement stream that time-stamps what it completes (delegates the rest)."""
-
-    def __init__(self, inner: Acknowledgements, clock: AckClock) -> None:
-        self.inner = inner
-        self.clock = clock
-
-    def feed(self, data: bytes | str) -> Sequence[object]:
-        items = self.inner.feed(data)
-        if items:
-            self.clock.stamp(items, time.monotonic_ns())
-        return items
-
-    @property
-    def count(self) -> int:
-        return self.inner.count
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def _items(stream: Acknowledgements) -> list[str]:
-    """Every acknowledgement a stream has completed, in order, as tokens."""
-    if isinstance(stream, TokenStream):
-        return list(stream.tokens)
-    return [str(i) for i in range(1, stream.count + 1)]
-
-
-class AckClock:
-    """The host's receipt time of each acknowledgement (CLOCK_MONOTONIC ns), in order."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.stamps: list[tuple[str, int]] = []
-        self._stream: Acknowledgements | None = None
-
-    def stamp(self, items: Sequence[object], ns: int) -> None:
-        with self._lock:
-            self.stamps.extend((str(item), ns) for item in items)
-
-    def attach(self, run: Run) -> None:
-        """Start stamping `run`'s acknowledgements (those already in: now, which is later)."""
-        if not isinstance(run, StreamRun):
-            return
-        inner = run.stream.stream
-        run.stream.stream = _Stamping(inner, self)
-        self._stream = inner
-        self._catch_up(time.monotonic_ns())
-
-    def _catch_up(self, ns: int) -> None:
-        if self._stream is None:
-            return
-        items = _items(self._stream)
-        with self._lock:
-            missing = items[len(self.stamps) :]
-            self.stamps.extend((item, ns) for item in missing)
-
-    def finish(self, run: Run) -> list[tuple[str, int]]:
-        """After the cut: every acknowledgement, stamped (late ones at the end of the run)."""
-        now = time.monotonic_ns()
-        if self._stream is not None:
-            self._catch_up(now)
-        else:
-            with self._lock:
-                done = len(self.stamps)
-                self.stamps.extend((str(i), now) for i in range(done + 1, run.acked() + 1))
-        with self._lock:
-            return list(self.stamps)
 
 
 class RunAsOf(StreamRun):
@@ -288,6 +217,10 @@ class RecordingRunner(CellRunner):
         self._reported = 0.0
         self._recorded = (0, 0)  # acknowledgements, writes: as last reported
 
+    @property
+    def trace_directory(self) -> Path:
+        return self.directory / RECORDING_DIR
+
     def _waiting(self, session: Any, run: Run) -> None:
         now = time.monotonic()
         if now - self._reported < self.PROGRESS_EVERY:
@@ -322,7 +255,6 @@ class RecordingRunner(CellRunner):
             session = RecordingSession(
                 self.directory, self.image, cell.mode, cell.disk, accel=self.accel, name="record"
             )
-        clock = AckClock()
         with session:
             self._report(Phase.BOOT)
             with self.timer.phase("boot"):
@@ -330,7 +262,6 @@ class RecordingRunner(CellRunner):
             guest = _Guest(session, self.directory, self.deadline)
             with self.timer.phase("workload"):
                 run = self._start(session, guest)
-                clock.attach(run)
                 if run.cuts_itself:
                     raise ConfigError(
                         f"the {self.workload.kind} workload picks its own cut moment; "
@@ -341,19 +272,22 @@ class RecordingRunner(CellRunner):
                     raise GuestError(
                         f"the workload failed before the end of the recording: {failure}"
                     )
+            self._run_ended(guest, run)
             self._reported = 0.0
             self._waiting(session, run)  # the counts as they stand at the cut
             self._report(Phase.CUT)
             with self.timer.phase("cut"):
                 session.end()
             run.after_cut(30)
-            stamps = clock.finish(run)
+            assert self.ack_clock is not None
+            stamps = self.ack_clock.finish(run)
+            self._traced(run)
         started_ns = int(run.started * 1e9)
         wlog = read_log(session.write_log)
         start_index = acks_from_times(wlog, [("start", started_ns)])[0].index
         in_flight = sum(1 for r in wlog.requests if r.complete_index is None)
         inner = run.stream.stream if isinstance(run, StreamRun) else None
-        if isinstance(inner, _Stamping):
+        if isinstance(inner, Stamping):
             inner = inner.inner
         kind = "tokens" if isinstance(inner, TokenStream) else "count" if inner else "run"
         pattern = inner.pattern.pattern if isinstance(inner, TokenStream) else None
@@ -374,6 +308,7 @@ class RecordingRunner(CellRunner):
                 "stream_kind": kind,
                 "stream_name": getattr(inner, "name", self.workload.kind),
                 "token_pattern": pattern,
+                "trace": self.traced_run.summary() if self.traced_run is not None else None,
             },
         )
         return RecordedRun(

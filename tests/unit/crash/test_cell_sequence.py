@@ -268,6 +268,9 @@ class FakeSession:
     def requests(self, kind: str) -> int:
         return -1
 
+    def freeze_disk(self) -> None:
+        self.events.append("freeze")
+
     def power_cut(self, fault: Any, policy: Any, seed: int = 0, *, check: bool = True) -> PowerCut:
         model, chosen = parse_fault(fault), parse_policy(policy)
         self.events.append(f"cut:{model.value}")

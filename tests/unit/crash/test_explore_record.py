@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.crash.explorer.record import AckClock, CountedRun, RecordedRun, RunAsOf
+from harness.crash.explorer.record import CountedRun, RecordedRun, RunAsOf
 from harness.durability.contract import CacheMode, FaultModel
 from harness.explore.recording import Ack, Recording
 from harness.guest.ssh import CommandResult
-from harness.workloads.stream import AckStream, StreamRun, TokenStream
+from harness.workloads.stream import AckClock, AckStream, StreamRun, TokenStream
 
 
 class GatedSSH:
@@ -77,6 +77,13 @@ def test_command_tokens_are_stamped_and_the_run_as_of_a_point_has_its_prefix(
         gate.set()
     run.after_cut(30)
     assert [t for t, _ns in clock.finish(run)] == ["a", "b", "c"]
+    # The run's own stream again: the runner's check after the reboot reads its tokens.
+    assert isinstance(run.stream.stream, TokenStream) and run.stream.stream.tokens == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert [t for t, _ns in clock.finish(run)] == ["a", "b", "c"]  # finishing twice is harmless
     recording = Recording(
         root=tmp_path,
         base=tmp_path,

@@ -15,6 +15,7 @@ import os
 import select
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,29 @@ def test_a_helper_that_dies_is_a_clear_error(tmp_path: Path) -> None:
             helper.request({"command": "true"}, 10)
     finally:
         helper.close()
+
+
+def test_two_helpers_on_one_machine_keep_their_output_apart(tmp_path: Path) -> None:
+    # The unit tests run helpers in parallel on one host: each command's output
+    # files must be its helper's own (a shared file gave one test another's bytes).
+    first, second = (CheckerLoop(LocalSSH(tmp_path)) for _ in range(2))  # type: ignore[arg-type]
+    try:
+        first._chan.sendall(b'{"id": 1, "command": "echo first; sleep 2"}\n')
+        time.sleep(0.5)  # the first command has opened its output file and written to it
+        assert second.request({"command": "echo second"}, 30)["command"]["stdout"] == "second\n"
+        assert json.loads(first._line(30))["command"]["stdout"] == "first\n"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_helper_leaves_no_output_files_behind(tmp_path: Path) -> None:
+    ssh = LocalSSH(tmp_path)
+    helper = CheckerLoop(ssh)  # type: ignore[arg-type]
+    helper.request({"command": "cat", "stdin": "x"}, 30)
+    files = [Path(f"/run/powercut-checker.{helper.pid}.{kind}") for kind in ("out", "err", "in")]
+    assert all(f.exists() for f in files)
+    ssh.channels[0].proc.stdin.close()  # type: ignore[union-attr]  # end of requests: it exits
+    ssh.channels[0].proc.wait(30)
+    helper.close()
+    assert not any(f.exists() for f in files)

@@ -93,6 +93,44 @@ def test_missing_results_file_says_what_to_pass(tmp_path: Path) -> None:
         load_results(tmp_path)
 
 
+def test_a_cells_causes_round_trip_and_a_bad_one_names_the_cell(
+    tmp_path: Path, synthetic: Synth
+) -> None:
+    import dataclasses
+
+    from harness.explore.causes import Cause, Explanation, Property
+    from harness.explore.syscalls import Call, CallKind
+
+    rename = Call(3, 7, "rename", CallKind.RENAME, 10, 11, "/mnt/x.tmp", "/mnt/x", result=0)
+    why = Explanation(
+        "the cell's cut",
+        ("4",),
+        "ack 4",
+        (Cause(Property.ENTRY_NOT_SYNCED, "/mnt/x", (rename,), "fsync the directory /mnt", "e"),),
+        evidence=("/mnt/x: missing",),
+        seconds=0.5,
+    )
+    results = synthetic()
+    first = dataclasses.replace(results.cells[0], trace="12 calls traced with tracefs", causes=why)
+    results = dataclasses.replace(results, cells=(first, *results.cells[1:]))
+    write_results(results, tmp_path)
+    again = load_results(tmp_path)
+    assert again == results and again.cells[0].causes == why
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["cells"][0]["causes"]["causes"][0]["property"] == "directory entry not synced"
+    # Every rendering shows the cause, a passing negative control's too.
+    from harness.report.junit import render_junit
+    from harness.report.markdown import render_markdown
+
+    line = "cause: directory entry not synced: fsync the directory /mnt (e)"
+    assert first.cause_lines() == [line]
+    assert f"- {line}" in render_markdown(results)
+    assert line in render_junit(results)
+    data["cells"][0]["causes"] = {"state": "x", "causes": [{"property": "lost in space"}]}
+    with pytest.raises(ConfigError, match="causes cannot be read"):
+        RunResults.from_json(data)
+
+
 def test_newer_minor_fields_are_ignored(synthetic: Synth) -> None:
     data = synthetic().to_json()
     data["cells"][0]["future_field"] = 1

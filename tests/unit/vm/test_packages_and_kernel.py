@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ImageBuildError
 from harness.vm import kernel as kern
 from harness.vm import packages as pkgs
 from harness.vm.image import GuestImage
@@ -245,6 +245,62 @@ def test_an_unknown_feature_is_refused(tmp_path):
         _image().check_features(["zfs"])
 
 
+def _signed(
+    body: bytes, signer: bytes = b"", key_id: bytes = b"", sig: bytes = b"S" * 681
+) -> bytes:
+    """`body` as scripts/sign-file leaves it: signer, key id, signature, their lengths, marker."""
+    info = struct.pack(">BBBBB3xI", 0, 0, 2, len(signer), len(key_id), len(sig))
+    return body + signer + key_id + sig + info + kern.MODULE_SIG_MARKER
+
+
+def test_a_signed_module_loses_exactly_its_signature():
+    body = b"\x7fELF" + bytes(range(256)) * 40
+    assert kern.strip_module_signature(_signed(body)) == body
+    assert kern.strip_module_signature(_signed(body, b"Debian", b"\x01" * 20)) == body
+    # A module that ends like a signature but is not signed, and a compressed one, stay as they are.
+    assert kern.strip_module_signature(body) == body
+    xz = lzma.compress(_signed(body), format=lzma.FORMAT_XZ)
+    assert kern.strip_module_signature(xz) == xz
+
+
+def test_a_signature_longer_than_its_module_is_an_image_build_error():
+    with pytest.raises(ImageBuildError, match="681 signature bytes in a"):
+        kern.strip_module_signature(_signed(b"")[1:])
+    with pytest.raises(ImageBuildError, match="shorter than its signature trailer"):
+        kern.strip_module_signature(kern.MODULE_SIG_MARKER)
+
+
+DEBIAN_SIG = (
+    "CONFIG_MODULE_SIG=y\n# CONFIG_MODULE_SIG_FORCE is not set\n"
+    "CONFIG_LOCK_DOWN_KERNEL_FORCE_NONE=y\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("config", "cmdline", "loads"),
+    [
+        (DEBIAN_SIG, "console=ttyS0 quiet", True),
+        (DEBIAN_SIG, "quiet module.sig_enforce=0", True),
+        (DEBIAN_SIG, "quiet module.sig_enforce=1", False),
+        (DEBIAN_SIG, "quiet module.sig_enforce", False),
+        (DEBIAN_SIG, "lockdown=integrity quiet", False),
+        (
+            DEBIAN_SIG.replace("# CONFIG_MODULE_SIG_FORCE is not set", "CONFIG_MODULE_SIG_FORCE=y"),
+            "",
+            False,
+        ),
+        (DEBIAN_SIG + "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY=y\n", "", False),
+        (DEBIAN_SIG + "CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY=y\n", "", False),
+        (None, "quiet", False),  # no config: the image keeps the signatures
+    ],
+)
+def test_modules_lose_their_signatures_only_where_the_kernel_loads_unsigned_ones(
+    config, cmdline, loads
+):
+    parsed = kern.parse_config(config) if config is not None else None
+    assert kern.unsigned_modules_load(parsed, cmdline) is loads
+
+
 def test_a_cached_image_refuses_a_filesystem_its_kernel_lacks_without_booting():
     img = _image(
         kernel_release="6.9.0",
@@ -320,7 +376,8 @@ def _fixed_recipe(base: Path) -> Path:
 def test_the_image_key_of_a_fixed_recipe_has_not_moved(offline_plan, tmp_path):
     """The key names every cached image on every machine: a refactor must not change it.
 
-    Bump BUILDER_VERSION (and these values) only when the builder's output changes.
+    Bump BUILDER_VERSION (and these values) only when the builder's output changes
+    (4: modules without their signatures).
     """
     from harness.vm.recipe import Recipe
 
@@ -341,10 +398,10 @@ def test_the_image_key_of_a_fixed_recipe_has_not_moved(offline_plan, tmp_path):
         "kernel and modules": key(recipe, kernel=kernel, modules=modules),
     }
     assert got == {
-        "debian kernel": "85ee34e9434dc61a",
-        "packages": "b72c10836690809c",
-        "kernel file": "9ae77795c7a2591b",
-        "kernel and modules": "821b7a569d838f44",
+        "debian kernel": "00656116ff2fa2cc",
+        "packages": "374a0507a67cfbe2",
+        "kernel file": "d9f6ac44655e9c42",
+        "kernel and modules": "95fa0cf4518226a7",
     }
 
 

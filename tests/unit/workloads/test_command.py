@@ -72,6 +72,11 @@ def test_a_command_workload_reads_its_fields() -> None:
             "not a regular expression",
         ),
         (('check = "my-app --list"', 'check = "  "'), "workload[0].check", "must not be empty"),
+        (
+            ('check = "my-app --list"', 'check = "x"\ntrace = "no"'),
+            "workload[0].trace",
+            "true or false",
+        ),
     ],
 )
 def test_bad_command_fields_name_the_file_line_and_field(
@@ -80,6 +85,13 @@ def test_bad_command_fields_name_the_file_line_and_field(
     msg = error_of(BASE.replace(*edit))
     assert re.match(rf"s\.toml:\d+: field '{re.escape(field)}'", msg), msg
     assert words in msg
+
+
+def test_a_command_workload_is_traced_unless_its_table_says_trace_false() -> None:
+    traced = parse_scenario(BASE).workloads[0].workload
+    assert traced.trace_pattern == r"^ack (\S+)$"
+    off = parse_scenario(BASE.replace('check = "my-app --list"', 'check = "x"\ntrace = false'))
+    assert off.workloads[0].workload.trace_pattern is None
 
 
 def test_after_exit_must_be_true() -> None:
