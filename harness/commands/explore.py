@@ -35,6 +35,7 @@ from rich.console import Console
 
 from harness.commands._cells import SHIPPED, add_cell_arguments, plan_from_cell_arguments
 from harness.crash.explorer.cell import CellExplorer, ExploreOptions
+from harness.crash.explorer.cluster import ClusterExplorer
 from harness.crash.explorer.progress import Phase, Progress
 from harness.crash.explorer.record import unexplorable
 from harness.crash.explorer.run import ExploreDoc, exploration_cells, spec_for
@@ -42,7 +43,7 @@ from harness.crash.images import CellImages
 from harness.crash.plan import command_line
 from harness.durability.contract import Verdict
 from harness.errors import ConfigError
-from harness.explore.doc import CellRecord, ExploreDocument, replay
+from harness.explore.doc import CellRecord, ClusterRecord, ExploreDocument, replay
 from harness.report.console import STYLE
 from harness.report.explore import render_explore
 from harness.vm.accel import choose_accel
@@ -196,19 +197,34 @@ def run(args: argparse.Namespace) -> int:
                 prefix = f"{index}/" if len(cells) + len(skipped) > 1 else None
                 line = _CellLine(bar, f"{cell.scenario}: {cell.exploration_id}")
                 try:
-                    explorer = CellExplorer(
-                        cell,
-                        spec_for(cell, plan.scenarios),
-                        out / "cells" / f"{index:03d}",
-                        images(cell),
-                        out=out,
-                        index=index,
-                        options=options,
-                        accel=accel,
-                        doc=doc,
-                        replay_prefix=prefix,
-                        on_progress=line,
-                    )
+                    explorer: CellExplorer | ClusterExplorer
+                    if cell.cluster is not None:  # every node recorded, combinations booted
+                        explorer = ClusterExplorer(
+                            cell,
+                            spec_for(cell, plan.scenarios),
+                            out / "cells" / f"{index:03d}",
+                            images(cell),
+                            out=out,
+                            index=index,
+                            max_states=options.max_states,
+                            accel=accel,
+                            doc=doc,
+                            on_progress=line,
+                        )
+                    else:
+                        explorer = CellExplorer(
+                            cell,
+                            spec_for(cell, plan.scenarios),
+                            out / "cells" / f"{index:03d}",
+                            images(cell),
+                            out=out,
+                            index=index,
+                            options=options,
+                            accel=accel,
+                            doc=doc,
+                            replay_prefix=prefix,
+                            on_progress=line,
+                        )
                     result = explorer.run()
                 finally:
                     line.close()
@@ -240,7 +256,28 @@ def run(args: argparse.Namespace) -> int:
         for s in cell_record.unjudged[:3]:
             why = "; ".join(f"{c.checker}: {c.detail}" for c in s.checks if c.ok is None)
             console.print(f"  {s.id} not judged: {why}", markup=False, soft_wrap=True)
+        if cell_record.cluster is not None:
+            _print_cluster(console, cell_record.cluster)
     return exit_status(document)
+
+
+def _print_cluster(console: Console, cluster: ClusterRecord) -> None:
+    """A cluster cell's failing and unjudged states, and what each failing one shrank to."""
+    for c in cluster.failing[:3]:
+        console.print(f"  {c.id}: {c.state.describe()}: {c.client}", markup=False, soft_wrap=True)
+        m = c.minimized
+        if m is not None and m.state is not None:
+            console.print(
+                f"    shrunk to {m.state.describe()} (nodes {', '.join(m.nodes) or 'none'}; "
+                f"{m.losses_before} losses -> {m.losses_after}; "
+                f"{m.node_checks} + {m.write_checks} cluster checks)",
+                markup=False,
+                soft_wrap=True,
+            )
+        elif m is not None:
+            console.print(f"    not shrunk: {m.note or m.error}", markup=False, soft_wrap=True)
+    for c in cluster.unjudged[:3]:
+        console.print(f"  {c.id} not judged: {c.unjudged}", markup=False, soft_wrap=True)
 
 
 def cause_lines(record: CellRecord) -> list[str]:

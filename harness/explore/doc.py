@@ -49,6 +49,7 @@ from harness.durability.contract import CacheMode, CutPolicy, Promise, Verdict, 
 from harness.durability.oracle import OracleReport
 from harness.errors import ConfigError
 from harness.explore.causes import AckRisk, CauseGroup, Explanation
+from harness.explore.cluster import ClusterState
 from harness.explore.overlay import replay_state
 from harness.explore.recording import open_recording
 from harness.explore.spec import ExploreSpec
@@ -518,6 +519,171 @@ class StateRecord:
         )
 
 
+# -- a cluster's states -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterShrunk:
+    """A failing cluster state shrunk: the nodes that must deviate, then their writes."""
+
+    state: ClusterState | None = None  # the smallest failing combination found
+    nodes: tuple[str, ...] = ()  # the nodes that must deviate from keep-all
+    node_checks: int = 0
+    write_checks: int = 0
+    losses_before: int = 0
+    losses_after: int = 0
+    unjudged: int = 0  # candidates that could not be judged (taken as not failing)
+    note: str | None = None  # not shrunk: why
+    error: str | None = None  # shrinking failed: how
+
+    def to_json(self) -> dict[str, Any]:
+        if self.state is None:
+            return {"error": self.error} if self.error is not None else {"note": self.note}
+        return {
+            "id": self.state.id,
+            "nodes": list(self.nodes),
+            "node_checks": self.node_checks,
+            "write_checks": self.write_checks,
+            "losses_before": self.losses_before,
+            "losses_after": self.losses_after,
+            "unjudged": self.unjudged,
+            "describe": self.state.describe(),
+            "state": self.state.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClusterShrunk:
+        if "state" not in raw:
+            return cls(note=raw.get("note"), error=raw.get("error"))
+        return cls(
+            ClusterState.from_json(raw["state"]),
+            tuple(str(n) for n in raw.get("nodes", [])),
+            int(raw.get("node_checks", 0)),
+            int(raw.get("write_checks", 0)),
+            int(raw.get("losses_before", 0)),
+            int(raw.get("losses_after", 0)),
+            int(raw.get("unjudged", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class ClusterStateRecord:
+    """One cluster state checked: every node booted on its state, the client's check, the
+    cluster's verdict (harness/crash/cluster_verdict.py)."""
+
+    state: ClusterState
+    verdict: StateVerdict  # FAIL: the client's check saw loss or damage
+    contract_broken: bool  # the cluster verdict fails it where the contract allows no loss
+    reason: str  # the cluster verdict's words (or why it was not judged)
+    client: str = ""  # the client's check, summarised
+    lost: tuple[str, ...] = ()  # acknowledged tokens the check did not find
+    unjudged: str = ""  # why no verdict (a boot, ready or check that could not finish)
+    seconds: float = 0.0
+    directory: str | None = None  # its nodes' consoles and logs, kept when it did not pass
+    minimized: ClusterShrunk | None = None
+
+    @property
+    def id(self) -> str:
+        return self.state.id
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict is not StateVerdict.PASS
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.state.id,
+            "describe": self.state.describe(),
+            "state": self.state.to_json(),
+            "verdict": self.verdict.value,
+            "contract_broken": self.contract_broken,
+            "reason": self.reason,
+            "client": self.client,
+            "lost": list(self.lost),
+            "unjudged": self.unjudged,
+            "seconds": self.seconds,
+        }
+        if self.directory is not None:
+            out["directory"] = self.directory
+        if self.minimized is not None:
+            out["minimized"] = self.minimized.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClusterStateRecord:
+        minimized = raw.get("minimized")
+        return cls(
+            ClusterState.from_json(raw["state"]),
+            StateVerdict(raw["verdict"]),
+            bool(raw.get("contract_broken", False)),
+            str(raw.get("reason", "")),
+            str(raw.get("client", "")),
+            tuple(str(t) for t in raw.get("lost", [])),
+            str(raw.get("unjudged", "")),
+            float(raw.get("seconds", 0.0)),
+            raw.get("directory"),
+            ClusterShrunk.from_json(minimized) if minimized is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    """A cluster cell's exploration: its nodes' recordings on one clock, the states checked."""
+
+    nodes: Mapping[str, str]  # node -> its cache mode
+    recordings: Mapping[str, str]  # node -> its recording's directory (relative to the run)
+    acks: int = 0  # the client's acknowledgements recorded
+    points: int = 0  # cluster points (every ack, and the end)
+    writes: Mapping[str, int] = field(default_factory=dict)  # node -> writes recorded
+    states: tuple[ClusterStateRecord, ...] = ()
+    states_per_s: float | None = None  # cluster states checked per second of checking
+
+    @property
+    def failing(self) -> list[ClusterStateRecord]:
+        return [s for s in self.states if s.failed]
+
+    @property
+    def breaking(self) -> list[ClusterStateRecord]:
+        return [s for s in self.states if s.contract_broken]
+
+    @property
+    def unjudged(self) -> list[ClusterStateRecord]:
+        return [s for s in self.states if s.unjudged]
+
+    def counts(self, check_seconds: float) -> Counts:
+        return Counts(
+            len(self.states),
+            len({s.state.key for s in self.states}),
+            len(self.failing),
+            len(self.breaking),
+            len(self.unjudged),
+            check_seconds,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": dict(self.nodes),
+            "recordings": dict(self.recordings),
+            "acks": self.acks,
+            "points": self.points,
+            "writes": dict(self.writes),
+            "states_per_s": self.states_per_s,
+            "states": [s.to_json() for s in self.states],
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClusterRecord:
+        return cls(
+            dict(raw.get("nodes", {})),
+            dict(raw.get("recordings", {})),
+            int(raw.get("acks", 0)),
+            int(raw.get("points", 0)),
+            {str(k): int(v) for k, v in raw.get("writes", {}).items()},
+            tuple(ClusterStateRecord.from_json(s) for s in raw.get("states", [])),
+            raw.get("states_per_s"),
+        )
+
+
 # -- one cell -----------------------------------------------------------------------------
 
 
@@ -762,6 +928,7 @@ class CellRecord:
     host_states_per_s: float | None = None
     runner_cuts: RunnerCuts | None = None
     guest: GuestStats | None = None
+    cluster: ClusterRecord | None = None  # a cluster cell's states (`states` is empty)
     trace: str | None = None  # how the recording's run was traced (None: not a traced workload)
     causes: tuple[CauseGroup, ...] = ()  # the failing states by cause, one line each
     at_risk: tuple[AckRisk, ...] = ()  # at every acknowledgement, what was not yet durable
@@ -829,6 +996,8 @@ class CellRecord:
             out["runner_cuts"] = self.runner_cuts.to_json()
         if self.guest is not None:
             out["guest"] = self.guest.to_json()
+        if self.cluster is not None:
+            out["cluster"] = self.cluster.to_json()
         if self.trace is not None:
             out["trace"] = self.trace
             out["causes"] = [g.to_json() for g in self.causes]
@@ -870,6 +1039,7 @@ class CellRecord:
             host_states_per_s=raw.get("host_states_per_s"),
             runner_cuts=RunnerCuts.from_json(cuts) if cuts is not None else None,
             guest=GuestStats.from_json(guest) if guest is not None else None,
+            cluster=ClusterRecord.from_json(raw["cluster"]) if raw.get("cluster") else None,
             trace=raw.get("trace"),
             causes=tuple(CauseGroup.from_json(g) for g in raw.get("causes", [])),
             at_risk=tuple(AckRisk.from_json(r) for r in raw.get("at_risk", [])),

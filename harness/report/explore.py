@@ -26,6 +26,7 @@ from harness.errors import ConfigError, PowercutError
 from harness.explore.causes import Explanation
 from harness.explore.doc import (
     CellRecord,
+    ClusterRecord,
     ExploreDocument,
     Minimized,
     StateRecord,
@@ -347,6 +348,16 @@ def _cell(cell: CellRecord, out: Path | None = None) -> str:
     recorded = cell.recorded
     counts = cell.counts
     per_s = cell.host_states_per_s
+    if cell.cluster is not None:
+        rows = "\n".join(
+            f"<li>{escape(line)}</li>" for line in _cluster_markdown(cell, cell.cluster) if line
+        )
+        return f"""
+<h3><span class='verdict'>{escape(verdict).upper()}</span> {escape(cell.scenario)}:
+<code>{escape(cell.id)}</code></h3>
+<table><tr><td class='{cls}'>{escape(cell.reason)}</td></tr></table>
+<ul class='small'>{rows}<li>{escape(seconds)}</li></ul>
+"""
     return f"""
 <h3><span class='verdict'>{escape(verdict).upper()}</span> {escape(cell.scenario)}:
 <code>{escape(cell.id)}</code></h3>
@@ -433,6 +444,9 @@ def render_explore_markdown(doc: ExploreDocument) -> str:
             f"{c.counts.states_unjudged} | {reason} |"
         )
     for c in doc.cells:
+        if c.cluster is not None:
+            lines += _cluster_markdown(c, c.cluster)
+            continue
         shown = c.breaking[:5] or (c.failing[:5] if c.expect == "violation" else [])
         unjudged = c.unjudged[:10]
         if not shown and not unjudged and not c.causes and not c.kept:
@@ -453,6 +467,48 @@ def render_explore_markdown(doc: ExploreDocument) -> str:
         if len(c.unjudged) > len(unjudged):
             lines.append(f"- … and {len(c.unjudged) - len(unjudged)} more not judged")
     return "\n".join(lines) + "\n"
+
+
+def _cluster_markdown(cell: CellRecord, cluster: ClusterRecord) -> list[str]:
+    """A cluster cell: its nodes, each state checked, what a failing one shrank to."""
+    nodes = ", ".join(
+        f"{n} ({m}, {cluster.writes.get(n, 0)} writes)" for n, m in cluster.nodes.items()
+    )
+    lines = [
+        "",
+        f"## `{cell.id}` (cluster)",
+        "",
+        f"Nodes {nodes}; {cluster.acks} acknowledgements, {cluster.points} cluster points; "
+        f"{len(cluster.states)} cluster states checked, "
+        f"{cluster.states_per_s if cluster.states_per_s is not None else 0} per second.",
+        "",
+        "| state | combination | verdict | client's check |",
+        "|---|---|---|---|",
+    ]
+    for s in cluster.states:
+        verdict = "NOT JUDGED" if s.unjudged else s.verdict.value.upper()
+        if s.contract_broken:
+            verdict += " (breaks the contract)"
+        said = (s.client or s.unjudged).replace("|", "\\|")
+        lines.append(f"| `{s.id}` | {s.state.describe()} | {verdict} | {said} |")
+    for s in cluster.states:
+        m = s.minimized
+        if m is None:
+            continue
+        if m.state is None:
+            lines.append(f"- `{s.id}` not shrunk: {m.note or m.error}")
+            continue
+        lines.append(
+            f"- `{s.id}` shrunk to `{m.state.id}`: {m.state.describe()} — nodes that must "
+            f"deviate: {', '.join(m.nodes) or 'none'}; {m.losses_before} lost or torn writes "
+            f"-> {m.losses_after}; {m.node_checks} checks for the nodes, {m.write_checks} for "
+            f"the writes{f', {m.unjudged} not judged' if m.unjudged else ''}"
+        )
+        for node, st in m.state.nodes:
+            if st.lost or st.torn:
+                torn = f", torn {[seq for seq, _s in st.torn]}" if st.torn else ""
+                lines.append(f"  - {node}: lost writes {list(st.lost)}{torn}")
+    return lines
 
 
 def _write(path: Path, text: str) -> Path:

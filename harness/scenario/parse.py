@@ -350,10 +350,6 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
                 f'must be "powercut" in a cluster scenario, not {backend.value!r}: '
                 "each node's disk is a powercut disk",
             )
-        if explore_table is not None:
-            raise top.error(
-                "explore", "is not built for a cluster yet: `powercut explore` takes single guests"
-            )
     top.finish()
     return Scenario(
         path=path,

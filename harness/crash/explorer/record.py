@@ -175,11 +175,6 @@ def recorded_run(recording: Recording, directory: Path) -> RecordedRun:
 def unexplorable(cell: Cell) -> str | None:
     """Why a cell cannot be explored, if it cannot (known before anything boots)."""
     workload = cell.workload.workload
-    if getattr(cell, "cluster", None) is not None:
-        return (
-            "a cluster cell cannot be explored yet: exploration records one guest's disk "
-            "(`powercut run` runs cluster cells)"
-        )
     if not workload.counts_acknowledgements:
         return (
             f"the {workload.kind} workload cannot be explored: exploration checks what a "

@@ -307,8 +307,13 @@ def test_the_command_workload_reads_the_node_environment_where_the_network_write
     assert command.NODE_ENV == ENV_FILE
 
 
-def test_powercut_explore_skips_cluster_cells_with_a_reason() -> None:
+def test_powercut_explore_takes_cluster_cells_and_their_explore_table() -> None:
     from harness.crash.explorer.record import unexplorable
 
     (cell, *_) = expand(parse_scenario(CLUSTER, "c.toml"))
-    assert "cluster cell cannot be explored" in (unexplorable(cell) or "")
+    assert cell.cluster is not None and unexplorable(cell) is None
+    scenario = parse_scenario(
+        CLUSTER + "\n[explore]\nmax-states = 7\nminimize-checks = 5\n", "c.toml"
+    )
+    assert scenario.explore is not None
+    assert (scenario.explore.max_states, scenario.explore.minimize_checks) == (7, 5)
