@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from harness.block.cache import CacheMode
 from harness.explore.clock import causal_upper
 from harness.explore.fileview import EntryType
 from harness.explore.syscalls import CallKind
@@ -40,7 +41,7 @@ def test_a_traced_program_gives_its_calls_in_order_on_the_hosts_clock(
 ) -> None:
     disk = vm_factory.disk_file(64)
     make_disk(disk, 64 << 20, filesystem="ext4")
-    machine = vm_factory(FileDisk(disk, "writeback"))
+    machine = vm_factory(FileDisk(disk, CacheMode.WRITEBACK))
     ssh = machine.ssh
     ssh.check_output("mount /dev/vda /mnt")
     stream = TraceStream(ssh, vm_factory.tmpdir / "trace.txt", mechanism).start()
@@ -131,7 +132,7 @@ KINDS = {
 def test_every_call_kind_is_traced_with_its_path(vm_factory: Any, mechanism: Mechanism) -> None:
     disk = vm_factory.disk_file(64)
     make_disk(disk, 64 << 20, filesystem="ext4")
-    machine = vm_factory(FileDisk(disk, "writeback"))
+    machine = vm_factory(FileDisk(disk, CacheMode.WRITEBACK))
     ssh = machine.ssh
     ssh.check_output("mount /dev/vda /mnt")
     ssh.put_bytes(EVERY_CALL.encode(), "/run/every.pl")
@@ -164,7 +165,7 @@ def four(module_vm_factory: Any) -> Iterator[tuple[Any, dict[str, Path]]]:
     for fs in FILESYSTEMS:
         disks[fs] = module_vm_factory.disk_file(SIZES[fs] >> 20, f"{fs}.img")
         make_disk(disks[fs], SIZES[fs], filesystem=fs)
-    machine = module_vm_factory(*(FileDisk(disks[fs], "writeback") for fs in FILESYSTEMS))
+    machine = module_vm_factory(*(FileDisk(disks[fs], CacheMode.WRITEBACK) for fs in FILESYSTEMS))
     yield machine, disks
 
 
