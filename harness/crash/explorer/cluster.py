@@ -48,7 +48,7 @@ from harness.block.options import format_dotted
 from harness.crash.cell_run import _Guest
 from harness.crash.cluster_run import ClusterCellRunner
 from harness.crash.cluster_verdict import NodeJudgement, cluster_expectation, judge_cluster
-from harness.crash.explorer.cell import CellExploration
+from harness.crash.explorer.cell import CellExploration, recording_record
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback
 from harness.crash.explorer.record import RecordingSession, RunAsOf
 from harness.crash.explorer.run import ExploreDoc
@@ -343,20 +343,9 @@ class ClusterExplorer:
         self.negative = cell.expect is Expectation.VIOLATION
         self.modes = {n.name: n.mode_in(cell.mode) for n in self.cluster.nodes}
         self.keep: dict[str, Promise] = {n: disk_promise(m) for n, m in self.modes.items()}
-        self.record = CellRecord(
+        self.record = recording_record(
+            cell,
             index=index,
-            id=cell.exploration_id,
-            scenario=cell.scenario,
-            status=CellStatus.RECORDING,
-            cell=cell.id,
-            scenario_path=cell.scenario_path,
-            mode=cell.mode,
-            workload=cell.workload.name,
-            workload_kind=cell.workload.kind,
-            filesystem=cell.disk.filesystem,
-            mount_options=cell.disk.mount_options,
-            cut=cell.cut.label,
-            expect=cell.expect.value,
             seed=self.seed,
             explore=self.spec,
             cluster=ClusterRecord(nodes={n: m.value for n, m in self.modes.items()}, recordings={}),
