@@ -55,7 +55,7 @@ from harness.errors import ConfigError, GuestError, PowercutError
 from harness.guest.ssh import SSHSession
 from harness.report.results import CellResult, NodeResult, TimelineEvent
 from harness.scenario.cells import Cell, derive_seed
-from harness.scenario.cluster import ClusterSpec, NodeCut
+from harness.scenario.cluster import ClusterSpec, NodeCut, NodeSpec
 from harness.scenario.model import TriggerKind
 from harness.vm.cluster import boot_nodes, kill_at_once, node_spec
 from harness.vm.image import GuestImage
@@ -79,6 +79,8 @@ def node_command(command: str) -> str:
 
 class ClusterCellRunner:
     """Runs one cluster cell in its directory and returns its `CellResult`."""
+
+    session_type: type[CrashSession] = CrashSession  # what boots each node
 
     def __init__(
         self,
@@ -178,16 +180,22 @@ class ClusterCellRunner:
             def spec_for(spec: MachineSpec, name: str = node.name) -> MachineSpec:
                 return node_spec(spec, network, name)
 
-            self.sessions[node.name] = CrashSession(
-                self.directory / node.name,
-                self.image,
-                node.mode_in(self.cell.mode),
-                self.cell.disk,
-                accel=accel,
-                memory_mib=self.spec.memory_mib,
-                name=node.name,
-                machine_spec=spec_for,
-            )
+            self.sessions[node.name] = self._session(node, accel, spec_for)
+
+    def _session(
+        self, node: NodeSpec, accel: Accel, machine_spec: Callable[[MachineSpec], MachineSpec]
+    ) -> CrashSession:
+        """`node`'s session on the private network (`machine_spec`); a subclass boots another."""
+        return self.session_type(
+            self.directory / node.name,
+            self.image,
+            node.mode_in(self.cell.mode),
+            self.cell.disk,
+            accel=accel,
+            memory_mib=self.spec.memory_mib,
+            name=node.name,
+            machine_spec=machine_spec,
+        )
 
     def _run(
         self, network: PrivateNetwork

@@ -27,8 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.crash.cell_run import CellRunner
-from harness.crash.cluster_run import ClusterCellRunner
+from harness.crash.cluster_run import runner_for
 from harness.crash.explorer.cell import EVIDENCE, CellExploration, CellExplorer, ExploreOptions
 from harness.crash.explorer.run import ExploreDoc
 from harness.crash.images import CellImages
@@ -46,7 +45,7 @@ from harness.explore.spec import ExploreSpec
 from harness.guest.ssh import SSHSession
 from harness.report.explore import render_explore
 from harness.report.results import CellResult
-from harness.scenario.cells import single_cell
+from harness.scenario.cells import Cell, single_cell
 from harness.scenario.cluster import ClusterScope, ClusterSpec, NodeSpec
 from harness.scenario.model import (
     BlkdebugRule,
@@ -212,20 +211,7 @@ class PowerCutHelper:
             seed=seed,
             timeout=timeout,
         )
-        image = CellImages(default=self.image)(cell)
-        index = len(self.results)
-        runner = CellRunner(
-            cell,
-            self.workdir / f"cell{index}",
-            image,
-            accel=self.accel,
-            out=self.workdir,
-            reproduce=f"(pytest) {cell.id}",
-        )
-        result = runner.run()
-        self.results.append(result)
-        log.info("cell %s: %s — %s %s", cell.id, result.verdict, result.reason, result.explanation)
-        return result
+        return self._run_cell(cell)
 
     # -- many crash states from one recorded run ------------------------------------------
 
@@ -375,9 +361,13 @@ class PowerCutHelper:
             timeout=timeout,
             cluster=spec,
         )
+        return self._run_cell(cell)
+
+    def _run_cell(self, cell: Cell) -> CellResult:
+        """Runs `cell` in its own directory as `powercut run` would, its result kept."""
         image = CellImages(default=self.image)(cell)
         index = len(self.results)
-        runner = ClusterCellRunner(
+        runner = runner_for(
             cell,
             self.workdir / f"cell{index}",
             image,

@@ -73,9 +73,7 @@ def cell_result(
         reason=verdict.reason,
         **figures,
         checkers=tuple(checkers),
-        timings=dict(timings or {}),
-        artifacts=dict(artifacts or {}),
-        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
+        **_run_files(cell, timings, artifacts, reproduce),
         explanation=verdict.explanation,
     )
 
@@ -139,9 +137,7 @@ def cluster_result(
         reason=verdict.reason,
         **figures,
         checkers=tuple(checkers),
-        timings=dict(timings or {}),
-        artifacts=dict(artifacts or {}),
-        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
+        **_run_files(cell, timings, artifacts, reproduce),
         explanation=verdict.explanation,
         nodes=nodes,
         timeline=timeline,
@@ -175,10 +171,22 @@ def error_result(
         ),
         verdict=verdict.value,
         reason=reason,
-        timings=dict(timings or {}),
-        artifacts=dict(artifacts or {}),
-        reproduce=reproduce if reproduce is not None else cell.reproduce_command(),
+        **_run_files(cell, timings, artifacts, reproduce),
     )
+
+
+def _run_files(
+    cell: Cell,
+    timings: Mapping[str, float] | None,
+    artifacts: Mapping[str, str] | None,
+    reproduce: str | None,
+) -> dict[str, Any]:
+    """How the run went: its timings, its files, and the command that runs it again."""
+    return {
+        "timings": dict(timings or {}),
+        "artifacts": dict(artifacts or {}),
+        "reproduce": reproduce if reproduce is not None else cell.reproduce_command(),
+    }
 
 
 def _identity(cell: Cell, expected: str, promise: str) -> dict[str, Any]:

@@ -44,7 +44,15 @@ from harness.durability.writelog import WriteLog
 from harness.errors import ConfigError
 from harness.explore.minimize import Loss, ddmin, losses_of, state_with
 from harness.explore.recording import acks_from_times
-from harness.explore.states import Bounds, Point, PointKind, State, Timeline, enumerate_states
+from harness.explore.states import (
+    Bounds,
+    Point,
+    PointKind,
+    State,
+    Timeline,
+    check_budget,
+    enumerate_states,
+)
 
 # A loss of one node: (node, loss) with `Loss` as minimize.py spells it.
 NodeLoss = tuple[str, Loss]
@@ -201,12 +209,7 @@ class ClusterBounds:
     kinds: tuple[PointKind, ...] = (PointKind.ACK, PointKind.END)
 
     def __post_init__(self) -> None:
-        if self.max_states < 1:
-            raise ConfigError(
-                f"max-states is {self.max_states}: the exploration budget must be at least 1 state"
-            )
-        if self.per_point < 1:
-            raise ConfigError(f"states per point is {self.per_point}: it must be at least 1")
+        check_budget(self.max_states, self.per_point)
 
 
 def node_states(timeline: Timeline, point: Point, bounds: ClusterBounds) -> list[State]:

@@ -357,6 +357,16 @@ def find_state(states: Iterable[State], state_id: str) -> State:
     )
 
 
+def check_budget(max_states: int, per_point: int) -> None:
+    """An exploration budget of at least one state, and of at least one state per point."""
+    if max_states < 1:
+        raise ConfigError(
+            f"max-states is {max_states}: the exploration budget must be at least 1 state"
+        )
+    if per_point < 1:
+        raise ConfigError(f"states per point is {per_point}: it must be at least 1")
+
+
 @dataclass(frozen=True)
 class Bounds:
     """How much to explore: what `enumerate_states` takes (from a scenario's `[explore]`
@@ -376,12 +386,7 @@ class Bounds:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_states < 1:
-            raise ConfigError(
-                f"max-states is {self.max_states}: the exploration budget must be at least 1 state"
-            )
-        if self.per_point < 1:
-            raise ConfigError(f"states per point is {self.per_point}: it must be at least 1")
+        check_budget(self.max_states, self.per_point)
         if not self.policies:
             raise ConfigError("no cut policies to explore; name at least one")
         if not self.kinds:

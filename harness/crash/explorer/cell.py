@@ -145,6 +145,27 @@ def lying_flush(cell: Cell) -> bool:
     return any(r.as_dict().get("action") == "lying-flush" for r in cell.disk.blkdebug)
 
 
+def recording_record(cell: Cell, *, index: int, seed: int, **rest: Any) -> CellRecord:
+    """`cell`'s record as its recording starts: its identity field by field, then `rest`."""
+    return CellRecord(
+        index=index,
+        id=cell.exploration_id,
+        scenario=cell.scenario,
+        status=CellStatus.RECORDING,
+        cell=cell.id,
+        scenario_path=cell.scenario_path,
+        mode=cell.mode,
+        workload=cell.workload.name,
+        workload_kind=cell.workload.kind,
+        filesystem=cell.disk.filesystem,
+        mount_options=cell.disk.mount_options,
+        cut=cell.cut.label,
+        expect=cell.expect.value,
+        seed=seed,
+        **rest,
+    )
+
+
 def _rel(path: Path, out: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(out.resolve()))
@@ -266,20 +287,9 @@ class CellExplorer:
             options.guest if options.guest is not None else spec.guest_check
         )
         # The cell as it stands; `snapshot()` adds the states, the counts and the seconds.
-        self.record = CellRecord(
+        self.record = recording_record(
+            cell,
             index=index,
-            id=cell.exploration_id,
-            scenario=cell.scenario,
-            status=CellStatus.RECORDING,
-            cell=cell.id,
-            scenario_path=cell.scenario_path,
-            mode=cell.mode,
-            workload=cell.workload.name,
-            workload_kind=cell.workload.kind,
-            filesystem=cell.disk.filesystem,
-            mount_options=cell.disk.mount_options,
-            cut=cell.cut.label,
-            expect=cell.expect.value,
             seed=self.seed,
             keep=self.keep,
             judge=self.judge,

@@ -48,7 +48,7 @@ from harness.block.options import format_dotted
 from harness.crash.cell_run import _Guest
 from harness.crash.cluster_run import ClusterCellRunner
 from harness.crash.cluster_verdict import NodeJudgement, cluster_expectation, judge_cluster
-from harness.crash.explorer.cell import CellExploration
+from harness.crash.explorer.cell import CellExploration, recording_record
 from harness.crash.explorer.progress import Phase, Progress, ProgressCallback
 from harness.crash.explorer.record import RecordingSession, RunAsOf
 from harness.crash.explorer.run import ExploreDoc
@@ -78,8 +78,9 @@ from harness.explore.spec import ExploreSpec
 from harness.explore.states import disk_promise
 from harness.guest.ssh import SSHSession
 from harness.scenario.cells import Cell
+from harness.scenario.cluster import NodeSpec
 from harness.scenario.model import DiskSpec, Expectation
-from harness.vm.cluster import kill_at_once, node_spec
+from harness.vm.cluster import kill_at_once
 from harness.vm.image import GuestImage
 from harness.vm.network import NetworkPlan, PrivateNetwork
 from harness.vm.spec import Accel, MachineSpec
@@ -105,22 +106,7 @@ class RecordedCluster:
 class ClusterRecorder(ClusterCellRunner):
     """Runs a cluster cell to its cut moment with every node's disk recorded."""
 
-    def _sessions(self, network: PrivateNetwork, accel: Accel) -> None:
-        for node in self.spec.nodes:
-
-            def spec_for(spec: MachineSpec, name: str = node.name) -> MachineSpec:
-                return node_spec(spec, network, name)
-
-            self.sessions[node.name] = RecordingSession(
-                self.directory / node.name,
-                self.image,
-                node.mode_in(self.cell.mode),
-                self.cell.disk,
-                accel=accel,
-                memory_mib=self.spec.memory_mib,
-                name=node.name,
-                machine_spec=spec_for,
-            )
+    session_type = RecordingSession
 
     def record(self) -> RecordedCluster:
         cell = self.cell
@@ -255,23 +241,20 @@ class StateCheck(ClusterCellRunner):
         self.recordings = recordings
         self.deltas = deltas
 
-    def _sessions(self, network: PrivateNetwork, accel: Accel) -> None:
-        for node in self.spec.nodes:
-
-            def spec_for(spec: MachineSpec, name: str = node.name) -> MachineSpec:
-                return node_spec(spec, network, name)
-
-            self.sessions[node.name] = OverlaySession(
-                self.directory / node.name,
-                self.image,
-                self.cell.disk,
-                self.recordings[node.name],
-                self.deltas[node.name],
-                accel=accel,
-                memory_mib=self.spec.memory_mib,
-                name=node.name,
-                machine_spec=spec_for,
-            )
+    def _session(
+        self, node: NodeSpec, accel: Accel, machine_spec: Callable[[MachineSpec], MachineSpec]
+    ) -> CrashSession:
+        return OverlaySession(
+            self.directory / node.name,
+            self.image,
+            self.cell.disk,
+            self.recordings[node.name],
+            self.deltas[node.name],
+            accel=accel,
+            memory_mib=self.spec.memory_mib,
+            name=node.name,
+            machine_spec=machine_spec,
+        )
 
     def check(self, run_for: Callable[[SSHSession], Run]) -> tuple[Observation | None, str]:
         """The client's observation, or None and why the state could not be judged."""
@@ -343,20 +326,9 @@ class ClusterExplorer:
         self.negative = cell.expect is Expectation.VIOLATION
         self.modes = {n.name: n.mode_in(cell.mode) for n in self.cluster.nodes}
         self.keep: dict[str, Promise] = {n: disk_promise(m) for n, m in self.modes.items()}
-        self.record = CellRecord(
+        self.record = recording_record(
+            cell,
             index=index,
-            id=cell.exploration_id,
-            scenario=cell.scenario,
-            status=CellStatus.RECORDING,
-            cell=cell.id,
-            scenario_path=cell.scenario_path,
-            mode=cell.mode,
-            workload=cell.workload.name,
-            workload_kind=cell.workload.kind,
-            filesystem=cell.disk.filesystem,
-            mount_options=cell.disk.mount_options,
-            cut=cell.cut.label,
-            expect=cell.expect.value,
             seed=self.seed,
             explore=self.spec,
             cluster=ClusterRecord(nodes={n: m.value for n, m in self.modes.items()}, recordings={}),
