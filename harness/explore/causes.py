@@ -520,39 +520,35 @@ def replay(trace: Trace, until_ns: int = NEVER, existing: FileView | Iterable[st
             out.types[fid] = EntryType.DIR if kind is CallKind.MKDIR else EntryType.SYMLINK
             entry(call, path)
         elif kind in (CallKind.FSYNC, CallKind.FDATASYNC) and path is not None:
-            synced = out.names.get(path)
-            for change in out.data:
-                if (
-                    change.synced_by is None
-                    and change.file == synced
-                    and _before(change.call, call)
-                ):
-                    change.synced_by = call
+            _sync(out.data, call, file=out.names.get(path))
             if kind is CallKind.FSYNC:  # a directory's fsync makes its entries durable
-                for change in out.entries:
-                    if (
-                        change.synced_by is None
-                        and change.directory == path
-                        and _before(change.call, call)
-                    ):
-                        change.synced_by = call
+                _sync(out.entries, call, directory=path)
         elif kind is CallKind.MSYNC:
             if path is None:
                 out.unnamed_msyncs.append(call)
                 continue
-            mapped = out.names.get(path)
-            for change in out.data:
-                if (
-                    change.synced_by is None
-                    and change.file == mapped
-                    and _before(change.call, call)
-                ):
-                    change.synced_by = call
+            _sync(out.data, call, file=out.names.get(path))
         elif kind in (CallKind.SYNC, CallKind.SYNCFS):
-            for change in out.data + out.entries:
-                if change.synced_by is None and _before(change.call, call):
-                    change.synced_by = call
+            _sync(out.data + out.entries, call)
     return out
+
+
+_ANY = object()
+
+
+def _sync(
+    changes: Iterable[_Change], call: Call, *, file: object = _ANY, directory: object = _ANY
+) -> None:
+    """`call` makes durable every change it covers (of `file`, in `directory`, or all)
+    that had returned when it started."""
+    for change in changes:
+        if (
+            change.synced_by is None
+            and (file is _ANY or change.file == file)
+            and (directory is _ANY or change.directory == directory)
+            and _before(change.call, call)
+        ):
+            change.synced_by = call
 
 
 def _size_after(call: Call, desc: _Desc | None, size: int | None) -> int | None:

@@ -591,12 +591,28 @@ class _Pending:
     line: int
 
 
-class StraceParser:
+class LineFed:
+    """Text that arrives in chunks of any size, handed on a whole line at a time."""
+
+    _partial = b""  # the last line, until its newline arrives
+
+    def feed(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        buf = self._partial + data
+        *complete, self._partial = buf.split(b"\n")
+        for raw in complete:
+            self.line(raw.decode("utf-8", "surrogateescape"))
+
+    def line(self, text: str) -> None:
+        raise NotImplementedError
+
+
+class StraceParser(LineFed):
     """Feeds on strace output as it arrives (any chunks); `trace()` is what it made of it."""
 
     def __init__(self, initial_cwd: str | None = None) -> None:
         self.initial_cwd = initial_cwd  # of a process whose parent the trace does not show
-        self._partial = b""
         self._lines = 0
         self._calls: list[tuple[int, int, Call]] = []  # (enter_ns, line, call)
         self._procs: dict[int, _ProcState] = {}
@@ -607,14 +623,6 @@ class StraceParser:
         self._unparsed_count = 0
 
     # -- input --------------------------------------------------------------------------
-
-    def feed(self, data: bytes | str) -> None:
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogateescape")
-        buf = self._partial + data
-        *complete, self._partial = buf.split(b"\n")
-        for raw in complete:
-            self.line(raw.decode("utf-8", "surrogateescape"))
 
     def feed_lines(self, lines: Iterable[str]) -> None:
         for text in lines:

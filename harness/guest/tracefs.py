@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from harness.explore.syscalls import FILE_CALLS, StraceParser, Trace
+from harness.explore.syscalls import FILE_CALLS, LineFed, StraceParser, Trace
 
 TRACEFS = "/sys/kernel/tracing"
 INSTANCE = f"{TRACEFS}/instances/powercut"
@@ -204,23 +204,14 @@ class _Open:
     data: bytes | None = None
 
 
-class TracefsConverter:
+class TracefsConverter(LineFed):
     """Feeds a `StraceParser` with the lines strace would have printed for these events."""
 
     def __init__(self, parser: StraceParser | None = None, cwd: str | None = None) -> None:
         self.parser = parser if parser is not None else StraceParser(initial_cwd=cwd)
         self._open: dict[int, _Open] = {}
-        self._partial = b""
         self.events = 0
         self.unknown = 0
-
-    def feed(self, data: bytes | str) -> None:
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogateescape")
-        buf = self._partial + data
-        *complete, self._partial = buf.split(b"\n")
-        for raw in complete:
-            self.line(raw.decode("utf-8", "surrogateescape"))
 
     def line(self, text: str) -> None:
         m = _EVENT.fullmatch(text.rstrip("\r"))

@@ -55,12 +55,13 @@ class Square:
         units = {c.loss_unit for c in judged}
         unit = units.pop() if len(units) == 1 else "units"
         # The figures are the first checker's (the oracle's sectors): a loss another
-        # checker caught (a workload's tokens in a negative control) is named beside them.
+        # checker saw (a negative control's tokens, unflushed writes a mode may lose)
+        # is named beside them.
         caught = sorted({ch.name for c in judged for ch in c.checkers if ch.loss_detected})
         if not lost and not corrupt:
-            return f"loss caught by {', '.join(caught)}" if caught else "nothing lost"
+            return f"loss seen by {', '.join(caught)}" if caught else "nothing lost"
         text = f"{lost} {unit} lost" + (f", {corrupt} corrupt" if corrupt else "")
-        return text if not caught else f"{text}; loss caught by {', '.join(caught)}"
+        return text if not caught else f"{text}; loss seen by {', '.join(caught)}"
 
     @property
     def label(self) -> str:

@@ -25,6 +25,6 @@ def test_a_square_names_a_loss_a_workload_caught_when_the_sectors_show_none(
     cell = synthetic().cells[0]
     assert Square((_with(cell, lost=0, caught_by=()),)).observed == "nothing lost"
     caught = Square((_with(cell, lost=0, caught_by=("ack-records",)),))
-    assert caught.observed == "loss caught by ack-records"
+    assert caught.observed == "loss seen by ack-records"
     both = Square((_with(cell, lost=3, caught_by=("oracle", "ack-records")),))
-    assert both.observed == f"3 {cell.loss_unit} lost; loss caught by ack-records, oracle"
+    assert both.observed == f"3 {cell.loss_unit} lost; loss seen by ack-records, oracle"
