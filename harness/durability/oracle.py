@@ -78,7 +78,8 @@ class OracleReport:
     violations: list[Violation] = field(default_factory=list)  # the first ones, by sector
     # Of the `may` sectors, those holding a write that completed after the last completed
     # flush had completed: no flush can have covered it at any layer. (A write completing
-    # while that flush ran may have reached the disk before it, so it is not counted.)
+    # while that flush ran may have reached the disk before it, so it is not counted; with
+    # a flush in flight at the cut, which may have finished below, none is counted.)
     unflushed: int = 0
     # Of `writes` (every logged write, in flight at the cut or not), those that completed:
     # the ones the guest was told about.
@@ -158,6 +159,11 @@ def check(
         ),
         default=-1,
     )
+    if any(r.op == Op.FLUSH and r.complete_index is None for r in wlog.requests):
+        # A flush still in flight at the cut may have finished below before the power
+        # went (the disk made durable what it covered; the guest never heard): any write
+        # completed before the cut may be on the disk, so none is counted as unflushed.
+        settle = max((r.complete_index or r.submit_index for r in wlog.requests), default=-1)
 
     # Every write, zeroes or discard becomes a span: (first sector, sector CRCs, meta,
     # CRC of the whole span or None), meta = (submit index, completion index, durable,
