@@ -163,7 +163,9 @@ def check(
         # A flush still in flight at the cut may have finished below before the power
         # went (the disk made durable what it covered; the guest never heard): any write
         # completed before the cut may be on the disk, so none is counted as unflushed.
-        settle = max((r.complete_index or r.submit_index for r in wlog.requests), default=-1)
+        settle = max(
+            (max(r.submit_index, r.complete_index or 0) for r in wlog.requests), default=-1
+        )
 
     # Every write, zeroes or discard becomes a span: (first sector, sector CRCs, meta,
     # CRC of the whole span or None), meta = (submit index, completion index, durable,

@@ -57,11 +57,11 @@ class Square:
         # The figures are the first checker's (the oracle's sectors): a loss another
         # checker saw (a negative control's tokens, unflushed writes a mode may lose)
         # is named beside them.
-        caught = sorted({ch.name for c in judged for ch in c.checkers if ch.loss_detected})
+        seen_by = sorted({ch.name for c in judged for ch in c.checkers if ch.loss_detected})
         if not lost and not corrupt:
-            return f"loss seen by {', '.join(caught)}" if caught else "nothing lost"
+            return f"loss seen by {', '.join(seen_by)}" if seen_by else "nothing lost"
         text = f"{lost} {unit} lost" + (f", {corrupt} corrupt" if corrupt else "")
-        return text if not caught else f"{text}; loss seen by {', '.join(caught)}"
+        return text if not seen_by else f"{text}; loss seen by {', '.join(seen_by)}"
 
     @property
     def label(self) -> str:
