@@ -2,6 +2,7 @@
 
     python -m benchmarks.mutation [--max-children 2] [--keep DIR] [--out benchmarks/results]
         [--only MODULE...]
+    python -m benchmarks.mutation --keep DIR --recheck
     python -m benchmarks.mutation --doc-from benchmarks/results/mutation-<time>.json
 
 Runs mutmut (pinned: `MUTMUT_VERSION`; install it beside the project's
@@ -81,11 +82,20 @@ TESTS = (
     "tests/unit/explore/test_explore_run.py",
     "tests/unit/workloads/test_command.py",
     "tests/unit/workloads/test_stream.py",
+    "tests/unit/workloads/test_stream_run.py",
     "tests/unit/workloads/test_guest_programs.py",
     "tests/unit/crash/test_verdict.py",
     "tests/unit/crash/test_verdict_stack.py",
     "tests/unit/crash/test_runner_oracle.py",
     "tests/unit/crash/test_explore_scenario.py",
+    "tests/unit/crash/test_explore_record.py",
+    "tests/unit/crash/test_cell_sequence.py",
+    "tests/unit/crash/test_tracer.py",
+    "tests/unit/crash/test_matrix.py",
+    "tests/unit/crash/test_cluster.py",
+    "tests/unit/explore/test_cluster_states.py",
+    "tests/unit/explore/test_cluster_explore.py",
+    "tests/unit/explore/test_explore_causes.py",
     "tests/unit/test_docs.py",
 )
 PYTEST_ARGS = ("--hypothesis-profile=mutation", "-p", "no:cacheprovider")
@@ -120,10 +130,11 @@ def mutmut_config(targets: tuple[str, ...] | list[str]) -> str:
     )
 
 
-def scratch_copy(dest: Path) -> None:
-    """The tracked files of this checkout (working-tree content), links kept as links."""
+def scratch_copy(dest: Path, *under: str) -> None:
+    """The tracked files of this checkout (working-tree content), links kept as links;
+    only those in the folders `under` when given."""
     listed = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+        ["git", "ls-files", "-z", *under], cwd=ROOT, capture_output=True, check=True
     ).stdout
     for name in filter(None, listed.decode().split("\0")):
         src, dst = ROOT / name, dest / name
@@ -890,12 +901,20 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--keep", type=Path, help="run in (and keep) this scratch directory")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="with --keep: take this checkout's tests (and benchmarks) into the kept run and "
+        "run again only the mutants that were not killed (after adding tests that kill them)",
+    )
+    parser.add_argument(
         "--no-run",
         action="store_true",
         help="record what the --keep directory holds (a run stopped part way: its mutants "
         "not reached are 'not checked'); without it, a kept run goes on where it stopped",
     )
     args = parser.parse_args(argv)
+    if args.recheck and args.keep is None:
+        parser.error("--recheck needs the run it goes on with: --keep DIR")
     if args.doc_from is not None:
         report = json.loads(args.doc_from.read_text())
         if judge_again(report):
@@ -929,7 +948,19 @@ def run(argv: list[str]) -> int:
                 f.write(mutmut_config(targets))
         log = scratch / "mutmut.log"
         print(f"mutmut {got} in {scratch} (log: {log})", flush=True)
-        if not args.no_run:
+        if args.recheck and not args.no_run:
+            # Killed stays killed when tests are added; the rest is run again by name (mutmut
+            # then also collects which functions the new tests reach).
+            scratch_copy(scratch, "tests", "benchmarks")
+            again = [
+                m["name"]
+                for line in _mutmut(scratch, "results", "--all", "true").splitlines()
+                if (m := _RESULT.match(line)) and m["status"] not in ("killed", "timeout")
+            ]
+            print(f"checking {len(again)} mutants again", flush=True)
+            if again:
+                _mutmut(scratch, "run", "--max-children", str(args.max_children), *again, log=log)
+        elif not args.no_run:
             _mutmut(scratch, "run", "--max-children", str(args.max_children), log=log)
         results = {
             m["name"]: m["status"]
