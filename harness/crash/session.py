@@ -174,8 +174,13 @@ class DiskSession:
         name: str,
         machine_spec: MachineSpecHook | None = None,
     ) -> None:
+        fs = self.spec.filesystem
         spec = MachineSpec.from_image(
-            self.guest_image, disks=(disk,), memory_mib=memory_mib, name=name
+            self.guest_image,
+            disks=(disk,),
+            memory_mib=memory_mib,
+            name=name,
+            needs=(fs,) if fs is not None else (),
         )
         if machine_spec is not None:
             spec = machine_spec(spec)  # a cluster node: its NIC, its clock (vm/cluster.py)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.block.cache import CacheMode
+from harness.vm import kernel as kern
 from harness.vm.image import GuestImage
 
 # The image's root disk: the last PCI slot before libvirt's network slot (0x1f),
@@ -71,6 +72,25 @@ class StreamNic:
     mac: str
 
 
+def needs_append(needs: Sequence[str], features: Mapping[str, str]) -> str:
+    """The kernel command line's words for what the guest must have (images/rootinit reads them).
+
+    `powercut.needs=` lists the features the build could not check against the
+    kernel (the guest checks them at boot and stops if one is missing);
+    `powercut.load=` lists those that are modules, which the guest loads in the
+    background while it comes up, so the first mount does not wait for them.
+    """
+    unknown, module = kern.State.UNKNOWN.value, kern.State.MODULE.value
+    unchecked = [n for n in needs if features.get(n, unknown) == unknown]
+    modules = [n for n in needs if features.get(n) == module]
+    words = []
+    if unchecked:
+        words.append(f"powercut.needs={','.join(unchecked)}")
+    if modules:
+        words.append(f"powercut.load={','.join(modules)}")
+    return " ".join(words)
+
+
 @dataclass(frozen=True)
 class MachineSpec:
     """What to boot; host ports and paths of a running machine are not part of it."""
@@ -130,12 +150,11 @@ class MachineSpec:
         """
         needs = tuple(needs)
         image.check_features(needs)
-        unchecked = [n for n in needs if image.kernel_features.get(n, "unknown") == "unknown"]
         return cls(
             kernel=image.kernel,
             initramfs=image.initramfs,
             append=image.cmdline,
-            extra_append=f"powercut.needs={','.join(unchecked)}" if unchecked else "",
+            extra_append=needs_append(needs, image.kernel_features),
             ssh_key=image.ssh_key,
             host_public_key=image.host_public_key.read_text().strip(),
             cpus=cpus,

@@ -164,6 +164,23 @@ def test_an_unknown_package_is_refused_before_anything_is_built(tmp_path):
     assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
 
 
+def test_a_filesystem_the_guest_will_mount_is_loaded_while_it_boots(vm_factory):
+    # What MachineSpec.from_image(needs=...) sends for a filesystem that is a module.
+    spec = dataclasses.replace(vm_factory.spec(name="load"), extra_append="powercut.load=xfs")
+    with QemuMachine(spec, accel=vm_factory.accel, workdir=vm_factory.tmpdir / "load") as machine:
+        machine.boot(timeout=300)
+        # Loaded in the background: wait for it in the guest, mounting nothing.
+        waited = machine.ssh.run(
+            "for i in $(seq 600); do grep -qw xfs /proc/filesystems && exit 0; sleep 0.1; done;"
+            " exit 1",
+            timeout=120,
+        )
+        assert waited.ok, "xfs never appeared in /proc/filesystems"
+        filesystems = machine.ssh.check_output("cat /proc/filesystems")
+        assert "btrfs" not in filesystems  # only what the line named
+        assert "xfs" in machine.ssh.check_output("cut -d' ' -f1 /proc/modules").split()
+
+
 def test_init_stops_with_a_clear_line_when_a_needed_filesystem_is_missing(vm_factory):
     # What MachineSpec.from_image(needs=...) sends when the build could not check.
     spec = dataclasses.replace(

@@ -336,6 +336,7 @@ class CheckerGuest:
                 disks=(self.backend.disk(),),
                 memory_mib=memory_mib,
                 name="checker",
+                needs=(filesystem_name,) if filesystem_name else (),
             )
             self.machine = QemuMachine(spec, workdir=self.rundir / "vm", accel=accel, keep=True)
         except BaseException:

@@ -252,9 +252,44 @@ def test_needs_refuse_a_known_missing_feature_and_send_unknown_ones_to_init(tmp_
         fio_server_port=8765,
         kernel_features={"ext4": "built in", "xfs": "module", "f2fs": "missing"},
     )
-    assert MachineSpec.from_image(image, needs=("ext4", "xfs")).extra_append == ""
+    # Built in: nothing to say. A module: loaded in the background while the guest comes up.
+    assert MachineSpec.from_image(image, needs=("ext4",)).extra_append == ""
+    assert MachineSpec.from_image(image, needs=("ext4", "xfs")).extra_append == "powercut.load=xfs"
     with pytest.raises(ConfigError, match="lacks f2fs"):
         MachineSpec.from_image(image, needs=("f2fs",))
     unknown = dataclasses.replace(image, kernel_features={})
     spec = MachineSpec.from_image(unknown, needs=("btrfs", "xfs"))
     assert spec.cmdline == "console=ttyS0 powercut.needs=btrfs,xfs"
+
+
+@pytest.mark.parametrize(("filesystem", "expected"), [("xfs", "powercut.load=xfs"), (None, "")])
+def test_a_cell_guest_is_told_the_filesystem_it_will_mount(tmp_path, filesystem, expected):
+    # The session asks the image for its disk's filesystem, so a module one loads while the
+    # guest boots (and a kernel that cannot have it is refused before the boot).
+    from harness.crash.session import DiskSession
+    from harness.scenario.model import DiskSpec
+    from harness.vm.image import GuestImage
+    from harness.vm.spec import FileDisk
+
+    key = tmp_path / "host_key.pub"
+    key.write_text("ssh-ed25519 AAAA\n")
+    session = object.__new__(DiskSession)
+    session.guest_image = GuestImage(
+        directory=tmp_path,
+        recipe_hash="h",
+        kernel=tmp_path / "vmlinux",
+        bzimage=tmp_path / "bzImage",
+        initramfs=tmp_path / "initramfs.cpio",
+        ssh_key=tmp_path / "id",
+        ssh_public_key=tmp_path / "id.pub",
+        host_public_key=key,
+        manifest=tmp_path / "manifest.json",
+        cmdline="console=ttyS0",
+        ssh_port=22,
+        fio_server_port=8765,
+        kernel_features={"ext4": "built in", "xfs": "module"},
+    )
+    session.spec = DiskSpec(filesystem=filesystem)
+    session.rundir = tmp_path
+    session._start_machine(FileDisk(tmp_path / "disk.img"), None, 512, "cell")
+    assert session.machine.spec.extra_append == expected

@@ -39,16 +39,16 @@ class FakeSSH:
 def test_an_unmount_that_succeeds_searches_no_processes() -> None:
     ssh = FakeSSH(0)
     filesystem.unmount(ssh)  # type: ignore[arg-type]
-    assert ssh.commands == [f"umount {MOUNT}"]
+    assert ssh.commands == [f"{filesystem.UMOUNT_COMMAND} {MOUNT}"]
 
 
 def test_a_busy_mount_has_its_holders_killed_then_is_unmounted() -> None:
     ssh = FakeSSH(32, 0)
     filesystem.unmount(ssh)  # type: ignore[arg-type]
-    assert ssh.commands[0] == f"umount {MOUNT}"
+    assert ssh.commands[0] == f"{filesystem.UMOUNT_COMMAND} {MOUNT}"
     assert len(ssh.commands) == 2
     assert "find /proc/" in ssh.commands[1] and "kill -KILL" in ssh.commands[1]
-    assert f"umount {MOUNT}" in ssh.commands[1]
+    assert f"{filesystem.UMOUNT_COMMAND} {MOUNT}" in ssh.commands[1]
 
 
 def test_a_mount_that_stays_busy_is_an_error() -> None:
