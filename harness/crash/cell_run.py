@@ -52,7 +52,15 @@ from harness.scenario.model import TriggerKind
 from harness.vm.image import GuestImage
 from harness.vm.spec import Accel
 from harness.workloads import filesystem
-from harness.workloads.base import FSCK, MOUNT, ORACLE, POLL, Observation, Run
+from harness.workloads.base import (
+    FSCK,
+    MOUNT,
+    ORACLE,
+    POLL,
+    Observation,
+    Run,
+    settle_with_device_log,
+)
 from harness.workloads.stream import AckClock, GuestStream
 
 log = logging.getLogger(__name__)
@@ -327,6 +335,7 @@ class CellRunner:
             mounted = self._mount(guest) if self.cell.disk.filesystem is not None else True
             recovered = self._recovered_view(guest) if mounted else None
             observations.update(self._check(guest, run, mounted))
+            observations = settle_with_device_log(observations, cut.write_log)
         if self.traced_run is not None:
             with self.timer.phase("explain"):
                 found = explain_cell(

@@ -101,6 +101,8 @@ class PowerCut:
     seconds: float
     # Host-side checkers that ran on the image the cut left, by checker name (qemu-img-check).
     checks: Mapping[str, Observation] = field(default_factory=dict)
+    # The disk's write log as the cut left it (what it acknowledged), when it kept one.
+    write_log: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -301,6 +303,7 @@ class DiskSession:
             report,
             time.monotonic() - t0,
             checks=self.host_checks(),
+            write_log=self.write_log if self.write_log.exists() else None,
         )
         self.cuts.append(result)
         return result

@@ -59,6 +59,7 @@ little-endian:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
 import mmap
@@ -68,7 +69,7 @@ import sys
 import time
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,6 +398,38 @@ class WriteLog:
         with open(self.path, "rb") as f:
             f.seek(request.data_offset)
             return f.read(request.length)
+
+
+def unacknowledged(wlog: WriteLog, spans: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Of the byte spans (offset, length), those the disk never acknowledged in full.
+
+    A span is unacknowledged when one of its sectors was never written in the
+    log, or the newest request that wrote it (by submission) had not completed
+    successfully when the log ended: in flight at the cut, or failed. Whatever
+    a checker expects there, no cache mode promises it. (A sector partly
+    written counts as written by that request.)
+    """
+    ss = wlog.header.sector_size
+    wanted = sorted(
+        {s for offset, length in spans for s in range(offset // ss, -(-(offset + length) // ss))}
+    )
+    newest: dict[int, Request] = {}
+    if wanted:
+        for r in wlog.requests:  # in submission order: a later request replaces an earlier one
+            if r.op is Op.FLUSH or r.length == 0:
+                continue
+            lo = bisect.bisect_left(wanted, r.offset // ss)
+            hi = bisect.bisect_left(wanted, -(-(r.offset + r.length) // ss))
+            for s in wanted[lo:hi]:
+                newest[s] = r
+    out = set()
+    for offset, length in spans:
+        for s in range(offset // ss, -(-(offset + length) // ss)):
+            last = newest.get(s)
+            if last is None or not last.completed_ok:
+                out.add((offset, length))
+                break
+    return out
 
 
 def _parse_log_header(data: bytes | mmap.mmap, path: Path) -> LogHeader:

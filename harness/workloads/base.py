@@ -30,12 +30,13 @@ import dataclasses
 import enum
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from harness.durability.contract import FaultModel, Promise
+from harness.durability.writelog import WriteLog, read_log
 from harness.guest.ssh import SSHSession
 
 ORACLE = "oracle"  # the durability oracle on the image, from the write log
@@ -146,11 +147,28 @@ class Observation(abc.ABC):
         """The figures results.json headlines for the cell, if this checker has them."""
         return None
 
+    def against_device_log(self, wlog: WriteLog) -> Observation:
+        """This observation with what the disk's write log settles (the log as the cut left
+        it). A checker that claims a loss the disk never acknowledged (its write still in
+        flight, or failed) overrides this to say so; by default the log settles nothing."""
+        return self
+
     def details(self) -> dict[str, Any]:
         """The raw observation, JSON-ready (results.json: a checker's `details`)."""
         if dataclasses.is_dataclass(self):
             return json.loads(json.dumps(dataclasses.asdict(self), default=str))
         return {}
+
+
+def settle_with_device_log(
+    observations: Mapping[str, Observation], log: Path | None
+) -> dict[str, Observation]:
+    """The checkers' observations with what the disk's write log settles
+    (`Observation.against_device_log`); the log is read only when one of them saw a loss."""
+    if log is None or not any(o.loss for o in observations.values()):
+        return dict(observations)
+    wlog = read_log(log)
+    return {name: o.against_device_log(wlog) for name, o in observations.items()}
 
 
 class Run(abc.ABC):

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scenario_cells import checker, run_scenario_cell
+from scenario_cells import cell_directory, checker, run_scenario_cell
 
 from harness import hygiene
+from harness.durability.writelog import read_log
 from harness.report.results import load_results
 
 pytestmark = pytest.mark.vm
@@ -68,6 +69,67 @@ def test_writeback_lose_all_loses_only_unflushed_fio_writes(
     if cut["writes_not_durable"]:
         assert "lose-all reverted all" in result.reason
     assert checker(result, "fio-verify").details["blocks_verified"] > 0
+
+
+# Writes that stall in the disk (blkdebug delays 2% of them by 3 s) while the others
+# complete: at fio's trigger some have been in flight for longer than fio's last
+# `iodepth` completions, and fio 3.33's verify state takes them as done.
+STALLED_WRITES = """
+name = "stalled-writes"
+modes = ["directsync"]
+seed = 3
+timeout = 120
+
+[[blkdebug]]
+op = "write"
+action = "delay"
+delay_ms = 3000
+probability = 0.02
+seed = 11
+
+[[fault]]
+model = "host-power-cut"
+policy = "lose-all"
+
+[[workload]]
+kind = "fio-verify"
+[workload.fio]
+rw = "randwrite"
+bs = "4k"
+size = "32M"
+iodepth = 8
+ioengine = "libaio"
+direct = 1
+time_based = 1
+runtime = 60
+
+[cut]
+after-seconds = 4
+"""
+
+
+def test_a_block_fio_expects_that_the_disk_never_acknowledged_is_no_loss(
+    tmp_path: Path, guest_image: Any, powercut_accel: Any
+) -> None:
+    scenario = tmp_path / "stalled-writes.toml"
+    scenario.write_text(STALLED_WRITES)
+    result = run_scenario_cell(
+        tmp_path,
+        guest_image,
+        powercut_accel,
+        scenario,
+        "directsync/host-power-cut.lose-all/fio-verify/after-4s/r0",
+    )
+    fio = checker(result, "fio-verify").details
+    # fio named blocks whose newest write was still in flight at the cut (the write log
+    # says so); directsync keeps every completed write, and these never completed.
+    assert fio["unacknowledged"], fio
+    assert set(fio["unacknowledged"]) <= set(fio["bad_offsets"])
+    wlog = read_log(cell_directory(tmp_path, result) / "writes.log")
+    for offset in fio["unacknowledged"]:
+        newest = [r for r in wlog.requests if r.offset <= offset < r.offset + r.length][-1]
+        assert not newest.completed_ok
+    assert result.verdict == "pass", result.reason
 
 
 def test_lying_flush_negative_control_passes_only_because_the_loss_is_detected(

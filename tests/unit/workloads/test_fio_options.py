@@ -87,5 +87,15 @@ def test_parse_verify_reads_client_output_and_rejects_garbage() -> None:
     )
     obs = fio.parse_verify(out, out)
     assert (obs.verify_errors, obs.blocks_verified, obs.bad_offsets) == (1, 10, (4096,))
+    assert obs.block_size == 4096
+    # The client prints the guest's failure lines in its output, before the JSON.
+    assert fio.parse_verify(out, "").bad_offsets == (4096,)
+    # A bad block's length comes from its line; a block named twice counts once.
+    big = (
+        "verify: bad magic header 0, wanted acca at file /dev/vda offset 65536, length 16384\n"
+        "verify: bad magic header 0, wanted acca at file /dev/vda offset 65536, length 16384\n"
+    )
+    obs = fio.parse_verify("", big)
+    assert (obs.verify_errors, obs.bad_offsets, obs.block_size) == (1, (65536,), 16384)
     with pytest.raises(GuestError):
         fio.parse_verify("fio: failed to connect", "")
