@@ -224,6 +224,14 @@ RULES: tuple[Rule, ...] = (
     ),
     (
         "harness/durability/writelog.py",
+        "sector_crcs",
+        r"stop - sector_size \+ 1, sector_size\) => stop - sector_size \+ 2, sector_size\)",
+        EQUIVALENT,
+        "`stop` and `first` are both the buffer's distance to a sector boundary (stop - first "
+        "is a multiple of the sector size), so a range end one byte later adds no element",
+    ),
+    (
+        "harness/durability/writelog.py",
         "crc_bytes",
         r'array\("I", crcs\)',
         PLATFORM,
@@ -244,6 +252,15 @@ RULES: tuple[Rule, ...] = (
         r'"\.compact"',
         EQUIVALENT,
         "the temporary file's name beside the journal, replaced onto it before anything reads it",
+    ),
+    (
+        "harness/durability/journal.py",
+        "compact_journal",
+        r"^if not isinstance\(data, bytes\):",
+        EQUIVALENT,
+        "read_journal returns bytes only for an empty file, which it refuses first (no "
+        "header): `data` is always a mapping here, and one left unclosed is closed when the "
+        "function returns and drops the last reference to it",
     ),
     (
         "harness/durability/journal.py",
@@ -402,9 +419,10 @@ RULES: tuple[Rule, ...] = (
     (
         "harness/explore/states.py",
         "Timeline.pending",
-        r"self\._pending\.get",
+        r"self\._pending\.get|len\(self\._pending\) > 256:",
         PERFORMANCE,
-        "a cache of pending writes per point, recomputed when it misses",
+        "a cache of pending writes per point (and the size at which it is emptied), "
+        "recomputed when it misses",
     ),
     (
         "harness/explore/states.py",
@@ -478,6 +496,14 @@ RULES: tuple[Rule, ...] = (
         r"threading\.Thread",
         WAITING,
         "the reader thread's name and whether it keeps the interpreter alive at exit",
+    ),
+    (
+        "harness/workloads/stream.py",
+        "GuestStream._run",
+        r"^self\.ended = time\.monotonic\(\)",
+        REPORT,
+        "when the command's channel closed: the run's own time in the cell's notes "
+        "(`run_seconds`), for people",
     ),
     (
         "harness/workloads/stream.py",
@@ -903,8 +929,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument(
         "--recheck",
         action="store_true",
-        help="with --keep: take this checkout's tests (and benchmarks) into the kept run and "
-        "run again only the mutants that were not killed (after adding tests that kill them)",
+        help="with --keep: take this checkout's code and tests into the kept run, check the "
+        "functions whose code changed, and run again only the mutants that were not killed "
+        "(after adding tests that kill them)",
     )
     parser.add_argument(
         "--no-run",
@@ -949,9 +976,13 @@ def run(argv: list[str]) -> int:
         log = scratch / "mutmut.log"
         print(f"mutmut {got} in {scratch} (log: {log})", flush=True)
         if args.recheck and not args.no_run:
-            # Killed stays killed when tests are added; the rest is run again by name (mutmut
-            # then also collects which functions the new tests reach).
-            scratch_copy(scratch, "tests", "benchmarks")
+            # This checkout's code and tests go into the kept run. mutmut then mutates again
+            # the functions whose code changed (their earlier results no longer count) and a
+            # plain run checks those; killed stays killed when tests are added, so of the
+            # rest only what was not killed runs again, by name (mutmut also finds which
+            # functions the new tests reach).
+            scratch_copy(scratch, "harness", "tests", "benchmarks")
+            _mutmut(scratch, "run", "--max-children", str(args.max_children), log=log)
             again = [
                 m["name"]
                 for line in _mutmut(scratch, "results", "--all", "true").splitlines()

@@ -465,7 +465,7 @@ def _at_point(
         elif policy is CutPolicy.KEEP_ALL:
             generators.append(iter([state(policy, 0, (), {})]))
         elif policy is CutPolicy.PREFIX:
-            generators.append(_prefixes(point, pending, bounds.per_point, state))
+            generators.append(_prefixes(pending, bounds.per_point, state))
         elif policy is CutPolicy.RANDOM:
             generators.append(_random(pending, bounds, rng, state))
         elif policy is CutPolicy.TORN:
@@ -487,7 +487,7 @@ def _at_point(
                 return
 
 
-def _prefixes(point: Point, pending: list[Write], per_point: int, state: Any) -> Iterator[State]:
+def _prefixes(pending: list[Write], per_point: int, state: Any) -> Iterator[State]:
     n = len(pending)
     if n < 2:
         return

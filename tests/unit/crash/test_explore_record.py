@@ -12,6 +12,7 @@ from harness.crash.explorer.record import CountedRun, RecordedRun, RunAsOf
 from harness.durability.contract import CacheMode, FaultModel
 from harness.explore.recording import Ack, Recording
 from harness.guest.ssh import CommandResult
+from harness.workloads.base import Run
 from harness.workloads.stream import AckClock, AckStream, StreamRun, TokenStream
 
 
@@ -105,3 +106,42 @@ def test_command_tokens_are_stamped_and_the_run_as_of_a_point_has_its_prefix(
     other = RecordedRun(recording, tmp_path, tmp_path, "run", "x", None, {})
     plain = other.run_as_of(1, None)  # type: ignore[arg-type]
     assert isinstance(plain, CountedRun) and plain.acked() == 1 and not plain.alive()
+
+
+def test_a_run_that_streams_nothing_has_its_acknowledgements_stamped_when_it_ends() -> None:
+    class Counted(Run):
+        def acked(self) -> int:
+            return 3
+
+        def alive(self) -> bool:
+            return False
+
+    run = Counted(FaultModel.HOST_POWER_CUT)
+    clock = AckClock()
+    clock.attach(run)  # nothing to wrap
+    clock.stamp(["1"], 5)  # one already stamped, at 5 ns
+    before = time.monotonic_ns()
+    stamps = clock.finish(run)
+    assert [t for t, _ns in stamps] == ["1", "2", "3"]
+    assert stamps[0][1] == 5 and all(before <= ns <= time.monotonic_ns() for _t, ns in stamps[1:])
+
+
+def test_an_acknowledgement_the_stamping_missed_is_stamped_at_the_end(tmp_path: Path) -> None:
+    pattern = re.compile(r"^ack (\S+)$")
+    run, ssh = _run(tmp_path, ["ack a", "ack b"], TokenStream(pattern))
+    clock = AckClock()
+    clock.attach(run)
+    ssh.gates[0].set()
+    deadline = time.monotonic() + 30
+    while run.acked() < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    wrapped = run.stream.stream
+    assert wrapped.tokens == ["a"]  # the stamping wrapper shows the stream it wraps
+    ssh.gates[1].set()
+    run.after_cut(30)
+    wrapped.inner.feed(b"ack z\n")  # past the wrapper: never stamped as it came
+    before = time.monotonic_ns()
+    stamps = clock.finish(run)
+    assert [t for t, _ns in stamps] == ["a", "b", "z"]
+    assert before <= stamps[2][1] <= time.monotonic_ns()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import struct
 import zlib
 
@@ -86,3 +87,25 @@ def test_aligned_sector_crcs_of_sizes_not_seen_before(count: int, sector_size: i
         writelog._sector_packers.update(saved)
     want = [zlib.crc32(data[i : i + sector_size]) for i in range(0, len(data), sector_size)]
     assert got == struct.pack(f"<{count}I", *want)
+
+
+@settings(deadline=None, derandomize=True, max_examples=300)
+@given(
+    # Lengths and offsets drawn as numbers: drawn as bytes, a buffer is rarely a sector long.
+    length=st.integers(min_value=0, max_value=10 * 512),
+    offset=st.integers(min_value=0, max_value=9 * 512),
+    sector_size=st.sampled_from([512, 1024, 4096]),
+)
+def test_sector_crcs_cover_exactly_the_whole_sectors_a_buffer_holds(
+    length: int, offset: int, sector_size: int
+) -> None:
+    # Written out independently: device sector s is whole in the buffer when the buffer
+    # holds all of its bytes; an unaligned head or tail holds part of one, which is no CRC.
+    data = random.Random(length * 7919 + offset).randbytes(length)
+    ss = sector_size
+    expected = [
+        zlib.crc32(data[s * ss - offset : (s + 1) * ss - offset])
+        for s in range(offset // ss, (offset + len(data)) // ss + 1)
+        if s * ss >= offset and (s + 1) * ss <= offset + len(data)
+    ]
+    assert sector_crcs(data, offset, ss).tolist() == expected
