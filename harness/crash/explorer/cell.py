@@ -298,6 +298,9 @@ class CellExplorer:
             explore=dataclasses.replace(self.spec, guest_check=self.guest_wanted),
         )
         self.states: list[StateRecord] = []
+        # The host checkers' scratch directories (in /dev/shm when it is writable), removed
+        # when the exploration ends, however it ends.
+        self.scratch_dirs: list[Path] = []
         self.counts = Counts()
         self.seconds = PhaseSeconds()
         self._by_id: dict[str, int] = {}  # state id -> its index in `states`
@@ -454,7 +457,7 @@ class CellExplorer:
                 guest.close()
             for hc in getattr(self, "_checkers", []):
                 hc.close()
-            for tmp in getattr(self, "_tmpdirs", []):
+            for tmp in self.scratch_dirs:
                 shutil.rmtree(tmp, ignore_errors=True)
         self._verdict()
         self._progress(Phase.DONE, len(self.states), len(self.states), time.monotonic(), force=True)
@@ -502,11 +505,10 @@ class CellExplorer:
     def _host_checkers(self, n: int) -> list[HostChecker]:
         rec = self.recorded.recording
         checkers: list[HostChecker] = []
-        self._tmpdirs: list[Path] = getattr(self, "_tmpdirs", [])
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         for _ in range(n):
             work = Path(tempfile.mkdtemp(prefix="powercut-explore-", dir=shm))
-            self._tmpdirs.append(work)
+            self.scratch_dirs.append(work)
             fsck = checker_for(self.filesystem, work) if FSCK in self.cell.checkers else None
             checkers.append(
                 HostChecker(
