@@ -968,6 +968,7 @@ def run(argv: list[str]) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     t0 = time.monotonic()
+    started = datetime.datetime.now(datetime.UTC)
     try:
         if not (scratch / "pyproject.toml").exists():
             scratch_copy(scratch)
@@ -1049,6 +1050,18 @@ def run(argv: list[str]) -> int:
         "modules": modules,
         "not_killed": survivors,
     }
+    # How the kept run came about, invocation by invocation (resumed, rechecked, recorded).
+    history = scratch / "runs.json"
+    runs: list[str] = json.loads(history.read_text()) if history.exists() else []
+    if not args.no_run:
+        runs.append(
+            f"{started:%Y-%m-%d %H:%M}-{now:%H:%M} UTC: "
+            f"python -m benchmarks.mutation {' '.join(argv)}"
+        )
+        if args.keep is not None:
+            history.write_text(json.dumps(runs, indent=1) + "\n")
+    if runs:
+        report["runs"] = runs
     _count_judged(report)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"mutation-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
