@@ -359,7 +359,8 @@ class CellRunner:
                 options = f" -o {disk.mount_options}" if disk.mount_options else ""
                 raise GuestError(
                     f"could not mount the fresh {disk.filesystem} on {filesystem.DEVICE}"
-                    f"{options}; see the console log in {self.directory}"
+                    f"{options}; see checks.log (what the mount said) and the console log in "
+                    f"{self.directory}"
                 )
             filesystem.make_directories(guest.ssh, disk.filesystem, disk.directories)
         for guest_path, host_path in cell.guest_files:
@@ -426,7 +427,8 @@ class CellRunner:
     def _mount(self, guest: _Guest) -> bool:
         disk = self.cell.disk
         assert disk.filesystem is not None  # only a cell with a filesystem mounts one
-        return filesystem.mount(guest.ssh, disk.filesystem, disk.mount_options)
+        with open(self.directory / "checks.log", "a") as out:
+            return filesystem.mount(guest.ssh, disk.filesystem, disk.mount_options, out)
 
     def _wait_for_cut(self, session: CellSession, run: Run) -> None:
         """Block until the cell's cut moment (or the workload ended by itself)."""

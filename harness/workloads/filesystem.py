@@ -155,9 +155,19 @@ def make_disk(
 # libselinux, ~0.04 s each under TCG, four times a cell. A workload's commands are its own.
 MOUNT_COMMAND = "busybox mount"
 UMOUNT_COMMAND = "busybox umount"
+# The guest loads its filesystem's module in the background while it boots (images/rootinit,
+# powercut.load=); this file exists until it is done. A mount waits for it (up to 30 s): one
+# that raced the load could fail, and a check would take that for the filesystem's failure.
+# The shell's own test costs nothing when the file is gone; `sleep` runs only while it is not.
+LOADING = "/run/powercut-loading"
+WAIT_FOR_MODULES = (
+    f"n=0; while [ -e {LOADING} ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n + 1)); done"
+)
 
 
-def mount(ssh: SSHSession, filesystem: str = "ext4", options: str = "") -> bool:
+def mount(
+    ssh: SSHSession, filesystem: str = "ext4", options: str = "", out: TextIO | None = None
+) -> bool:
     """Mount the disk under test at `MOUNT` (replaying its journal); False if it will not.
 
     The shell's own `test` looks for the mount point first: the guest root
@@ -165,10 +175,15 @@ def mount(ssh: SSHSession, filesystem: str = "ext4", options: str = "") -> bool:
     """
     opts = f" -o {shlex.quote(options)}" if options else ""
     command = (
-        f"{{ test -d {MOUNT} || mkdir -p {MOUNT}; }} && "
+        f"{WAIT_FOR_MODULES}; {{ test -d {MOUNT} || mkdir -p {MOUNT}; }} && "
         f"{MOUNT_COMMAND} -t {shlex.quote(filesystem)}{opts} {DEVICE} {MOUNT}"
     )
-    return ssh.run(command, timeout=120).ok
+    result = ssh.run(command, timeout=120)
+    if not result.ok and out is not None:  # what the mount said is the first thing to read
+        said = (result.stdout + result.stderr).strip()
+        out.write(f"$ mount -t {filesystem}{opts} {DEVICE} {MOUNT}  (exit {result.exit_code})\n")
+        out.write(f"{said}\n")
+    return result.ok
 
 
 def make_directories(ssh: SSHSession, filesystem: str, directories: Sequence[str]) -> None:

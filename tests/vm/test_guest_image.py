@@ -28,6 +28,7 @@ from harness.vm.kernelprep import fetch_deb
 from harness.vm.qemu import QemuMachine
 from harness.vm.recipe import resolve_kernel_package
 from harness.vm.spec import FileDisk
+from harness.workloads import filesystem
 
 pytestmark = pytest.mark.vm
 
@@ -176,6 +177,9 @@ def test_a_filesystem_the_guest_will_mount_is_loaded_while_it_boots(vm_factory):
             timeout=120,
         )
         assert waited.ok, "xfs never appeared in /proc/filesystems"
+        # The marker the harness's mount waits on is gone once the load is done.
+        gone = machine.ssh.run(f"{filesystem.WAIT_FOR_MODULES}; test ! -e {filesystem.LOADING}")
+        assert gone.ok
         filesystems = machine.ssh.check_output("cat /proc/filesystems")
         assert "btrfs" not in filesystems  # only what the line named
         assert "xfs" in machine.ssh.check_output("cut -d' ' -f1 /proc/modules").split()

@@ -356,6 +356,7 @@ class CheckerGuest:
         t0 = time.monotonic()
         self.backend.start()
         self.ssh = self.machine.boot(timeout)
+        self.ssh.run(filesystem.WAIT_FOR_MODULES, timeout=60)  # the helper's first mount
         self.loop = CheckerLoop(self.ssh)
         self.shell = CheckerShell(self.ssh, self.loop, self.mount, drop_cache=self.drop_cache)
         self.shell.begin()

@@ -94,3 +94,20 @@ def test_release_script_kills_exactly_the_processes_that_hold_the_directory(
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_a_mount_waits_for_the_background_module_load_and_keeps_what_a_failure_said() -> None:
+    import io
+
+    class Refusing(FakeSSH):
+        def run(self, command: str, timeout: float = 60.0, **kw: Any) -> Any:
+            self.commands.append(command)
+            return CommandResult(command, 32, "", "mount: mounting /dev/vda on /mnt failed")
+
+    ssh = Refusing()
+    out = io.StringIO()
+    assert not filesystem.mount(ssh, "xfs", "noatime", out)  # type: ignore[arg-type]
+    (command,) = ssh.commands
+    # The wait for images/rootinit's background load comes before the mount.
+    assert command.index(filesystem.LOADING) < command.index(f"{filesystem.MOUNT_COMMAND} -t xfs")
+    assert "(exit 32)" in out.getvalue() and "mounting /dev/vda on /mnt failed" in out.getvalue()
