@@ -732,6 +732,20 @@ def judge(mutant: str, diff: str, root: Path = ROOT) -> tuple[str, str] | None:
     return None
 
 
+def _diff(scratch: Path, name: str) -> str:
+    """`mutmut show NAME`: one mutant's diff. mutmut starts anew for each (seconds on a loaded
+    machine), so diffs are kept in the scratch directory, by mutant and the module's source."""
+    cache_path = scratch / "mutant-diffs.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    source = (scratch / module_of(name)).read_bytes()
+    key = f"{name} {hashlib.sha256(source).hexdigest()}"
+    if key not in cache:
+        cache[key] = _mutmut(scratch, "show", name)
+        cache_path.write_text(json.dumps(cache))
+    diff: str = cache[key]
+    return diff
+
+
 def _mutmut(scratch: Path, *args: str, log: Path | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy, not this tree
     cmd = [sys.executable, "-m", "mutmut", *args]
@@ -979,17 +993,19 @@ def run(argv: list[str]) -> int:
         if args.recheck and not args.no_run:
             # This checkout's code and tests go into the kept run. mutmut then mutates again
             # the functions whose code changed (their earlier results no longer count) and a
-            # plain run checks those; killed stays killed when tests are added, so of the
-            # rest only what was not killed runs again, by name (mutmut also finds which
-            # functions the new tests reach).
+            # plain run checks those. Killed stays killed when tests are added, and a survivor
+            # a rule judges stays judged; the unjudged ones run again, by name (mutmut also
+            # finds which functions the new tests reach).
             scratch_copy(scratch, "harness", "tests", "benchmarks")
             _mutmut(scratch, "run", "--max-children", str(args.max_children), log=log)
             again = [
                 m["name"]
                 for line in _mutmut(scratch, "results", "--all", "true").splitlines()
-                if (m := _RESULT.match(line)) and m["status"] not in ("killed", "timeout")
+                if (m := _RESULT.match(line))
+                and m["status"] not in ("killed", "timeout", "not checked")
+                and judge(m["name"], _diff(scratch, m["name"]), scratch) is None
             ]
-            print(f"checking {len(again)} mutants again", flush=True)
+            print(f"checking {len(again)} unjudged survivors again", flush=True)
             if again:
                 _mutmut(scratch, "run", "--max-children", str(args.max_children), *again, log=log)
         elif not args.no_run:
@@ -1000,17 +1016,8 @@ def run(argv: list[str]) -> int:
             if (m := _RESULT.match(line))
         }
         survivors = []
-        # `mutmut show` starts mutmut anew for each mutant (seconds each on a loaded machine):
-        # its diffs are kept in the scratch directory, by mutant and the module's source.
-        cache_path = scratch / "mutant-diffs.json"
-        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
         for name in sorted(n for n, s in results.items() if s not in ("killed", "not checked")):
-            source = (scratch / module_of(name)).read_bytes()
-            key = f"{name} {hashlib.sha256(source).hexdigest()}"
-            if key not in cache:
-                cache[key] = _mutmut(scratch, "show", name)
-                cache_path.write_text(json.dumps(cache))
-            diff = cache[key]
+            diff = _diff(scratch, name)
             entry: dict[str, Any] = {"name": name, "status": results[name], "diff": diff.strip()}
             if results[name] not in ("timeout",):
                 verdict = judge(name, diff, scratch)
