@@ -10,7 +10,7 @@ import pytest
 
 from harness.cli import main
 from harness.durability.cut import CutPolicy, apply_cut
-from harness.durability.journal import JournalWriter, OpKind, read_journal
+from harness.durability.journal import DurableReason, JournalWriter, OpKind, read_journal
 
 from .conftest import crash
 from .stack import Paths, make_paths, open_stack
@@ -128,6 +128,8 @@ def test_prefix_follows_completion_order_when_writes_complete_out_of_order(
         assert tuple(sorted(kept)) in {(), (3,), (1, 3), (1, 2, 3), (1, 2, 3, 4)}, seed
         orders.add(kept)
     assert len(orders) >= 4  # the seeds cut at different places
+    # The cut may fall before the first write to complete and after the last one in flight.
+    assert {(), (1, 2, 3, 4)} <= orders
 
 
 def test_torn_write_persists_some_sectors_only(paths: Paths, tmp_path: Path) -> None:
@@ -211,3 +213,110 @@ def test_large_request_is_journaled_in_pieces_and_reverted_whole(tmp_path: Path)
     result = apply_cut(big.image, big.journal, "lose-all", 0)
     assert result.writes_journaled == 2 and result.writes_reverted == 2
     assert big.image.read_bytes() == b"\x5a" * (3 * PREIMAGE_CHUNK)
+
+
+def test_random_keeps_some_writes_and_loses_others(paths: Paths, tmp_path: Path) -> None:
+    _workload(paths)
+    lost_under: dict[int, set[int]] = {2: set(), 3: set(), 4: set()}
+    for seed in range(16):
+        img, j = _copy(paths, tmp_path, f"r{seed}")
+        for w in apply_cut(img, j, "random", seed).reverted:
+            lost_under[w.seq].add(seed)
+    for seq, seeds in lost_under.items():
+        assert 0 < len(seeds) < 16, seq  # each volatile write is lost under some seeds only
+
+
+def test_lose_all_reports_every_reverted_write_as_journaled(tmp_path: Path) -> None:
+    """The whole report of one cut, spelled out: a write in two pre-image records, a write
+    clamped at an image end that is not a whole sector, and three versions of sector 0."""
+    size = 8 * S + 100
+    image, journal = tmp_path / "e.img", tmp_path / "e.journal"
+    writer = JournalWriter.create(journal, S, size)
+    writer.preimage(1, OpKind.WRITE, 0, b"\x5a" * S)
+    writer.complete(1, 1, failed=False)
+    writer.durable(1, DurableReason.FLUSH)
+    writer.preimage(2, OpKind.WRITE_ZEROES, 2 * S, b"\x5a" * 2 * S)
+    writer.preimage(2, OpKind.WRITE_ZEROES, 4 * S, b"\x5a" * S)
+    writer.complete(2, 2, failed=False)
+    writer.preimage(3, OpKind.WRITE, 7 * S, b"\x5a" * (S + 100))  # still in flight
+    writer.preimage(4, OpKind.WRITE, 0, b"A" * S)
+    writer.complete(4, 3, failed=False)
+    writer.preimage(5, OpKind.WRITE, 0, b"B" * S)
+    writer.complete(5, 4, failed=False)
+    writer.close()
+    image.write_bytes(b"C" * S + b"\x5a" * S + bytes(3 * S) + b"\x5a" * 2 * S + b"T" * (S + 100))
+    result = apply_cut(image, journal, "lose-all", 7)
+    assert image.read_bytes() == b"A" * S + b"\x5a" * (size - S)
+    expected = {
+        "image": str(image),
+        "journal": str(journal),
+        "policy": "lose-all",
+        "seed": 7,
+        "sector_size": 512,
+        "writes_journaled": 5,
+        "writes_durable": 1,
+        "writes_not_durable": 4,
+        "writes_kept": 0,
+        "writes_reverted": 4,
+        "writes_torn": 0,
+        "blocks_restored": 6,  # sector 0 once, 2..4, 7 and the 100-byte tail
+        "bytes_restored": 5 * 512 + 100,
+        "torn_tail_bytes": 0,
+        "dry_run": False,
+        "reverted": [
+            # seq, offset, length, kind, completion, blocks reverted, blocks in the write
+            dict(zip(_REVERTED_FIELDS, (2, 1024, 1536, "write-zeroes", 2, 3, 3), strict=True)),
+            dict(zip(_REVERTED_FIELDS, (3, 3584, 612, "write", None, 2, 2), strict=True)),
+            dict(zip(_REVERTED_FIELDS, (4, 0, 512, "write", 3, 1, 1), strict=True)),
+            dict(zip(_REVERTED_FIELDS, (5, 0, 512, "write", 4, 1, 1), strict=True)),
+        ],
+    }
+    # As cut.json has it: the same text, so an int is not a float.
+    assert json.dumps(result.to_json()) == json.dumps(expected)
+
+
+_REVERTED_FIELDS = (
+    "seq",
+    "offset",
+    "length",
+    "kind",
+    "completion",
+    "blocks_reverted",
+    "blocks_total",
+)
+
+
+def test_torn_counts_agree_with_the_sectors_on_the_image(tmp_path: Path) -> None:
+    """Three volatile two-sector writes (sectors 0-1, 2-3, 4-5) torn under many seeds: a write
+    is kept when both its sectors hold its data, torn with one, reverted with none."""
+    journal = tmp_path / "t.journal"
+    writer = JournalWriter.create(journal, S, 8 * S)
+    for seq in (1, 2, 3):
+        writer.preimage(seq, OpKind.WRITE, (seq - 1) * 2 * S, b"\x5a" * 2 * S)
+    writer.close()
+    written = b"".join(bytes([seq]) * 2 * S for seq in (1, 2, 3)) + b"\x5a" * 2 * S
+    seen: dict[int, set[bool]] = {sector: set() for sector in range(6)}
+    most_torn = 0
+    for seed in range(32):
+        img, j = tmp_path / "c.img", tmp_path / "c.journal"
+        img.write_bytes(written)
+        shutil.copy(journal, j)
+        result = apply_cut(img, j, "torn", seed)
+        data = img.read_bytes()
+        new: dict[int, int] = {}
+        for sector in range(6):
+            seq = sector // 2 + 1
+            here = data[sector * S : (sector + 1) * S]
+            assert here in (bytes([seq]) * S, b"\x5a" * S)
+            seen[sector].add(here[0] == seq)
+            new[seq] = new.get(seq, 0) + (here[0] == seq)
+        counts = sorted(new.values())
+        assert result.writes_kept == counts.count(2), seed
+        assert result.writes_torn == counts.count(1), seed
+        assert result.writes_reverted == counts.count(0), seed
+        assert {(w.seq, w.blocks_reverted, w.blocks_total) for w in result.reverted} == {
+            (seq, 2 - n, 2) for seq, n in new.items() if n < 2
+        }, seed
+        most_torn = max(most_torn, result.writes_torn)
+    assert all(s == {True, False} for s in seen.values())  # every sector kept and lost
+    assert most_torn >= 2  # some seed tore two writes at once
