@@ -277,6 +277,76 @@ RULES: tuple[Rule, ...] = (
         EQUIVALENT,
         "the loop is the function's last statement: break and return leave it alike",
     ),
+    # cut.py
+    (
+        "harness/durability/cut.py",
+        "_choose",
+        r"^never = 1 << 62 => ^never = (2 << 62|1 << 63)",
+        EQUIVALENT,
+        "`never` only has to sort after every completion index, and the indexes count one "
+        "journal's writes (far below 2**62): a larger constant sorts the writes the same",
+    ),
+    (
+        "harness/durability/cut.py",
+        "_choose",
+        r"rng\.random\(\) < 0\.5 => rng\.random\(\) <= 0\.5",
+        EQUIVALENT,
+        "differs only when random() draws exactly 0.5 (one of its 2**53 values), and then it "
+        "only picks another state the same policy allows for that seed; the oracle judges "
+        "whichever state the cut leaves",
+    ),
+    (
+        "harness/durability/cut.py",
+        "_choose",
+        r"^first = p\.offset // granularity => ^first = p\.offset / granularity",
+        EQUIVALENT,
+        "pre-image offsets are aligned to the sector size (journal format), so the quotient "
+        "is an integral float: equal to, and hashing as, the int block `survives` looks up",
+    ),
+    (
+        "harness/durability/cut.py",
+        "_writes",
+        r"p\.offset, p\.offset \+ p\.length\)$ => p\.offset, p\.offset - p\.length\)$",
+        EQUIVALENT,
+        "the default span's end is replaced at once by max(end, offset + length), which is "
+        "offset + length either way (a length is never negative)",
+    ),
+    (
+        "harness/durability/cut.py",
+        "apply_cut",
+        r"sorted\(restores, key=lambda r: r\[0\]\) => sorted\(restores, (key=None)?\)",
+        EQUIVALENT,
+        "one restore per block, at block * sector size: the offsets differ, so the pairs sort "
+        "by offset alone and never compare their buffers",
+    ),
+    (
+        "harness/durability/cut.py",
+        "apply_cut",
+        r"^lost_blocks = reverted_blocks\.get\(w\.seq, 0\) => "
+        r"^lost_blocks = reverted_blocks\.get\(w\.seq, (None|1|)\)$",
+        EQUIVALENT,
+        "lost_blocks is read only for a write reported reverted (lost, or torn short of a "
+        "block); such a write has a block whose chain reverts past it, so reverted_blocks "
+        "always holds its seq and the default is never used",
+    ),
+    (
+        "harness/durability/cut.py",
+        "apply_cut",
+        r"^survived_any = chosen if isinstance\(chosen, bool\) else bool\(chosen\) => "
+        r"\(isinstance\(chosen, bool\)\) (and False|or True) else bool\(chosen\)",
+        EQUIVALENT,
+        "survived_any is only tested for truth: a bool is its own bool(), a set's truth is "
+        "bool(set)",
+    ),
+    (
+        "harness/durability/cut.py",
+        "apply_cut",
+        r"^if not isinstance\(data, bytes\):$ => ^if isinstance\(data, bytes\):$",
+        EQUIVALENT,
+        "data is always a map here (read_journal gives bytes only for an empty file, whose "
+        "header it rejects); not closing it leaves the map to CPython, which closes it when "
+        "apply_cut returns, and nothing reads it in between",
+    ),
     # mapped.py
     (
         "harness/durability/mapped.py",
