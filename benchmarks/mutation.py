@@ -272,6 +272,14 @@ RULES: tuple[Rule, ...] = (
     ),
     (
         "harness/durability/journal.py",
+        "JournalWriter.durable",
+        r"DURABLE, int\(reason\), 0, index, => DURABLE, int\(reason\), 1, index,",
+        UNUSED,
+        "a DURABLE record's seq field: read_journal reads only its `a` and flags (seq is "
+        "PREIMAGE's and COMPLETE's, the format says)",
+    ),
+    (
+        "harness/durability/journal.py",
         "_refuse_mid_file_damage",
         r"^break$",
         EQUIVALENT,
@@ -397,6 +405,64 @@ RULES: tuple[Rule, ...] = (
     ),
     (
         "harness/durability/oracle.py",
+        "_classify",
+        r"return SectorState\.MUST, None, 0$ => return SectorState\.MUST, None, 1$",
+        EQUIVALENT,
+        "check reads the found seq only of a `may` verdict (the unflushed count) and of a "
+        "lost or corrupt one (its violation): a `must` verdict's is dropped",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_classify",
+        r"meta\[0\] < latest and crc == found => meta\[0\] <= latest and crc == found",
+        EQUIVALENT,
+        "the only version submitted at `latest` is the discard itself (submission indexes "
+        "are distinct), whose CRC is the zeroes' (returned just above) or -1 (a sector it "
+        "covers in part), which matches no CRC",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_durable_flags",
+        r"completed_ok\), default=-1$ => completed_ok\), default=\+1$",
+        EQUIVALENT,
+        "with no completed flush, last_flush is compared with completion indexes "
+        "(`< last_flush`), which are 2 or more (the log's OPEN is record 0, a request's SUBMIT "
+        "comes before its COMPLETE): -1 and +1 are below them all",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_durable_flags",
+        r"complete_index < last_flush,$ => complete_index <= last_flush,$",
+        EQUIVALENT,
+        "last_flush is a flush's SUBMIT record index, compared with completion indexes: "
+        "another record's index, never equal",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"^default=-1,$ => ^default=(\+1|-2),$",
+        EQUIVALENT,
+        "with no completed flush, `settle` is compared with completion indexes (`> settle`), "
+        "which are 2 or more (the log's OPEN is record 0): -2, -1 and +1 are below them all",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"wlog\.requests\), default=-1$ => wlog\.requests\), (default=(None|\+1|-2))?\)?$",
+        EQUIVALENT,
+        "the second `settle` is computed only when the log holds a flush still in flight, so "
+        "the requests are never empty and max()'s default is never used",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"complete_index or 0\) for => complete_index or 1\) for",
+        EQUIVALENT,
+        "the `or` stands in for a request in flight (no completion index), where max() takes "
+        "its SUBMIT record index instead, 1 or more (the log's OPEN is record 0)",
+    ),
+    (
+        "harness/durability/oracle.py",
         "OracleReport.summary",
         None,
         MESSAGE,
@@ -416,6 +482,46 @@ RULES: tuple[Rule, ...] = (
         None,
         REPORT,
         "explore.json's description of a write a state lost (attribution); read by people",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline.__init__",
+        r"NEVER if done is None else done\)$ => NEVER if \(done is None\) and False else done\)$",
+        EQUIVALENT,
+        "`flushes` holds only flushes that completed with status 0, and a request gets its "
+        "status with its COMPLETE record's index (read_log): `done` is never None",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline.__init__",
+        r"f\.complete_index is not None\)$ => f\.complete_index is None\)$",
+        REPORT,
+        "flush_done counts flush epochs only (Write.epoch, Point.epoch), which explore.json and "
+        "the report show (LostWrite.flush_epoch); no state, cut or verdict reads them",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline.__init__",
+        r"NEVER if done == NEVER else done \+ 1$ => \(done == NEVER\) and False",
+        EQUIVALENT,
+        "NEVER + 1 is as far beyond every record index as NEVER: durable_at is compared only "
+        "with record indexes (point.at) and, in the overlay, with NEVER itself (`< 1 << 62`)",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline.__init__",
+        r"^r\.fua,$ => ^None,$",
+        REPORT,
+        "Write.fua is read only into LostWrite (explore.json and the report); when a write is "
+        "durable is computed from the request's own fua",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline._points",
+        r'\(PointKind\.END, "end"\)',
+        REPORT,
+        "the end point's label, shown in explore.json and the report; only the ack labels are "
+        "parsed (cell.py), and points are told apart by kind and record",
     ),
     ("harness/explore/states.py", "parse_point_kind", None, UNUSED, "nothing calls it"),
     ("harness/explore/states.py", "Timeline.submitted", None, UNUSED, "nothing calls it"),

@@ -156,7 +156,6 @@ class Timeline:
 
     def __init__(self, wlog: WriteLog, keep: Promise, acks: Sequence[Ack] = ()) -> None:
         self.wlog = wlog
-        self.keep = keep
         self.sector_size = wlog.header.sector_size
         flushes = sorted(
             (r for r in wlog.requests if r.op == Op.FLUSH and r.completed_ok),

@@ -124,6 +124,17 @@ def test_a_flush_that_fails_covers_nothing_and_makes_no_point(tmp_path: Path) ->
     assert [x.seq for x in tl.pending(tl.points[-1])] == [w]
 
 
+def test_an_empty_write_is_nothing_a_cut_can_lose(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path)
+    w = sched.write(0, b"w" * S)
+    sched.complete(w)
+    sched.complete(sched.write(4 * S, b""))  # a guest may send one: it writes no sector
+    rec = sched.finish()
+    tl = timeline(sched, rec, Promise.FLUSHED)
+    assert [x.seq for x in tl.writes] == [w]
+    assert [x.seq for x in tl.pending(tl.points[-1])] == [w]
+
+
 # -- the property -------------------------------------------------------------------------
 
 

@@ -112,8 +112,8 @@ class Schedule:
 
     def write(self, offset: int, data: bytes, *, fua: bool = False) -> int:
         """Submit a write; returns its seq. Guests' writes are sector-aligned; a test may
-        submit others to see what refuses them (the reference below assumes aligned)."""
-        assert data
+        submit others to see what refuses them (the reference below assumes aligned), or an
+        empty one (a guest may send it: it writes no sector)."""
         seq = len(self.reqs) + 1
         first, count = -(-offset // S), max(0, (offset + len(data)) // S - -(-offset // S))
         flags = int(ReqFlags.HAS_DATA) | (int(ReqFlags.FUA) if fua else 0)

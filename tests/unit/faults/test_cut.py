@@ -10,7 +10,13 @@ import pytest
 
 from harness.cli import main
 from harness.durability.cut import CutPolicy, apply_cut
-from harness.durability.journal import DurableReason, JournalWriter, OpKind, read_journal
+from harness.durability.journal import (
+    JOURNAL_HEADER,
+    DurableReason,
+    JournalWriter,
+    OpKind,
+    read_journal,
+)
 
 from .conftest import crash
 from .stack import Paths, make_paths, open_stack
@@ -153,6 +159,8 @@ def test_cut_empties_the_journal_unless_asked_not_to(paths: Paths, tmp_path: Pat
     assert len(read_journal(j)[0].preimages) == 4
     apply_cut(paths.image, paths.journal, "lose-all", 0)
     assert read_journal(paths.journal)[0].preimages == []
+    # Emptied, not only hidden behind a new header (whose CRC seed the old records fail).
+    assert paths.journal.stat().st_size == JOURNAL_HEADER.size == 40
 
 
 def test_dry_run_changes_nothing(paths: Paths) -> None:

@@ -275,3 +275,74 @@ def test_the_sectors_an_unflushed_write_left_as_they_were_must_hold_so(tmp_path:
     image = _image(sched, tmp_path / "i.img", {2: data[:S], 3: data[S:]})
     report = check(image, sched.log, CacheMode.WRITEBACK)
     assert report.ok and (report.must, report.may, report.unflushed) == (1, 1, 1)
+
+
+def test_a_write_completed_while_the_last_flush_ran_is_not_unflushed(tmp_path: Path) -> None:
+    # The flush may have reached the disk after that write did: no layer must have lost it.
+    sched, _before, _inflight = _flush_while_in_flight(tmp_path / "log")
+    image = _image(sched, tmp_path / "i.img", {0: b"b" * S, 4: b"i" * S})
+    report = check(image, sched.log, CacheMode.WRITEBACK)
+    assert report.ok and (report.must, report.may, report.unflushed) == (1, 1, 0)
+
+
+def test_an_empty_write_is_not_counted_as_a_write(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path / "log")
+    sched.complete(sched.write(0, b"a" * S))
+    sched.complete(sched.write(4 * S, b""))  # a guest may send one: it writes no sector
+    sched.finish()
+    report = check(_image(sched, tmp_path / "i.img", {0: b"a" * S}), sched.log, CacheMode.WRITEBACK)
+    assert (report.writes, report.writes_completed, report.sectors_checked) == (1, 1, 1)
+
+
+def test_only_the_first_twenty_violations_by_sector_are_listed(tmp_path: Path) -> None:
+    sched = Schedule.new(tmp_path / "log")
+    sched.complete(sched.write(0, b"f" * (24 * S), fua=True))
+    sched.finish()
+    report = check(_image(sched, tmp_path / "i.img", {}), sched.log, CacheMode.WRITEBACK)
+    assert report.lost == 24
+    assert [v.sector for v in report.violations] == list(range(20))
+
+
+# -- discards: their content is unspecified (zeroes, or anything written before them) -------
+
+
+def _discard_in_flight(tmp: Path, *, write_first: bool) -> tuple[Schedule, int, int]:
+    """Sector 0: a write and a discard in flight together (the write submitted first or
+    second), the write completes, then a FUA write is submitted and completes; the discard
+    is still in flight at the cut."""
+    sched = Schedule.new(tmp)
+    if write_first:
+        w = sched.write(0, b"w" * S)
+        sched.discard(0, S)
+    else:
+        sched.discard(0, S)
+        w = sched.write(0, b"w" * S)
+    sched.complete(w)
+    durable = sched.write(0, b"n" * S, fua=True)  # submitted after `w` completed
+    sched.complete(durable)
+    sched.finish()
+    return sched, w, durable
+
+
+def test_a_write_submitted_before_a_discard_may_still_be_there(tmp_path: Path) -> None:
+    sched, w, durable = _discard_in_flight(tmp_path / "log", write_first=True)
+    assert w == 1  # the seq the initial content is not
+    # The discard may have left the sector as it was: the write it was submitted after.
+    report = check(_image(sched, tmp_path / "w.img", {0: b"w" * S}), sched.log, CacheMode.WRITEBACK)
+    assert report.ok and (report.must, report.may, report.unflushed) == (0, 1, 1)
+    # Or as it was before anything: the initial content is no write, so not unflushed.
+    report = check(_image(sched, tmp_path / "b.img", {}), sched.log, CacheMode.WRITEBACK)
+    assert report.ok and (report.must, report.may, report.unflushed) == (0, 1, 0)
+    assert durable == 3
+
+
+def test_a_write_submitted_after_a_discard_is_lost_once_a_durable_write_followed(
+    tmp_path: Path,
+) -> None:
+    sched, w, durable = _discard_in_flight(tmp_path / "log", write_first=False)
+    # `w` came after the discard and finished before the durable write started: old data.
+    report = check(_image(sched, tmp_path / "w.img", {0: b"w" * S}), sched.log, CacheMode.WRITEBACK)
+    assert (report.ok, report.lost, report.may) == (False, 1, 0)
+    assert [(v.sector, v.kind, v.expected_seq, v.found_seq) for v in report.violations] == [
+        (0, "lost", durable, w)
+    ]
