@@ -69,8 +69,11 @@ def test_two_workers_run_two_cells_at_once_and_the_results_keep_the_plan_order(
     )
     results = outcome.results  # type: ignore[attr-defined]
     assert [c.verdict for c in results.cells] == ["pass", "pass"], [c.reason for c in results.cells]
-    # Both started before either finished: they ran side by side.
-    assert [e[0] for e in events.log[:2]] == ["started", "started"]
+    # Both passed `together`, which passes only while another cell runs: side by side. (The
+    # events of two workers reach the observer in the order the runner reads their pipes, so
+    # only each cell's own events are in order: its start before its end.)
+    for i in (0, 1):
+        assert events.log.index(("started", i)) < events.log.index(("finished", i))
     assert {i for i, _ in events.phases} == {0, 1}
     assert [c.id for c in results.cells] == [c.id for c in plan.cells]  # type: ignore[attr-defined]
     pids = {(tmp_path / "out" / f"started-{i}").read_text() for i in (0, 1)}
