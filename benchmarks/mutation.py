@@ -1119,9 +1119,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument(
         "--recheck",
         action="store_true",
-        help="with --keep: take this checkout's code and tests into the kept run, check the "
-        "functions whose code changed, and run again only the mutants that were not killed "
-        "(after adding tests that kill them)",
+        help="with --keep: take this checkout's tests into the kept run and run again the "
+        "survivors no rule judges (after adding tests that kill them)",
     )
     parser.add_argument(
         "--no-run",
@@ -1167,13 +1166,11 @@ def run(argv: list[str]) -> int:
         log = scratch / "mutmut.log"
         print(f"mutmut {got} in {scratch} (log: {log})", flush=True)
         if args.recheck and not args.no_run:
-            # This checkout's code and tests go into the kept run. mutmut then mutates again
-            # the functions whose code changed (their earlier results no longer count) and a
-            # plain run checks those. Killed stays killed when tests are added, and a survivor
-            # a rule judges stays judged; the unjudged ones run again, by name (mutmut also
-            # finds which functions the new tests reach).
-            scratch_copy(scratch, "harness", "tests", "benchmarks")
-            _mutmut(scratch, "run", "--max-children", str(args.max_children), log=log)
+            # This checkout's tests go into the kept run, and the survivors no rule judges
+            # run again, by name (mutmut also finds which functions the new tests reach).
+            # Killed stays killed when tests are added, and a judged survivor would survive
+            # again. The code stays the run's: a change to a target needs a new run.
+            scratch_copy(scratch, "tests", "benchmarks")
             again = [
                 m["name"]
                 for line in _mutmut(scratch, "results", "--all", "true").splitlines()
