@@ -471,6 +471,20 @@ RULES: tuple[Rule, ...] = (
     # states.py
     (
         "harness/explore/states.py",
+        "_at_point",
+        r"_prefixes\(point, pending",
+        UNUSED,
+        "`_prefixes` never read its point; the parameter is gone since this run (722c380)",
+    ),
+    (
+        "harness/explore/states.py",
+        "Timeline.__init__",
+        r"^self\.keep = keep$",
+        UNUSED,
+        "nothing read `Timeline.keep`; the attribute is gone since this run (526e596)",
+    ),
+    (
+        "harness/explore/states.py",
         "find_state",
         r"ids\.append|^sample = ",
         MESSAGE,
