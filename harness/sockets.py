@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 1.0
 # accept(2) errors that say the listener was shut down or closed: the loop ends.
+_TEMP_NAMES = itertools.count()
 _CLOSED = frozenset({errno.EBADF, errno.EINVAL})
 # Errors that concern one client that left before it was accepted: take the next one.
 _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.EPERM})
@@ -67,17 +69,23 @@ def listen_unix(path: str | Path) -> socket.socket:
             )
         finally:
             probe.close()
+    # Bound under a temporary name and renamed once it listens: a client that waits for the
+    # path to appear (QEMU, a session starting a backend) must not find it between bind()
+    # and listen(), when a connect is refused.
+    tmp = path.with_name(f".{os.getpid()}-{next(_TEMP_NAMES)}.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        sock.bind(str(path))
+        sock.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        sock.listen(4)
+        os.rename(tmp, path)
     except OSError:
         sock.close()
+        tmp.unlink(missing_ok=True)
         raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(4)
     return sock
 
 

@@ -213,3 +213,37 @@ def test_every_server_backs_off_when_out_of_descriptors(
     waited = gaps(listener.calls)[:3]
     assert all(g >= 0.045 for g in waited), f"accept retried without a pause: {waited}"
     assert len(listener.calls) == 4  # and it stopped when closed
+
+
+def test_a_socket_path_appears_only_once_it_listens(tmp_path: Path) -> None:
+    # A client that waits for the path to exist and connects at once is never refused (the
+    # path used to appear at bind(), before listen()); no temporary name is left behind.
+    path = tmp_path / "s.sock"
+    refused: list[int] = []
+    go, done = threading.Event(), threading.Event()
+
+    def client() -> None:
+        for _ in range(50):
+            assert go.wait(30)
+            go.clear()
+            while not path.exists():  # spinning from before the server binds
+                pass
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                try:
+                    c.connect(str(path))
+                except ConnectionRefusedError:
+                    refused.append(1)
+            done.set()
+
+    t = threading.Thread(target=client)
+    t.start()
+    for _ in range(50):
+        go.set()
+        listener = listen_unix(path)
+        assert done.wait(30)
+        done.clear()
+        path.unlink()
+        listener.close()
+    t.join(30)
+    assert not refused
+    assert list(tmp_path.iterdir()) == []
