@@ -222,3 +222,30 @@ def test_a_guest_changing_its_buffer_while_the_write_is_in_flight_leaves_no_unkn
     assert report.ok, report.violations  # the image holds the write the log names
     with open(paths.image, "rb") as f:
         assert f.read(4096) == b"A" * 4096  # the data as it was when the write was submitted
+
+
+def test_a_sector_a_durable_write_covers_only_in_part_may_hold_anything(paths: Paths) -> None:
+    # Unaligned requests: one starting and ending inside sectors, one ending inside a sector.
+    # A sector a request covers in part holds a mix of old and new bytes, unpredictable
+    # sector by sector; the sectors it covers whole must hold it.
+    be = open_stack(paths)
+    be.write(0, b"A" * 4096)
+    be.flush()
+    be.write(100, b"B" * 1000)  # sector 0 in part, sector 1 whole, sector 2 in part
+    be.write(1536, b"C" * 600)  # sector 3 whole, sector 4 in part
+    be.write(2560, b"D" * 513)  # sector 5 whole, one byte of sector 6
+    be.flush()
+    crash(be)
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
+    assert report.ok, report.violations
+    assert (report.sectors_checked, report.must, report.may) == (8, 4, 4)
+    image = bytearray(paths.image.read_bytes())
+    for sector in (0, 2, 4, 6):  # in part: any content is the contract's
+        image[sector * S : (sector + 1) * S] = os.urandom(S)
+    paths.image.write_bytes(image)
+    assert check(paths.image, paths.log, CacheMode.WRITEBACK).ok
+    for sector in (1, 3, 5):  # whole: the write must be there
+        image[sector * S : (sector + 1) * S] = b"A" * S
+    paths.image.write_bytes(image)
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
+    assert [v.sector for v in report.violations] == [1, 3, 5]
