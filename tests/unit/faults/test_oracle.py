@@ -249,3 +249,12 @@ def test_a_sector_a_durable_write_covers_only_in_part_may_hold_anything(paths: P
     paths.image.write_bytes(image)
     report = check(paths.image, paths.log, CacheMode.WRITEBACK)
     assert [v.sector for v in report.violations] == [1, 3, 5]
+
+
+def test_every_sector_a_kept_unflushed_write_holds_is_counted_unflushed(paths: Paths) -> None:
+    # The lose-all duty check reads this count: a write that completed after the last
+    # completed flush, still on the image, is unflushed in each sector it holds (8 here).
+    _flushed_then_volatile(paths)
+    apply_cut(paths.image, paths.journal, "keep-all", 0)
+    report = check(paths.image, paths.log, CacheMode.WRITEBACK)
+    assert report.ok and report.unflushed == 8
