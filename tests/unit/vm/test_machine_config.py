@@ -205,12 +205,13 @@ def test_the_root_disk_comes_last_read_only_with_its_serial_in_qemu_and_libvirt(
     assert last.find("address").get("slot") == "0x1e"
 
 
-def test_a_spec_from_an_image_attaches_its_root_disk(tmp_path):
+def _image(tmp_path, **fields):
+    """A built image's record (nothing on disk but its host key), `fields` over the defaults."""
     from harness.vm.image import GuestImage
 
     key = tmp_path / "host_key.pub"
     key.write_text("ssh-ed25519 AAAA\n")
-    image = GuestImage(
+    return GuestImage(
         directory=tmp_path,
         recipe_hash="h",
         kernel=tmp_path / "vmlinux",
@@ -223,8 +224,13 @@ def test_a_spec_from_an_image_attaches_its_root_disk(tmp_path):
         cmdline="console=ttyS0",
         ssh_port=22,
         fio_server_port=8765,
-        root_disk=tmp_path / "root.img",
+        **fields,
     )
+
+
+def test_a_spec_from_an_image_attaches_its_root_disk(tmp_path):
+
+    image = _image(tmp_path, root_disk=tmp_path / "root.img")
     assert MachineSpec.from_image(image).root_disk == tmp_path / "root.img"
     assert MachineSpec.from_image(image).extra_append == ""
 
@@ -233,24 +239,9 @@ def test_needs_refuse_a_known_missing_feature_and_send_unknown_ones_to_init(tmp_
     import dataclasses
 
     from harness.errors import ConfigError
-    from harness.vm.image import GuestImage
 
-    key = tmp_path / "host_key.pub"
-    key.write_text("ssh-ed25519 AAAA\n")
-    image = GuestImage(
-        directory=tmp_path,
-        recipe_hash="h",
-        kernel=tmp_path / "vmlinux",
-        bzimage=tmp_path / "bzImage",
-        initramfs=tmp_path / "initramfs.cpio",
-        ssh_key=tmp_path / "id",
-        ssh_public_key=tmp_path / "id.pub",
-        host_public_key=key,
-        manifest=tmp_path / "manifest.json",
-        cmdline="console=ttyS0",
-        ssh_port=22,
-        fio_server_port=8765,
-        kernel_features={"ext4": "built in", "xfs": "module", "f2fs": "missing"},
+    image = _image(
+        tmp_path, kernel_features={"ext4": "built in", "xfs": "module", "f2fs": "missing"}
     )
     # Built in: nothing to say. A module: loaded in the background while the guest comes up.
     assert MachineSpec.from_image(image, needs=("ext4",)).extra_append == ""
@@ -268,27 +259,10 @@ def test_a_cell_guest_is_told_the_filesystem_it_will_mount(tmp_path, filesystem,
     # guest boots (and a kernel that cannot have it is refused before the boot).
     from harness.crash.session import DiskSession
     from harness.scenario.model import DiskSpec
-    from harness.vm.image import GuestImage
     from harness.vm.spec import FileDisk
 
-    key = tmp_path / "host_key.pub"
-    key.write_text("ssh-ed25519 AAAA\n")
     session = object.__new__(DiskSession)
-    session.guest_image = GuestImage(
-        directory=tmp_path,
-        recipe_hash="h",
-        kernel=tmp_path / "vmlinux",
-        bzimage=tmp_path / "bzImage",
-        initramfs=tmp_path / "initramfs.cpio",
-        ssh_key=tmp_path / "id",
-        ssh_public_key=tmp_path / "id.pub",
-        host_public_key=key,
-        manifest=tmp_path / "manifest.json",
-        cmdline="console=ttyS0",
-        ssh_port=22,
-        fio_server_port=8765,
-        kernel_features={"ext4": "built in", "xfs": "module"},
-    )
+    session.guest_image = _image(tmp_path, kernel_features={"ext4": "built in", "xfs": "module"})
     session.spec = DiskSpec(filesystem=filesystem)
     session.rundir = tmp_path
     session._start_machine(FileDisk(tmp_path / "disk.img"), None, 512, "cell")
