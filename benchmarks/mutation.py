@@ -232,6 +232,39 @@ RULES: tuple[Rule, ...] = (
     ),
     (
         "harness/durability/writelog.py",
+        "sector_packer",
+        r"_sector_packers\.get\(\(sector_size, count\)\) => get\(None\)|^entry = None$",
+        PERFORMANCE,
+        "the memo of packers and slices per (sector size, count): without it each call "
+        "builds the same packer and slices again",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "sector_packer",
+        r"_sector_packers\[\(sector_size, count\)\] = entry => = None$",
+        PERFORMANCE,
+        "the memo of packers and slices per (sector size, count): an entry of None is a miss, "
+        "and the call builds the same packer and slices again",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "sector_packer",
+        r"count <= _SECTOR_CACHE_MAX => count < _SECTOR_CACHE_MAX",
+        PERFORMANCE,
+        "the memo of packers and slices per (sector size, count): without it, or with one entry "
+        "fewer, each call builds the same packer and slices again",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "aligned_sector_crcs",
+        r"mv = buf if isinstance\(buf, memoryview\) else memoryview\(buf\) => "
+        r"\(isinstance\(buf, memoryview\)\) (and False|or True)",
+        EQUIVALENT,
+        "a memoryview of a memoryview, and bytes or a bytearray sliced directly, give the same "
+        "sector slices: the CRCs are the same",
+    ),
+    (
+        "harness/durability/writelog.py",
         "crc_bytes",
         r'array\("I", crcs\)',
         PLATFORM,
@@ -460,6 +493,155 @@ RULES: tuple[Rule, ...] = (
         EQUIVALENT,
         "the `or` stands in for a request in flight (no completion index), where max() takes "
         "its SUBMIT record index instead, 1 or more (the log's OPEN is record 0)",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"zero_spans\[count\] = zlib\.crc32\(bytes\(count \* ss\)\) => = None$",
+        PERFORMANCE,
+        "a span's CRC is a shortcut: one CRC compares the whole span; without it the span's "
+        "sectors are compared one CRC each, and decide the same",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"^span_crc = (zero_spans\[count\]|r\.span_crc)$ => ^span_crc = None$",
+        PERFORMANCE,
+        "a span's CRC is a shortcut: one CRC compares the whole span; without it the span's "
+        "sectors are compared one CRC each, and decide the same",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"shared = multi_keys & range\(first, first \+ count\) if multi else _NONE => "
+        r"if \(multi\) or True else|& range\(first \+ count\) if multi",
+        PERFORMANCE,
+        "which spans take the whole-span shortcut: a span that does not (here: also when "
+        "nothing or a sector outside it was written twice) judges each of its own sectors on "
+        "its own, with the same verdicts",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"held = span_crc is not None and img\.span_crc\(first, count\) == span_crc",
+        PERFORMANCE,
+        "the whole-span CRC shortcut: when it is skipped or fails, the span's sector CRCs are "
+        "read and compared, and decide the same",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"if offset % ss or length % ss: => if offset / ss or|or length / ss:",
+        EQUIVALENT,
+        "for a sector-aligned request the sectors it covers in part are none (its first and "
+        "last sectors lie in its span), so entering the branch adds nothing",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"\[-1\], partial, None\) => \[-2\], partial, None\)",
+        EQUIVALENT,
+        "the placeholder CRC of a sector covered in part must match no content: CRC-32s are "
+        "unsigned, so neither -1 nor -2 is one (+1 is, and a test with that CRC kills it)",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"pre_events\.sort\(key=lambda e: e\[0\], reverse=True\) => "
+        r"pre_events\.sort\((key=None, )?reverse=True\)",
+        EQUIVALENT,
+        "pre-image events are (record index, first sector, CRCs), and no two share a record "
+        "index: sorted as whole tuples they sort by their index",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"zip\(range\(first, first \+ len\(pre\)\), pre, strict=False\)"
+        r"|zip\(keys\[i:j\], img\.crcs\(keys\[i\], j - i\), strict=True\)",
+        EQUIVALENT,
+        "both zips pair lists of one length (a range of len(pre) with pre; j - i keys with "
+        "the j - i CRCs read for them): strict or not, they pair the same",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"keys\[j\] == keys\[j - 1\] \+ 1 and j - i < 8192 => keys\[j - 1\] - 1"
+        r"|keys\[j - 2\] \+ 1|j \+ i < 8192|j - i <= 8192|j - i < 8193",
+        PERFORMANCE,
+        "how the sectors written more than once are grouped into reads: each group stays a "
+        "run of contiguous sectors (shorter, single, or one longer), so each sector's CRC is "
+        "read once and classified the same",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"elif -s > worst\[0\]\[0\]: => elif -s >= worst\[0\]\[0\]:",
+        EQUIVALENT,
+        "each sector is classified once, so no two violations share a sector: never equal",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"if c == crcs\[i\] and meta\[4\] != _ANY: => meta\[4\] == _ANY:",
+        EQUIVALENT,
+        "a shortcut for a sector holding its one version: _classify, given that version, "
+        "decides the same (must when durable or unchanged, else may, unflushed by the same "
+        "completion test); a placeholder of a sector covered in part never equals a CRC",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "check",
+        r"if r\.crcs is not None else \[\] => if \(r\.crcs is not None\) or True",
+        EQUIVALENT,
+        "read_log gives every write its sector CRCs (an empty array for a write inside one "
+        "sector); only a Request built by hand lacks them, and check reads logs",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_Image.__enter__",
+        r'open\(self\.path, "rb"\)',
+        EQUIVALENT,
+        "the file is only measured and mapped through its descriptor (fstat, mmap), which "
+        "text and binary mode open alike",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_Image.__init__",
+        r"^self\.size = 0$ => ^self\.size = None$",
+        EQUIVALENT,
+        "__enter__ sets the size before anything reads it",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_Image.__init__",
+        r'^self\._view = memoryview\(b""\)$ => ^self\._view = memoryview\(b"XXXX"\)$',
+        EQUIVALENT,
+        "__enter__ sets the size, and replaces the view unless the file is empty; an empty "
+        "file's reads all start at or past its end and never index the view",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_Image._bytes",
+        r"^if end <= self\.size:$ => ^if end < self\.size:$",
+        EQUIVALENT,
+        "the padded path for a read that ends exactly at the file's end gives the same bytes: "
+        "the whole slice, padded with no zeroes",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_Image._bytes",
+        r'if start < self\.size else b""$ => if start <= self\.size|or True else',
+        EQUIVALENT,
+        "a read that starts at or past the file's end slices nothing from it: an empty head, "
+        "padded with zeroes, either way",
+    ),
+    (
+        "harness/durability/oracle.py",
+        "_Image._bytes",
+        r"head\.ljust\(end - start, => head\.ljust\(end \+ start,",
+        PERFORMANCE,
+        "a read past the file's end padded longer than asked: crcs() reads only the sectors "
+        "asked for, and the span CRC over all of it then fails, so they are compared one by one",
     ),
     (
         "harness/durability/oracle.py",

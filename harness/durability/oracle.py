@@ -233,11 +233,11 @@ def check(
         return out
 
     def classify(s: int, versions: list[Version], c: int) -> None:
-        verdict, expected, seen = _classify(versions, initial.get(s), c, zero_crc)
+        verdict, expected, seen = _classify(versions, initial.get(s), c)
         counts[verdict] += 1
-        if verdict is SectorState.MAY and seen:
-            meta = next((m for _crc, m in versions if m[3] == seen), None)
-            if meta is not None and meta[1] > settle:
+        if verdict is SectorState.MAY and seen:  # the write it holds (its seq)
+            done = next(meta[1] for _crc, meta in versions if meta[3] == seen)
+            if done > settle:
                 late[0] += 1
         if verdict in (SectorState.LOST, SectorState.CORRUPT) and max_violations > 0:
             item = (-s, Violation(s, verdict.value, expected, seen))
@@ -257,18 +257,13 @@ def check(
             shared = multi_keys & range(first, first + count) if multi else _NONE
             dur = meta[2]
             if not shared:
-                if span_crc is not None and img.span_crc(first, count) == span_crc:
-                    if dur:
-                        must += count
-                    else:
-                        unchanged = _unchanged(first, crcs, initial)
-                        must += unchanged
-                        may += count - unchanged
-                        if meta[1] > settle:
-                            late[0] += count - unchanged
-                    continue
-                found = img.crcs(first, count)
-                if found == crcs:
+                if not count:
+                    continue  # a request inside one sector: its partial span judges it
+                held = span_crc is not None and img.span_crc(first, count) == span_crc
+                if not held:
+                    found = img.crcs(first, count)
+                    held = found == crcs
+                if held:  # the whole span holds this write
                     if dur:
                         must += count
                     else:
@@ -337,7 +332,7 @@ def _unchanged(first: int, crcs: list[int], initial: dict[int, int]) -> int:
 
 
 def _classify(
-    versions: list[Version], initial: int | None, found: int, zero_crc: int
+    versions: list[Version], initial: int | None, found: int
 ) -> tuple[SectorState, int | None, int | None]:
     newest: tuple[int, int, bool, int, int] | None = None
     for _crc, meta in versions:
@@ -360,11 +355,12 @@ def _classify(
             return SectorState.UNKNOWN, None, None
         if initial == found:
             return SectorState.MUST, None, 0
-    # A discard's content is unspecified: zeroes or whatever was there before it.
+    # A discard's content is unspecified: zeroes (its own version, matched above) or
+    # whatever was there before it.
     discards = [meta[0] for _crc, meta in acceptable if meta[4] == _DISCARD]
     if discards:
         latest = max(discards)
-        if found in (zero_crc, initial):
+        if found == initial:
             return SectorState.MAY, expected, 0
         for crc, meta in versions:
             if meta[0] < latest and crc == found:

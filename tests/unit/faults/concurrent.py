@@ -63,10 +63,19 @@ class Req:
 
     @property
     def sectors(self) -> range:
-        return range(self.offset // S, (self.offset + self.length) // S)
+        """The sectors it covers whole."""
+        return range(-(-self.offset // S), (self.offset + self.length) // S)
+
+    @property
+    def partial(self) -> set[int]:
+        """The sectors it covers only in part (an unaligned request's ends)."""
+        if not self.length:
+            return set()
+        ends = {self.offset // S, (self.offset + self.length - 1) // S}
+        return ends - set(self.sectors)
 
     def sector_data(self, sector: int) -> bytes:
-        at = (sector - self.offset // S) * S
+        at = sector * S - self.offset
         return self.data[at : at + S]
 
 
@@ -128,12 +137,18 @@ class Schedule:
         self.reqs.append(Req(seq, Op.WRITE, offset, len(data), fua, at, data))
         return seq
 
+    def _preimage(self, offset: int, length: int) -> None:
+        """A zeroes' or discard's pre-image record: the base of the whole sectors it covers
+        that nothing wrote before (as log-writes records it, before the request)."""
+        first, end = -(-offset // S), (offset + length) // S
+        if end > first and self._new_sectors(first, end - first):
+            pre = crc_bytes(sector_crcs(self.base[first * S : end * S], 0, S))
+            self._append(LogRecordType.PREIMAGE, Op.NONE, 0, 0, first * S, (end - first) * S, [pre])
+
     def zeroes(self, offset: int, length: int, *, fua: bool = False) -> int:
-        assert offset % S == 0 and length % S == 0 and length
+        assert length
         seq = len(self.reqs) + 1
-        if self._new_sectors(offset // S, length // S):
-            pre = crc_bytes(sector_crcs(self.base[offset : offset + length], 0, S))
-            self._append(LogRecordType.PREIMAGE, Op.NONE, 0, 0, offset, length, [pre])
+        self._preimage(offset, length)
         flags = int(ReqFlags.FUA) if fua else 0
         at = self._append(LogRecordType.SUBMIT, Op.WRITE_ZEROES, flags, seq, offset, length)
         self.reqs.append(Req(seq, Op.WRITE_ZEROES, offset, length, fua, at, bytes(length)))
@@ -141,11 +156,9 @@ class Schedule:
 
     def discard(self, offset: int, length: int) -> int:
         """Submit a discard (its content afterwards is unspecified: zeroes or the old data)."""
-        assert offset % S == 0 and length % S == 0 and length
+        assert length
         seq = len(self.reqs) + 1
-        if self._new_sectors(offset // S, length // S):
-            pre = crc_bytes(sector_crcs(self.base[offset : offset + length], 0, S))
-            self._append(LogRecordType.PREIMAGE, Op.NONE, 0, 0, offset, length, [pre])
+        self._preimage(offset, length)
         at = self._append(LogRecordType.SUBMIT, Op.DISCARD, 0, seq, offset, length)
         self.reqs.append(Req(seq, Op.DISCARD, offset, length, False, at, bytes(length)))
         return seq
@@ -251,12 +264,22 @@ class Schedule:
 
 @st.composite
 def schedules(
-    draw: st.DrawFn, *, sectors: int = 24, max_requests: int = 12, zeroes: bool = True
+    draw: st.DrawFn,
+    *,
+    sectors: int = 24,
+    max_requests: int = 12,
+    zeroes: bool = True,
+    discards: bool = False,
+    unaligned: bool = False,
 ) -> list[tuple[str, int, int, bool]]:
-    """Steps of a concurrent schedule: ("write"|"zeroes", sector, count, fua), ("flush",...),
-    ("complete", k, status, _) completing the k-th oldest request in flight, ("ack", ...).
+    """Steps of a concurrent schedule: ("write"|"zeroes"|"discard", sector, count, fua),
+    ("flush",...), ("complete", k, status, _) completing the k-th oldest request in flight,
+    ("ack", ...).
 
     Requests overlap in time and in sectors; some fail; some are still in flight at the end.
+    `unaligned`: some requests start or end inside a sector, by a byte or by a part of it
+    ("write-bytes"|"zeroes-bytes"|"discard-bytes", byte offset, byte length, fua); some
+    cover no whole sector at all.
     """
     steps: list[tuple[str, int, int, bool]] = []
     in_flight = 0
@@ -264,6 +287,8 @@ def schedules(
     kinds = ["write", "write", "flush", "complete", "complete", "complete", "ack"]
     if zeroes:
         kinds.append("zeroes")
+    if discards:
+        kinds.append("discard")
     for _ in range(draw(st.integers(1, 4 * max_requests))):
         kind = draw(st.sampled_from(kinds))
         if kind == "complete":
@@ -286,7 +311,14 @@ def schedules(
         else:
             first = draw(st.integers(0, sectors - 1))
             count = draw(st.integers(1, min(6, sectors - first)))
-            steps.append((kind, first, count, draw(st.booleans())))
+            fua = draw(st.booleans()) and kind != "discard"
+            if unaligned and draw(st.booleans()):
+                # Ends moved into a sector: by one byte, a part, or all but one byte.
+                offset = first * S + draw(st.sampled_from([0, 1, S // 4, S // 2, S - 1]))
+                end = (first + count) * S - draw(st.sampled_from([0, 1, S // 2, S - 1]))
+                steps.append((kind + "-bytes", offset, max(1, end - offset), fua))
+            else:
+                steps.append((kind, first, count, fua))
     # Most requests complete eventually; a few stay in flight at the cut.
     while in_flight and draw(st.integers(0, 3)):
         steps.append(("complete", draw(st.integers(0, in_flight - 1)), 0, False))
@@ -299,10 +331,16 @@ def play(sched: Schedule, steps: list[tuple[str, int, int, bool]], seed: int = 0
     rng = random.Random(seed)
     acks = 0
     for kind, a, b, fua in steps:
+        if kind.endswith("-bytes"):  # offset and length in bytes
+            kind = kind.removesuffix("-bytes")
+        elif kind in ("write", "zeroes", "discard"):  # in sectors
+            a, b = a * S, b * S
         if kind == "write":
-            sched.write(a * S, rng.randbytes(b * S), fua=fua)
+            sched.write(a, rng.randbytes(b), fua=fua)
         elif kind == "zeroes":
-            sched.zeroes(a * S, b * S, fua=fua)
+            sched.zeroes(a, b, fua=fua)
+        elif kind == "discard":
+            sched.discard(a, b)
         elif kind == "flush":
             sched.flush()
         elif kind == "complete":

@@ -162,8 +162,10 @@ def test_damage_inside_the_journal_is_refused(paths: Paths) -> None:
     data = bytearray(paths.journal.read_bytes())
     data[JOURNAL_HEADER.size + 40] ^= 0xFF  # inside the first pre-image
     paths.journal.write_bytes(bytes(data))
-    with pytest.raises(JournalError, match="damaged but good records follow"):
+    # The refusal names the journal: a run reads several (one per disk).
+    with pytest.raises(JournalError, match="damaged but good records follow") as refused:
         read_journal(paths.journal)
+    assert str(refused.value).startswith(f"journal {paths.journal}: record at byte ")
 
 
 def test_journal_of_another_image_is_refused(paths: Paths, tmp_path: Path) -> None:
