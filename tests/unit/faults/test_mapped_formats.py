@@ -294,3 +294,69 @@ def test_reopening_a_journal_without_its_header_is_a_clear_error(tmp_path: Path)
     path.write_bytes(b"\0" * 4096)
     with pytest.raises(JournalError, match=str(path)):
         JournalWriter.reopen(path, 4096)
+
+
+def test_a_journal_counts_its_durable_records_per_reason_and_closes_once(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    w = JournalWriter.create(path, S, 1 << 20)
+    w.opened()
+    w.durable(3, DurableReason.FLUSH)
+    w.durable(5, DurableReason.HORIZON)
+    w.durable(7, DurableReason.FLUSH)
+    w.close()
+    w.close()  # a second close does nothing (the descriptor is gone)
+    state, _ = read_journal(path)
+    assert state.durable_index == 7 and state.opens == 1
+    assert state.durable_reasons == {"flush": 2, "horizon": 1}
+
+
+def test_a_journal_on_descriptor_0_is_closed_and_cut_to_its_records(tmp_path: Path) -> None:
+    # A backend started with stdin closed gets descriptor 0 for its journal.
+    path = tmp_path / "j"
+    header = JournalHeader(S, 1 << 20, time.time_ns())
+    path.write_bytes(header.pack())
+    saved = os.dup(0)
+    try:
+        fd = os.open(path, os.O_RDWR)
+        os.dup2(fd, 0)
+        os.close(fd)
+        w = JournalWriter(path, 0, JOURNAL_HEADER.size, header)
+        w.opened()
+        w.close()
+        assert path.stat().st_size == JOURNAL_HEADER.size + JOURNAL_RECORD.size  # padding cut
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+
+
+def test_an_empty_journal_is_refused_as_shorter_than_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    path.write_bytes(b"")
+    with pytest.raises(JournalError, match=r"is 0 bytes, shorter than its header"):
+        read_journal(path)
+
+
+def test_a_journal_header_of_another_size_is_refused_even_at_a_readable_version(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j"
+    # magic, version 2, header size 48 (not 40), sector size, image size, created, reserved
+    body = JOURNAL_HEADER.pack(b"PCJRNL\x00\x01", 2, 48, S, 1 << 20, 1, 0, 0)[:-4]
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    with pytest.raises(JournalError, match="has version 2"):
+        read_journal(path)
+
+
+def test_closing_a_mapped_appender_unmaps_it_and_a_second_close_only_cuts(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out = MappedAppender(path, fd, 0)
+        out.append(b"head", b"payload")
+        out.close()
+        maps = Path("/proc/self/maps").read_text()
+        assert str(path) not in maps
+        out.close()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"headpayload"
