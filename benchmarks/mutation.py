@@ -200,6 +200,14 @@ _DDMIN_ORDER = (
     "result still fails, is 1-minimal and keeps the budget (test_minimize's 300-case property)"
 )
 RULES: tuple[Rule, ...] = (
+    # contract.py
+    (
+        "harness/durability/contract.py",
+        "parse_policy",
+        r'valid = ", "\.join\(p\.value for p in CutPolicy\) => valid = "XX, XX"\.join\(',
+        MESSAGE,
+        "the list of valid policies in the error for an unknown one",
+    ),
     # writelog.py
     (
         "harness/durability/writelog.py",
@@ -318,6 +326,70 @@ RULES: tuple[Rule, ...] = (
         EQUIVALENT,
         "the loop is the function's last statement: break and return leave it alike",
     ),
+    (
+        "harness/durability/journal.py",
+        "_parse_header",
+        r"JOURNAL_HEADER\.unpack_from\(data, 0\) => JOURNAL_HEADER\.unpack_from\(data, \)$",
+        EQUIVALENT,
+        "unpack_from's offset defaults to 0",
+    ),
+    (
+        "harness/durability/journal.py",
+        "read_journal",
+        r'^with open\(path, "rb"\) as f: => ^with open\(path, \) as f:$',
+        EQUIVALENT,
+        "the file object serves only its descriptor (fstat and a read-only mmap); text mode "
+        "opens the same descriptor read-only and nothing is read through the wrapper",
+    ),
+    (
+        "harness/durability/journal.py",
+        "read_journal",
+        r"(_parse_header\(data, path\)|_records\(data, path, header\.record_seed\)) => "
+        r"(_parse_header\(data, None\)|_records\(data, None, header\.record_seed\))",
+        MESSAGE,
+        "_parse_header, _records and _refuse_mid_file_damage use the path only in their "
+        "error messages",
+    ),
+    (
+        "harness/durability/journal.py",
+        "JournalHeader.pack",
+        r"^0,$ => ^1,$",
+        UNUSED,
+        "the header's reserved field (_parse_header unpacks it to `_r` and reads it no more), "
+        "and the CRC's slot, which `[:-4]` cuts off before the real CRC is appended; the "
+        "writer and the reader seed record CRCs with the same header CRC either way",
+    ),
+    (
+        "harness/durability/journal.py",
+        "JournalWriter.__init__",
+        r"(MappedAppender\((Path\(path\)|self\.path), fd, size\)|^self\.path = Path\(path\)$) => "
+        r"(MappedAppender\(None, fd, size\)|^self\.path = None$)",
+        MESSAGE,
+        "the path is only passed to MappedAppender, which uses it only in its error messages "
+        "(the writer's own `path` attribute, which nothing read, is gone)",
+    ),
+    (
+        "harness/durability/journal.py",
+        "JournalWriter._encode",
+        r"_pack_body\(rtype, flags, 0, => _pack_body\(rtype, flags, 1,",
+        UNUSED,
+        "a record's reserved field: read_journal unpacks it to `_r` and reads it no more",
+    ),
+    (
+        "harness/durability/journal.py",
+        "JournalWriter.close",
+        r"^self\._fd = -1$ => ^self\._fd = -2$",
+        EQUIVALENT,
+        "any negative descriptor marks the writer closed (close tests `>= 0`)",
+    ),
+    (
+        "harness/durability/journal.py",
+        "JournalWriter.opened",
+        r"_encode\(JournalRecordType\.OPEN, 0, 0, => "
+        r"_encode\(JournalRecordType\.OPEN, (1, 0|0, 1),",
+        UNUSED,
+        "an OPEN record's flags and seq: read_journal only counts OPEN records by their type",
+    ),
     # cut.py
     (
         "harness/durability/cut.py",
@@ -395,6 +467,48 @@ RULES: tuple[Rule, ...] = (
         r"step",
         PERFORMANCE,
         "the step of the backwards search for the last non-zero byte",
+    ),
+    (
+        "harness/durability/mapped.py",
+        "MappedAppender.__init__",
+        r"^self\.path = path$ => ^self\.path = None$",
+        MESSAGE,
+        "the path appears only in _grow's and restart's error messages",
+    ),
+    (
+        "harness/durability/mapped.py",
+        "MappedAppender.__init__",
+        r"^(self\._capacity = 0|self\._grow\(size \+ 1\))$ => "
+        r"^(self\._capacity = 1|self\._grow\(size (- 1|\+ 2)\))$",
+        PERFORMANCE,
+        "the first mapping's size (at least the records plus 32 KiB less a byte, in whole "
+        "pages; a first preallocation from byte 1 still allocates byte 0's block): append "
+        "grows the mapping before any store past it, so only how often it grows changes",
+    ),
+    (
+        "harness/durability/mapped.py",
+        "MappedAppender._grow",
+        r"min\(2 \* self\._capacity, self\._capacity \+ _MAX_STEP\) => "
+        r"min\((3 \* self\._capacity, self\._capacity \+|"
+        r"2 \* self\._capacity, self\._capacity -) _MAX_STEP\)",
+        PERFORMANCE,
+        "how far the mapping grows past what is needed (always at least need + 32 KiB): "
+        "only how often it grows changes",
+    ),
+    (
+        "harness/durability/mapped.py",
+        "MappedAppender._grow",
+        r"cap - self\._capacity\)$ => cap \+ self\._capacity\)$",
+        PERFORMANCE,
+        "preallocates more zeroes past the mapping: the readers take an all-zero tail for "
+        "padding and close() cuts it off; the blocks of the mapping are allocated either way",
+    ),
+    (
+        "harness/durability/mapped.py",
+        "MappedAppender.append",
+        r"^if end > self\._capacity:$ => ^if end >= self\._capacity:$",
+        PERFORMANCE,
+        "grows the mapping when a record would fill it exactly, one record early",
     ),
     # delta.py
     (

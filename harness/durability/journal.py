@@ -322,10 +322,9 @@ class JournalWriter:
     """
 
     def __init__(self, path: Path | str, fd: int, size: int, header: JournalHeader) -> None:
-        self.path = Path(path)
         self._fd = fd
         self._seed = header.record_seed
-        self._file = MappedAppender(self.path, fd, size)
+        self._file = MappedAppender(Path(path), fd, size)  # the path names it in errors
 
     @classmethod
     def create(cls, path: Path | str, sector_size: int, image_size: int) -> JournalWriter:
