@@ -311,22 +311,24 @@ def test_a_journal_counts_its_durable_records_per_reason_and_closes_once(tmp_pat
 
 
 def test_a_journal_on_descriptor_0_is_closed_and_cut_to_its_records(tmp_path: Path) -> None:
-    # A backend started with stdin closed gets descriptor 0 for its journal.
+    # A backend started with stdin closed gets descriptor 0 for its journal: a child
+    # process, so that this one's stdin is never touched.
     path = tmp_path / "j"
-    header = JournalHeader(S, 1 << 20, time.time_ns())
-    path.write_bytes(header.pack())
-    saved = os.dup(0)
-    try:
-        fd = os.open(path, os.O_RDWR)
-        os.dup2(fd, 0)
-        os.close(fd)
-        w = JournalWriter(path, 0, JOURNAL_HEADER.size, header)
-        w.opened()
-        w.close()
-        assert path.stat().st_size == JOURNAL_HEADER.size + JOURNAL_RECORD.size  # padding cut
-    finally:
-        os.dup2(saved, 0)
-        os.close(saved)
+    created = time.time_ns()
+    path.write_bytes(JournalHeader(S, 1 << 20, created).pack())
+    child = f"""
+import os
+from harness.durability.journal import JOURNAL_HEADER, JournalHeader, JournalWriter
+os.close(0)
+fd = os.open({str(path)!r}, os.O_RDWR)
+assert fd == 0, fd
+header = JournalHeader({S}, {1 << 20}, {created})
+w = JournalWriter({str(path)!r}, fd, JOURNAL_HEADER.size, header)
+w.opened()
+w.close()
+"""
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+    assert path.stat().st_size == JOURNAL_HEADER.size + JOURNAL_RECORD.size  # padding cut
 
 
 def test_an_empty_journal_is_refused_as_shorter_than_its_header(tmp_path: Path) -> None:
