@@ -18,14 +18,17 @@ from harness.durability.writelog import (
     DM_LOG_FUA,
     LOG_HEADER,
     LOG_MAGIC,
+    LOG_RECORD,
     LogFlags,
     LogHeader,
     LogRecordType,
     LogWriter,
     Op,
+    ReqFlags,
     export_dm_log_writes,
     read_dm_log_writes,
     read_log,
+    whole_sectors,
 )
 from harness.errors import BackendStoppedError, JournalError
 
@@ -161,6 +164,32 @@ def test_a_header_only_log_reopens_and_a_torn_tail_is_counted_in_bytes(tmp_path:
     w.close()
     wlog = read_log(path)
     assert [r.seq for r in wlog.requests] == [1] and wlog.torn_bytes == 0
+
+
+def test_a_version_1_write_with_a_span_crc_has_its_preimage_and_data_after_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v1.log"
+    body = LOG_HEADER.pack(LOG_MAGIC, 1, LOG_HEADER.size, 512, 0, 0, 0)[:-4]
+    crcs = struct.pack("<2I", 0x11111111, 0x22222222)
+    pre = struct.pack("<2I", 0x33333333, 0x44444444)
+    data = b"D" * 1024
+    payload = crcs + struct.pack("<I", 0x55555555) + pre + data
+    flags = int(ReqFlags.HAS_SPAN_CRC | ReqFlags.HAS_PRE | ReqFlags.HAS_DATA)
+    head = LOG_RECORD.pack(0, LogRecordType.SUBMIT, Op.WRITE, flags, 0, len(payload), 1, 0, 1024, 9)
+    rec = struct.pack("<I", zlib.crc32(payload, zlib.crc32(head[4:]))) + head[4:] + payload
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)) + rec)
+    (req,) = read_log(path).requests
+    assert req.span_crc == 0x55555555
+    assert list(req.pre or []) == [0x33333333, 0x44444444]
+    # The data starts after the 44-byte record header, 8 bytes of CRCs, 4 of span CRC, 8 of pre.
+    assert req.data_offset == LOG_HEADER.size + 44 + 20
+
+
+def test_whole_sectors_of_a_span_inside_one_sector_are_none() -> None:
+    assert whole_sectors(100, 10, 512) == (1, 0)
+    assert whole_sectors(100, 924, 512) == (1, 1)
+    assert whole_sectors(0, 1024, 512) == (0, 2)
 
 
 def test_dm_log_writes_export_replays_to_the_same_image(paths: Paths, tmp_path: Path) -> None:
