@@ -376,15 +376,6 @@ RULES: tuple[Rule, ...] = (
     (
         "harness/durability/writelog.py",
         "LogWriter.close",
-        r"^if self\._fd >= 0:$ => ^if self\._fd (> 0|>= 1):$",
-        EQUIVALENT,
-        "differs only when the log holds descriptor 0, which os.open gives only a process whose "
-        "stdin is closed; even then every record is in the page cache when append returns, so "
-        "a close left undone loses none",
-    ),
-    (
-        "harness/durability/writelog.py",
-        "LogWriter.close",
         r"^self\._fd = -1$ => ^self\._fd = -2$",
         EQUIVALENT,
         "any negative descriptor says closed (close tests >= 0)",

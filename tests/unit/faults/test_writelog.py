@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -149,6 +151,23 @@ def test_log_writer_starts_an_empty_file_and_refuses_one_too_short_for_a_header(
     with pytest.raises(JournalError, match="too short"):
         LogWriter(one_byte, LogHeader(512, LogFlags.NONE, 0))
     assert one_byte.read_bytes() == b"P"
+
+
+def test_a_log_on_descriptor_0_is_closed_and_cut_to_its_records(tmp_path: Path) -> None:
+    # A backend started with stdin closed gets descriptor 0 for its log: a child process,
+    # so that this one's stdin is never touched.
+    path = tmp_path / "w.log"
+    child = f"""
+import os
+from harness.durability.writelog import LogFlags, LogHeader, LogRecordType, LogWriter, Op
+os.close(0)
+w = LogWriter({str(path)!r}, LogHeader(512, LogFlags.NONE, 0))
+assert w._fd == 0, w._fd
+w.append(LogRecordType.OPEN, Op.NONE, 0, 0, 0, 0)
+w.close()
+"""
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+    assert path.stat().st_size == LOG_HEADER.size + LOG_RECORD.size  # padding cut
 
 
 def test_a_header_only_log_reopens_and_a_torn_tail_is_counted_in_bytes(tmp_path: Path) -> None:
