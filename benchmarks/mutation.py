@@ -279,6 +279,115 @@ RULES: tuple[Rule, ...] = (
         "the byte swap of a big-endian host (`_CRC_BIG_ENDIAN_HOST`); the figures come from a "
         "little-endian one, where the branch never runs",
     ),
+    (
+        "harness/durability/writelog.py",
+        "_parse_log_header",
+        r"LogHeader\(sector_size, LogFlags\(flags\), created\) => LogFlags\(flags\), None\)$",
+        UNUSED,
+        "a write log header's created_ns: log_writes writes 0 there and nothing reads it back",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "_shift_table",
+        r"^tables = _shift_tables\.get\(sector_size\)$"
+        r" => ^tables = (None|_shift_tables\.get\(None\))$",
+        PERFORMANCE,
+        "the memo of the shift tables per sector size: without it each span_crc builds the "
+        "same four tables again",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "_shift_table",
+        r"for b in range\(256\)\] for k => for b in range\(257\)\] for k",
+        EQUIVALENT,
+        "a 257th table entry is never looked up: span_crc indexes the tables with bytes "
+        "(& 255, and >> 24 of a 32-bit CRC)",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "read_log",
+        r'\.decode\("utf-8", "replace"\) => \.decode\("UTF-8", "replace"\)',
+        EQUIVALENT,
+        "codec names are looked up case-insensitively: the same codec",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "read_log",
+        r"^header = _parse_log_header\(data, path\)$ => _parse_log_header\(data, None\)$",
+        MESSAGE,
+        "the path only names the log in _parse_log_header's errors",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "unacknowledged",
+        r"for s in range\(offset // ss, -\(-\(offset \+ length\) // ss\)\)\}"
+        r" => for s in range\(-\(-\(offset \+ length\) // ss\)\)\}",
+        EQUIVALENT,
+        "the sectors looked up then include those below each span: their newest requests are "
+        "found as well, and the loop that decides reads only each span's own sectors",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "unacknowledged",
+        r"^hi = bisect\.bisect_left\(wanted, -\(-\(r\.offset \+ r\.length\) // ss\)\)$"
+        r" => \(r\.offset \+ r\.length\) / ss\)\)$",
+        EQUIVALENT,
+        "`wanted` holds whole sector numbers: the first at or above end / ss is the first at or "
+        "above its ceiling (the quotient of a power-of-two sector size is exact below 2**53)",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "LogHeader.pack",
+        r"^0,$ => ^1,$",
+        EQUIVALENT,
+        "the CRC field's placeholder, cut off by [:-4] before the real CRC is appended",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "LogWriter.__init__",
+        r"O_TRUNC \| os\.O_CLOEXEC, 0o644\) => O_TRUNC \| os\.O_CLOEXEC(, 421|, )\)$",
+        EQUIVALENT,
+        "the write log's permission bits (os.open's mode); the process that opens it owns it",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "LogWriter.__init__",
+        r"O_TRUNC \| os\.O_CLOEXEC, 0o644\) => O_TRUNC & os\.O_CLOEXEC, 0o644\)$",
+        EQUIVALENT,
+        "os.O_TRUNC & os.O_CLOEXEC is 0: this branch opens only a missing or empty file (nothing "
+        "to truncate), and without O_CLOEXEC a child started by exec inherits a descriptor it "
+        "never writes to",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "LogWriter.__init__",
+        r"MappedAppender\(self\.path, self\._fd, size\) => MappedAppender\(None, ",
+        MESSAGE,
+        "MappedAppender's path only names the file in its errors (it writes through the "
+        "descriptor)",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "LogWriter.append",
+        r"_pack_body\(rtype, op, flags, 0, => _pack_body\(rtype, op, flags, 1, ",
+        EQUIVALENT,
+        "the record's reserved byte: read_log unpacks it and reads it nowhere (the record's CRC "
+        "is computed over it as written)",
+    ),
+    (
+        "harness/durability/writelog.py",
+        "LogWriter.append",
+        r"payload\[0\] if len\(payload\) == 1 else => \(len\(payload\) == 1\) and False",
+        EQUIVALENT,
+        'b"".join of one part gives that part\'s bytes',
+    ),
+    (
+        "harness/durability/writelog.py",
+        "LogWriter.close",
+        r"^self\._fd = -1$ => ^self\._fd = -2$",
+        EQUIVALENT,
+        "any negative descriptor says closed (close tests >= 0)",
+    ),
     # journal.py
     (
         "harness/durability/journal.py",

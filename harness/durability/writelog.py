@@ -271,7 +271,6 @@ class LogWriter:
 
     def __init__(self, path: Path | str, header: LogHeader) -> None:
         self.path = Path(path)
-        self.header = header
         exists = self.path.exists() and self.path.stat().st_size > 0
         if exists:
             old = read_log(self.path)  # validates, finds the torn tail
@@ -280,7 +279,6 @@ class LogWriter:
                     f"write log {self.path} uses sector size {old.header.sector_size}, not "
                     f"{header.sector_size}; pass another log= or remove this one"
                 )
-            self.header = old.header
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
             os.ftruncate(self._fd, old.valid_length)
             self.next_seq = old.last_seq + 1

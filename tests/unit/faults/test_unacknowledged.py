@@ -79,3 +79,18 @@ def test_the_log_settles_every_checkers_claim_and_is_read_only_for_a_loss(tmp_pa
     assert settle_with_device_log(claimed, None) == claimed  # no log, nothing settled
     settled = settle_with_device_log(claimed, sched.log)
     assert not settled["fio-verify"].loss
+
+
+def test_each_write_counts_for_the_sectors_it_touches_and_a_flush_or_empty_write_for_none(
+    tmp_path: Path,
+) -> None:
+    sched = Schedule.new(tmp_path, sectors=16)
+    sched.complete(sched.flush())  # a flush first: the writes after it still count
+    sched.write(0, b"a" * (2 * S))  # sectors 0 and 1, in flight at the cut
+    sched.complete(sched.write(S + 7, b"x"))  # one byte inside sector 1, completed
+    sched.complete(sched.write(7, b""))  # no byte at all inside sector 0, completed
+    wlog = read_log(sched.finish().log)
+    # Sector 0: its newest write of any byte is in flight. Sector 1: a completed one-byte
+    # write replaced the one in flight. Sector 2: never written.
+    spans = [(0, S), (S, S), (2 * S, S)]
+    assert unacknowledged(wlog, spans) == {(0, S), (2 * S, S)}

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -17,10 +19,18 @@ from harness.durability.writelog import (
     DM_LOG_FLUSH,
     DM_LOG_FUA,
     LOG_HEADER,
+    LOG_MAGIC,
+    LOG_RECORD,
+    LogFlags,
+    LogHeader,
+    LogRecordType,
+    LogWriter,
     Op,
+    ReqFlags,
     export_dm_log_writes,
     read_dm_log_writes,
     read_log,
+    whole_sectors,
 )
 from harness.errors import BackendStoppedError, JournalError
 
@@ -107,6 +117,98 @@ def test_log_with_bad_magic_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"\0" * LOG_HEADER.size)
     with pytest.raises(JournalError, match="not a powercut write log"):
         read_log(bad)
+
+
+def test_log_of_another_version_is_refused_though_its_header_has_the_right_size(
+    tmp_path: Path,
+) -> None:
+    body = LOG_HEADER.pack(LOG_MAGIC, 99, LOG_HEADER.size, 512, 0, 0, 0)[:-4]
+    bad = tmp_path / "v99.log"
+    bad.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    with pytest.raises(JournalError, match="has version 99"):
+        read_log(bad)
+
+
+def test_log_writer_starts_an_empty_file_and_refuses_one_too_short_for_a_header(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.log"
+    path.write_bytes(b"")  # an empty file is a new log
+    w = LogWriter(path, LogHeader(512, LogFlags.NONE, 0))
+    w.append(LogRecordType.MARK, Op.NONE, 0, 0, 0, 0, [b"ok\xff"], time_ns=5)
+    w.append(LogRecordType.SUBMIT, Op.FLUSH, 0, 1, 0, 0, time_ns=7)
+    w.close()
+    w.close()  # a second close closes nothing
+    wlog = read_log(path)
+    # A label that is not UTF-8 is read with U+FFFD for the bad byte, not refused.
+    assert wlog.marks == [(0, "ok\ufffd")]
+    (flush,) = wlog.requests
+    assert flush.submit_ns == 7 and flush.submit_index == 1
+    # Only the header and the two records: nothing torn.
+    assert wlog.valid_length == path.stat().st_size and wlog.torn_bytes == 0
+    one_byte = tmp_path / "short.log"
+    one_byte.write_bytes(b"P")
+    with pytest.raises(JournalError, match="too short"):
+        LogWriter(one_byte, LogHeader(512, LogFlags.NONE, 0))
+    assert one_byte.read_bytes() == b"P"
+
+
+def test_a_log_on_descriptor_0_is_closed_and_cut_to_its_records(tmp_path: Path) -> None:
+    # A backend started with stdin closed gets descriptor 0 for its log: a child process,
+    # so that this one's stdin is never touched.
+    path = tmp_path / "w.log"
+    child = f"""
+import os
+from harness.durability.writelog import LogFlags, LogHeader, LogRecordType, LogWriter, Op
+os.close(0)
+w = LogWriter({str(path)!r}, LogHeader(512, LogFlags.NONE, 0))
+assert w._fd == 0, w._fd
+w.append(LogRecordType.OPEN, Op.NONE, 0, 0, 0, 0)
+w.close()
+"""
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+    assert path.stat().st_size == LOG_HEADER.size + LOG_RECORD.size  # padding cut
+
+
+def test_a_header_only_log_reopens_and_a_torn_tail_is_counted_in_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "w.log"
+    LogWriter(path, LogHeader(512, LogFlags.NONE, 0)).close()
+    wlog = read_log(path)
+    assert (wlog.valid_length, wlog.torn_bytes, wlog.requests) == (LOG_HEADER.size, 0, [])
+    with path.open("ab") as f:
+        f.write(b"\x01" * 10)  # ten bytes of a record that never finished
+    assert read_log(path).torn_bytes == 10
+    w = LogWriter(path, LogHeader(512, LogFlags.NONE, 0))  # cuts the torn tail off
+    w.append(LogRecordType.SUBMIT, Op.FLUSH, 0, w.next_seq, 0, 0)
+    w.close()
+    wlog = read_log(path)
+    assert [r.seq for r in wlog.requests] == [1] and wlog.torn_bytes == 0
+
+
+def test_a_version_1_write_with_a_span_crc_has_its_preimage_and_data_after_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v1.log"
+    body = LOG_HEADER.pack(LOG_MAGIC, 1, LOG_HEADER.size, 512, 0, 0, 0)[:-4]
+    crcs = struct.pack("<2I", 0x11111111, 0x22222222)
+    pre = struct.pack("<2I", 0x33333333, 0x44444444)
+    data = b"D" * 1024
+    payload = crcs + struct.pack("<I", 0x55555555) + pre + data
+    flags = int(ReqFlags.HAS_SPAN_CRC | ReqFlags.HAS_PRE | ReqFlags.HAS_DATA)
+    head = LOG_RECORD.pack(0, LogRecordType.SUBMIT, Op.WRITE, flags, 0, len(payload), 1, 0, 1024, 9)
+    rec = struct.pack("<I", zlib.crc32(payload, zlib.crc32(head[4:]))) + head[4:] + payload
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)) + rec)
+    (req,) = read_log(path).requests
+    assert req.span_crc == 0x55555555
+    assert list(req.pre or []) == [0x33333333, 0x44444444]
+    # The data starts after the 44-byte record header, 8 bytes of CRCs, 4 of span CRC, 8 of pre.
+    assert req.data_offset == LOG_HEADER.size + 44 + 20
+
+
+def test_whole_sectors_of_a_span_inside_one_sector_are_none() -> None:
+    assert whole_sectors(100, 10, 512) == (1, 0)
+    assert whole_sectors(100, 924, 512) == (1, 1)
+    assert whole_sectors(0, 1024, 512) == (0, 2)
 
 
 def test_dm_log_writes_export_replays_to_the_same_image(paths: Paths, tmp_path: Path) -> None:

@@ -36,6 +36,16 @@ def test_span_crc_from_sector_crcs_is_the_crc_of_the_whole_span(
     assert span_crc(crcs, sector_size) == expected
 
 
+def test_span_crc_of_many_sectors_of_every_size_is_the_crc_of_the_whole_span() -> None:
+    # Generated examples are mostly shorter than two sectors; these combine up to 64.
+    data = random.Random(7).randbytes(64 * 4096)
+    for sector_size in (512, 1024, 4096):
+        for count in (2, 3, 64):
+            span = data[: count * sector_size]
+            crcs = sector_crcs(span, 0, sector_size)
+            assert span_crc(crcs, sector_size) == zlib.crc32(span), (sector_size, count)
+
+
 @settings(deadline=None, derandomize=True)
 @given(data=st.binary(min_size=0, max_size=300 * 512))
 def test_aligned_sector_crcs_pack_what_sector_crcs_computes(data: bytes) -> None:
