@@ -281,6 +281,14 @@ class QemuMachine(Machine):
                 raise MachineError(
                     f"QEMU did not start ({reason}); log {self.qemu_log}:\n{tail}"
                 ) from exc
+            except BaseException:
+                # Ctrl-C while QEMU starts: nothing else knows of this process yet, so it
+                # would outlive the run until its parent-death signal came.
+                if qmp is not None:
+                    with contextlib.suppress(QMPError, OSError, EOFError):
+                        qmp.close()
+                proc.kill()
+                raise
             self._proc, self._qmp, self.ports = proc, qmp, ports
             log.info(
                 "started %s (pid %d, %s), ssh on %s:%d",
