@@ -310,7 +310,7 @@ def test_a_journal_counts_its_durable_records_per_reason_and_closes_once(tmp_pat
     assert state.durable_reasons == {"flush": 2, "horizon": 1}
 
 
-def test_a_journal_on_descriptor_0_is_closed_and_cut_to_its_records(tmp_path: Path) -> None:
+def test_a_journal_is_closed_and_cut_to_its_records_also_on_descriptor_0(tmp_path: Path) -> None:
     # A backend started with stdin closed gets descriptor 0 for its journal: a child
     # process, so that this one's stdin is never touched.
     path = tmp_path / "j"
@@ -329,6 +329,14 @@ w.close()
 """
     subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
     assert path.stat().st_size == JOURNAL_HEADER.size + JOURNAL_RECORD.size  # padding cut
+    # On any other descriptor, in this process, the same.
+    other = tmp_path / "o"
+    other.write_bytes(JournalHeader(S, 1 << 20, created).pack())
+    fd = os.open(other, os.O_RDWR)
+    w = JournalWriter(other, fd, JOURNAL_HEADER.size, JournalHeader(S, 1 << 20, created))
+    w.opened()
+    w.close()
+    assert other.stat().st_size == JOURNAL_HEADER.size + JOURNAL_RECORD.size
 
 
 def test_an_empty_journal_is_refused_as_shorter_than_its_header(tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def test_log_writer_starts_an_empty_file_and_refuses_one_too_short_for_a_header(
     assert one_byte.read_bytes() == b"P"
 
 
-def test_a_log_on_descriptor_0_is_closed_and_cut_to_its_records(tmp_path: Path) -> None:
+def test_a_log_is_closed_and_cut_to_its_records_also_on_descriptor_0(tmp_path: Path) -> None:
     # A backend started with stdin closed gets descriptor 0 for its log: a child process,
     # so that this one's stdin is never touched.
     path = tmp_path / "w.log"
@@ -168,6 +168,12 @@ w.close()
 """
     subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
     assert path.stat().st_size == LOG_HEADER.size + LOG_RECORD.size  # padding cut
+    # On any other descriptor, in this process, the same.
+    other = tmp_path / "o.log"
+    w = LogWriter(other, LogHeader(512, LogFlags.NONE, 0))
+    w.append(LogRecordType.OPEN, Op.NONE, 0, 0, 0, 0)
+    w.close()
+    assert other.stat().st_size == LOG_HEADER.size + LOG_RECORD.size
 
 
 def test_a_header_only_log_reopens_and_a_torn_tail_is_counted_in_bytes(tmp_path: Path) -> None:
