@@ -1384,6 +1384,23 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
+_SPAN = re.compile(r"(\d\d):(\d\d)-(\d\d):(\d\d) UTC")
+
+
+def _minutes(report: dict[str, Any]) -> str:
+    """How long the record's mutmut ran: the sum of its runs' spans when it was made in
+    several (a kept run's own clock counts the hours between them too), else its time."""
+    spans = [_SPAN.search(run) for run in report.get("runs", [])]
+    if spans and all(spans):
+        total = sum(
+            (int(m[3]) * 60 + int(m[4]) - int(m[1]) * 60 - int(m[2])) % (24 * 60)
+            for m in spans
+            if m
+        )
+        return f"{total} minutes in {len(spans)} runs"
+    return f"{report['seconds'] / 60:.0f} minutes"
+
+
 def render_doc(report: dict[str, Any], source: str) -> str:
     """docs/mutation.md from a recorded run: the figures, then every survivor and why."""
     settings = report["settings"]
@@ -1403,7 +1420,7 @@ def render_doc(report: dict[str, Any], source: str) -> str:
         "",
         f"Recorded in `{source}`: `{report['command']}`, mutmut {settings['mutmut']}, "
         f"{settings['max_children']} children, {report['date']}, "
-        f"{report['seconds'] / 60:.0f} minutes (load average before "
+        f"{_minutes(report)} (load average before "
         f"{report['load_average']['before'][0]}, after {report['load_average']['after'][0]}).",
         "Score = (killed + timeout) / (all but skipped and not checked). *No tests*: no "
         "unit test in the "
