@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 1.0
-# accept(2) errors that say the listener was shut down or closed: the loop ends.
+# The temporary names a socket is bound under before it listens (listen_unix).
 _TEMP_NAMES = itertools.count()
+# accept(2) errors that say the listener was shut down or closed: the loop ends.
 _CLOSED = frozenset({errno.EBADF, errno.EINVAL})
 # Errors that concern one client that left before it was accepted: take the next one.
 _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.EPERM})

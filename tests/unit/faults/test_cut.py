@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.durability.cut import CutPolicy, apply_cut
+from harness.durability.cut import CutPolicy, CutResult, apply_cut
 from harness.durability.journal import (
     JOURNAL_HEADER,
     DurableReason,
@@ -40,6 +40,17 @@ def _copy(paths: Paths, tmp: Path, name: str) -> tuple[Path, Path]:
     shutil.copy(paths.image, image)
     shutil.copy(paths.journal, journal)
     return image, journal
+
+
+def _cut_copy(
+    tmp: Path, written: bytes, journal: Path, policy: str, seed: int
+) -> tuple[CutResult, bytes]:
+    """A cut of an image holding `written`, with a copy of `journal`: its result and the image
+    it leaves (the journal itself stays as it was, for the next seed)."""
+    img, j = tmp / "c.img", tmp / "c.journal"
+    img.write_bytes(written)
+    shutil.copy(journal, j)
+    return apply_cut(img, j, policy, seed), img.read_bytes()
 
 
 def test_lose_all_reverts_to_the_durable_state(paths: Paths) -> None:
@@ -122,11 +133,7 @@ def test_prefix_follows_completion_order_when_writes_complete_out_of_order(
     written = b"\x5a" * S + b"".join(bytes([seq]) * S for seq in (1, 2, 3, 4)) + b"\x5a" * 3 * S
     orders = set()
     for seed in range(40):
-        img, j = tmp_path / "c.img", tmp_path / "c.journal"
-        img.write_bytes(written)
-        shutil.copy(journal, j)
-        result = apply_cut(img, j, "prefix", seed)
-        data = img.read_bytes()
+        result, data = _cut_copy(tmp_path, written, journal, "prefix", seed)
         kept = tuple(seq for seq in (1, 2, 3, 4) if data[seq * S] == seq)
         lost = {w.seq for w in result.reverted}
         assert set(kept) | lost == {1, 2, 3, 4} and not set(kept) & lost
@@ -306,11 +313,7 @@ def test_torn_counts_agree_with_the_sectors_on_the_image(tmp_path: Path) -> None
     seen: dict[int, set[bool]] = {sector: set() for sector in range(6)}
     most_torn = 0
     for seed in range(32):
-        img, j = tmp_path / "c.img", tmp_path / "c.journal"
-        img.write_bytes(written)
-        shutil.copy(journal, j)
-        result = apply_cut(img, j, "torn", seed)
-        data = img.read_bytes()
+        result, data = _cut_copy(tmp_path, written, journal, "torn", seed)
         new: dict[int, int] = {}
         for sector in range(6):
             seq = sector // 2 + 1

@@ -104,6 +104,35 @@ def _settled(sched: Schedule) -> float:
     return max((f.complete for f in flushes if f.ok and f.complete is not None), default=-1)
 
 
+def _touched(writes: list[Req]) -> list[int]:
+    """Every sector some request covers, whole or in part."""
+    return sorted({s for w in writes for s in (*w.sectors, *w.partial)})
+
+
+def _versions(sched: Schedule, keep: Promise, s: int) -> tuple[list[Req], Req | None, list[Req]]:
+    """A sector's versions (the requests covering it, in submission order), the newest
+    durable one, and those the contract allows: the ones not finished before it started."""
+    versions = [w for w in sched.writes() if s in w.sectors or s in w.partial]
+    durable = [w for w in versions if sched.reference_durable(w, keep)]
+    newest = max(durable, key=lambda w: w.submit, default=None)
+    allowed = [
+        w for w in versions if newest is None or w.complete is None or w.complete > newest.submit
+    ]
+    return versions, newest, allowed
+
+
+def _held(w: Req, s: int, base: bytes) -> bytes:
+    """What `w` leaves in sector `s`, whose content was `base`: its version of a sector it
+    covers whole; of one it covers in part, its bytes over the base there."""
+    if s in w.sectors:
+        return _content(w, s)
+    mixed = bytearray(base)
+    lo, hi = max(w.offset, s * S), min(w.offset + w.length, (s + 1) * S)
+    fill = w.data[lo - w.offset : hi - w.offset] if w.op is Op.WRITE else bytes(hi - lo)
+    mixed[lo - s * S : hi - s * S] = fill
+    return bytes(mixed)
+
+
 def reference(
     sched: Schedule, image: bytes, keep: Promise
 ) -> tuple[Counter[str], list[tuple[int, str, int | None, int | None]]]:
@@ -114,21 +143,13 @@ def reference(
     violations: list[tuple[int, str, int | None, int | None]] = []
     writes = sched.writes()
     settled = _settled(sched)
-    touched = sorted({s for w in writes for s in (*w.sectors, *w.partial)})
+    touched = _touched(writes)
     for s in touched:
         found = image[s * S : (s + 1) * S]
         # The log records a sector's initial content with the first request covering it whole.
         initial = sched.base[s * S : (s + 1) * S] if any(s in w.sectors for w in writes) else None
-        versions = [w for w in writes if s in w.sectors or s in w.partial]  # submission order
-        durable = [w for w in versions if sched.reference_durable(w, keep)]
-        newest = max(durable, key=lambda w: w.submit, default=None)
+        versions, newest, acceptable = _versions(sched, keep, s)
         expected = newest.seq if newest is not None else None
-        # Allowed: a version not finished before the newest durable write started.
-        acceptable = [
-            w
-            for w in versions
-            if newest is None or w.complete is None or w.complete > newest.submit
-        ]
         whole = [w for w in acceptable if s in w.sectors]
         kind: str
         seen: int | None = None
@@ -193,33 +214,15 @@ def _an_image(sched: Schedule, keep: Promise, rng: random.Random, kind: str) -> 
         return bytearray(sched.reference_image(dict.fromkeys(w.seq for w in kept), sched.records))
     faithful = kind == "faithful"
     image = bytearray(sched.base)
-    for s in sorted({s for w in writes for s in (*w.sectors, *w.partial)}):
+    for s in _touched(writes):
         base = sched.base[s * S : (s + 1) * S]
-        versions = [w for w in writes if s in w.sectors or s in w.partial]
-        durable = [w for w in versions if sched.reference_durable(w, keep)]
-        newest = max(durable, key=lambda w: w.submit, default=None)
-        allowed = [
-            w
-            for w in versions
-            if newest is None or w.complete is None or w.complete > newest.submit
-        ]
-
-        # A request covering the sector in part: its bytes over the base there.
-        def held(w: Req, s: int = s, base: bytes = base) -> bytes:
-            if s in w.sectors:
-                return _content(w, s)
-            mixed = bytearray(base)
-            lo, hi = max(w.offset, s * S), min(w.offset + w.length, (s + 1) * S)
-            fill = w.data[lo - w.offset : hi - w.offset] if w.op is Op.WRITE else bytes(hi - lo)
-            mixed[lo - s * S : hi - s * S] = fill
-            return bytes(mixed)
-
+        versions, newest, allowed = _versions(sched, keep, s)
         if faithful:
-            choices = [held(w) for w in allowed] + ([base] if newest is None else [])
+            choices = [_held(w, s, base) for w in allowed] + ([base] if newest is None else [])
             if any(w.op is Op.DISCARD and s in w.sectors for w in allowed):
                 choices.append(bytes(S))
         else:
-            choices = [base, bytes(S)] + [held(w) for w in versions]
+            choices = [base, bytes(S)] + [_held(w, s, base) for w in versions]
             if rng.random() < 0.1:
                 choices = [rng.randbytes(S)]
         image[s * S : (s + 1) * S] = rng.choice(choices)

@@ -30,15 +30,11 @@ def test_tcg_guests_get_the_frequency_and_kvm_guests_nothing():
     assert clock_append(Accel.KVM) == ""
 
 
-def test_every_tcg_guest_boots_with_the_frequency_on_either_backend(tmp_path: Path) -> None:
+def test_every_tcg_guest_boots_with_the_frequency_on_either_backend(
+    tmp_path: Path, bare_spec: MachineSpec
+) -> None:
     # Single guests too: a fio-verify cell's trigger fired against a clock running fast.
-    spec = MachineSpec(
-        kernel=tmp_path / "k",
-        initramfs=tmp_path / "i",
-        append="console=ttyS0",
-        ssh_key=tmp_path / "key",
-        host_public_key=None,
-    )
+    spec = bare_spec
     word = f"tsc_early_khz={host_tsc_khz()}"
     for accel, wanted in ((Accel.TCG, f"console=ttyS0 {word}"), (Accel.KVM, "console=ttyS0")):
         argv = qemu_argv(spec, accel, {22: 2222}, tmp_path)

@@ -10,7 +10,6 @@ import ipaddress
 import shlex
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -18,17 +17,7 @@ from harness.errors import ConfigError, MachineError
 from harness.vm.libvirt import domain_xml
 from harness.vm.network import ENV_FILE, NetworkPlan, PrivateNetwork
 from harness.vm.qemu import qemu_argv
-from harness.vm.spec import Accel, MachineSpec, StreamNic
-
-
-def _spec(tmp_path: Path) -> MachineSpec:
-    return MachineSpec(
-        kernel=tmp_path / "vmlinux",
-        initramfs=tmp_path / "initramfs",
-        append="console=ttyS0",
-        ssh_key=tmp_path / "key",
-        host_public_key=None,
-    )
+from harness.vm.spec import Accel, StreamNic
 
 
 def _opts(argv: list[str], flag: str) -> list[str]:
@@ -114,9 +103,9 @@ def test_the_configure_command_is_valid_shell_and_names_mac_address_and_files():
     assert "route" not in command and "gateway" not in command
 
 
-def test_qemu_gets_one_stream_netdev_per_nic_and_an_isolated_user_net(tmp_path):
+def test_qemu_gets_one_stream_netdev_per_nic_and_an_isolated_user_net(tmp_path, bare_spec):
     nics = (StreamNic(tmp_path / "n1.sock", "52:54:00:77:00:01"),)
-    spec = _spec(tmp_path)
+    spec = bare_spec
     plain = qemu_argv(spec, Accel.TCG, {22: 2222}, tmp_path)
     assert "restrict=on" not in " ".join(plain)
     assert not any(o.startswith("stream") for o in _opts(plain, "-netdev"))
@@ -128,35 +117,37 @@ def test_qemu_gets_one_stream_netdev_per_nic_and_an_isolated_user_net(tmp_path):
     assert devices[1] == "virtio-net-pci,netdev=net1,mac=52:54:00:77:00:01,romfile=,addr=0x5"
 
 
-def test_the_tcg_translation_buffer_is_sized_only_when_asked_and_only_under_tcg(tmp_path):
-    spec = _spec(tmp_path)
+def test_the_tcg_translation_buffer_is_sized_only_when_asked_and_only_under_tcg(
+    tmp_path, bare_spec
+):
+    spec = bare_spec
     assert _opts(qemu_argv(spec, Accel.TCG, {}, tmp_path), "-accel") == ["tcg"]
     sized = replace(spec, tcg_tb_mib=64)
     assert _opts(qemu_argv(sized, Accel.TCG, {}, tmp_path), "-accel") == ["tcg,tb-size=64"]
     assert _opts(qemu_argv(sized, Accel.KVM, {}, tmp_path), "-accel") == ["kvm"]
 
 
-def test_a_socket_path_with_a_comma_is_escaped_for_qemu(tmp_path):
+def test_a_socket_path_with_a_comma_is_escaped_for_qemu(tmp_path, bare_spec):
     nic = StreamNic(tmp_path / "a,b.sock", "52:54:00:77:00:01")
-    argv = qemu_argv(_spec(tmp_path).with_nics(nic), Accel.TCG, {}, tmp_path)
+    argv = qemu_argv(bare_spec.with_nics(nic), Accel.TCG, {}, tmp_path)
     assert f"addr.path={tmp_path}/a,,b.sock" in _opts(argv, "-netdev")[1]
 
 
-def test_at_most_three_private_nics_fit_before_the_disks(tmp_path):
+def test_at_most_three_private_nics_fit_before_the_disks(tmp_path, bare_spec):
     nics = [StreamNic(tmp_path / f"{i}.sock", f"52:54:00:77:00:0{i}") for i in range(4)]
     with pytest.raises(MachineError, match="at most 3"):
-        qemu_argv(_spec(tmp_path).with_nics(*nics), Accel.TCG, {}, tmp_path)
+        qemu_argv(bare_spec.with_nics(*nics), Accel.TCG, {}, tmp_path)
 
 
-def test_libvirt_machines_refuse_a_private_network(tmp_path):
-    spec = _spec(tmp_path).with_nics(StreamNic(tmp_path / "n1.sock", "52:54:00:77:00:01"))
+def test_libvirt_machines_refuse_a_private_network(tmp_path, bare_spec):
+    spec = bare_spec.with_nics(StreamNic(tmp_path / "n1.sock", "52:54:00:77:00:01"))
     with pytest.raises(MachineError, match="QemuMachine"):
         domain_xml(spec, "d", Accel.TCG, {22: 2222}, tmp_path / "console.log")
 
 
-def test_a_node_spec_carries_its_nic_name_and_isolation(tmp_path):
+def test_a_node_spec_carries_its_nic_name_and_isolation(tmp_path, bare_spec):
     net = PrivateNetwork(NetworkPlan.of(2), tmp_path / "net")
-    spec = net.spec_for(_spec(tmp_path), "n2")
+    spec = net.spec_for(bare_spec, "n2")
     assert spec.name == "n2" and spec.isolated
     assert spec.nics == (StreamNic(tmp_path / "net" / "n2.sock", "52:54:00:77:00:02"),)
     # The argv QEMU gets for it names the switch's port for n2.

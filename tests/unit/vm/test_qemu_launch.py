@@ -28,23 +28,19 @@ time.sleep(600)
 """
 
 
-def _machine(tmp_path: Path) -> QemuMachine:
+def _machine(tmp_path: Path, spec: MachineSpec) -> QemuMachine:
     fake = tmp_path / "qemu-system-x86_64"
     fake.write_text(_FAKE_QEMU.format(python=sys.executable))
     fake.chmod(0o755)
-    spec = MachineSpec(
-        kernel=tmp_path / "vmlinux",
-        initramfs=tmp_path / "initramfs",
-        append="console=ttyS0",
-        ssh_key=tmp_path / "key",
-        host_public_key=None,
-    )
     return QemuMachine(spec, workdir=tmp_path / "vm", accel=Accel.TCG, qemu=str(fake))
 
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
 def test_a_start_interrupted_before_qmp_answers_leaves_no_qemu_running(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interruption: type[BaseException]
+    tmp_path: Path,
+    bare_spec: MachineSpec,
+    monkeypatch: pytest.MonkeyPatch,
+    interruption: type[BaseException],
 ) -> None:
     started: list[int] = []
 
@@ -54,7 +50,7 @@ def test_a_start_interrupted_before_qmp_answers_leaves_no_qemu_running(
             raise interruption()
 
     monkeypatch.setattr(qemu, "_Monitor", _Interrupted)
-    machine = _machine(tmp_path)
+    machine = _machine(tmp_path, bare_spec)
     try:
         with pytest.raises(interruption):
             machine.start()
